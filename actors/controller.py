@@ -1,0 +1,254 @@
+"""The single controller: start the actors, then loop rollout -> store -> learn -> sync.
+
+Reads top to bottom in dataflow order. Everything that can be wrong with the
+configuration (environment name, model path, dataset) fails here before Ray
+starts, with one line naming the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rlhub.config import ConfigError, RunConfig
+
+log = logging.getLogger("rlhub")
+
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+# ---- before Ray ------------------------------------------------------------------
+
+def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None)."""
+    from rlhub.checkpoint import latest_checkpoint
+
+    base = Path("runs") / cfg.experiment.name
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    elif cfg.resume:
+        candidates = sorted((p for p in base.glob("*") if latest_checkpoint(p)), key=lambda p: p.name)
+        if not candidates:
+            raise ConfigError(f"resume=true: no run of experiment {cfg.experiment.name!r} under {base} has a checkpoint")
+        run_dir = candidates[-1]
+    else:
+        run_dir = base / datetime.now().strftime("%Y%m%d-%H%M%S")
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise ConfigError(f"resume=true: {run_dir} holds no checkpoint")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve(), ckpt
+
+
+def check_inputs(cfg: RunConfig) -> tuple[Path, Any]:
+    """(model directory, tokenizer), after checking the environment and its data."""
+    from rlhub.envs import make_env
+    from rlhub.models.build import resolve_model_path
+    from transformers import AutoTokenizer
+
+    try:
+        env = make_env(cfg.env.name, **cfg.env.kwargs)
+        rows = env.dataset("train")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    if not rows:
+        raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model at {model_path}: the tokenizer has no EOS token to stop generation at")
+    return model_path, tokenizer
+
+
+def save_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def init_ray(cfg: RunConfig) -> bool:
+    """Start a local Ray or join the configured cluster; True if this process started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": WORKER_ENV}
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, runtime_env=runtime_env, log_to_driver=True)
+        return True
+    wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
+    num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    return True
+
+
+def learner_core(cfg: RunConfig) -> int | None:
+    """On a small CPU machine the learner takes the last core; rollout actors start from the first."""
+    if cfg.cluster.address or cfg.cluster.learner_num_gpus:
+        return None
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+    return cores[-1] if len(cores) > 1 else None
+
+
+# ---- the run ---------------------------------------------------------------------
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    run_dir, resume_from = prepare_run_dir(cfg)
+    model_path, tokenizer = check_inputs(cfg)
+    save_resolved_config(cfg, run_dir)
+    _setup_logging(run_dir)
+    log.info("run directory %s; model %s", run_dir, model_path)
+    started_ray = init_ray(cfg)
+    try:
+        return _train(cfg, run_dir, resume_from, model_path, tokenizer)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any) -> dict[str, Any]:
+    import ray
+
+    from rlhub.actors.learner import LearnerActor
+    from rlhub.actors.rollout import RolloutActor
+    from rlhub.actors.store import RayDataStore
+    from rlhub.checkpoint import read_state, write_checkpoint
+    from rlhub.tracking import Tracker
+    from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
+
+    probe = probe_sequence(len(tokenizer))
+    weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
+    store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness)
+    learner = LearnerActor.options(num_cpus=cfg.cluster.learner_num_cpus, num_gpus=cfg.cluster.learner_num_gpus).remote(
+        cfg, str(model_path), weight_sync, probe, learner_core(cfg)
+    )
+    version, resume_state = 0, {}
+    if resume_from is not None:
+        resume_state = read_state(resume_from)
+        version = resume_state["version"]
+        ray.get(learner.load.remote(str(resume_from), version))
+        store.load_state_dict(resume_state["store"])
+        store.set_version(version)
+        log.info("resumed from %s at version %d", resume_from, version)
+    ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
+
+    actors = [
+        RolloutActor.options(num_cpus=cfg.cluster.rollout_num_cpus, num_gpus=cfg.cluster.rollout_num_gpus).remote(
+            i, cfg, str(model_path), store, weight_sync, probe
+        )
+        for i in range(cfg.rollout.num_actors)
+    ]
+    ray.get([a.ready.remote() for a in actors])
+    runs = [a.run.remote() for a in actors]
+    tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, resume_state.get("wandb_id"))
+    history: list[dict[str, float]] = []
+    last_tokens, last_time = 0, time.perf_counter()
+
+    def checkpoint(v: int) -> None:
+        state = {"store": store.state_dict(), "wandb_id": tracker.run_id, "experiment": cfg.experiment.name}
+        write_checkpoint(run_dir, v, lambda d: ray.get(learner.save.remote(str(d))), state, cfg.checkpoint.keep_last)
+
+    try:
+        while version < cfg.experiment.total_steps:
+            step_start = time.perf_counter()
+            # 1. rollout + store: the oldest fresh groups, staleness <= max_staleness
+            groups = store.get_batch(cfg.prompts_per_step, version, cfg.datastore.batch_timeout_s)
+            waited = time.perf_counter() - step_start
+            # 2. learn (3. the learner publishes the new weights before answering)
+            metrics = ray.get(learner.train_step.remote([ref for _, ref in groups]))
+            version = int(metrics.pop("version"))
+            store.set_version(version)  # admission opens for the next version's prompts
+            # 4. tracking
+            now = time.perf_counter()
+            rollout_stats = ray.get([a.stats.remote() for a in actors])
+            generated = sum(s["generated_tokens"] for s in rollout_stats)
+            metrics.update(_step_metrics(groups, rollout_stats, store.stats(), waited, now - step_start))
+            metrics["perf/generated_tokens_per_s"] = (generated - last_tokens) / max(now - last_time, 1e-9)
+            metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - step_start, 1e-9)
+            last_tokens, last_time = generated, now
+            history.append(metrics)
+            tracker.log(version, metrics)
+            if cfg.checkpoint.every and version % cfg.checkpoint.every == 0:
+                checkpoint(version)
+        if cfg.checkpoint.keep_final and not (cfg.checkpoint.every and version % cfg.checkpoint.every == 0):
+            checkpoint(version)
+    finally:
+        store.stop()
+        finished = ray.get(runs, timeout=600) if runs else []
+        store.drain("run_end")
+        final_stats = store.stats()
+        tracker.close()
+    summary = _summary(cfg, history, final_stats, finished, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _step_metrics(groups: list, rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float) -> dict[str, float]:
+    metas = [m for m, _ in groups]
+    n = sum(m.num_samples for m in metas)
+    return {
+        "rollout/success_rate": sum(m.success_mean * m.num_samples for m in metas) / n,
+        "rollout/response_len": sum(m.response_len_mean * m.num_samples for m in metas) / n,
+        "time/step_s": step_s,
+        "time/wait_s": waited,
+        "time/generate_s": sum(m.generate_seconds for m in metas),
+        "time/sync_s": sum(s["last_sync_seconds"] for s in rollout_stats) / len(rollout_stats),
+        "sync/probe_error": max(s["last_probe_error"] for s in rollout_stats),
+        "sync/rebuilds": sum(s["sync_rebuilds"] for s in rollout_stats),
+        "sync/failures": sum(s["sync_failures"] for s in rollout_stats),
+        "store/queued": store_stats["queued"],
+        "store/in_flight": store_stats["in_flight"],
+        "store/produced": store_stats["produced"],
+        "store/consumed": store_stats["consumed"],
+        "store/dropped": store_stats["dropped_total"],
+    }
+
+
+def _summary(cfg: RunConfig, history: list[dict], stats: dict, finished: list, run_dir: Path) -> dict[str, Any]:
+    def tenth(key: str, last: bool) -> float | None:
+        k = max(1, len(history) // 10)
+        part = history[-k:] if last else history[:k]
+        vals = [h[key] for h in part if key in h]
+        return sum(vals) / len(vals) if vals else None
+
+    times = [h["time/step_s"] for h in history]
+    return {
+        "run_dir": str(run_dir),
+        "steps": len(history),
+        "reward_first_tenth": tenth("rollout/reward_mean", False),
+        "reward_last_tenth": tenth("rollout/reward_mean", True),
+        "success_first_tenth": tenth("rollout/success_rate", False),
+        "success_last_tenth": tenth("rollout/success_rate", True),
+        "staleness_max": max((h.get("staleness/max", 0.0) for h in history), default=0.0),
+        "mean_step_s": sum(times) / len(times) if times else None,
+        "store": stats,
+        "rollout": finished,
+        "max_staleness": cfg.max_staleness,
+    }
+
+
+def _setup_logging(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)

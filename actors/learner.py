@@ -1,0 +1,51 @@
+"""LearnerActor: the `Learner` on Ray; fetches a batch's tensors, steps, publishes the weights."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rlhub.learner import Learner
+from rlhub.types import collate
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, run: Any, model_path: str, weight_sync: Any, probe_ids: list[int], core: int | None) -> None:
+        import torch
+
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+        torch.set_num_threads(run.cluster.torch_threads)
+        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed)
+        self.weight_sync = weight_sync
+        self.pad_id = self.learner.model.config.pad_token_id or 0
+
+    def publish(self) -> float:
+        """Publish the current weights and probe; returns the seconds it took."""
+        start = time.perf_counter()
+        self.weight_sync.push(self.learner.state_dict(), self.learner.version, self.learner.probe())
+        return time.perf_counter() - start
+
+    def train_step(self, refs: list) -> dict[str, float]:
+        start = time.perf_counter()
+        batch = collate(ray.get(refs), self.pad_id)
+        fetched = time.perf_counter()
+        metrics = self.learner.train_step(batch)
+        metrics["time/publish_s"] = self.publish()
+        metrics["time/fetch_s"] = fetched - start
+        metrics["version"] = self.learner.version
+        return metrics
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def save(self, directory: str) -> None:
+        self.learner.save(Path(directory))
+
+    def load(self, directory: str, version: int) -> None:
+        self.learner.load(Path(directory), version)

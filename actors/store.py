@@ -1,0 +1,163 @@
+"""The data store on Ray: a coordinator actor (admission) and `num_shards` shard actors.
+
+Shards hold group metadata; each group's tensors are a Ray object ref owned by
+its shard, so they outlive the rollout actor that made them. `RayDataStore` is
+the picklable client every actor and the controller hold.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from rlhub.datastore import Admission, GroupQueue, merge_stats, select_batch
+from rlhub.types import GroupMeta, GroupTensors
+
+
+@ray.remote(num_cpus=0)
+class CoordinatorActor:
+    def __init__(self, prompts_per_step: int, max_staleness: int) -> None:
+        self.admission = Admission(prompts_per_step, max_staleness)
+
+    def admit(self, actor_id: int, n: int) -> list[int] | None:
+        return self.admission.admit(actor_id, n)
+
+    def finish(self, group_id: int) -> None:
+        self.admission.finish(group_id)
+
+    def set_version(self, version: int) -> None:
+        self.admission.set_version(version)
+
+    def stop(self) -> None:
+        self.admission.stopped = True
+
+    def in_flight(self) -> int:
+        return len(self.admission.in_flight)
+
+    def requeue_actor(self, actor_id: int) -> list[int]:
+        return self.admission.requeue_actor(actor_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.admission.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.admission.load_state_dict(state)
+
+    def started(self) -> int:
+        return self.admission.started()
+
+
+@ray.remote(num_cpus=0)
+class ShardActor:
+    def __init__(self) -> None:
+        self.groups = GroupQueue()
+
+    def put(self, meta: GroupMeta, ref_box: list) -> None:
+        self.groups.put(meta, ref_box[0])
+
+    def count_drop(self, reason: str, groups: int, samples: int) -> None:
+        self.groups.count_drop(reason, groups, samples)
+
+    def peek(self, learner_version: int, max_staleness: int) -> list[tuple[float, int]]:
+        return self.groups.peek(learner_version, max_staleness)
+
+    def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, list]]:
+        return [(meta, [ref]) for meta, ref in self.groups.take(group_ids)]
+
+    def queued_ids(self) -> list[int]:
+        return [m.group_id for m, _ in self.groups.queue]
+
+    def drain(self, reason: str) -> int:
+        return self.groups.drain(reason)
+
+    def stats(self) -> dict[str, Any]:
+        return self.groups.stats()
+
+    def load_counters(self, produced: int, consumed: int, dropped: dict[str, int], dropped_samples: dict[str, int]) -> None:
+        self.groups.produced, self.groups.consumed = produced, consumed
+        self.groups.dropped.update(dropped)
+        self.groups.dropped_samples.update(dropped_samples)
+
+
+class RayDataStore:
+    """Client of the coordinator and shards (picklable: passed to every rollout actor)."""
+
+    def __init__(self, coordinator: Any, shards: list[Any], max_staleness: int) -> None:
+        self.coordinator = coordinator
+        self.shards = shards
+        self.max_staleness = max_staleness
+
+    @classmethod
+    def create(cls, num_shards: int, prompts_per_step: int, max_staleness: int) -> "RayDataStore":
+        return cls(CoordinatorActor.remote(prompts_per_step, max_staleness), [ShardActor.remote() for _ in range(num_shards)], max_staleness)
+
+    def _shard(self, group_id: int) -> Any:
+        return self.shards[group_id % len(self.shards)]
+
+    # ---- rollout side ----
+    def admit(self, actor_id: int, n: int) -> list[int] | None:
+        return ray.get(self.coordinator.admit.remote(actor_id, n))
+
+    def put(self, meta: GroupMeta, tensors: GroupTensors) -> None:
+        shard = self._shard(meta.group_id)
+        ref = ray.put(tensors)  # owned by this rollout actor, which lives until the run ends
+        ray.get(shard.put.remote(meta, [ref]))
+        self.coordinator.finish.remote(meta.group_id)
+
+    def drop(self, group_id: int, reason: str, samples: int) -> None:
+        ray.get(self._shard(group_id).count_drop.remote(reason, 1, samples))
+        self.coordinator.finish.remote(group_id)
+
+    # ---- learner side ----
+    def get_batch(self, n: int, learner_version: int, timeout_s: float, poll_s: float = 0.002) -> list[tuple[GroupMeta, Any]]:
+        """The n oldest fresh groups, waiting for them; raises TimeoutError naming the counters."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            peeks = ray.get([s.peek.remote(learner_version, self.max_staleness) for s in self.shards])
+            candidates = [(t, gid, i) for i, p in enumerate(peeks) for t, gid in p]
+            chosen = select_batch(candidates, n)
+            if chosen is not None:
+                by_shard: dict[int, list[int]] = {}
+                for _, gid, i in chosen:
+                    by_shard.setdefault(i, []).append(gid)
+                taken = ray.get([self.shards[i].take.remote(g) for i, g in by_shard.items()])
+                groups = [(meta, box[0]) for part in taken for meta, box in part]
+                return sorted(groups, key=lambda mg: mg[0].put_time)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no batch of {n} groups within {timeout_s:.0f} s; store: {self.stats()}")
+            time.sleep(poll_s)
+
+    def set_version(self, version: int) -> None:
+        ray.get(self.coordinator.set_version.remote(version))
+
+    def stop(self) -> None:
+        ray.get(self.coordinator.stop.remote())
+
+    def stats(self) -> dict[str, Any]:
+        merged = merge_stats(ray.get([s.stats.remote() for s in self.shards]))
+        merged["in_flight"] = ray.get(self.coordinator.in_flight.remote())
+        return merged
+
+    def drain(self, reason: str) -> int:
+        return sum(ray.get([s.drain.remote(reason) for s in self.shards]))
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict[str, Any]:
+        """Cursor and counters; queued and in-flight groups are started again after a resume."""
+        admission = ray.get(self.coordinator.state_dict.remote())
+        queued = [g for ids in ray.get([s.queued_ids.remote() for s in self.shards]) for g in ids]
+        admission["requeued"] = sorted(set(admission["requeued"]) | set(queued))
+        stats = merge_stats(ray.get([s.stats.remote() for s in self.shards]))
+        return {
+            "admission": admission,
+            "produced": stats["produced"] - stats["queued"],
+            "consumed": stats["consumed"],
+            "dropped": stats["dropped"],
+            "dropped_samples": stats["dropped_samples"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ray.get(self.coordinator.load_state_dict.remote(state["admission"]))
+        ray.get(self.shards[0].load_counters.remote(state["produced"], state["consumed"], state["dropped"], state["dropped_samples"]))

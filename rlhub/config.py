@@ -1,0 +1,180 @@
+"""The run's configuration: typed dataclasses, registered as Hydra structured configs.
+
+YAML under `conf/` holds values only; the schema is here and beside each
+component. `load_config` composes with Hydra, validates against the schema
+(an unknown key or a wrong type fails naming the key), derives and checks the
+values that depend on each other, and returns typed objects: nothing below the
+entry point reads a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rlhub.algorithms.config import AlgorithmConfig
+from rlhub.datastore import DataStoreConfig
+from rlhub.models.build import ModelConfig
+from rlhub.rollout import RolloutConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+@dataclass
+class EnvConfig:
+    """The task, found by name in the `rlhub.envs` entry-point group."""
+
+    name: str = "arithmetic"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment's factory."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs."""
+
+    address: str | None = None
+    """None starts a local Ray; `auto` or `ray://host:port` joins an existing cluster."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray (default: all)."""
+    learner_num_cpus: float = 1.0
+    rollout_num_cpus: float = 1.0
+    learner_num_gpus: float = 0.0
+    rollout_num_gpus: float = 0.0
+    torch_threads: int = 1
+    """Threads per actor for torch on CPU."""
+
+
+@dataclass
+class ExperimentConfig:
+    """Naming and the run's length."""
+
+    name: str = "default"
+    total_steps: int = 200
+    """Learner steps (one optimizer step each; the policy version after the run)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Write a checkpoint every N learner steps (0: only at the end when keep_final)."""
+    keep_last: int = 2
+    keep_final: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (default; `wandb sync` later), online, or disabled."""
+    project: str = "rlhub"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    datastore: DataStoreConfig = field(default_factory=DataStoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    max_staleness: int = 1
+    """How many policy versions a trained token may lag the learner (0: synchronous on-policy)."""
+    prompts_per_step: int = 16
+    """Groups (prompts) per learner step."""
+    group_size: int = 8
+    """Completions sampled per prompt."""
+    seed: int = 0
+    run_dir: str | None = None
+    """Default: runs/<experiment.name>/<time>."""
+    resume: bool = False
+    """Continue from the latest checkpoint of run_dir (or of the newest run of this experiment)."""
+    progress: bool = True
+    """Show the terminal progress bar."""
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="rlhub_schema", node=RunConfig)
+    for group, schema in [
+        ("model", ModelConfig), ("algorithm", AlgorithmConfig), ("env", EnvConfig), ("rollout", RolloutConfig),
+        ("datastore", DataStoreConfig), ("cluster", ClusterConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR) -> RunConfig:
+    """Compose conf/config.yaml with the overrides, validate, and return typed objects."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides or []))
+        known = {f.name for f in fields(RunConfig)}
+        unknown = sorted(set(composed.keys()) - known)
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s) {unknown}; known: {sorted(known)}")
+        cfg: RunConfig = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's and OmegaConf's messages, as one line: the error and its cause, naming the key."""
+    parts = []
+    while e is not None and len(parts) < 3:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first not in parts and "$VALUE" not in first:
+            parts.append(first)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks of values against each other, each naming the key."""
+    checks = [
+        (cfg.max_staleness >= 0, "max_staleness must be >= 0"),
+        (cfg.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
+        (cfg.group_size >= 2, "group_size must be >= 2 (a group baseline needs two samples)"),
+        (cfg.experiment.total_steps >= 1, "experiment.total_steps must be >= 1"),
+        (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
+        (cfg.rollout.engine in ("hf", "vllm"), f"rollout.engine must be hf or vllm, not {cfg.rollout.engine!r}"),
+        (cfg.rollout.weight_update in ("batch", "inflight"), f"rollout.weight_update must be batch or inflight, not {cfg.rollout.weight_update!r}"),
+        (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (cfg.rollout.temperature >= 0, "rollout.temperature must be >= 0"),
+        (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (cfg.datastore.num_shards >= 1, "datastore.num_shards must be >= 1"),
+        (cfg.algorithm.micro_batch_size >= 1, "algorithm.micro_batch_size must be >= 1"),
+        (cfg.algorithm.lr > 0, "algorithm.lr must be > 0"),
+        (cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, not {cfg.model.dtype!r}"),
+        (cfg.wandb.mode in ("offline", "online", "disabled"), f"wandb.mode must be offline, online or disabled, not {cfg.wandb.mode!r}"),
+        (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    from rlhub.algorithms import ADVANTAGES, POLICY_LOSSES
+
+    if cfg.algorithm.advantage not in ADVANTAGES:
+        raise ConfigError(f"algorithm.advantage={cfg.algorithm.advantage!r} is not registered; known: {sorted(ADVANTAGES)}")
+    if cfg.algorithm.policy_loss not in POLICY_LOSSES:
+        raise ConfigError(f"algorithm.policy_loss={cfg.algorithm.policy_loss!r} is not registered; known: {sorted(POLICY_LOSSES)}")

@@ -1,0 +1,175 @@
+"""The data store: admission control on the way in, staleness-bounded batches on the way out.
+
+Plain classes, so the logic is tested without Ray; `rlhub.actors.store` wraps
+them in Ray actors (one coordinator for admission, `num_shards` shards for the
+groups, tensors as object refs).
+
+Admission: a prompt may be started only while the number started is below
+`(learner_version + max_staleness + 1) * prompts_per_step`, so rollout actors
+never run far enough ahead to produce samples that must be thrown away.
+Batches: groups leave in arrival order, and a group whose oldest token is more
+than `max_staleness` versions behind the learner is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from rlhub.types import GroupMeta
+
+
+@dataclass
+class DataStoreConfig:
+    """The trajectory store."""
+
+    num_shards: int = 1
+    """Ray actors that hold group metadata; groups are spread by id."""
+    batch_timeout_s: float = 300.0
+    """The learner fails, naming the store's counters, if no batch is ready in this time."""
+
+
+class Admission:
+    """Hands out prompt positions under the staleness bound and tracks what is in flight."""
+
+    def __init__(self, prompts_per_step: int, max_staleness: int, total_prompts: int | None = None) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.prompts_per_step = prompts_per_step
+        self.max_staleness = max_staleness
+        self.total_prompts = total_prompts
+        self.learner_version = 0
+        self.cursor = 0  # the next position in the prompt stream
+        self.in_flight: dict[int, int] = {}  # group id -> actor id
+        self.requeued: list[int] = []  # positions to start again (after a crash or a resume)
+        self.stopped = False
+
+    def limit(self) -> int:
+        return (self.learner_version + self.max_staleness + 1) * self.prompts_per_step
+
+    def started(self) -> int:
+        return self.cursor - len(self.requeued)
+
+    def admit(self, actor_id: int, n: int) -> list[int] | None:
+        """Up to n group ids to start now (possibly none); None once the run is stopping."""
+        if self.stopped:
+            return None
+        granted: list[int] = []
+        while len(granted) < n and self.requeued:
+            granted.append(self.requeued.pop(0))
+        room = self.limit() - self.cursor
+        if self.total_prompts is not None:
+            room = min(room, self.total_prompts - self.cursor)
+        fresh = max(0, min(n - len(granted), room))
+        granted.extend(range(self.cursor, self.cursor + fresh))
+        self.cursor += fresh
+        for gid in granted:
+            self.in_flight[gid] = actor_id
+        return granted
+
+    def finish(self, group_id: int) -> None:
+        self.in_flight.pop(group_id, None)
+
+    def requeue_actor(self, actor_id: int) -> list[int]:
+        """Give back the groups of a crashed actor, to be started again by another."""
+        lost = sorted(g for g, a in self.in_flight.items() if a == actor_id)
+        for gid in lost:
+            del self.in_flight[gid]
+        self.requeued = sorted(self.requeued + lost)
+        return lost
+
+    def set_version(self, version: int) -> None:
+        self.learner_version = version
+
+    def state_dict(self) -> dict[str, Any]:
+        # what is in flight has not been trained: it is started again after a resume
+        return {"cursor": self.cursor, "requeued": sorted(self.requeued + list(self.in_flight))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = int(state["cursor"])
+        self.requeued = [int(g) for g in state["requeued"]]
+        self.in_flight = {}
+
+
+class GroupQueue:
+    """Finished groups of one shard, oldest arrival first, with counters."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[GroupMeta, Any]] = []
+        self.produced = 0
+        self.consumed = 0
+        self.dropped: Counter[str] = Counter()
+        self.dropped_samples: Counter[str] = Counter()
+
+    def put(self, meta: GroupMeta, payload: Any) -> None:
+        meta.put_time = meta.put_time or time.time()
+        self.queue.append((meta, payload))
+        self.produced += 1
+        self.dropped_samples.update(meta.extra.get("dropped_samples", {}))
+
+    def count_drop(self, reason: str, groups: int = 1, samples: int = 0) -> None:
+        """A group (or samples of one) that will never be trained, with the reason."""
+        if groups:
+            self.produced += groups
+            self.dropped[reason] += groups
+        if samples:
+            self.dropped_samples[reason] += samples
+
+    def evict_stale(self, learner_version: int, max_staleness: int) -> int:
+        keep = [(m, p) for m, p in self.queue if learner_version - m.min_version <= max_staleness]
+        evicted = len(self.queue) - len(keep)
+        if evicted:
+            self.dropped["stale"] += evicted
+            self.queue = keep
+        return evicted
+
+    def peek(self, learner_version: int, max_staleness: int) -> list[tuple[float, int]]:
+        """(arrival time, group id) of every group that is still fresh enough."""
+        self.evict_stale(learner_version, max_staleness)
+        return [(m.put_time, m.group_id) for m, _ in self.queue]
+
+    def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, Any]]:
+        wanted = set(group_ids)
+        taken = [(m, p) for m, p in self.queue if m.group_id in wanted]
+        self.queue = [(m, p) for m, p in self.queue if m.group_id not in wanted]
+        self.consumed += len(taken)
+        return taken
+
+    def drain(self, reason: str) -> int:
+        """Count what is left as dropped (at the end of a run)."""
+        n = len(self.queue)
+        if n:
+            self.dropped[reason] += n
+            self.queue = []
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "produced": self.produced,
+            "consumed": self.consumed,
+            "queued": len(self.queue),
+            "dropped": dict(self.dropped),
+            "dropped_samples": dict(self.dropped_samples),
+        }
+
+
+def select_batch(candidates: list[tuple[float, int, int]], n: int) -> list[tuple[float, int, int]] | None:
+    """The n oldest (arrival time, group id, shard) across shards, or None if fewer are ready."""
+    if len(candidates) < n:
+        return None
+    return sorted(candidates)[:n]
+
+
+def merge_stats(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"produced": 0, "consumed": 0, "queued": 0, "dropped": Counter(), "dropped_samples": Counter()}
+    for s in per_shard:
+        for k in ("produced", "consumed", "queued"):
+            total[k] += s[k]
+        total["dropped"].update(s["dropped"])
+        total["dropped_samples"].update(s["dropped_samples"])
+    total["dropped"] = dict(total["dropped"])
+    total["dropped_samples"] = dict(total["dropped_samples"])
+    total["dropped_total"] = sum(total["dropped"].values())
+    return total

@@ -1,0 +1,89 @@
+"""The rollout-engine seam: token-in/token-out generation with log-probs.
+
+Rollout actors own one engine each. Every engine returns, per generated token,
+the id, the sampling log-prob under the weights that produced it, and that
+policy version, so the learner can correct for staleness. MoE engines that can
+record routing also return the routed expert ids per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled; one per generate call."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation of a sequence ends after it samples one of these ids (kept in the output)."""
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    """One generated continuation of one prompt."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """Log-prob of each sampled token under the weights that sampled it (before temperature)."""
+    versions: list[int]
+    """Policy version of the weights that produced each token."""
+    finish_reason: str  # "stop" | "length"
+    routed_experts: torch.Tensor | None = None
+    """[num_tokens, num_moe_layers, top_k] expert ids chosen for each generated token, where recorded."""
+
+
+WeightSource = Callable[[], "tuple[dict[str, torch.Tensor], int] | None"]
+"""Polled between decode steps by engines that update in flight: returns (state, version) or None."""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What a rollout actor needs from an inference engine."""
+
+    version: int
+    """Policy version of the weights currently loaded."""
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        weight_source: WeightSource | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt (repeat a prompt for a group)."""
+        ...
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the policy weights (names as in the learner's Hugging Face state dict)."""
+        ...
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """[len(token_ids) - 1] log-prob of each token after the first, given those before it.
+
+        Used for sync verification against the learner on a fixed probe sequence.
+        """
+        ...
+
+    def rebuild(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Build the engine afresh from these weights (the fallback after a failed verification)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EngineStats:
+    """Counters an engine keeps for tracking."""
+
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    weight_loads: int = 0
+    inflight_updates: int = 0
+    extra: dict[str, float] = field(default_factory=dict)

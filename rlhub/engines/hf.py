@@ -1,0 +1,182 @@
+"""The built-in rollout engine: transformers forward passes with a KV cache.
+
+Batched sampling over left-padded prompts; records the routed experts of every
+generated token through hooks on the MoE routers, and can take new weights
+between decode steps (in flight): tokens after the swap carry the new version,
+while the KV cache of earlier tokens keeps the old weights' keys and values,
+as in pipelined RL systems.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from rlhub.engines.base import Completion, EngineStats, SamplingConfig, WeightSource
+from rlhub.models.logprobs import positions_from_mask, probe_logprobs
+
+
+class HFEngine:
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, num_threads: int | None = None) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model_path = model_path
+        self.dtype = getattr(torch, dtype)
+        self.config = AutoConfig.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+        self.pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        self.version = 0
+        self.stats = EngineStats()
+        self._generator = torch.Generator().manual_seed(seed)
+        self._routes: list[torch.Tensor] = []
+        self._hooks: list = []
+        self._install_router_hooks()
+
+    # ---- routing record -------------------------------------------------
+    def _install_router_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        top_k = getattr(self.config, "num_experts_per_tok", None)
+        for name, module in self.model.named_modules():
+            if name.endswith("mlp.gate") or name.endswith("block_sparse_moe.gate"):
+                self._hooks.append(module.register_forward_hook(self._make_hook(top_k)))
+
+    def _make_hook(self, top_k: int | None):
+        def hook(_module, _inp, out) -> None:
+            if isinstance(out, tuple):  # routers that return (logits, weights, expert ids)
+                experts = out[-1]
+            else:  # a plain linear gate: its logits
+                experts = out.topk(top_k, dim=-1).indices
+            self._routes.append(experts.detach())
+
+        return hook
+
+    def _take_routes(self, batch: int) -> torch.Tensor | None:
+        """[B, num_moe_layers, top_k] expert ids of the last decode step's tokens."""
+        if not self._routes:
+            return None
+        per_layer = [r.view(batch, -1, r.shape[-1])[:, -1] for r in self._routes]
+        self._routes.clear()
+        return torch.stack(per_layer, dim=1)
+
+    # ---- generation -----------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        weight_source: WeightSource | None = None,
+    ) -> list[Completion]:
+        if not prompts:
+            return []
+        start = time.perf_counter()
+        if sampling.seed is not None:
+            self._generator.manual_seed(sampling.seed)
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding keeps every row's last token at the end
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1])
+
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logps: list[list[float]] = [[] for _ in range(batch)]
+        versions: list[list[int]] = [[] for _ in range(batch)]
+        routes: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool)
+        cache = None
+        step_ids, positions = input_ids, positions_from_mask(mask)
+        self._routes.clear()
+        for _ in range(sampling.max_new_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            step_routes = self._take_routes(batch)
+            next_ids, next_logp = self._sample(out.logits[:, -1].float(), sampling)
+            for i in torch.nonzero(~done).flatten().tolist():
+                tokens[i].append(int(next_ids[i]))
+                logps[i].append(float(next_logp[i]))
+                versions[i].append(self.version)
+                if step_routes is not None:
+                    routes[i].append(step_routes[i])
+            done |= torch.isin(next_ids, stop)
+            if bool(done.all()):
+                break
+            if weight_source is not None:
+                self._maybe_update_in_flight(weight_source)
+            step_ids = next_ids.unsqueeze(-1)
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+
+        elapsed = time.perf_counter() - start
+        self.stats.generate_seconds += elapsed
+        self.stats.generated_tokens += sum(len(t) for t in tokens)
+        stop_set = set(sampling.stop_token_ids)
+        return [
+            Completion(
+                token_ids=tokens[i],
+                logprobs=logps[i],
+                versions=versions[i],
+                finish_reason="stop" if tokens[i] and tokens[i][-1] in stop_set else "length",
+                routed_experts=torch.stack(routes[i]) if routes[i] else None,
+            )
+            for i in range(batch)
+        ]
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids [B], their raw log-probs [B]) sampled at the configured temperature and top-p."""
+        raw_logp = torch.log_softmax(logits, dim=-1)
+        if sampling.temperature <= 0:
+            ids = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / sampling.temperature, dim=-1)
+            if sampling.top_p < 1.0:
+                probs = _top_p_filter(probs, sampling.top_p)
+            ids = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
+        return ids, raw_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+    def _maybe_update_in_flight(self, weight_source: WeightSource) -> None:
+        update = weight_source()
+        if update is not None:
+            state, version = update
+            self.load_weights(state, version)
+            self.stats.inflight_updates += 1
+
+    # ---- weights ----------------------------------------------------------
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        with warnings.catch_warnings():  # tensors from Ray's object store are read-only; they are copied
+            warnings.simplefilter("ignore", UserWarning)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise KeyError(f"weights do not fit the engine's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.version = version
+        self.stats.weight_loads += 1
+
+    def rebuild(self, state: dict[str, torch.Tensor], version: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        self._install_router_hooks()
+        self.load_weights(state, version)
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        return probe_logprobs(self.model, token_ids)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.model = None
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail outside the smallest set of tokens whose mass reaches top_p."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+    sorted_p = sorted_p * keep
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)

@@ -1,0 +1,175 @@
+"""The learner: recompute log-probs, apply the configured loss, step, publish.
+
+Algorithm-blind: advantages and behaviour log-probs arrive with the batch; the
+loss is looked up by name. Each optimizer step bumps the policy version by one.
+The MoE router's load-balancing loss is added here and the expert load is
+measured from the same forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhub.algorithms import get_policy_loss
+from rlhub.algorithms.config import AlgorithmConfig
+from rlhub.algorithms.losses import PolicyLossInput, masked_mean
+from rlhub.models.build import ModelConfig, is_moe
+from rlhub.models.logprobs import probe_logprobs, token_logprobs
+from rlhub.types import GroupTensors
+
+
+class Learner:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, probe_ids: list[int], seed: int = 0) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        self.algo = algo
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype))
+        self.model.train()
+        self.moe = bool(is_moe(self.model))
+        self.aux_coef = model_cfg.router_aux_loss_coef if self.moe else 0.0
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=algo.lr, betas=tuple(algo.adam_betas), weight_decay=algo.weight_decay
+        )
+        self.loss_fn = get_policy_loss(algo.policy_loss)
+        self.probe_ids = probe_ids
+        self.version = 0
+
+    # ---- one optimizer step -----------------------------------------------------
+    def train_step(self, batch: GroupTensors) -> dict[str, float]:
+        start = time.perf_counter()
+        total_tokens = batch.completion_mask.sum().clamp(min=1.0)
+        n = batch.input_ids.shape[0]
+        sums: dict[str, float] = {}
+        load: torch.Tensor | None = None  # [layers, experts] token counts
+        self.optimizer.zero_grad(set_to_none=True)
+        for lo in range(0, n, self.algo.micro_batch_size):
+            mb = slice(lo, min(n, lo + self.algo.micro_batch_size))
+            mask = batch.completion_mask[mb]
+            share = float(mask.sum() / total_tokens)  # token-mean over the whole batch
+            kwargs = {"output_router_logits": True} if self.moe else {}
+            logprobs, entropy, out = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, **kwargs)
+            adv = batch.advantages[mb].unsqueeze(-1).expand_as(logprobs)
+            pg_loss, pg_metrics = self.loss_fn(
+                PolicyLossInput(logprobs, batch.old_logprobs[mb], adv, mask),
+                clip_eps=self.algo.clip_eps,
+                clip_eps_high=self.algo.clip_eps_high,
+            )
+            ent = masked_mean(entropy, mask)
+            loss = pg_loss - self.algo.entropy_coef * ent
+            if self.moe:
+                loss = loss + self.aux_coef * out.aux_loss
+                counts = expert_counts(out.router_logits, batch.attention_mask[mb], self.model.config.num_experts_per_tok)
+                load = counts if load is None else load + counts
+            (loss * share).backward()
+            for k, v in {"loss": loss, "pg_loss": pg_loss, "entropy": ent, **pg_metrics}.items():
+                if k == "ratio_max":
+                    sums[k] = max(sums.get(k, 0.0), float(v.detach()))
+                else:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * share
+            if self.moe:
+                sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(out.aux_loss.detach()) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
+        self.optimizer.step()
+        metrics = {f"train/{k}": v for k, v in sums.items()}
+        metrics["train/grad_norm"] = float(grad_norm)
+        metrics.update(staleness_metrics(batch, self.version))
+        if load is not None:
+            metrics.update(expert_load_metrics(load))
+        metrics["train/tokens"] = float(total_tokens)
+        metrics["rollout/reward_mean"] = float(batch.rewards.mean())
+        metrics["rollout/reward_std"] = float(batch.rewards.std(unbiased=False))
+        metrics["time/train_s"] = time.perf_counter() - start
+        self.version += 1
+        return metrics
+
+    # ---- what engines get -------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def probe(self) -> torch.Tensor:
+        self.model.eval()
+        try:
+            return probe_logprobs(self.model, self.probe_ids)
+        finally:
+            self.model.train()
+
+    # ---- checkpoints ------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Policy as an HF directory (safetensors) and the optimizer's tensors as safetensors."""
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(str(directory / "policy"))
+        tensors, meta = flatten_optimizer(self.optimizer.state_dict())
+        save_file(tensors, str(directory / "optimizer.safetensors"))
+        (directory / "optimizer.json").write_text(json.dumps(meta))
+
+    def load(self, directory: Path, version: int) -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(str(directory / "policy"), dtype=self.model.dtype)
+        self.model.load_state_dict(trained.state_dict())
+        meta = json.loads((directory / "optimizer.json").read_text())
+        self.optimizer.load_state_dict(unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta))
+        self.version = version
+
+
+def expert_counts(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[layers, experts] number of real (unpadded) tokens routed to each expert."""
+    valid = attention_mask.reshape(-1).bool()
+    rows = []
+    for logits in router_logits:  # [B*T, E] per MoE layer
+        chosen = logits[valid].topk(top_k, dim=-1).indices
+        rows.append(torch.bincount(chosen.flatten(), minlength=logits.shape[-1]).float())
+    return torch.stack(rows).detach()
+
+
+def expert_load_metrics(counts: torch.Tensor) -> dict[str, float]:
+    frac = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)  # [layers, experts]
+    out: dict[str, float] = {}
+    for layer, row in enumerate(frac):
+        out[f"moe/layer{layer}/max_over_mean"] = float(row.max() / row.mean().clamp(min=1e-9))
+        for e, f in enumerate(row.tolist()):
+            out[f"moe/layer{layer}/expert{e}"] = f
+    out["moe/max_over_mean"] = max(v for k, v in out.items() if k.endswith("max_over_mean"))
+    return out
+
+
+def staleness_metrics(batch: GroupTensors, learner_version: int) -> dict[str, float]:
+    """Distribution of (learner version - token version) over trained tokens."""
+    tok = batch.completion_mask.bool()
+    lag = (learner_version - batch.versions[tok]).float()
+    if lag.numel() == 0:
+        return {}
+    out = {"staleness/mean": float(lag.mean()), "staleness/max": float(lag.max()), "staleness/min": float(lag.min())}
+    for k, c in zip(*torch.unique(lag.long(), return_counts=True)):
+        out[f"staleness/frac_{int(k)}"] = float(c) / lag.numel()
+    return out
+
+
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in state["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = t
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,124 @@
+"""Build or locate the policy's Hugging Face model directory.
+
+`model=tiny_moe` builds a Qwen3-MoE from a config at random init with the
+offline byte tokenizer and saves it as an ordinary HF directory (cached by the
+config's hash) that both transformers and vLLM load. `model.path=DIR` uses any
+local HF causal-LM directory instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rlhub.models.tokenizer import save_byte_tokenizer
+
+
+@dataclass
+class ModelConfig:
+    """The policy model."""
+
+    name: str = "tiny_moe"
+    """Label used in run names and logs."""
+    path: str | None = None
+    """A local Hugging Face causal-LM directory; when unset, the tiny MoE below is built."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    num_experts: int = 8
+    experts_per_token: int = 2
+    expert_intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    init_seed: int = 0
+    """Seed of the random init of the built model."""
+    dtype: str = "float32"
+    """Parameter dtype on the learner and the engines: float32 or bfloat16."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the router load-balancing loss added by the learner (MoE models only)."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RLHUB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "rlhub")
+    return Path(root)
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The HF directory for this config, building the tiny MoE on first use."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={cfg.path!r}: no Hugging Face model directory there (config.json missing)")
+        return path
+    return build_tiny_moe(cfg)
+
+
+def _arch_fields(cfg: ModelConfig) -> dict:
+    d = asdict(cfg)
+    for k in ("name", "path", "router_aux_loss_coef"):
+        d.pop(k)
+    return d
+
+
+def build_tiny_moe(cfg: ModelConfig, root: Path | None = None) -> Path:
+    """Build (once) and return the directory of the tiny Qwen3-MoE described by `cfg`."""
+    fields = _arch_fields(cfg)
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    out = (root or cache_dir() / "models") / f"tiny_moe-{digest}"
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_byte_tokenizer(tmp)
+    hf_cfg = Qwen3MoeConfig(
+        vocab_size=259,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.expert_intermediate_size * 2,
+        moe_intermediate_size=cfg.expert_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.experts_per_token,
+        norm_topk_prob=True,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=258,
+        pad_token_id=256,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        dtype=cfg.dtype,
+    )
+    torch.manual_seed(cfg.init_seed)
+    model = Qwen3MoeForCausalLM(hf_cfg).to(getattr(torch, cfg.dtype))
+    model.save_pretrained(str(tmp))
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_policy(path: Path, dtype: str = "float32"):
+    """(model, tokenizer) from an HF directory, on CPU, in train-ready fp dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    return model, tok
+
+
+def is_moe(model) -> bool:
+    return getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", None)

@@ -1,0 +1,58 @@
+"""A byte-level tokenizer made offline: 256 byte tokens plus three specials.
+
+No merges, so every UTF-8 string round-trips exactly and the vocabulary (259)
+stays tiny, which makes the default MoE cheap to generate with and to train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_byte_tokenizer():
+    """A `PreTrainedTokenizerFast` over raw bytes, with `<|im_end|>` as EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    byte_values = sorted(alphabet, key=_byte_of)
+    vocab = {ch: i for i, ch in enumerate(byte_values)}
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        vocab[tok] = 256 + i
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _byte_of(ch: str) -> int:
+    """The byte that ByteLevel's printable character `ch` stands for."""
+    # ByteLevel maps printable bytes to themselves and the rest to 256 + n, in byte order.
+    code = ord(ch)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    if code in printable:
+        return code
+    rest = [b for b in range(256) if b not in printable]
+    return rest[code - 256]
+
+
+def save_byte_tokenizer(path: Path) -> None:
+    build_byte_tokenizer().save_pretrained(str(path))

@@ -1,0 +1,244 @@
+"""A rollout worker: admitted prompts in, scored groups with advantages out.
+
+The plain class behind each `RolloutActor`. One iteration: ask the store for
+admission, pick up the newest weights (verified against the learner's probe),
+generate `group_size` completions per prompt, score them in the environment,
+compute advantages now that each group is complete, and put the groups in the
+store. Failures are dropped and counted, never raised into the run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlhub.engines.base import RolloutEngine, SamplingConfig
+from rlhub.types import GroupMeta, GroupTensors, Sample
+from rlhub.weight_sync import Published, WeightSync, probe_error
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout actors and their engines."""
+
+    engine: str = "hf"
+    """hf (built-in transformers engine with KV cache and routing record) or vllm."""
+    num_actors: int = 1
+    prompts_per_batch: int = 0
+    """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors."""
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_model_len: int = 256
+    """Prompt plus completion; a longer prompt is dropped and counted."""
+    weight_update: str = "batch"
+    """batch: new weights between generation batches; inflight: also between decode steps (hf engine)."""
+    pin_cores: bool = True
+    """Pin each actor's engine to its own core (by actor index, modulo the cores)."""
+    probe_tolerance: float = 1e-4
+    """Largest allowed |engine - learner| probe log-prob after a sync (fp32; allow ~0.1 for bf16)."""
+    vllm_kv_cache_gib: float = 1.0
+    idle_sleep_s: float = 0.005
+    """Back-off while admission is closed (the learner is behind)."""
+
+
+@dataclass
+class WorkerStats:
+    groups: int = 0
+    samples: int = 0
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    syncs: int = 0
+    sync_seconds: float = 0.0
+    last_sync_seconds: float = 0.0
+    last_probe_error: float = 0.0
+    sync_rebuilds: int = 0
+    sync_failures: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class DataStoreClient:
+    """What a worker needs from the store (an in-memory one in unit tests, Ray in runs)."""
+
+    def admit(self, actor_id: int, n: int) -> list[int] | None: ...
+    def put(self, meta: GroupMeta, tensors: GroupTensors) -> None: ...
+    def drop(self, group_id: int, reason: str, samples: int) -> None: ...
+
+
+def prompt_index(group_id: int, num_rows: int, seed: int) -> int:
+    """Row of the training split for a position in the prompt stream: a fresh shuffle per epoch."""
+    epoch, pos = divmod(group_id, num_rows)
+    order = list(range(num_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[pos]
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        actor_id: int,
+        cfg: RolloutConfig,
+        group_size: int,
+        prompts_per_step: int,
+        engine: RolloutEngine,
+        env: Any,
+        tokenizer: Any,
+        store: DataStoreClient,
+        weight_sync: WeightSync,
+        advantage_fn: Callable[[torch.Tensor], torch.Tensor],
+        probe_ids: list[int],
+        seed: int = 0,
+    ) -> None:
+        self.actor_id = actor_id
+        self.cfg = cfg
+        self.group_size = group_size
+        self.batch_prompts = cfg.prompts_per_batch or max(1, prompts_per_step // cfg.num_actors)
+        self.engine = engine
+        self.env = env
+        self.rows: Sequence[Any] = env.dataset("train")
+        self.tokenizer = tokenizer
+        self.store = store
+        self.weight_sync = weight_sync
+        self.advantage_fn = advantage_fn
+        self.probe_ids = probe_ids
+        self.seed = seed
+        self.stats = WorkerStats()
+        eos = tokenizer.eos_token_id
+        self.sampling = SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop_token_ids=(eos,) if eos is not None else (),
+        )
+
+    # ---- the loop ---------------------------------------------------------
+    def run(self) -> WorkerStats:
+        while self.step():
+            pass
+        return self.stats
+
+    def step(self) -> bool:
+        """One admission + generation round; False once the run is stopping."""
+        group_ids = self.store.admit(self.actor_id, self.batch_prompts)
+        if group_ids is None:
+            return False
+        if not group_ids:
+            start = time.perf_counter()
+            time.sleep(self.cfg.idle_sleep_s)
+            self.stats.idle_seconds += time.perf_counter() - start
+            return True
+        self.sync_weights()
+        self.generate_groups(group_ids)
+        return True
+
+    # ---- weights ------------------------------------------------------------
+    def sync_weights(self) -> None:
+        published = self.weight_sync.pull(self.engine.version)
+        if published is not None:
+            self._load(published)
+
+    def _load(self, published: Published) -> None:
+        start = time.perf_counter()
+        self.engine.load_weights(published.state, published.version)
+        err = probe_error(self.engine.prompt_logprobs(self.probe_ids), published.probe_logprobs)
+        if not err <= self.cfg.probe_tolerance:  # also catches NaN
+            self.stats.sync_rebuilds += 1
+            self.engine.rebuild(published.state, published.version)
+            err = probe_error(self.engine.prompt_logprobs(self.probe_ids), published.probe_logprobs)
+            if not err <= self.cfg.probe_tolerance:
+                self.stats.sync_failures += 1
+        elapsed = time.perf_counter() - start
+        self.stats.syncs += 1
+        self.stats.sync_seconds += elapsed
+        self.stats.last_sync_seconds = elapsed
+        self.stats.last_probe_error = err
+
+    def _inflight_source(self):
+        def poll() -> tuple[dict[str, torch.Tensor], int] | None:
+            published = self.weight_sync.pull(self.engine.version)
+            return None if published is None else (published.state, published.version)
+
+        return poll if self.cfg.weight_update == "inflight" else None
+
+    # ---- generation and scoring ----------------------------------------------
+    def generate_groups(self, group_ids: list[int]) -> None:
+        episodes = []  # (group id, row index, prompt ids, episode state)
+        for gid in group_ids:
+            row_idx = prompt_index(gid, len(self.rows), self.seed)
+            try:
+                text, state = self.env.reset(self.rows[row_idx])
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+            except Exception:  # a broken row or environment loses this group only
+                self._drop(gid, "env_error", self.group_size)
+                continue
+            if len(ids) + self.cfg.max_new_tokens > self.cfg.max_model_len:
+                self._drop(gid, "prompt_too_long", self.group_size)
+                continue
+            episodes.append((gid, row_idx, ids, state))
+        if not episodes:
+            return
+        prompts = [ids for _, _, ids, _ in episodes for _ in range(self.group_size)]
+        start = time.perf_counter()
+        completions = self.engine.generate(prompts, self.sampling, self._inflight_source())
+        elapsed = time.perf_counter() - start
+        self.stats.generate_seconds += elapsed
+        self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
+        for k, (gid, row_idx, ids, state) in enumerate(episodes):
+            chunk = completions[k * self.group_size : (k + 1) * self.group_size]
+            self._finish_group(gid, row_idx, ids, state, chunk, elapsed * len(chunk) / len(completions))
+
+    def _finish_group(self, gid: int, row_idx: int, prompt_ids: list[int], state: Any, completions: list, seconds: float) -> None:
+        samples: list[Sample] = []
+        sample_drops: Counter[str] = Counter()
+        for c in completions:
+            try:
+                text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                result = self.env.step(state, text)
+                reward = float(result.reward)
+            except Exception:  # the environment failed on this sample: drop it, keep the run
+                sample_drops["env_error"] += 1
+                continue
+            if not math.isfinite(reward):
+                sample_drops["nonfinite_reward"] += 1
+                continue
+            samples.append(Sample(prompt_ids, c.token_ids, c.logprobs, c.versions, reward, result.success, c.finish_reason, c.routed_experts))
+        for reason, n in sample_drops.items():
+            self._count(reason, n)
+        if len(samples) < 2:  # no group baseline without two samples: the whole group goes
+            reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
+            self.store.drop(gid, reason, len(completions))
+            return
+        rewards = torch.tensor([s.reward for s in samples])
+        tensors = GroupTensors.from_samples(samples, self.advantage_fn(rewards), self.tokenizer.pad_token_id or 0)
+        versions = [v for s in samples for v in s.versions] or [self.engine.version]
+        meta = GroupMeta(
+            group_id=gid,
+            prompt_index=row_idx,
+            actor_id=self.actor_id,
+            min_version=min(versions),
+            max_version=max(versions),
+            num_samples=len(samples),
+            num_tokens=sum(len(s.completion_ids) for s in samples),
+            reward_mean=float(rewards.mean()),
+            success_mean=sum(bool(s.success) for s in samples) / len(samples),
+            response_len_mean=sum(len(s.completion_ids) for s in samples) / len(samples),
+            generate_seconds=seconds,
+            extra={"dropped_samples": dict(sample_drops)},
+        )
+        self.stats.groups += 1
+        self.stats.samples += len(samples)
+        self.store.put(meta, tensors)
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + n
+
+    def _drop(self, gid: int, reason: str, samples: int) -> None:
+        self._count(reason)
+        self.store.drop(gid, reason, samples)

@@ -1,0 +1,94 @@
+"""What travels through the pipeline: samples, groups, and their tensor form.
+
+A rollout actor turns one prompt into a `Group` of `group_size` samples, each
+token tagged with the policy version that produced it. The data store keeps a
+`GroupMeta` per group and the tensors (`GroupTensors`) as a Ray object ref.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # behaviour log-probs, one per completion token
+    versions: list[int]  # policy version per completion token
+    reward: float
+    success: bool | None
+    finish_reason: str
+    routed_experts: torch.Tensor | None = None  # [n_completion, layers, top_k]
+
+
+@dataclass
+class GroupMeta:
+    """What a store shard keeps about one finished group (the tensors stay in the object store)."""
+
+    group_id: int  # admission index: the position of the prompt in the data stream
+    prompt_index: int  # row of the training split
+    actor_id: int
+    min_version: int  # the oldest token's policy version
+    max_version: int
+    num_samples: int
+    num_tokens: int  # completion tokens over the group
+    reward_mean: float
+    success_mean: float
+    response_len_mean: float
+    generate_seconds: float
+    put_time: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GroupTensors:
+    """One group, padded on the right. Token-level tensors are aligned with the shifted targets."""
+
+    input_ids: torch.Tensor  # [G, T] prompt + completion
+    attention_mask: torch.Tensor  # [G, T]
+    completion_mask: torch.Tensor  # [G, T-1] 1 where target t+1 is a generated token
+    old_logprobs: torch.Tensor  # [G, T-1] behaviour log-probs at generated targets, 0 elsewhere
+    versions: torch.Tensor  # [G, T-1] policy version of each generated target, -1 elsewhere
+    advantages: torch.Tensor  # [G] one per sample, broadcast over its tokens
+    rewards: torch.Tensor  # [G]
+
+    @staticmethod
+    def from_samples(samples: list[Sample], advantages: torch.Tensor, pad_id: int) -> "GroupTensors":
+        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+        g = len(samples)
+        ids = torch.full((g, width), pad_id, dtype=torch.long)
+        attn = torch.zeros((g, width), dtype=torch.long)
+        cmask = torch.zeros((g, width - 1), dtype=torch.float32)
+        old = torch.zeros((g, width - 1), dtype=torch.float32)
+        ver = torch.full((g, width - 1), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            p, c = len(s.prompt_ids), len(s.completion_ids)
+            ids[i, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+            attn[i, : p + c] = 1
+            cmask[i, p - 1 : p - 1 + c] = 1.0  # target t+1 = completion token
+            old[i, p - 1 : p - 1 + c] = torch.tensor(s.logprobs, dtype=torch.float32)
+            ver[i, p - 1 : p - 1 + c] = torch.tensor(s.versions, dtype=torch.long)
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        return GroupTensors(ids, attn, cmask, old, ver, advantages.float(), rewards)
+
+
+def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
+    """Stack groups into one batch, right-padding to the widest."""
+    width = max(g.input_ids.shape[1] for g in groups)
+
+    def pad(t: torch.Tensor, w: int, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, w - t.shape[1]), value=value)
+
+    return GroupTensors(
+        input_ids=torch.cat([pad(g.input_ids, width, pad_id) for g in groups]),
+        attention_mask=torch.cat([pad(g.attention_mask, width, 0) for g in groups]),
+        completion_mask=torch.cat([pad(g.completion_mask, width - 1, 0.0) for g in groups]),
+        old_logprobs=torch.cat([pad(g.old_logprobs, width - 1, 0.0) for g in groups]),
+        versions=torch.cat([pad(g.versions, width - 1, -1) for g in groups]),
+        advantages=torch.cat([g.advantages for g in groups]),
+        rewards=torch.cat([g.rewards for g in groups]),
+    )
