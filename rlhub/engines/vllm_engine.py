@@ -85,6 +85,9 @@ class VLLMEngine:
             seed=self.seed,
             max_model_len=self.max_model_len,
             distributed_executor_backend="uni",
+            # Log-probs of the unmodified distribution (before temperature and
+            # top-p), as the protocol asks; vLLM's default, made explicit.
+            logprobs_mode="raw_logprobs",
         )
         if current_platform.is_cpu():
             # Eager on CPU: a swapped-in model would otherwise trigger recompilation.
@@ -129,6 +132,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         del weight_source
+        if not prompts:
+            return []
         params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         t0 = time.perf_counter()
@@ -150,7 +155,7 @@ class VLLMEngine:
             max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            logprobs=0,  # only the sampled token's log-prob; raw (before temperature) by default
+            logprobs=0,  # only the sampled token's log-prob
             stop_token_ids=list(sampling.stop_token_ids),
             # Stop exactly where SamplingConfig says, not also at the model's EOS:
             # callers list EOS in stop_token_ids when they want it.
