@@ -1,0 +1,109 @@
+"""`rlhub bench e2e`: synchronous against asynchronous throughput on one config.
+
+In one invocation: generation alone and training alone (the same engine and
+learner code, in this process, one thread each, as in the actors), then the
+full pipeline at `max_staleness=0` and at `max_staleness=2`. Pipeline
+efficiency = max(generation-only, training-only step time) / async step time:
+1.0 means the pipeline hides the shorter phase completely.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "experiment.total_steps=30"]
+
+
+def _isolated_phases(cfg: Any, steps: int) -> dict[str, float]:
+    """Seconds per step of generation alone and of training alone."""
+    import torch
+
+    from rlhub.actors.rollout import make_engine
+    from rlhub.algorithms import get_advantage
+    from rlhub.datastore import InMemoryDataStore
+    from rlhub.envs import make_env
+    from rlhub.learner import Learner
+    from rlhub.models.build import resolve_model_path
+    from rlhub.rollout import RolloutWorker
+    from rlhub.types import collate
+    from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(cfg.cluster.torch_threads)
+    path = str(resolve_model_path(cfg.model))
+    tok = AutoTokenizer.from_pretrained(path)
+    probe = probe_sequence(len(tok))
+    learner = Learner(path, cfg.model, cfg.algorithm, probe, seed=cfg.seed)
+    sync = InMemoryWeightSync()
+    store = InMemoryDataStore(cfg.prompts_per_step, max_staleness=10**9)
+    engine = make_engine(cfg.rollout, path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)
+    worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, make_env(cfg.env.name, **cfg.env.kwargs),
+                           tok, store, sync, get_advantage(cfg.algorithm.advantage), probe, cfg.seed)
+    worker.batch_prompts = cfg.prompts_per_step  # one generation call per learner step, as one actor would
+    gen_times, train_times, tokens = [], [], 0
+    for step in range(steps + 1):  # the first step of each phase warms up
+        start = time.perf_counter()
+        worker.step()
+        gen = time.perf_counter() - start
+        batch = collate([t for _, t in store.get_batch(cfg.prompts_per_step, learner.version)], tok.pad_token_id or 0)
+        start = time.perf_counter()
+        learner.train_step(batch)
+        train = time.perf_counter() - start
+        store.set_version(learner.version)
+        if step:
+            gen_times.append(gen)
+            train_times.append(train)
+            tokens += int(batch.completion_mask.sum())
+    engine.close()
+    gen_s, train_s = sum(gen_times) / steps, sum(train_times) / steps
+    return {
+        "generation_only_step_s": gen_s,
+        "training_only_step_s": train_s,
+        "generation_only_samples_per_s": cfg.prompts_per_step * cfg.group_size / gen_s,
+        "training_only_tokens_per_s": tokens / steps / train_s,
+    }
+
+
+def _pipeline(overrides: list[str], staleness: int, skip: int) -> dict[str, float]:
+    import json
+
+    from rlhub.actors.controller import train
+    from rlhub.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config([*overrides, f"max_staleness={staleness}", f"run_dir={tmp}"])
+        summary = train(cfg)
+        rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][skip:]
+    seconds = sum(r["time/step_s"] for r in rows)
+    samples = cfg.prompts_per_step * cfg.group_size * len(rows)
+    return {
+        "step_s": seconds / len(rows),
+        "samples_per_s": samples / seconds,
+        "trained_tokens_per_s": sum(r["train/tokens"] for r in rows) / seconds,
+        "staleness_mean": sum(r["staleness/mean"] for r in rows) / len(rows),
+        "reward_last_tenth": summary["reward_last_tenth"],
+    }
+
+
+def bench_e2e(overrides: list[str]) -> dict[str, Any]:
+    from rlhub.config import load_config
+
+    overrides = [*BENCH_DEFAULTS, *overrides]
+    cfg = load_config(overrides)
+    skip = max(2, cfg.experiment.total_steps // 10)  # start-up steps are not steady state
+    phases = _isolated_phases(cfg, steps=min(10, cfg.experiment.total_steps))
+    sync = _pipeline(overrides, 0, skip)
+    async_ = _pipeline(overrides, 2, skip)
+    bound = max(phases["generation_only_step_s"], phases["training_only_step_s"])
+    return {
+        "config": {"engine": cfg.rollout.engine, "num_actors": cfg.rollout.num_actors, "prompts_per_step": cfg.prompts_per_step,
+                   "group_size": cfg.group_size, "steps": cfg.experiment.total_steps, "steady_state_from_step": skip + 1},
+        **phases,
+        "sync": sync,
+        "async": async_,
+        "async_over_sync_samples_per_s": async_["samples_per_s"] / sync["samples_per_s"],
+        "pipeline_efficiency": bound / async_["step_s"],
+    }

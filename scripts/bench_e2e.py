@@ -1,0 +1,9 @@
+"""Same as `rlhub bench e2e [overrides]`: prints JSON."""
+
+import json
+import sys
+
+from rlhub.bench import bench_e2e
+
+if __name__ == "__main__":
+    print(json.dumps(bench_e2e(sys.argv[1:]), indent=1))
