@@ -54,8 +54,8 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     return run_dir.resolve(), ckpt
 
 
-def check_inputs(cfg: RunConfig) -> tuple[Path, Any]:
-    """(model directory, tokenizer), after checking the environment and its data."""
+def check_inputs(cfg: RunConfig) -> tuple[Path, Any, Any]:
+    """(model directory, tokenizer, environment), after checking the environment and its data."""
     from rlhub.envs import make_env
     from rlhub.models.build import resolve_model_path
     from transformers import AutoTokenizer
@@ -67,11 +67,13 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, Any]:
         raise ConfigError(str(e).strip("'\"")) from None
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
+    if cfg.warm_start.steps and not callable(getattr(env, "format_examples", None)):
+        raise ConfigError(f"warm_start.steps={cfg.warm_start.steps}: env.name={cfg.env.name!r} has no format_examples(); set warm_start.steps=0")
     model_path = resolve_model_path(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model at {model_path}: the tokenizer has no EOS token to stop generation at")
-    return model_path, tokenizer
+    return model_path, tokenizer, env
 
 
 def save_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -96,6 +98,15 @@ def init_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def format_examples(cfg: RunConfig, env: Any, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """Token ids of the environment's format-only (prompt, answer) pairs, the answer ending in EOS."""
+    import random
+
+    pairs = env.format_examples(cfg.warm_start.examples, random.Random(cfg.seed))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    return [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
+
+
 def learner_core(cfg: RunConfig) -> int | None:
     """On a small CPU machine the learner takes the last core; rollout actors start from the first."""
     if cfg.cluster.address or cfg.cluster.learner_num_gpus:
@@ -113,13 +124,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     run_dir, resume_from = prepare_run_dir(cfg)
-    model_path, tokenizer = check_inputs(cfg)
+    model_path, tokenizer, env = check_inputs(cfg)
     save_resolved_config(cfg, run_dir)
     _setup_logging(run_dir)
     log.info("run directory %s; model %s", run_dir, model_path)
     started_ray = init_ray(cfg)
     try:
-        return _train(cfg, run_dir, resume_from, model_path, tokenizer)
+        return _train(cfg, run_dir, resume_from, model_path, tokenizer, env)
     finally:
         if started_ray:
             import ray
@@ -127,7 +138,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             ray.shutdown()
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any) -> dict[str, Any]:
     import ray
 
     from rlhub.actors.learner import LearnerActor
@@ -141,16 +152,18 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
     weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness)
     learner = LearnerActor.options(num_cpus=cfg.cluster.learner_num_cpus, num_gpus=cfg.cluster.learner_num_gpus).remote(
-        cfg, str(model_path), weight_sync, probe, learner_core(cfg)
+        cfg, str(model_path), weight_sync, store, probe, learner_core(cfg)
     )
-    version, resume_state = 0, {}
+    version, resume_state, warm = 0, {}, {}
     if resume_from is not None:
         resume_state = read_state(resume_from)
         version = resume_state["version"]
         ray.get(learner.load.remote(str(resume_from), version))
         store.load_state_dict(resume_state["store"])
-        store.set_version(version)
         log.info("resumed from %s at version %d", resume_from, version)
+    elif cfg.warm_start.steps:
+        warm = ray.get(learner.warm_start.remote(format_examples(cfg, env, tokenizer), cfg.warm_start.steps, cfg.warm_start.batch_size, cfg.warm_start.lr, cfg.seed))
+        log.info("format warm start: %s", warm)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
 
     actors = [
@@ -162,37 +175,57 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
     ray.get([a.ready.remote() for a in actors])
     runs = [a.run.remote() for a in actors]
     tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, resume_state.get("wandb_id"))
+    tracker.summary(warm)
     history: list[dict[str, float]] = []
     last_tokens, last_time = 0, time.perf_counter()
 
-    def checkpoint(v: int) -> None:
-        state = {"store": store.state_dict(), "wandb_id": tracker.run_id, "experiment": cfg.experiment.name}
+    def checkpoint(v: int, held: list[int]) -> None:
+        state = {"store": store.state_dict(held), "wandb_id": tracker.run_id, "experiment": cfg.experiment.name}
         write_checkpoint(run_dir, v, lambda d: ray.get(learner.save.remote(str(d))), state, cfg.checkpoint.keep_last)
 
+    def fetch(for_version: int) -> tuple[list, float]:
+        start = time.perf_counter()
+        found = store.get_batch(cfg.prompts_per_step, for_version, cfg.datastore.batch_timeout_s)
+        return found, time.perf_counter() - start
+
+    def checkpoint_due(v: int) -> bool:
+        return bool(cfg.checkpoint.every) and v % cfg.checkpoint.every == 0
+
+    def submit(batch: list) -> Any:
+        # refs as top-level arguments: Ray moves them to the learner while it still trains the step before
+        return learner.train_step.remote(*[ref for _, ref in batch])
+
+    total = cfg.experiment.total_steps
     try:
-        while version < cfg.experiment.total_steps:
-            step_start = time.perf_counter()
-            # 1. rollout + store: the oldest fresh groups, staleness <= max_staleness
-            groups = store.get_batch(cfg.prompts_per_step, version, cfg.datastore.batch_timeout_s)
-            waited = time.perf_counter() - step_start
-            # 2. learn (3. the learner publishes the new weights before answering)
-            metrics = ray.get(learner.train_step.remote([ref for _, ref in groups]))
+        # 1. rollout + store: the oldest groups no more than max_staleness behind the version they train at
+        groups, waited = fetch(version) if version < total else ([], 0.0)
+        pending = submit(groups) if groups else None
+        step_start = time.perf_counter()
+        while version < total:
+            # 2. learn; the learner publishes the new weights (3. sync) and opens admission before answering.
+            # Meanwhile: monitoring, and the next batch, queued on the learner at once unless a checkpoint
+            # must be written between the two steps.
+            rollout_stats = ray.get([a.stats.remote() for a in actors])
+            store_stats = store.stats()
+            next_groups, next_waited = fetch(version + 1) if version + 1 < total else ([], 0.0)
+            next_pending = submit(next_groups) if next_groups and not checkpoint_due(version + 1) else None
+            metrics = ray.get(pending)
             version = int(metrics.pop("version"))
-            store.set_version(version)  # admission opens for the next version's prompts
             # 4. tracking
             now = time.perf_counter()
-            rollout_stats = ray.get([a.stats.remote() for a in actors])
             generated = sum(s["generated_tokens"] for s in rollout_stats)
-            metrics.update(_step_metrics(groups, rollout_stats, store.stats(), waited, now - step_start))
+            metrics.update(_step_metrics(groups, rollout_stats, store_stats, waited, now - step_start))
             metrics["perf/generated_tokens_per_s"] = (generated - last_tokens) / max(now - last_time, 1e-9)
             metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - step_start, 1e-9)
-            last_tokens, last_time = generated, now
+            last_tokens, last_time, step_start = generated, now, now
             history.append(metrics)
             tracker.log(version, metrics)
-            if cfg.checkpoint.every and version % cfg.checkpoint.every == 0:
-                checkpoint(version)
-        if cfg.checkpoint.keep_final and not (cfg.checkpoint.every and version % cfg.checkpoint.every == 0):
-            checkpoint(version)
+            if checkpoint_due(version):
+                checkpoint(version, held=[m.group_id for m, _ in next_groups])
+            groups, waited = next_groups, next_waited
+            pending = next_pending or (submit(groups) if groups else None)
+        if cfg.checkpoint.keep_final and not checkpoint_due(version):
+            checkpoint(version, held=[])
     finally:
         store.stop()
         finished = ray.get(runs, timeout=600) if runs else []

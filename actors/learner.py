@@ -15,7 +15,7 @@ from rlhub.types import collate
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, run: Any, model_path: str, weight_sync: Any, probe_ids: list[int], core: int | None) -> None:
+    def __init__(self, run: Any, model_path: str, weight_sync: Any, store: Any, probe_ids: list[int], core: int | None) -> None:
         import torch
 
         if core is not None:
@@ -23,6 +23,7 @@ class LearnerActor:
         torch.set_num_threads(run.cluster.torch_threads)
         self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed)
         self.weight_sync = weight_sync
+        self.store = store
         self.pad_id = self.learner.model.config.pad_token_id or 0
 
     def publish(self) -> float:
@@ -31,15 +32,20 @@ class LearnerActor:
         self.weight_sync.push(self.learner.state_dict(), self.learner.version, self.learner.probe())
         return time.perf_counter() - start
 
-    def train_step(self, refs: list) -> dict[str, float]:
+    def train_step(self, *groups: Any) -> dict[str, float]:
+        """One step on these groups (Ray resolved their refs before the call)."""
         start = time.perf_counter()
-        batch = collate(ray.get(refs), self.pad_id)
+        batch = collate(list(groups), self.pad_id)
         fetched = time.perf_counter()
         metrics = self.learner.train_step(batch)
         metrics["time/publish_s"] = self.publish()
-        metrics["time/fetch_s"] = fetched - start
+        self.store.set_version(self.learner.version)  # admission opens for the next version's prompts
+        metrics["time/collate_s"] = fetched - start
         metrics["version"] = self.learner.version
         return metrics
+
+    def warm_start(self, examples: list, steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
+        return self.learner.warm_start(examples, steps, batch_size, lr, seed)
 
     def version(self) -> int:
         return self.learner.version
@@ -49,3 +55,4 @@ class LearnerActor:
 
     def load(self, directory: str, version: int) -> None:
         self.learner.load(Path(directory), version)
+        self.store.set_version(version)

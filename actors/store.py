@@ -24,8 +24,9 @@ class CoordinatorActor:
     def admit(self, actor_id: int, n: int) -> list[int] | None:
         return self.admission.admit(actor_id, n)
 
-    def finish(self, group_id: int) -> None:
-        self.admission.finish(group_id)
+    def finish(self, group_ids: list[int]) -> None:
+        for gid in group_ids:
+            self.admission.finish(gid)
 
     def set_version(self, version: int) -> None:
         self.admission.set_version(version)
@@ -54,8 +55,9 @@ class ShardActor:
     def __init__(self) -> None:
         self.groups = GroupQueue()
 
-    def put(self, meta: GroupMeta, ref_box: list) -> None:
-        self.groups.put(meta, ref_box[0])
+    def put_many(self, metas: list[GroupMeta], refs: list) -> None:
+        for meta, ref in zip(metas, refs):
+            self.groups.put(meta, ref)
 
     def count_drop(self, reason: str, groups: int, samples: int) -> None:
         self.groups.count_drop(reason, groups, samples)
@@ -100,20 +102,28 @@ class RayDataStore:
     def admit(self, actor_id: int, n: int) -> list[int] | None:
         return ray.get(self.coordinator.admit.remote(actor_id, n))
 
-    def put(self, meta: GroupMeta, tensors: GroupTensors) -> None:
-        shard = self._shard(meta.group_id)
-        ref = ray.put(tensors)  # owned by this rollout actor, which lives until the run ends
-        ray.get(shard.put.remote(meta, [ref]))
-        self.coordinator.finish.remote(meta.group_id)
+    def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
+        """Finished groups: tensors into the object store, metadata to the shards (one call each)."""
+        by_shard: dict[int, tuple[list, list]] = {}
+        for meta, tensors in groups:
+            metas, refs = by_shard.setdefault(meta.group_id % len(self.shards), ([], []))
+            metas.append(meta)
+            refs.append(ray.put(tensors))  # owned by this rollout actor, which lives until the run ends
+        ray.get([self.shards[i].put_many.remote(metas, refs) for i, (metas, refs) in by_shard.items()])
+        self.coordinator.finish.remote([meta.group_id for meta, _ in groups])
 
     def drop(self, group_id: int, reason: str, samples: int) -> None:
         ray.get(self._shard(group_id).count_drop.remote(reason, 1, samples))
-        self.coordinator.finish.remote(group_id)
+        self.coordinator.finish.remote([group_id])
 
     # ---- learner side ----
-    def get_batch(self, n: int, learner_version: int, timeout_s: float, poll_s: float = 0.002) -> list[tuple[GroupMeta, Any]]:
-        """The n oldest fresh groups, waiting for them; raises TimeoutError naming the counters."""
+    def get_batch(self, n: int, learner_version: int, timeout_s: float, max_poll_s: float = 0.02) -> list[tuple[GroupMeta, Any]]:
+        """The n oldest fresh groups, waiting for them; raises TimeoutError naming the counters.
+
+        Polls with a back-off from 1 ms to `max_poll_s`: on a 2-core machine a tight
+        loop of RPCs would take CPU from the learner and the engines it waits for."""
         deadline = time.monotonic() + timeout_s
+        poll_s = 0.001
         while True:
             peeks = ray.get([s.peek.remote(learner_version, self.max_staleness) for s in self.shards])
             candidates = [(t, gid, i) for i, p in enumerate(peeks) for t, gid in p]
@@ -128,6 +138,7 @@ class RayDataStore:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no batch of {n} groups within {timeout_s:.0f} s; store: {self.stats()}")
             time.sleep(poll_s)
+            poll_s = min(2 * poll_s, max_poll_s)
 
     def set_version(self, version: int) -> None:
         ray.get(self.coordinator.set_version.remote(version))
@@ -144,16 +155,17 @@ class RayDataStore:
         return sum(ray.get([s.drain.remote(reason) for s in self.shards]))
 
     # ---- checkpoints ----
-    def state_dict(self) -> dict[str, Any]:
-        """Cursor and counters; queued and in-flight groups are started again after a resume."""
+    def state_dict(self, held: list[int] = ()) -> dict[str, Any]:
+        """Cursor and counters. Untrained groups (queued, in flight, or `held`: taken for a
+        batch not trained yet) are started again after a resume, and their counts undone."""
         admission = ray.get(self.coordinator.state_dict.remote())
         queued = [g for ids in ray.get([s.queued_ids.remote() for s in self.shards]) for g in ids]
-        admission["requeued"] = sorted(set(admission["requeued"]) | set(queued))
+        admission["requeued"] = sorted(set(admission["requeued"]) | set(queued) | set(held))
         stats = merge_stats(ray.get([s.stats.remote() for s in self.shards]))
         return {
             "admission": admission,
-            "produced": stats["produced"] - stats["queued"],
-            "consumed": stats["consumed"],
+            "produced": stats["produced"] - stats["queued"] - len(held),
+            "consumed": stats["consumed"] - len(held),
             "dropped": stats["dropped"],
             "dropped_samples": stats["dropped_samples"],
         }

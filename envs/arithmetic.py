@@ -1,40 +1,56 @@
 """Built-in verifiable task: small-integer arithmetic, scored by exact answer.
 
-Prompts look like `3+4=`; the answer is the decimal result, then end of turn.
-The reward is 1 for the exact answer and 0 otherwise, so a constant output
-cannot collect reward; `success` equals the exact match.
+Prompts look like `3+4=` or `max(3,7)=`; the answer is the decimal result,
+then end of turn. The reward is 1 for the exact answer and 0 otherwise, so a
+constant output cannot collect reward; `success` equals the exact match.
+
+`format_examples` gives answers of the right shape that ignore the prompt: a
+short supervised warm start on them teaches a random-init model to answer with
+a number and stop, without teaching any answer, so what the success rate gains
+afterwards is learned by RL.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from rlhub.envs.base import StepResult
 
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_OPS: dict[str, Callable[[int, int], int]] = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "max": max,
+    "min": min,
+}
+
+
+def render(a: int, op: str, b: int) -> str:
+    return f"{a}{op}{b}=" if len(op) == 1 else f"{op}({a},{b})="
 
 
 @dataclass
 class ArithmeticEnv:
+    ops: tuple[str, ...] | list[str] | str = ("max",)
+    """Operations, from + - * max min (a string like "+-" names single-character ones)."""
     max_operand: int = 9
     """Operands are drawn from 0..max_operand."""
-    ops: str = "+"
-    """Operators to use, from + - *."""
     modulus: int | None = None
-    """When set, answers are taken modulo this (keeps answers one digit for modulus 10)."""
+    """When set, answers are taken modulo this (modulus 10 keeps answers one digit)."""
     test_fraction: float = 0.2
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.ops) - set(_OPS)
-        if unknown:
-            raise ValueError(f"env.kwargs.ops: unknown operators {sorted(unknown)}; use some of {sorted(_OPS)}")
+        self.ops = tuple(self.ops) if not isinstance(self.ops, str) else ((self.ops,) if self.ops in _OPS else tuple(self.ops))
+        unknown = [op for op in self.ops if op not in _OPS]
+        if unknown or not self.ops:
+            raise ValueError(f"env.kwargs.ops: unknown operations {unknown}; use some of {sorted(_OPS)}")
         if self.max_operand < 1:
             raise ValueError("env.kwargs.max_operand must be at least 1")
         rows = [
-            {"prompt": f"{a}{op}{b}=", "answer": str(self._answer(a, op, b))}
+            {"prompt": render(a, op, b), "answer": str(self._answer(a, op, b))}
             for op in self.ops
             for a in range(self.max_operand + 1)
             for b in range(self.max_operand + 1)
@@ -42,6 +58,7 @@ class ArithmeticEnv:
         random.Random(self.seed).shuffle(rows)
         n_test = int(len(rows) * self.test_fraction)
         self._splits = {"test": rows[:n_test], "train": rows[n_test:] if n_test < len(rows) else rows}
+        self._answers = sorted({r["answer"] for r in rows}, key=lambda s: (len(s), s))
 
     def _answer(self, a: int, op: str, b: int) -> int:
         value = _OPS[op](a, b)
@@ -58,6 +75,11 @@ class ArithmeticEnv:
     def step(self, state: Any, message: str) -> StepResult:
         correct = message.strip() == state
         return StepResult(reward=1.0 if correct else 0.0, done=True, success=correct)
+
+    def format_examples(self, n: int, rng: random.Random) -> list[tuple[str, str]]:
+        """(prompt, answer) pairs whose answer is drawn at random from the task's answers, not computed."""
+        rows = self._splits["train"]
+        return [(rng.choice(rows)["prompt"], rng.choice(self._answers)) for _ in range(n)]
 
 
 def load_environment(**kwargs: Any) -> ArithmeticEnv:

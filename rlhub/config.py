@@ -68,6 +68,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """A short supervised phase before RL on the environment's `format_examples`.
+
+    Those answers have the task's shape but ignore the prompt, so the warm start
+    teaches a random-init model to answer and stop, not what to answer.
+    """
+
+    steps: int = 0
+    """0 turns it off; needs an environment with format_examples()."""
+    batch_size: int = 64
+    lr: float = 1e-3
+    examples: int = 4096
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"
     """offline (default; `wandb sync` later), online, or disabled."""
@@ -86,6 +101,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     max_staleness: int = 1
     """How many policy versions a trained token may lag the learner (0: synchronous on-policy)."""
@@ -175,6 +191,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, not {cfg.model.dtype!r}"),
         (cfg.wandb.mode in ("offline", "online", "disabled"), f"wandb.mode must be offline, online or disabled, not {cfg.wandb.mode!r}"),
         (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
+        (cfg.warm_start.steps >= 0, "warm_start.steps must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

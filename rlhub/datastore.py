@@ -186,9 +186,10 @@ class InMemoryDataStore:
     def admit(self, actor_id: int, n: int) -> list[int] | None:
         return self.admission.admit(actor_id, n)
 
-    def put(self, meta: GroupMeta, payload: Any) -> None:
-        self.groups.put(meta, payload)
-        self.admission.finish(meta.group_id)
+    def put_many(self, groups: list[tuple[GroupMeta, Any]]) -> None:
+        for meta, payload in groups:
+            self.groups.put(meta, payload)
+            self.admission.finish(meta.group_id)
 
     def drop(self, group_id: int, reason: str, samples: int) -> None:
         self.groups.count_drop(reason, 1, samples)

@@ -29,7 +29,8 @@ class Learner:
 
         torch.manual_seed(seed)
         self.algo = algo
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype)).to(self.device)
         self.model.train()
         self.moe = bool(is_moe(self.model))
         self.aux_coef = model_cfg.router_aux_loss_coef if self.moe else 0.0
@@ -43,6 +44,7 @@ class Learner:
     # ---- one optimizer step -----------------------------------------------------
     def train_step(self, batch: GroupTensors) -> dict[str, float]:
         start = time.perf_counter()
+        batch = batch.to(self.device)
         total_tokens = batch.completion_mask.sum().clamp(min=1.0)
         n = batch.input_ids.shape[0]
         sums: dict[str, float] = {}
@@ -88,6 +90,28 @@ class Learner:
         self.version += 1
         return metrics
 
+    # ---- format warm start ----------------------------------------------------------
+    def warm_start(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float, seed: int = 0) -> dict[str, float]:
+        """Supervised steps on (prompt ids, answer ids) pairs, loss on the answer tokens only.
+
+        With its own optimizer, so the RL optimizer starts fresh. Used with answers
+        that ignore the prompt, it teaches the output format and nothing else.
+        """
+        start = time.perf_counter()
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+            batch = _supervised_batch([examples[i] for i in idx], self.model.config.pad_token_id or 0).to(self.device)
+            logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask)
+            loss = -masked_mean(logprobs, batch.completion_mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return {"warm_start/loss_first": losses[0], "warm_start/loss_last": losses[-1], "warm_start/seconds": time.perf_counter() - start}
+
     # ---- what engines get -------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
@@ -118,6 +142,13 @@ class Learner:
         meta = json.loads((directory / "optimizer.json").read_text())
         self.optimizer.load_state_dict(unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta))
         self.version = version
+
+
+def _supervised_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> GroupTensors:
+    from rlhub.types import Sample
+
+    samples = [Sample(p, a, [0.0] * len(a), [0] * len(a), 0.0, None, "stop") for p, a in pairs]
+    return GroupTensors.from_samples(samples, torch.zeros(len(samples)), pad_id)
 
 
 def expert_counts(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -44,8 +44,8 @@ class RolloutConfig:
     probe_tolerance: float = 1e-4
     """Largest allowed |engine - learner| probe log-prob after a sync (fp32; allow ~0.1 for bf16)."""
     vllm_kv_cache_gib: float = 1.0
-    idle_sleep_s: float = 0.005
-    """Back-off while admission is closed (the learner is behind)."""
+    idle_sleep_s: float = 0.02
+    """Longest back-off while admission is closed (the learner is behind); it starts at 1 ms."""
 
 
 @dataclass
@@ -68,7 +68,7 @@ class DataStoreClient:
     """What a worker needs from the store (an in-memory one in unit tests, Ray in runs)."""
 
     def admit(self, actor_id: int, n: int) -> list[int] | None: ...
-    def put(self, meta: GroupMeta, tensors: GroupTensors) -> None: ...
+    def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None: ...
     def drop(self, group_id: int, reason: str, samples: int) -> None: ...
 
 
@@ -110,6 +110,7 @@ class RolloutWorker:
         self.probe_ids = probe_ids
         self.seed = seed
         self.stats = WorkerStats()
+        self._backoff = 0.001
         eos = tokenizer.eos_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -131,9 +132,11 @@ class RolloutWorker:
             return False
         if not group_ids:
             start = time.perf_counter()
-            time.sleep(self.cfg.idle_sleep_s)
+            time.sleep(self._backoff)
+            self._backoff = min(2 * self._backoff, self.cfg.idle_sleep_s)
             self.stats.idle_seconds += time.perf_counter() - start
             return True
+        self._backoff = 0.001
         self.sync_weights()
         self.generate_groups(group_ids)
         return True
@@ -190,11 +193,19 @@ class RolloutWorker:
         elapsed = time.perf_counter() - start
         self.stats.generate_seconds += elapsed
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
+        finished = []
         for k, (gid, row_idx, ids, state) in enumerate(episodes):
             chunk = completions[k * self.group_size : (k + 1) * self.group_size]
-            self._finish_group(gid, row_idx, ids, state, chunk, elapsed * len(chunk) / len(completions))
+            group = self._finish_group(gid, row_idx, ids, state, chunk, elapsed * len(chunk) / len(completions))
+            if group is not None:
+                finished.append(group)
+        if finished:
+            self.store.put_many(finished)
 
-    def _finish_group(self, gid: int, row_idx: int, prompt_ids: list[int], state: Any, completions: list, seconds: float) -> None:
+    def _finish_group(
+        self, gid: int, row_idx: int, prompt_ids: list[int], state: Any, completions: list, seconds: float
+    ) -> tuple[GroupMeta, GroupTensors] | None:
+        """The scored group with its advantages, or None when it was dropped (and counted)."""
         samples: list[Sample] = []
         sample_drops: Counter[str] = Counter()
         for c in completions:
@@ -214,7 +225,7 @@ class RolloutWorker:
         if len(samples) < 2:  # no group baseline without two samples: the whole group goes
             reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
             self.store.drop(gid, reason, len(completions))
-            return
+            return None
         rewards = torch.tensor([s.reward for s in samples])
         tensors = GroupTensors.from_samples(samples, self.advantage_fn(rewards), self.tokenizer.pad_token_id or 0)
         versions = [v for s in samples for v in s.versions] or [self.engine.version]
@@ -234,7 +245,7 @@ class RolloutWorker:
         )
         self.stats.groups += 1
         self.stats.samples += len(samples)
-        self.store.put(meta, tensors)
+        return meta, tensors
 
     def _count(self, reason: str, n: int = 1) -> None:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + n

@@ -56,6 +56,17 @@ class GroupTensors:
     advantages: torch.Tensor  # [G] one per sample, broadcast over its tokens
     rewards: torch.Tensor  # [G]
 
+    def __getstate__(self) -> dict:
+        # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
+        return {k: v.cpu().numpy() for k, v in vars(self).items()}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():  # arrays from Ray's object store are read-only
+            setattr(self, k, torch.from_numpy(v if v.flags.writeable else v.copy()))
+
+    def to(self, device: torch.device | str) -> "GroupTensors":
+        return GroupTensors(*(t.to(device) for t in vars(self).values()))
+
     @staticmethod
     def from_samples(samples: list[Sample], advantages: torch.Tensor, pad_id: int) -> "GroupTensors":
         width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)

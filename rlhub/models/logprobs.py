@@ -45,6 +45,6 @@ def token_logprobs(
 @torch.no_grad()
 def probe_logprobs(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
     """[len(token_ids) - 1] log-probs of a fixed probe sequence, for sync verification."""
-    ids = torch.tensor([token_ids], dtype=torch.long)
+    ids = torch.tensor([token_ids], dtype=torch.long, device=next(model.parameters()).device)
     logprobs, _, _ = token_logprobs(model, ids, torch.ones_like(ids))
-    return logprobs[0].float()
+    return logprobs[0].float().cpu()

@@ -53,6 +53,7 @@ def test_unknown_env_names_installed_ones():
 
 def test_arithmetic_splits_are_disjoint_and_answers_right():
     env = make_env("arithmetic", max_operand=9, ops="+-")
+    assert env.ops == ("+", "-")
     train, test = env.dataset("train"), env.dataset("test")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     for r in train[:20]:
