@@ -121,8 +121,6 @@ def learner_core(cfg: RunConfig) -> int | None:
 # ---- the run ---------------------------------------------------------------------
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
     run_dir, resume_from = prepare_run_dir(cfg)
     model_path, tokenizer, env = check_inputs(cfg)
     save_resolved_config(cfg, run_dir)
@@ -142,7 +140,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
     import ray
 
     from rlhub.actors.learner import LearnerActor
-    from rlhub.actors.rollout import RolloutActor
+    from rlhub.actors.rollout import RolloutFleet
     from rlhub.actors.store import RayDataStore
     from rlhub.checkpoint import read_state, write_checkpoint
     from rlhub.tracking import Tracker
@@ -166,14 +164,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
         log.info("format warm start: %s", warm)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
 
-    actors = [
-        RolloutActor.options(num_cpus=cfg.cluster.rollout_num_cpus, num_gpus=cfg.cluster.rollout_num_gpus).remote(
-            i, cfg, str(model_path), store, weight_sync, probe
-        )
-        for i in range(cfg.rollout.num_actors)
-    ]
-    ray.get([a.ready.remote() for a in actors])
-    runs = [a.run.remote() for a in actors]
+    fleet = RolloutFleet(cfg, str(model_path), store, weight_sync, probe)
     tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, resume_state.get("wandb_id"))
     tracker.summary(warm)
     history: list[dict[str, float]] = []
@@ -185,7 +176,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
 
     def fetch(for_version: int) -> tuple[list, float]:
         start = time.perf_counter()
-        found = store.get_batch(cfg.prompts_per_step, for_version, cfg.datastore.batch_timeout_s)
+        found = store.get_batch(cfg.prompts_per_step, for_version, cfg.datastore.batch_timeout_s, on_wait=fleet.check)
         return found, time.perf_counter() - start
 
     def checkpoint_due(v: int) -> bool:
@@ -205,7 +196,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
             # 2. learn; the learner publishes the new weights (3. sync) and opens admission before answering.
             # Meanwhile: monitoring, and the next batch, queued on the learner at once unless a checkpoint
             # must be written between the two steps.
-            rollout_stats = ray.get([a.stats.remote() for a in actors])
+            rollout_stats = fleet.stats()
             store_stats = store.stats()
             next_groups, next_waited = fetch(version + 1) if version + 1 < total else ([], 0.0)
             next_pending = submit(next_groups) if next_groups and not checkpoint_due(version + 1) else None
@@ -214,7 +205,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
             # 4. tracking
             now = time.perf_counter()
             generated = sum(s["generated_tokens"] for s in rollout_stats)
-            metrics.update(_step_metrics(groups, rollout_stats, store_stats, waited, now - step_start))
+            metrics.update(_step_metrics(groups, rollout_stats, store_stats, waited, now - step_start, fleet.restarts))
             metrics["perf/generated_tokens_per_s"] = (generated - last_tokens) / max(now - last_time, 1e-9)
             metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - step_start, 1e-9)
             last_tokens, last_time, step_start = generated, now, now
@@ -228,7 +219,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
             checkpoint(version, held=[])
     finally:
         store.stop()
-        finished = ray.get(runs, timeout=600) if runs else []
+        finished = fleet.join()
         store.drain("run_end")
         final_stats = store.stats()
         tracker.close()
@@ -237,7 +228,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
     return summary
 
 
-def _step_metrics(groups: list, rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float) -> dict[str, float]:
+def _step_metrics(groups: list, rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float, restarts: int) -> dict[str, float]:
     metas = [m for m, _ in groups]
     n = sum(m.num_samples for m in metas)
     return {
@@ -250,6 +241,7 @@ def _step_metrics(groups: list, rollout_stats: list[dict], store_stats: dict, wa
         "sync/probe_error": max(s["last_probe_error"] for s in rollout_stats),
         "sync/rebuilds": sum(s["sync_rebuilds"] for s in rollout_stats),
         "sync/failures": sum(s["sync_failures"] for s in rollout_stats),
+        "rollout/restarts": restarts,
         "store/queued": store_stats["queued"],
         "store/in_flight": store_stats["in_flight"],
         "store/produced": store_stats["produced"],

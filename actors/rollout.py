@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict
 from typing import Any
 
 import ray
 
-from rlhub.rollout import RolloutConfig, RolloutWorker
+from rlhub.rollout import RolloutConfig, RolloutWorker, WorkerStats
 
 
 def make_engine(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, core: int | None, torch_threads: int) -> Any:
@@ -79,3 +80,59 @@ class RolloutActor:
 
     def stats(self) -> dict[str, Any]:
         return asdict(self.worker.stats)
+
+
+class RolloutFleet:
+    """The K rollout actors: start them, watch them, replace one that crashed.
+
+    A crashed actor's groups are not lost: those in flight and those still queued
+    in the store (their tensors died with it) go back to admission and are
+    started again by the replacement, and the crash is counted.
+    """
+
+    def __init__(self, cfg: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int], max_restarts: int = 3) -> None:
+        self.args = (cfg, model_path, store, weight_sync, probe_ids)
+        self.cfg, self.store = cfg, store
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]
+        ray.get([a.ready.remote() for a in self.actors])
+        self.runs = [a.run.remote() for a in self.actors]
+
+    def _new(self, actor_id: int) -> Any:
+        cluster = self.cfg.cluster
+        return RolloutActor.options(num_cpus=cluster.rollout_num_cpus, num_gpus=cluster.rollout_num_gpus).remote(actor_id, *self.args)
+
+    def check(self) -> None:
+        """Replace crashed actors; raise once they crash more than max_restarts times in all."""
+        done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        for ref in done:
+            i = self.runs.index(ref)
+            try:
+                ray.get(ref)
+                continue  # a clean end: the run is stopping
+            except Exception as e:  # noqa: BLE001 (any crash of the actor or its loop)
+                error = e
+            self.restarts += 1
+            if self.restarts > self.max_restarts:
+                raise RuntimeError(f"rollout actor {i} crashed ({self.restarts} crashes in all): {error}") from error
+            lost = self.store.requeue_actor(i)
+            logging.getLogger("rlhub").warning("rollout actor %d crashed (%s); %d groups to start again; restarting it", i, type(error).__name__, len(lost))
+            ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self._new(i)
+            ray.get(self.actors[i].ready.remote())
+            self.runs[i] = self.actors[i].run.remote()
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each actor's counters; a crashed one (replaced at the next check) reports zeros."""
+        out = []
+        for ref in [a.stats.remote() for a in self.actors]:
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayError:
+                out.append(asdict(WorkerStats()))
+        return out
+
+    def join(self, timeout_s: float = 600) -> list[dict[str, Any]]:
+        """Wait for the loops to end (after the store stopped admission)."""
+        return ray.get(self.runs, timeout=timeout_s)

@@ -37,8 +37,10 @@ class CoordinatorActor:
     def in_flight(self) -> int:
         return len(self.admission.in_flight)
 
-    def requeue_actor(self, actor_id: int) -> list[int]:
-        return self.admission.requeue_actor(actor_id)
+    def requeue_actor(self, actor_id: int, also: list[int] = ()) -> list[int]:
+        lost = self.admission.requeue_actor(actor_id)
+        self.admission.requeued = sorted(set(self.admission.requeued) | set(also))
+        return sorted(set(lost) | set(also))
 
     def state_dict(self) -> dict[str, Any]:
         return self.admission.state_dict()
@@ -67,6 +69,13 @@ class ShardActor:
 
     def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, list]]:
         return [(meta, [ref]) for meta, ref in self.groups.take(group_ids)]
+
+    def remove_actor(self, actor_id: int) -> list[int]:
+        """Forget the queued groups of a crashed actor (their tensors died with it)."""
+        lost = [m.group_id for m, _ in self.groups.queue if m.actor_id == actor_id]
+        self.groups.queue = [(m, p) for m, p in self.groups.queue if m.actor_id != actor_id]
+        self.groups.produced -= len(lost)
+        return lost
 
     def queued_ids(self) -> list[int]:
         return [m.group_id for m, _ in self.groups.queue]
@@ -117,11 +126,14 @@ class RayDataStore:
         self.coordinator.finish.remote([group_id])
 
     # ---- learner side ----
-    def get_batch(self, n: int, learner_version: int, timeout_s: float, max_poll_s: float = 0.02) -> list[tuple[GroupMeta, Any]]:
+    def get_batch(
+        self, n: int, learner_version: int, timeout_s: float, max_poll_s: float = 0.02, on_wait: Any = None
+    ) -> list[tuple[GroupMeta, Any]]:
         """The n oldest fresh groups, waiting for them; raises TimeoutError naming the counters.
 
         Polls with a back-off from 1 ms to `max_poll_s`: on a 2-core machine a tight
-        loop of RPCs would take CPU from the learner and the engines it waits for."""
+        loop of RPCs would take CPU from the learner and the engines it waits for.
+        `on_wait` is called while waiting (the controller checks its rollout actors there)."""
         deadline = time.monotonic() + timeout_s
         poll_s = 0.001
         while True:
@@ -137,11 +149,18 @@ class RayDataStore:
                 return sorted(groups, key=lambda mg: mg[0].put_time)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no batch of {n} groups within {timeout_s:.0f} s; store: {self.stats()}")
+            if on_wait is not None:
+                on_wait()
             time.sleep(poll_s)
             poll_s = min(2 * poll_s, max_poll_s)
 
     def set_version(self, version: int) -> None:
         ray.get(self.coordinator.set_version.remote(version))
+
+    def requeue_actor(self, actor_id: int) -> list[int]:
+        """Start again everything of a crashed actor that was not trained: in flight or queued."""
+        queued = [g for ids in ray.get([s.remove_actor.remote(actor_id) for s in self.shards]) for g in ids]
+        return ray.get(self.coordinator.requeue_actor.remote(actor_id, queued))
 
     def stop(self) -> None:
         ray.get(self.coordinator.stop.remote())

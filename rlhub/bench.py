@@ -17,10 +17,17 @@ from typing import Any
 BENCH_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "experiment.total_steps=30"]
 
 
-def _isolated_phases(cfg: Any, steps: int) -> dict[str, float]:
-    """Seconds per step of generation alone and of training alone."""
+def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
+    """Seconds per step of generation alone and of training alone.
+
+    Runs in a child process: an engine changes process-wide state (vLLM sets
+    environment variables and thread bindings) that Ray workers started later
+    from this process would inherit."""
     import torch
 
+    from rlhub.config import load_config
+
+    cfg = load_config(overrides)
     from rlhub.actors.rollout import make_engine
     from rlhub.algorithms import get_advantage
     from rlhub.datastore import InMemoryDataStore
@@ -94,7 +101,11 @@ def bench_e2e(overrides: list[str]) -> dict[str, Any]:
     overrides = [*BENCH_DEFAULTS, *overrides]
     cfg = load_config(overrides)
     skip = max(2, cfg.experiment.total_steps // 10)  # start-up steps are not steady state
-    phases = _isolated_phases(cfg, steps=min(10, cfg.experiment.total_steps))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        phases = pool.submit(_isolated_phases, overrides, min(10, cfg.experiment.total_steps)).result()
     sync = _pipeline(overrides, 0, skip)
     async_ = _pipeline(overrides, 2, skip)
     bound = max(phases["generation_only_step_s"], phases["training_only_step_s"])

@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
+    import os
+
+    from rlhub.actors.controller import WORKER_ENV
     from rlhub.config import ConfigError
+
+    for key, value in WORKER_ENV.items():  # quiet, offline defaults for this process and what it starts
+        os.environ.setdefault(key, value)
 
     try:
         if command == "train":

@@ -9,6 +9,7 @@ store. Failures are dropped and counted, never raised into the run.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -21,6 +22,8 @@ import torch
 from rlhub.engines.base import RolloutEngine, SamplingConfig
 from rlhub.types import GroupMeta, GroupTensors, Sample
 from rlhub.weight_sync import Published, WeightSync, probe_error
+
+log = logging.getLogger("rlhub.rollout")
 
 
 @dataclass
@@ -152,10 +155,13 @@ class RolloutWorker:
         self.engine.load_weights(published.state, published.version)
         err = probe_error(self.engine.prompt_logprobs(self.probe_ids), published.probe_logprobs)
         if not err <= self.cfg.probe_tolerance:  # also catches NaN
+            log.warning("actor %d: probe error %.3g after loading version %d exceeds %.3g; rebuilding the engine",
+                        self.actor_id, err, published.version, self.cfg.probe_tolerance)
             self.stats.sync_rebuilds += 1
             self.engine.rebuild(published.state, published.version)
             err = probe_error(self.engine.prompt_logprobs(self.probe_ids), published.probe_logprobs)
             if not err <= self.cfg.probe_tolerance:
+                log.error("actor %d: probe error %.3g persists after a rebuild at version %d", self.actor_id, err, published.version)
                 self.stats.sync_failures += 1
         elapsed = time.perf_counter() - start
         self.stats.syncs += 1
