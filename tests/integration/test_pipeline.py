@@ -52,6 +52,21 @@ def test_no_trained_token_older_than_max_staleness(ray_local, tmp_path, stalenes
     assert (tmp_path / "config.yaml").is_file() and latest_checkpoint(tmp_path) is not None
 
 
+@pytest.mark.vllm
+def test_vllm_engine_in_the_pipeline_syncs_exactly(ray_local, tmp_path):
+    pytest.importorskip("vllm")
+    summary, metrics = run(tmp_path, "rollout.engine=vllm", "experiment.total_steps=4", "max_staleness=1")
+    assert all(m["sync/probe_error"] <= 1e-4 and m["sync/rebuilds"] == 0 for m in metrics)
+    assert all(m["staleness/max"] <= 1 for m in metrics)
+    assert_accounted(summary["store"])
+
+
+def test_inflight_weight_updates_keep_the_bound(ray_local, tmp_path):
+    summary, metrics = run(tmp_path, "rollout.weight_update=inflight", "experiment.total_steps=5", "max_staleness=1")
+    assert all(m["staleness/max"] <= 1 for m in metrics)
+    assert_accounted(summary["store"])
+
+
 def test_resume_continues_from_saved_version_and_data_position(ray_local, tmp_path):
     first, _ = run(tmp_path, "experiment.total_steps=4", "checkpoint.every=2", "max_staleness=1")
     ckpt = latest_checkpoint(tmp_path)
