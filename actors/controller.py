@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def save_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def init_ray(cfg: RunConfig) -> bool:
+def init_ray(cfg: RunConfig, plan: "CorePlan") -> bool:
     """Start a local Ray or join the configured cluster; True if this process started it."""
     import ray
 
@@ -94,8 +94,39 @@ def init_ray(cfg: RunConfig) -> bool:
         return True
     wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    everywhere = os.sched_getaffinity(0) if plan.system else None
+    if plan.system:  # Ray's own processes inherit this: keep them off the learner's core
+        os.sched_setaffinity(0, plan.system)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    finally:
+        if everywhere:
+            os.sched_setaffinity(0, everywhere)
     return True
+
+
+@dataclass
+class CorePlan:
+    """Which cores the learner, each rollout engine and Ray's own processes use on a small CPU machine."""
+
+    learner: int | None = None
+    rollout: list[int | None] = field(default_factory=list)
+    system: set[int] = field(default_factory=set)
+
+
+def plan_cores(cfg: RunConfig) -> CorePlan:
+    """The learner takes the last core; engines take the others round robin (all cores if there are
+    more engines than other cores), so engines in different actors never share a core they need not."""
+    k = cfg.rollout.num_actors
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = []
+    if cfg.cluster.address or not cfg.rollout.pin_cores or len(cores) < 2:
+        return CorePlan(rollout=[None] * k)
+    pool = cores[:-1] if k <= len(cores) - 1 else cores
+    learner = None if cfg.cluster.learner_num_gpus else cores[-1]
+    return CorePlan(learner=learner, rollout=[pool[i % len(pool)] for i in range(k)], system=set(cores[:-1]))
 
 
 def format_examples(cfg: RunConfig, env: Any, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
@@ -107,17 +138,6 @@ def format_examples(cfg: RunConfig, env: Any, tokenizer: Any) -> list[tuple[list
     return [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
 
 
-def learner_core(cfg: RunConfig) -> int | None:
-    """On a small CPU machine the learner takes the last core; rollout actors start from the first."""
-    if cfg.cluster.address or cfg.cluster.learner_num_gpus:
-        return None
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return None
-    return cores[-1] if len(cores) > 1 else None
-
-
 # ---- the run ---------------------------------------------------------------------
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -126,9 +146,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     save_resolved_config(cfg, run_dir)
     _setup_logging(run_dir)
     log.info("run directory %s; model %s", run_dir, model_path)
-    started_ray = init_ray(cfg)
+    plan = plan_cores(cfg)
+    started_ray = init_ray(cfg, plan)
     try:
-        return _train(cfg, run_dir, resume_from, model_path, tokenizer, env)
+        return _train(cfg, run_dir, resume_from, model_path, tokenizer, env, plan)
     finally:
         if started_ray:
             import ray
@@ -136,7 +157,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             ray.shutdown()
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any, plan: CorePlan) -> dict[str, Any]:
     import ray
 
     from rlhub.actors.learner import LearnerActor
@@ -150,7 +171,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
     weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness)
     learner = LearnerActor.options(num_cpus=cfg.cluster.learner_num_cpus, num_gpus=cfg.cluster.learner_num_gpus).remote(
-        cfg, str(model_path), weight_sync, store, probe, learner_core(cfg)
+        cfg, str(model_path), weight_sync, store, probe, plan.learner
     )
     version, resume_state, warm = 0, {}, {}
     if resume_from is not None:
@@ -164,7 +185,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
         log.info("format warm start: %s", warm)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
 
-    fleet = RolloutFleet(cfg, str(model_path), store, weight_sync, probe)
+    fleet = RolloutFleet(cfg, str(model_path), store, weight_sync, probe, plan.rollout)
     tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, resume_state.get("wandb_id"))
     tracker.summary(warm)
     history: list[dict[str, float]] = []

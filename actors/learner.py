@@ -24,6 +24,7 @@ class LearnerActor:
         self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed)
         self.weight_sync = weight_sync
         self.store = store
+        self._last_end = 0.0  # when the previous step returned: the gap to the next is idle time
         self.pad_id = self.learner.model.config.pad_token_id or 0
 
     def publish(self) -> float:
@@ -41,7 +42,9 @@ class LearnerActor:
         metrics["time/publish_s"] = self.publish()
         self.store.set_version(self.learner.version)  # admission opens for the next version's prompts
         metrics["time/collate_s"] = fetched - start
+        metrics["time/learner_idle_s"] = start - self._last_end if self._last_end else 0.0
         metrics["version"] = self.learner.version
+        self._last_end = time.perf_counter()
         return metrics
 
     def warm_start(self, examples: list, steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:

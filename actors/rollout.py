@@ -30,18 +30,9 @@ def make_engine(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, core
     return HFEngine(model_path, dtype=dtype, seed=seed, num_threads=torch_threads)
 
 
-def pick_core(actor_id: int) -> int | None:
-    """Engines in different actors get different cores (round robin over the ones we may use)."""
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return None
-    return cores[actor_id % len(cores)] if len(cores) > 1 else None
-
-
 @ray.remote(max_concurrency=2)  # a second thread answers stats() while run() loops
 class RolloutActor:
-    def __init__(self, actor_id: int, run: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int]) -> None:
+    def __init__(self, actor_id: int, core: int | None, run: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int]) -> None:
         import torch
 
         from rlhub.algorithms import get_advantage
@@ -49,8 +40,7 @@ class RolloutActor:
         from transformers import AutoTokenizer
 
         cfg: RolloutConfig = run.rollout
-        core = pick_core(actor_id) if cfg.pin_cores else None
-        if core is not None and cfg.engine == "hf":
+        if core is not None and cfg.engine == "hf":  # vLLM binds its own threads (cpu_bind below)
             os.sched_setaffinity(0, {core})
         torch.set_num_threads(run.cluster.torch_threads)
         seed = run.seed * 1000 + actor_id
@@ -90,8 +80,11 @@ class RolloutFleet:
     started again by the replacement, and the crash is counted.
     """
 
-    def __init__(self, cfg: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int], max_restarts: int = 3) -> None:
+    def __init__(
+        self, cfg: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int], cores: list[int | None], max_restarts: int = 3
+    ) -> None:
         self.args = (cfg, model_path, store, weight_sync, probe_ids)
+        self.cores = cores
         self.cfg, self.store = cfg, store
         self.max_restarts = max_restarts
         self.restarts = 0
@@ -101,7 +94,8 @@ class RolloutFleet:
 
     def _new(self, actor_id: int) -> Any:
         cluster = self.cfg.cluster
-        return RolloutActor.options(num_cpus=cluster.rollout_num_cpus, num_gpus=cluster.rollout_num_gpus).remote(actor_id, *self.args)
+        options = RolloutActor.options(num_cpus=cluster.rollout_num_cpus, num_gpus=cluster.rollout_num_gpus)
+        return options.remote(actor_id, self.cores[actor_id], *self.args)
 
     def check(self) -> None:
         """Replace crashed actors; raise once they crash more than max_restarts times in all."""

@@ -1,14 +1,20 @@
 """The data store on Ray: a coordinator actor (admission) and `num_shards` shard actors.
 
-Shards hold group metadata; each group's tensors are a Ray object ref owned by
-its shard, so they outlive the rollout actor that made them. `RayDataStore` is
-the picklable client every actor and the controller hold.
+Shards hold group metadata; each group's tensors are a Ray object ref (owned by
+the rollout actor that made them). `RayDataStore` is the picklable client every
+actor and the controller hold.
+
+Waiting happens inside the actors (asyncio): a rollout actor asking for
+admission, or the learner's side asking for a batch, is answered as soon as
+there is room or data, instead of polling. On a 2-core machine polling RPCs
+would take CPU from the learner and the engines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -16,30 +22,65 @@ from rlhub.datastore import Admission, GroupQueue, merge_stats, select_batch
 from rlhub.types import GroupMeta, GroupTensors
 
 
+class _Waiter:
+    """An asyncio condition created inside the actor's event loop, with a bounded wait."""
+
+    def __init__(self) -> None:
+        self._cond: asyncio.Condition | None = None
+
+    def cond(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def wait(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        if ready() or timeout_s <= 0:
+            return
+        async with self.cond():
+            try:
+                await asyncio.wait_for(self.cond().wait_for(ready), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def notify(self) -> None:
+        async with self.cond():
+            self.cond().notify_all()
+
+
 @ray.remote(num_cpus=0)
 class CoordinatorActor:
     def __init__(self, prompts_per_step: int, max_staleness: int) -> None:
         self.admission = Admission(prompts_per_step, max_staleness)
+        self.waiter = _Waiter()
 
-    def admit(self, actor_id: int, n: int) -> list[int] | None:
+    def _has_room(self) -> bool:
+        a = self.admission
+        return a.stopped or bool(a.requeued) or a.cursor < a.limit()
+
+    async def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None:
+        """Up to n group ids; waits up to wait_s for room when there is none."""
+        await self.waiter.wait(self._has_room, wait_s)
         return self.admission.admit(actor_id, n)
 
     def finish(self, group_ids: list[int]) -> None:
         for gid in group_ids:
             self.admission.finish(gid)
 
-    def set_version(self, version: int) -> None:
+    async def set_version(self, version: int) -> None:
         self.admission.set_version(version)
+        await self.waiter.notify()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.admission.stopped = True
+        await self.waiter.notify()
 
     def in_flight(self) -> int:
         return len(self.admission.in_flight)
 
-    def requeue_actor(self, actor_id: int, also: list[int] = ()) -> list[int]:
+    async def requeue_actor(self, actor_id: int, also: list[int] = ()) -> list[int]:
         lost = self.admission.requeue_actor(actor_id)
         self.admission.requeued = sorted(set(self.admission.requeued) | set(also))
+        await self.waiter.notify()
         return sorted(set(lost) | set(also))
 
     def state_dict(self) -> dict[str, Any]:
@@ -56,15 +97,19 @@ class CoordinatorActor:
 class ShardActor:
     def __init__(self) -> None:
         self.groups = GroupQueue()
+        self.waiter = _Waiter()
 
-    def put_many(self, metas: list[GroupMeta], refs: list) -> None:
+    async def put_many(self, metas: list[GroupMeta], refs: list) -> None:
         for meta, ref in zip(metas, refs):
             self.groups.put(meta, ref)
+        await self.waiter.notify()
 
     def count_drop(self, reason: str, groups: int, samples: int) -> None:
         self.groups.count_drop(reason, groups, samples)
 
-    def peek(self, learner_version: int, max_staleness: int) -> list[tuple[float, int]]:
+    async def peek(self, learner_version: int, max_staleness: int, min_count: int = 0, wait_s: float = 0.0) -> list[tuple[float, int]]:
+        """(arrival, id) of the fresh groups; waits up to wait_s for at least min_count of them."""
+        await self.waiter.wait(lambda: len(self.groups.peek(learner_version, max_staleness)) >= min_count, wait_s)
         return self.groups.peek(learner_version, max_staleness)
 
     def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, list]]:
@@ -108,8 +153,8 @@ class RayDataStore:
         return self.shards[group_id % len(self.shards)]
 
     # ---- rollout side ----
-    def admit(self, actor_id: int, n: int) -> list[int] | None:
-        return ray.get(self.coordinator.admit.remote(actor_id, n))
+    def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None:
+        return ray.get(self.coordinator.admit.remote(actor_id, n, wait_s))
 
     def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
         """Finished groups: tensors into the object store, metadata to the shards (one call each)."""
@@ -127,17 +172,16 @@ class RayDataStore:
 
     # ---- learner side ----
     def get_batch(
-        self, n: int, learner_version: int, timeout_s: float, max_poll_s: float = 0.02, on_wait: Any = None
+        self, n: int, learner_version: int, timeout_s: float, wait_s: float = 0.1, on_wait: Callable[[], None] | None = None
     ) -> list[tuple[GroupMeta, Any]]:
         """The n oldest fresh groups, waiting for them; raises TimeoutError naming the counters.
 
-        Polls with a back-off from 1 ms to `max_poll_s`: on a 2-core machine a tight
-        loop of RPCs would take CPU from the learner and the engines it waits for.
-        `on_wait` is called while waiting (the controller checks its rollout actors there)."""
+        Each round waits inside the shards (up to wait_s) for groups to arrive;
+        `on_wait` runs between rounds (the controller checks its rollout actors there)."""
         deadline = time.monotonic() + timeout_s
-        poll_s = 0.001
+        each = -(-n // len(self.shards))  # groups spread evenly over shards by id
         while True:
-            peeks = ray.get([s.peek.remote(learner_version, self.max_staleness) for s in self.shards])
+            peeks = ray.get([s.peek.remote(learner_version, self.max_staleness, each, wait_s) for s in self.shards])
             candidates = [(t, gid, i) for i, p in enumerate(peeks) for t, gid in p]
             chosen = select_batch(candidates, n)
             if chosen is not None:
@@ -151,8 +195,6 @@ class RayDataStore:
                 raise TimeoutError(f"no batch of {n} groups within {timeout_s:.0f} s; store: {self.stats()}")
             if on_wait is not None:
                 on_wait()
-            time.sleep(poll_s)
-            poll_s = min(2 * poll_s, max_poll_s)
 
     def set_version(self, version: int) -> None:
         ray.get(self.coordinator.set_version.remote(version))

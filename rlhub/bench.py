@@ -1,7 +1,9 @@
 """`rlhub bench e2e`: synchronous against asynchronous throughput on one config.
 
-In one invocation: generation alone and training alone (the same engine and
-learner code, in this process, one thread each, as in the actors), then the
+In one invocation: generation alone (admission, weight pick-up with its probe
+check, generation, scoring) and training alone (the optimizer step and the
+weight publish with its probe), with the same engine and learner code in a
+child process, one thread each as in the actors; then the
 full pipeline at `max_staleness=0` and at `max_staleness=2`. Pipeline
 efficiency = max(generation-only, training-only step time) / async step time:
 1.0 means the pipeline hides the shorter phase completely.
@@ -58,6 +60,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
         batch = collate([t for _, t in store.get_batch(cfg.prompts_per_step, learner.version)], tok.pad_token_id or 0)
         start = time.perf_counter()
         learner.train_step(batch)
+        sync.push(learner.state_dict(), learner.version, learner.probe())  # publishing is part of a training step
         train = time.perf_counter() - start
         store.set_version(learner.version)
         if step:

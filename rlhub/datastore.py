@@ -183,8 +183,8 @@ class InMemoryDataStore:
         self.groups = GroupQueue()
         self.max_staleness = max_staleness
 
-    def admit(self, actor_id: int, n: int) -> list[int] | None:
-        return self.admission.admit(actor_id, n)
+    def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None:
+        return self.admission.admit(actor_id, n)  # one process: nobody could make room while we wait
 
     def put_many(self, groups: list[tuple[GroupMeta, Any]]) -> None:
         for meta, payload in groups:

@@ -47,8 +47,8 @@ class RolloutConfig:
     probe_tolerance: float = 1e-4
     """Largest allowed |engine - learner| probe log-prob after a sync (fp32; allow ~0.1 for bf16)."""
     vllm_kv_cache_gib: float = 1.0
-    idle_sleep_s: float = 0.02
-    """Longest back-off while admission is closed (the learner is behind); it starts at 1 ms."""
+    admission_wait_s: float = 0.5
+    """How long one admission request waits for room when the learner is behind (then asks again)."""
 
 
 @dataclass
@@ -70,7 +70,7 @@ class WorkerStats:
 class DataStoreClient:
     """What a worker needs from the store (an in-memory one in unit tests, Ray in runs)."""
 
-    def admit(self, actor_id: int, n: int) -> list[int] | None: ...
+    def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None: ...
     def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None: ...
     def drop(self, group_id: int, reason: str, samples: int) -> None: ...
 
@@ -113,7 +113,6 @@ class RolloutWorker:
         self.probe_ids = probe_ids
         self.seed = seed
         self.stats = WorkerStats()
-        self._backoff = 0.001
         eos = tokenizer.eos_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -130,16 +129,13 @@ class RolloutWorker:
 
     def step(self) -> bool:
         """One admission + generation round; False once the run is stopping."""
-        group_ids = self.store.admit(self.actor_id, self.batch_prompts)
+        start = time.perf_counter()
+        group_ids = self.store.admit(self.actor_id, self.batch_prompts, self.cfg.admission_wait_s)
+        self.stats.idle_seconds += time.perf_counter() - start
         if group_ids is None:
             return False
         if not group_ids:
-            start = time.perf_counter()
-            time.sleep(self._backoff)
-            self._backoff = min(2 * self._backoff, self.cfg.idle_sleep_s)
-            self.stats.idle_seconds += time.perf_counter() - start
             return True
-        self._backoff = 0.001
         self.sync_weights()
         self.generate_groups(group_ids)
         return True
