@@ -195,9 +195,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
         state = {"store": store.state_dict(held), "wandb_id": tracker.run_id, "experiment": cfg.experiment.name}
         write_checkpoint(run_dir, v, lambda d: ray.get(learner.save.remote(str(d))), state, cfg.checkpoint.keep_last)
 
+    in_flight: list = []  # the learner step under way, watched while waiting for data
+
+    def watch() -> None:
+        fleet.check()
+        if in_flight and ray.wait(in_flight, timeout=0)[0]:
+            ray.get(in_flight[0])  # a failed learner step raises here instead of leaving the run waiting
+
     def fetch(for_version: int) -> tuple[list, float]:
         start = time.perf_counter()
-        found = store.get_batch(cfg.prompts_per_step, for_version, cfg.datastore.batch_timeout_s, on_wait=fleet.check)
+        found = store.get_batch(cfg.prompts_per_step, for_version, cfg.datastore.batch_timeout_s, on_wait=watch)
         return found, time.perf_counter() - start
 
     def checkpoint_due(v: int) -> bool:
@@ -217,6 +224,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
             # 2. learn; the learner publishes the new weights (3. sync) and opens admission before answering.
             # Meanwhile: monitoring, and the next batch, queued on the learner at once unless a checkpoint
             # must be written between the two steps.
+            in_flight[:] = [pending]
             rollout_stats = fleet.stats()
             store_stats = store.stats()
             next_groups, next_waited = fetch(version + 1) if version + 1 < total else ([], 0.0)

@@ -21,7 +21,7 @@ class LearnerActor:
         if core is not None:
             os.sched_setaffinity(0, {core})
         torch.set_num_threads(run.cluster.torch_threads)
-        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed)
+        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed, generation_budget=run.rollout.max_new_tokens)
         self.weight_sync = weight_sync
         self.store = store
         self._last_end = 0.0  # when the previous step returned: the gap to the next is idle time

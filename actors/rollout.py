@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from rlhub.rollout import RolloutConfig, RolloutWorker, WorkerStats
+from rlhub.rollout import RewardShaping, RolloutConfig, RolloutWorker, WorkerStats
 
 
 def make_engine(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, core: int | None, torch_threads: int) -> Any:
@@ -60,6 +60,7 @@ class RolloutActor:
             advantage_fn=get_advantage(run.algorithm.advantage),
             probe_ids=probe_ids,
             seed=run.seed,
+            shaping=RewardShaping(run.algorithm.dynamic_sampling, run.algorithm.overlong_window, run.algorithm.overlong_penalty),
         )
 
     def ready(self) -> int | None:

@@ -62,9 +62,15 @@ class CoordinatorActor:
         await self.waiter.wait(self._has_room, wait_s)
         return self.admission.admit(actor_id, n)
 
-    def finish(self, group_ids: list[int]) -> None:
+    async def finish(self, group_ids: list[int], dropped: bool = False) -> None:
         for gid in group_ids:
-            self.admission.finish(gid)
+            self.admission.finish(gid, dropped)
+        if dropped:
+            await self.waiter.notify()
+
+    async def count_dropped(self, n: int) -> None:
+        self.admission.count_dropped(n)
+        await self.waiter.notify()
 
     async def set_version(self, version: int) -> None:
         self.admission.set_version(version)
@@ -107,10 +113,13 @@ class ShardActor:
     def count_drop(self, reason: str, groups: int, samples: int) -> None:
         self.groups.count_drop(reason, groups, samples)
 
-    async def peek(self, learner_version: int, max_staleness: int, min_count: int = 0, wait_s: float = 0.0) -> list[tuple[float, int]]:
-        """(arrival, id) of the fresh groups; waits up to wait_s for at least min_count of them."""
+    async def peek(
+        self, learner_version: int, max_staleness: int, min_count: int = 0, wait_s: float = 0.0
+    ) -> tuple[list[tuple[float, int]], int]:
+        """((arrival, id) of the fresh groups, stale evictions since the last peek);
+        waits up to wait_s for at least min_count fresh groups."""
         await self.waiter.wait(lambda: len(self.groups.peek(learner_version, max_staleness)) >= min_count, wait_s)
-        return self.groups.peek(learner_version, max_staleness)
+        return self.groups.peek(learner_version, max_staleness), self.groups.take_newly_stale()
 
     def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, list]]:
         return [(meta, [ref]) for meta, ref in self.groups.take(group_ids)]
@@ -168,7 +177,7 @@ class RayDataStore:
 
     def drop(self, group_id: int, reason: str, samples: int) -> None:
         ray.get(self._shard(group_id).count_drop.remote(reason, 1, samples))
-        self.coordinator.finish.remote([group_id])
+        ray.get(self.coordinator.finish.remote([group_id], dropped=True))
 
     # ---- learner side ----
     def get_batch(
@@ -181,8 +190,11 @@ class RayDataStore:
         deadline = time.monotonic() + timeout_s
         each = -(-n // len(self.shards))  # groups spread evenly over shards by id
         while True:
-            peeks = ray.get([s.peek.remote(learner_version, self.max_staleness, each, wait_s) for s in self.shards])
-            candidates = [(t, gid, i) for i, p in enumerate(peeks) for t, gid in p]
+            answers = ray.get([s.peek.remote(learner_version, self.max_staleness, each, wait_s) for s in self.shards])
+            stale = sum(n for _, n in answers)
+            if stale:  # never trained: admission makes room for as many
+                ray.get(self.coordinator.count_dropped.remote(stale))
+            candidates = [(t, gid, i) for i, (p, _) in enumerate(answers) for t, gid in p]
             chosen = select_batch(candidates, n)
             if chosen is not None:
                 by_shard: dict[int, list[int]] = {}

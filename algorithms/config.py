@@ -1,4 +1,4 @@
-"""The algorithm's configuration: which estimator and loss, and their knobs."""
+"""The algorithm's configuration: which estimator, loss and correction, and their knobs."""
 
 from __future__ import annotations
 
@@ -12,12 +12,37 @@ class AlgorithmConfig:
     name: str = "grpo"
     advantage: str = "grpo"
     """Advantage estimator, by registered name (computed on the data side)."""
+    batch_normalize: bool = False
+    """Normalise advantages over the whole batch in the learner (REINFORCE++)."""
     policy_loss: str = "ppo_clip"
-    """Policy loss, by registered name (applied by the learner)."""
+    """Policy loss, by registered name (applied by the learner): ppo_clip, gspo, cispo."""
+    loss_agg: str = "token_mean"
+    """token_mean, seq_mean_token_mean, seq_mean_token_sum, or constant (Dr. GRPO)."""
+    loss_constant: float = 0.0
+    """The `constant` aggregation's per-sequence normaliser; 0 means rollout.max_new_tokens."""
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
-    """Upper clip of the ratio; defaults to clip_eps."""
+    """Upper clip of the ratio (DAPO's clip-higher); defaults to clip_eps."""
+    dual_clip_c: float | None = None
+    """Dual-clip bound (> 1) for negative advantages; None disables."""
+    correction: str = "none"
+    """Off-policy correction for stale samples: none, tis, icepop, decoupled."""
+    tis_cap: float = 2.0
+    """Truncation of the importance weight (tis)."""
+    icepop_low: float = 0.5
+    icepop_high: float = 2.0
+    """Band of importance ratios that icepop keeps; tokens outside it are masked."""
+    kl_coef: float = 0.0
+    """Weight of KL(policy || reference) added to the loss; the reference is the policy at the start of RL."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3."""
     entropy_coef: float = 0.0
+    dynamic_sampling: bool = False
+    """DAPO: drop (and count) groups whose rewards are all equal; admission refills the batch."""
+    overlong_window: int = 0
+    """DAPO's soft overlong penalty: the last N tokens of the budget are penalised linearly (0: off)."""
+    overlong_penalty: float = 1.0
+    """Penalty at the very end of the budget."""
     lr: float = 2e-3
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)

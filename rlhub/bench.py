@@ -45,7 +45,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     path = str(resolve_model_path(cfg.model))
     tok = AutoTokenizer.from_pretrained(path)
     probe = probe_sequence(len(tok))
-    learner = Learner(path, cfg.model, cfg.algorithm, probe, seed=cfg.seed)
+    learner = Learner(path, cfg.model, cfg.algorithm, probe, seed=cfg.seed, generation_budget=cfg.rollout.max_new_tokens)
     sync = InMemoryWeightSync()
     store = InMemoryDataStore(cfg.prompts_per_step, max_staleness=10**9)
     engine = make_engine(cfg.rollout, path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)

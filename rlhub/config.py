@@ -200,5 +200,14 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.algorithm.advantage not in ADVANTAGES:
         raise ConfigError(f"algorithm.advantage={cfg.algorithm.advantage!r} is not registered; known: {sorted(ADVANTAGES)}")
+    from rlhub.algorithms.corrections import CORRECTIONS
+    from rlhub.algorithms.losses import AGGREGATIONS
+
+    if cfg.algorithm.correction not in CORRECTIONS:
+        raise ConfigError(f"algorithm.correction={cfg.algorithm.correction!r}: use one of {list(CORRECTIONS)}")
+    if cfg.algorithm.loss_agg not in AGGREGATIONS:
+        raise ConfigError(f"algorithm.loss_agg={cfg.algorithm.loss_agg!r}: use one of {list(AGGREGATIONS)}")
+    if cfg.algorithm.kl_estimator not in ("k1", "k2", "k3"):
+        raise ConfigError(f"algorithm.kl_estimator={cfg.algorithm.kl_estimator!r}: use k1, k2 or k3")
     if cfg.algorithm.policy_loss not in POLICY_LOSSES:
         raise ConfigError(f"algorithm.policy_loss={cfg.algorithm.policy_loss!r} is not registered; known: {sorted(POLICY_LOSSES)}")

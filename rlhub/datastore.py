@@ -44,10 +44,13 @@ class Admission:
         self.cursor = 0  # the next position in the prompt stream
         self.in_flight: dict[int, int] = {}  # group id -> actor id
         self.requeued: list[int] = []  # positions to start again (after a crash or a resume)
+        self.dropped = 0  # started groups that will never be trained
         self.stopped = False
 
     def limit(self) -> int:
-        return (self.learner_version + self.max_staleness + 1) * self.prompts_per_step
+        # a dropped group never reaches a batch, so it makes room for one more: the learner
+        # must still find prompts_per_step groups for every version
+        return (self.learner_version + self.max_staleness + 1) * self.prompts_per_step + self.dropped
 
     def started(self) -> int:
         return self.cursor - len(self.requeued)
@@ -69,8 +72,13 @@ class Admission:
             self.in_flight[gid] = actor_id
         return granted
 
-    def finish(self, group_id: int) -> None:
+    def finish(self, group_id: int, dropped: bool = False) -> None:
         self.in_flight.pop(group_id, None)
+        self.dropped += dropped
+
+    def count_dropped(self, n: int) -> None:
+        """Groups that were finished but dropped later (stale in the store)."""
+        self.dropped += n
 
     def requeue_actor(self, actor_id: int) -> list[int]:
         """Give back the groups of a crashed actor, to be started again by another."""
@@ -85,10 +93,11 @@ class Admission:
 
     def state_dict(self) -> dict[str, Any]:
         # what is in flight has not been trained: it is started again after a resume
-        return {"cursor": self.cursor, "requeued": sorted(self.requeued + list(self.in_flight))}
+        return {"cursor": self.cursor, "requeued": sorted(self.requeued + list(self.in_flight)), "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
+        self.dropped = int(state.get("dropped", 0))
         self.requeued = [int(g) for g in state["requeued"]]
         self.in_flight = {}
 
@@ -102,6 +111,7 @@ class GroupQueue:
         self.consumed = 0
         self.dropped: Counter[str] = Counter()
         self.dropped_samples: Counter[str] = Counter()
+        self.newly_stale = 0
 
     def put(self, meta: GroupMeta, payload: Any) -> None:
         meta.put_time = meta.put_time or time.time()
@@ -126,9 +136,14 @@ class GroupQueue:
         return evicted
 
     def peek(self, learner_version: int, max_staleness: int) -> list[tuple[float, int]]:
-        """(arrival time, group id) of every group that is still fresh enough."""
-        self.evict_stale(learner_version, max_staleness)
+        """(arrival time, group id) of every group that is still fresh enough (stale ones are evicted)."""
+        self.newly_stale += self.evict_stale(learner_version, max_staleness)
         return [(m.put_time, m.group_id) for m, _ in self.queue]
+
+    def take_newly_stale(self) -> int:
+        """Stale evictions since the last call (admission makes room for as many)."""
+        n, self.newly_stale = self.newly_stale, 0
+        return n
 
     def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, Any]]:
         wanted = set(group_ids)
@@ -193,10 +208,11 @@ class InMemoryDataStore:
 
     def drop(self, group_id: int, reason: str, samples: int) -> None:
         self.groups.count_drop(reason, 1, samples)
-        self.admission.finish(group_id)
+        self.admission.finish(group_id, dropped=True)
 
     def get_batch(self, n: int, learner_version: int) -> list[tuple[GroupMeta, Any]] | None:
         ready = self.groups.peek(learner_version, self.max_staleness)
+        self.admission.count_dropped(self.groups.take_newly_stale())
         chosen = select_batch([(t, gid, 0) for t, gid in ready], n)
         return None if chosen is None else self.groups.take([gid for _, gid, _ in chosen])
 

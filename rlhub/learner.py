@@ -17,14 +17,18 @@ import torch
 
 from rlhub.algorithms import get_policy_loss
 from rlhub.algorithms.config import AlgorithmConfig
-from rlhub.algorithms.losses import PolicyLossInput, masked_mean
+from rlhub.algorithms.advantages import normalize_over_batch
+from rlhub.algorithms.corrections import correct, kl_estimate
+from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked_mean
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import probe_logprobs, token_logprobs
 from rlhub.types import GroupTensors
 
 
 class Learner:
-    def __init__(self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, probe_ids: list[int], seed: int = 0) -> None:
+    def __init__(
+        self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, probe_ids: list[int], seed: int = 0, generation_budget: int = 16
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
@@ -38,6 +42,9 @@ class Learner:
             self.model.parameters(), lr=algo.lr, betas=tuple(algo.adam_betas), weight_decay=algo.weight_decay
         )
         self.loss_fn = get_policy_loss(algo.policy_loss)
+        self.loss_cfg = LossConfig(algo.clip_eps, algo.clip_eps_high, algo.dual_clip_c)
+        self.generation_budget = float(generation_budget)
+        self._reference: torch.nn.Module | None = None
         self.probe_ids = probe_ids
         self.version = 0
 
@@ -45,50 +52,88 @@ class Learner:
     def train_step(self, batch: GroupTensors) -> dict[str, float]:
         start = time.perf_counter()
         batch = batch.to(self.device)
-        total_tokens = batch.completion_mask.sum().clamp(min=1.0)
+        algo = self.algo
+        mask = batch.completion_mask
+        advantages = batch.advantages.unsqueeze(-1) * mask  # [B, T]: one value per sample, on its tokens
+        if algo.batch_normalize:
+            advantages = normalize_over_batch(advantages, mask)
         n = batch.input_ids.shape[0]
+        norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n), constant=algo.loss_constant or self.generation_budget)
         sums: dict[str, float] = {}
         load: torch.Tensor | None = None  # [layers, experts] token counts
         self.optimizer.zero_grad(set_to_none=True)
-        for lo in range(0, n, self.algo.micro_batch_size):
-            mb = slice(lo, min(n, lo + self.algo.micro_batch_size))
-            mask = batch.completion_mask[mb]
-            share = float(mask.sum() / total_tokens)  # token-mean over the whole batch
-            kwargs = {"output_router_logits": True} if self.moe else {}
-            logprobs, entropy, out = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, **kwargs)
-            adv = batch.advantages[mb].unsqueeze(-1).expand_as(logprobs)
-            pg_loss, pg_metrics = self.loss_fn(
-                PolicyLossInput(logprobs, batch.old_logprobs[mb], adv, mask),
-                clip_eps=self.algo.clip_eps,
-                clip_eps_high=self.algo.clip_eps_high,
-            )
-            ent = masked_mean(entropy, mask)
-            loss = pg_loss - self.algo.entropy_coef * ent
+        for lo in range(0, n, algo.micro_batch_size):
+            mb = slice(lo, min(n, lo + algo.micro_batch_size))
+            parts, out = self._micro_batch_loss(batch, advantages, mb, norms)
+            parts["loss"].backward()
+            share = float(mask[mb].sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
+            for k, v in parts.items():
+                value = float(v.detach())
+                if k.endswith("_max"):
+                    sums[k] = max(sums.get(k, value), value)
+                elif k in ("loss", "pg_loss", "kl_ref", "aux_loss_share"):
+                    sums[k] = sums.get(k, 0.0) + value  # already this micro-batch's share of the batch value
+                else:
+                    sums[k] = sums.get(k, 0.0) + value * share
             if self.moe:
-                loss = loss + self.aux_coef * out.aux_loss
                 counts = expert_counts(out.router_logits, batch.attention_mask[mb], self.model.config.num_experts_per_tok)
                 load = counts if load is None else load + counts
-            (loss * share).backward()
-            for k, v in {"loss": loss, "pg_loss": pg_loss, "entropy": ent, **pg_metrics}.items():
-                if k == "ratio_max":
-                    sums[k] = max(sums.get(k, 0.0), float(v.detach()))
-                else:
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * share
-            if self.moe:
-                sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(out.aux_loss.detach()) * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.grad_clip)
         self.optimizer.step()
         metrics = {f"train/{k}": v for k, v in sums.items()}
+        if "train/aux_loss_share" in metrics:
+            metrics["train/aux_loss"] = metrics.pop("train/aux_loss_share") / max(self.aux_coef, 1e-12)
         metrics["train/grad_norm"] = float(grad_norm)
         metrics.update(staleness_metrics(batch, self.version))
         if load is not None:
             metrics.update(expert_load_metrics(load))
-        metrics["train/tokens"] = float(total_tokens)
+        metrics["train/tokens"] = norms.num_tokens
         metrics["rollout/reward_mean"] = float(batch.rewards.mean())
         metrics["rollout/reward_std"] = float(batch.rewards.std(unbiased=False))
         metrics["time/train_s"] = time.perf_counter() - start
         self.version += 1
         return metrics
+
+    def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, mb: slice, norms: BatchNorms) -> tuple[dict[str, torch.Tensor], Any]:
+        """This micro-batch's share of the batch loss, and its parts for logging."""
+        algo = self.algo
+        mask = batch.completion_mask[mb]
+        behaviour = batch.old_logprobs[mb]
+        kwargs = {"output_router_logits": True} if self.moe else {}
+        logprobs, entropy, out = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, **kwargs)
+        corr = correct(logprobs, behaviour, mask, algo.correction, algo.tis_cap, (algo.icepop_low, algo.icepop_high))
+        per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages[mb], corr.mask), self.loss_cfg)
+        pg_loss = aggregate(per_token * corr.weights, corr.mask, algo.loss_agg, norms)
+        token_share = mask.sum() / max(norms.num_tokens, 1.0)
+        ent = masked_mean(entropy, mask)
+        loss = pg_loss - algo.entropy_coef * ent * token_share
+        parts = {"pg_loss": pg_loss, "entropy": ent, **metrics, **corr.metrics}
+        with torch.no_grad():
+            log_r = logprobs - behaviour
+            parts["kl_behaviour"] = masked_mean(torch.exp(log_r) - 1.0 - log_r, mask)  # k3 of KL(behaviour || policy)
+            same = mask * (batch.versions[mb] == self.version)  # tokens sampled by these very weights
+            if same.sum() > 0:
+                parts["logprob_mismatch"] = masked_mean((logprobs - behaviour).abs(), same)
+        if algo.kl_coef > 0:
+            with torch.no_grad():
+                ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids[mb], batch.attention_mask[mb])
+            kl = aggregate(kl_estimate(logprobs, ref_lp, algo.kl_estimator), mask, "token_mean", norms)
+            loss = loss + algo.kl_coef * kl
+            parts["kl_ref"] = kl
+        if self.moe:
+            aux = self.aux_coef * out.aux_loss * (mask.shape[0] / norms.num_seqs)
+            loss = loss + aux
+            parts["aux_loss_share"] = aux
+        parts["loss"] = loss
+        return parts, out
+
+    def reference(self) -> torch.nn.Module:
+        """The frozen reference policy for the KL term: the policy as RL started (after any warm start)."""
+        if self._reference is None:
+            import copy
+
+            self._reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return self._reference
 
     # ---- format warm start ----------------------------------------------------------
     def warm_start(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float, seed: int = 0) -> dict[str, float]:

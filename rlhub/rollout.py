@@ -75,6 +75,26 @@ class DataStoreClient:
     def drop(self, group_id: int, reason: str, samples: int) -> None: ...
 
 
+@dataclass
+class RewardShaping:
+    """Data-side reward options of the algorithm (DAPO's dynamic sampling and overlong shaping)."""
+
+    dynamic_sampling: bool = False
+    overlong_window: int = 0
+    overlong_penalty: float = 1.0
+
+
+def overlong_penalty(length: int, budget: int, window: int, penalty: float = 1.0) -> float:
+    """DAPO's soft overlong punishment: 0 up to budget - window, then falling linearly to -penalty at the budget.
+
+    >>> overlong_penalty(10, 16, 4), overlong_penalty(14, 16, 4), overlong_penalty(16, 16, 4)
+    (0.0, -0.5, -1.0)
+    """
+    if window <= 0 or length <= budget - window:
+        return 0.0
+    return -penalty * min(1.0, (length - (budget - window)) / window)
+
+
 def prompt_index(group_id: int, num_rows: int, seed: int) -> int:
     """Row of the training split for a position in the prompt stream: a fresh shuffle per epoch."""
     epoch, pos = divmod(group_id, num_rows)
@@ -98,6 +118,7 @@ class RolloutWorker:
         advantage_fn: Callable[[torch.Tensor], torch.Tensor],
         probe_ids: list[int],
         seed: int = 0,
+        shaping: RewardShaping | None = None,
     ) -> None:
         self.actor_id = actor_id
         self.cfg = cfg
@@ -113,6 +134,7 @@ class RolloutWorker:
         self.probe_ids = probe_ids
         self.seed = seed
         self.stats = WorkerStats()
+        self.shaping = shaping or RewardShaping()
         eos = tokenizer.eos_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -228,7 +250,13 @@ class RolloutWorker:
             reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
             self.store.drop(gid, reason, len(completions))
             return None
+        for s in samples:
+            s.reward += overlong_penalty(len(s.completion_ids), self.cfg.max_new_tokens, self.shaping.overlong_window, self.shaping.overlong_penalty)
         rewards = torch.tensor([s.reward for s in samples])
+        if self.shaping.dynamic_sampling and bool((rewards == rewards[0]).all()):
+            self._count("filtered")  # no learning signal: DAPO drops it, and admission starts another
+            self.store.drop(gid, "filtered", len(samples))
+            return None
         tensors = GroupTensors.from_samples(samples, self.advantage_fn(rewards), self.tokenizer.pad_token_id or 0)
         versions = [v for s in samples for v in s.versions] or [self.engine.version]
         meta = GroupMeta(

@@ -67,6 +67,16 @@ def test_inflight_weight_updates_keep_the_bound(ray_local, tmp_path):
     assert_accounted(summary["store"])
 
 
+def test_dropped_prompts_do_not_stall_the_run(ray_local, tmp_path):
+    # "max(a,b)=" prompts (9 tokens) do not fit max_model_len=10 with 4 new tokens; "a+b=" ones do
+    summary, metrics = run(tmp_path, "env.kwargs.ops=[max,+]", "rollout.max_model_len=10", "experiment.total_steps=4", "max_staleness=0")
+    store = summary["store"]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert store["dropped"].get("prompt_too_long", 0) > 0
+    assert store["consumed"] == 16
+    assert_accounted(store)
+
+
 def test_resume_continues_from_saved_version_and_data_position(ray_local, tmp_path):
     first, _ = run(tmp_path, "experiment.total_steps=4", "checkpoint.every=2", "max_staleness=1")
     ckpt = latest_checkpoint(tmp_path)

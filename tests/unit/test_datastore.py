@@ -86,3 +86,27 @@ def test_merge_stats_sums_shards():
     b = {"produced": 2, "consumed": 2, "queued": 0, "dropped": {"stale": 1}, "dropped_samples": {"x": 1}}
     m = merge_stats([a, b])
     assert m["produced"] == 5 and m["dropped"] == {"stale": 2} and m["dropped_total"] == 2
+
+
+def test_dropped_groups_make_room_so_the_learner_never_starves():
+    from rlhub.datastore import InMemoryDataStore
+
+    store = InMemoryDataStore(prompts_per_step=2, max_staleness=0)
+    ids = store.admit(0, 5)
+    assert ids == [0, 1]
+    store.drop(0, "env_error", samples=4)  # never reaches a batch
+    assert store.admit(0, 5) == [2]  # one more may start, so a batch of 2 can still form
+    assert store.admit(0, 5) == []
+
+
+def test_stale_evictions_make_room_too():
+    from rlhub.datastore import InMemoryDataStore
+
+    store = InMemoryDataStore(prompts_per_step=1, max_staleness=0)
+    store.admit(0, 1)
+    store.put_many([(meta(0, version=0, t=1.0), "old")])
+    store.set_version(1)
+    assert store.admit(0, 1) == [1]
+    assert store.get_batch(1, learner_version=1) is None  # group 0 is stale at version 1
+    assert store.stats()["dropped"] == {"stale": 1}
+    assert store.admit(0, 1) == [2]

@@ -144,3 +144,41 @@ def test_prompt_stream_is_a_permutation_per_epoch():
     first = [prompt_index(g, 10, seed=3) for g in range(10)]
     second = [prompt_index(g, 10, seed=3) for g in range(10, 20)]
     assert sorted(first) == sorted(second) == list(range(10)) and first != second
+
+
+def test_staleness_zero_without_correction_equals_plain_on_policy_gradient(tiny_model_path, tokenizer):
+    from rlhub.models.logprobs import token_logprobs
+
+    store = InMemoryDataStore(2, 0)
+    sync = InMemoryWeightSync()
+    learner = Learner(tiny_model_path, ModelConfig(router_aux_loss_coef=0.0), AlgorithmConfig(micro_batch_size=4), PROBE)
+    sync.push(learner.state_dict(), 0, learner.probe())
+    worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), store, sync, prompts_per_batch=2)
+    worker.step()
+    batch = collate([t for _, t in store.get_batch(2, 0)], 256)
+    batch.advantages = torch.randn(batch.advantages.shape, generator=torch.Generator().manual_seed(0))  # any advantages
+    # the rlhub learner's loss and gradient, micro-batched
+    grads = {}
+    learner.optimizer.zero_grad()
+    adv = batch.advantages.unsqueeze(-1) * batch.completion_mask
+    from rlhub.algorithms.losses import BatchNorms
+
+    norms = BatchNorms(float(batch.completion_mask.sum()), float(batch.input_ids.shape[0]))
+    total = 0.0
+    for lo in range(0, batch.input_ids.shape[0], 4):
+        parts, _ = learner._micro_batch_loss(batch, adv, slice(lo, lo + 4), norms)
+        parts["loss"].backward()
+        total += float(parts["loss"])
+    grads = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
+    # plain on-policy REINFORCE with the group advantage, token mean, in one pass
+    learner.model.zero_grad()
+    logp, _, _ = token_logprobs(learner.model, batch.input_ids, batch.attention_mask)
+    mask = batch.completion_mask
+    plain = -(adv * logp * mask).sum() / mask.sum()
+    plain.backward()
+    # at ratio 1 the clipped surrogate's value is -mean(A) and its gradient is the plain one
+    assert total == pytest.approx(float(-(adv * mask).sum() / mask.sum()), abs=1e-5)
+    assert max(float(g.abs().max()) for g in grads.values()) > 1e-4  # the check below is not vacuous
+    for n, p in learner.model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n

@@ -41,27 +41,6 @@ def test_grpo_equal_rewards_give_zero_advantage():
     assert torch.equal(get_advantage("grpo")(torch.full((4,), 3.0)), torch.zeros(4))
 
 
-def test_ppo_clip_by_hand_and_mask():
-    loss_fn = get_policy_loss("ppo_clip")
-    old = torch.zeros(1, 3)
-    new = torch.log(torch.tensor([[1.5, 0.5, 9.0]]))  # ratios 1.5, 0.5, 9 (the last is padding)
-    adv = torch.tensor([[1.0, 1.0, 1.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, m = loss_fn(PolicyLossInput(new, old, adv, mask), clip_eps=0.2)
-    # min(1.5, 1.2) = 1.2 ; min(0.5, 0.8) = 0.5 ; mean over the two real tokens
-    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2, abs=1e-6)
-    assert m["clip_frac"].item() == pytest.approx(0.5)
-    assert m["ratio_max"].item() == pytest.approx(1.5)
-
-
-def test_ppo_clip_gradient_on_policy_is_advantage_weighted_score():
-    # at ratio 1 the clipped loss has gradient -A / N with respect to each token's log-prob
-    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    loss, _ = get_policy_loss("ppo_clip")(PolicyLossInput(logp, logp.detach().clone(), torch.tensor([[2.0, -1.0]]), torch.ones(1, 2)))
-    loss.backward()
-    assert torch.allclose(logp.grad, torch.tensor([[-1.0, 0.5]]))
-
-
 def test_unknown_names_are_refused():
     with pytest.raises(KeyError, match="unknown advantage estimator 'nope'"):
         get_advantage("nope")
