@@ -212,7 +212,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
 
     def submit(batch: list) -> Any:
         # refs as top-level arguments: Ray moves them to the learner while it still trains the step before
-        return learner.train_step.remote(*[ref for _, ref in batch])
+        refs: list = []
+        picks: list[list[int]] = []
+        for _, (ref, index) in batch:
+            if not refs or refs[-1] != ref:
+                refs.append(ref)
+                picks.append([])
+            picks[-1].append(index)
+        return learner.train_step.remote(picks, *refs)
 
     total = cfg.experiment.total_steps
     try:

@@ -33,10 +33,10 @@ class LearnerActor:
         self.weight_sync.push(self.learner.state_dict(), self.learner.version, self.learner.probe())
         return time.perf_counter() - start
 
-    def train_step(self, *groups: Any) -> dict[str, float]:
-        """One step on these groups (Ray resolved their refs before the call)."""
+    def train_step(self, picks: list[list[int]], *objects: list) -> dict[str, float]:
+        """One step on the groups picks[k] of objects[k] (lists of GroupTensors that Ray resolved before the call)."""
         start = time.perf_counter()
-        batch = collate(list(groups), self.pad_id)
+        batch = collate([obj[i] for obj, idx in zip(objects, picks) for i in idx], self.pad_id)
         fetched = time.perf_counter()
         metrics = self.learner.train_step(batch)
         metrics["time/publish_s"] = self.publish()

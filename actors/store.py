@@ -105,9 +105,9 @@ class ShardActor:
         self.groups = GroupQueue()
         self.waiter = _Waiter()
 
-    async def put_many(self, metas: list[GroupMeta], refs: list) -> None:
-        for meta, ref in zip(metas, refs):
-            self.groups.put(meta, ref)
+    async def put_many(self, metas: list[GroupMeta], boxes: list[tuple[Any, int]]) -> None:
+        for meta, box in zip(metas, boxes):  # box: (ref to a list of GroupTensors, index in it)
+            self.groups.put(meta, box)
         await self.waiter.notify()
 
     def count_drop(self, reason: str, groups: int, samples: int) -> None:
@@ -121,8 +121,8 @@ class ShardActor:
         await self.waiter.wait(lambda: len(self.groups.peek(learner_version, max_staleness)) >= min_count, wait_s)
         return self.groups.peek(learner_version, max_staleness), self.groups.take_newly_stale()
 
-    def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, list]]:
-        return [(meta, [ref]) for meta, ref in self.groups.take(group_ids)]
+    def take(self, group_ids: list[int]) -> list[tuple[GroupMeta, tuple[Any, int]]]:
+        return self.groups.take(group_ids)
 
     def remove_actor(self, actor_id: int) -> list[int]:
         """Forget the queued groups of a crashed actor (their tensors died with it)."""
@@ -166,13 +166,15 @@ class RayDataStore:
         return ray.get(self.coordinator.admit.remote(actor_id, n, wait_s))
 
     def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
-        """Finished groups: tensors into the object store, metadata to the shards (one call each)."""
+        """Finished groups: their tensors as one object in the object store (owned by this rollout
+        actor, which lives until the run ends), and each group's metadata with (ref, index) to a shard."""
+        ref = ray.put([tensors for _, tensors in groups])  # one object: the learner resolves it in one go
         by_shard: dict[int, tuple[list, list]] = {}
-        for meta, tensors in groups:
-            metas, refs = by_shard.setdefault(meta.group_id % len(self.shards), ([], []))
+        for i, (meta, _) in enumerate(groups):
+            metas, boxes = by_shard.setdefault(meta.group_id % len(self.shards), ([], []))
             metas.append(meta)
-            refs.append(ray.put(tensors))  # owned by this rollout actor, which lives until the run ends
-        ray.get([self.shards[i].put_many.remote(metas, refs) for i, (metas, refs) in by_shard.items()])
+            boxes.append((ref, i))
+        ray.get([self.shards[i].put_many.remote(metas, boxes) for i, (metas, boxes) in by_shard.items()])
         self.coordinator.finish.remote([meta.group_id for meta, _ in groups])
 
     def drop(self, group_id: int, reason: str, samples: int) -> None:
@@ -182,8 +184,8 @@ class RayDataStore:
     # ---- learner side ----
     def get_batch(
         self, n: int, learner_version: int, timeout_s: float, wait_s: float = 0.1, on_wait: Callable[[], None] | None = None
-    ) -> list[tuple[GroupMeta, Any]]:
-        """The n oldest fresh groups, waiting for them; raises TimeoutError naming the counters.
+    ) -> list[tuple[GroupMeta, tuple[Any, int]]]:
+        """The n oldest fresh groups as (meta, (ref, index)), waiting for them; raises TimeoutError naming the counters.
 
         Each round waits inside the shards (up to wait_s) for groups to arrive;
         `on_wait` runs between rounds (the controller checks its rollout actors there)."""
@@ -201,7 +203,7 @@ class RayDataStore:
                 for _, gid, i in chosen:
                     by_shard.setdefault(i, []).append(gid)
                 taken = ray.get([self.shards[i].take.remote(g) for i, g in by_shard.items()])
-                groups = [(meta, box[0]) for part in taken for meta, box in part]
+                groups = [(meta, box) for part in taken for meta, box in part]
                 return sorted(groups, key=lambda mg: mg[0].put_time)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no batch of {n} groups within {timeout_s:.0f} s; store: {self.stats()}")
