@@ -50,9 +50,6 @@ class LearnerActor:
     def warm_start(self, examples: list, steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
         return self.learner.warm_start(examples, steps, batch_size, lr, seed)
 
-    def version(self) -> int:
-        return self.learner.version
-
     def save(self, directory: str) -> None:
         self.learner.save(Path(directory))
 

@@ -95,9 +95,6 @@ class CoordinatorActor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.admission.load_state_dict(state)
 
-    def started(self) -> int:
-        return self.admission.started()
-
 
 @ray.remote(num_cpus=0)
 class ShardActor:

@@ -52,9 +52,6 @@ class Admission:
         # must still find prompts_per_step groups for every version
         return (self.learner_version + self.max_staleness + 1) * self.prompts_per_step + self.dropped
 
-    def started(self) -> int:
-        return self.cursor - len(self.requeued)
-
     def admit(self, actor_id: int, n: int) -> list[int] | None:
         """Up to n group ids to start now (possibly none); None once the run is stopping."""
         if self.stopped:

@@ -24,7 +24,7 @@ def build_byte_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
-    byte_values = sorted(alphabet, key=_byte_of)
+    byte_values = sorted(alphabet, key=_byte_table().__getitem__)
     vocab = {ch: i for i, ch in enumerate(byte_values)}
     for i, tok in enumerate(SPECIAL_TOKENS):
         vocab[tok] = 256 + i
@@ -43,15 +43,16 @@ def build_byte_tokenizer():
     return tok
 
 
-def _byte_of(ch: str) -> int:
-    """The byte that ByteLevel's printable character `ch` stands for."""
-    # ByteLevel maps printable bytes to themselves and the rest to 256 + n, in byte order.
-    code = ord(ch)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    if code in printable:
-        return code
+def _byte_table() -> dict[str, int]:
+    """ByteLevel's printable stand-in character -> the byte it stands for.
+
+    Printable bytes stand for themselves; the others map to 256 + n, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     rest = [b for b in range(256) if b not in printable]
-    return rest[code - 256]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(rest)})
+    return table
 
 
 def save_byte_tokenizer(path: Path) -> None:
