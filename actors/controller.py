@@ -138,6 +138,32 @@ def format_examples(cfg: RunConfig, env: Any, tokenizer: Any) -> list[tuple[list
     return [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
 
 
+def start_scorers(cfg: RunConfig, model_path: str, weight_sync: Any, resume_from: Path | None, plan: CorePlan) -> tuple[Any, Any]:
+    """(critic actor or None, reference actor or None), restored from the checkpoint when resuming.
+
+    The reference actor freezes the policy as RL starts (after the warm start): call after the first publish."""
+    import ray
+
+    from rlhub.actors.scorers import CriticActor, ReferenceActor
+    from rlhub.algorithms.advantages import TOKEN_LEVEL
+
+    algo = cfg.algorithm
+    options = {"num_cpus": 0, "num_gpus": cfg.cluster.scorer_num_gpus}
+    cores = plan.system or None
+    critic = reference = None
+    if algo.advantage in TOKEN_LEVEL:
+        critic = CriticActor.options(**options).remote(cfg, model_path, cores)
+        if resume_from is not None:
+            ray.get(critic.load.remote(str(resume_from / "critic")))
+    if algo.reference == "actor" and algo.kl_coef > 0:
+        reference = ReferenceActor.options(**options).remote(cfg, model_path, cores)
+        if resume_from is not None:
+            ray.get(reference.load.remote(str(resume_from / "reference")))
+        else:
+            ray.get(reference.load_published.remote(weight_sync))
+    return critic, reference
+
+
 # ---- the run ---------------------------------------------------------------------
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -184,8 +210,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
         warm = ray.get(learner.warm_start.remote(format_examples(cfg, env, tokenizer), cfg.warm_start.steps, cfg.warm_start.batch_size, cfg.warm_start.lr, cfg.seed))
         log.info("format warm start: %s", warm)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
+    critic, reference = start_scorers(cfg, str(model_path), weight_sync, resume_from, plan)
 
-    fleet = RolloutFleet(cfg, str(model_path), store, weight_sync, probe, plan.rollout)
+    fleet = RolloutFleet(cfg, str(model_path), store, weight_sync, probe, plan.rollout, [s for s in (reference, critic) if s])
     tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, resume_state.get("wandb_id"))
     tracker.summary(warm)
     history: list[dict[str, float]] = []
@@ -193,14 +220,20 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
 
     def checkpoint(v: int, held: list[int]) -> None:
         state = {"store": store.state_dict(held), "wandb_id": tracker.run_id, "experiment": cfg.experiment.name}
-        write_checkpoint(run_dir, v, lambda d: ray.get(learner.save.remote(str(d))), state, cfg.checkpoint.keep_last)
+        def save(d: Path) -> None:
+            saves = [learner.save.remote(str(d))]
+            saves += [critic.save.remote(str(d / "critic"))] if critic else []
+            saves += [reference.save.remote(str(d / "reference"))] if reference else []
+            ray.get(saves)
+
+        write_checkpoint(run_dir, v, save, state, cfg.checkpoint.keep_last)
 
     in_flight: list = []  # the learner step under way, watched while waiting for data
 
     def watch() -> None:
         fleet.check()
-        if in_flight and ray.wait(in_flight, timeout=0)[0]:
-            ray.get(in_flight[0])  # a failed learner step raises here instead of leaving the run waiting
+        done = ray.wait(in_flight, num_returns=len(in_flight), timeout=0)[0] if in_flight else []
+        ray.get(done)  # a failed learner or critic step raises here instead of leaving the run waiting
 
     def fetch(for_version: int) -> tuple[list, float]:
         start = time.perf_counter()
@@ -210,7 +243,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
     def checkpoint_due(v: int) -> bool:
         return bool(cfg.checkpoint.every) and v % cfg.checkpoint.every == 0
 
-    def submit(batch: list) -> Any:
+    def submit(batch: list) -> list:
+        """The learner's step (and the critic's, on the same batch) on these groups."""
         # refs as top-level arguments: Ray moves them to the learner while it still trains the step before
         refs: list = []
         picks: list[list[int]] = []
@@ -219,7 +253,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
                 refs.append(ref)
                 picks.append([])
             picks[-1].append(index)
-        return learner.train_step.remote(picks, *refs)
+        steps = [learner.train_step.remote(picks, *refs)]
+        return steps + [critic.train_step.remote(picks, *refs)] if critic else steps
 
     total = cfg.experiment.total_steps
     try:
@@ -231,13 +266,18 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: 
             # 2. learn; the learner publishes the new weights (3. sync) and opens admission before answering.
             # Meanwhile: monitoring, and the next batch, queued on the learner at once unless a checkpoint
             # must be written between the two steps.
-            in_flight[:] = [pending]
+            in_flight[:] = pending or []
             rollout_stats = fleet.stats()
             store_stats = store.stats()
             next_groups, next_waited = fetch(version + 1) if version + 1 < total else ([], 0.0)
             next_pending = submit(next_groups) if next_groups and not checkpoint_due(version + 1) else None
-            metrics = ray.get(pending)
+            metrics, *critic_metrics = ray.get(pending)
             version = int(metrics.pop("version"))
+            for extra in critic_metrics:
+                metrics.update(extra)
+                lags = [extra["critic/version"] - 1 - m.extra["critic_version"] for m, _ in groups]
+                metrics["critic/value_lag_mean"] = sum(lags) / len(lags)  # critic versions between scoring and training
+                metrics["critic/value_lag_max"] = max(lags)
             # 4. tracking
             now = time.perf_counter()
             generated = sum(s["generated_tokens"] for s in rollout_stats)

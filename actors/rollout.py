@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from rlhub.rollout import RewardShaping, RolloutConfig, RolloutWorker, WorkerStats
+from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker, WorkerStats
 
 
 def make_engine(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, core: int | None, torch_threads: int) -> Any:
@@ -32,10 +32,12 @@ def make_engine(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, core
 
 @ray.remote(max_concurrency=2)  # a second thread answers stats() while run() loops
 class RolloutActor:
-    def __init__(self, actor_id: int, core: int | None, run: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int]) -> None:
+    def __init__(
+        self, actor_id: int, core: int | None, run: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int], scorers: list
+    ) -> None:
         import torch
 
-        from rlhub.algorithms import get_advantage
+        from rlhub.actors.scorers import RemoteScorer
         from rlhub.envs import make_env
         from transformers import AutoTokenizer
 
@@ -57,10 +59,10 @@ class RolloutActor:
             tokenizer=AutoTokenizer.from_pretrained(model_path),
             store=store,
             weight_sync=weight_sync,
-            advantage_fn=get_advantage(run.algorithm.advantage),
+            data_side=DataSide.of(run.algorithm),
             probe_ids=probe_ids,
             seed=run.seed,
-            shaping=RewardShaping(run.algorithm.dynamic_sampling, run.algorithm.overlong_window, run.algorithm.overlong_penalty),
+            scorers=[RemoteScorer(h) for h in scorers],
         )
 
     def ready(self) -> int | None:
@@ -82,9 +84,17 @@ class RolloutFleet:
     """
 
     def __init__(
-        self, cfg: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int], cores: list[int | None], max_restarts: int = 3
+        self,
+        cfg: Any,
+        model_path: str,
+        store: Any,
+        weight_sync: Any,
+        probe_ids: list[int],
+        cores: list[int | None],
+        scorers: list | None = None,
+        max_restarts: int = 3,
     ) -> None:
-        self.args = (cfg, model_path, store, weight_sync, probe_ids)
+        self.args = (cfg, model_path, store, weight_sync, probe_ids, list(scorers or []))
         self.cores = cores
         self.cfg, self.store = cfg, store
         self.max_restarts = max_restarts

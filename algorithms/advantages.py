@@ -1,15 +1,17 @@
 """Advantage estimators, computed on the data side when a group is complete.
 
 Outcome estimators take the group's scalar rewards `[G]` and return one
-advantage per sample `[G]` (the learner broadcasts it over the sample's
-tokens). `gae` is the token-level estimator for PPO with a learned value.
+advantage per sample `[G]`, put on each of the sample's tokens. `gae` is the
+token-level estimator for PPO with a learned value. `group_advantages` is
+what the data side calls: token rewards in, token advantages (and, for GAE,
+the critic's returns) out.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhub.algorithms.registry import register_advantage
+from rlhub.algorithms.registry import get_advantage, register_advantage
 
 
 @register_advantage("grpo")
@@ -61,6 +63,7 @@ def normalize_over_batch(advantages: torch.Tensor, mask: torch.Tensor, eps: floa
     return (advantages - real.mean()) / (real.std(unbiased=False) + eps) * mask
 
 
+@register_advantage("gae")
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over completion tokens.
 
@@ -78,3 +81,33 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         last = (delta + gamma * lam * last) * mask[:, t]
         adv[:, t] = last
     return adv, (adv + values) * mask
+
+
+TOKEN_LEVEL = ("gae",)
+
+
+def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
+    """`[G, T]` per-token rewards: each sequence's reward on its last generated token, minus
+    kl_coef * KL on every generated token (the KL-as-reward penalty)."""
+    last = mask.cumsum(-1).eq(mask.sum(-1, keepdim=True)) & mask.bool()  # the final generated token
+    out = last.float() * rewards.unsqueeze(-1)
+    if kl is not None and kl_coef:
+        out = out - kl_coef * kl * mask
+    return out
+
+
+def group_advantages(
+    name: str, rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(advantages `[G, T]`, returns `[G, T]` or None) for one complete group.
+
+    rewards: `[G, T]` token rewards (see `token_rewards`). Outcome estimators see
+    each sequence's summed reward and put the sample's advantage on its tokens;
+    `gae` needs the critic's `values` and also returns the critic's targets.
+    """
+    fn = get_advantage(name)
+    if name in TOKEN_LEVEL:
+        if values is None:
+            raise ValueError(f"advantage {name!r} needs the critic's values")
+        return fn(rewards, values, mask, gamma, lam)
+    return fn(rewards.sum(-1)).unsqueeze(-1) * mask, None

@@ -33,9 +33,15 @@ class AlgorithmConfig:
     icepop_high: float = 2.0
     """Band of importance ratios that icepop keeps; tokens outside it are masked."""
     kl_coef: float = 0.0
-    """Weight of KL(policy || reference) added to the loss; the reference is the policy at the start of RL."""
+    """Weight of KL(policy || reference); the reference is the policy at the start of RL (after any warm start)."""
     kl_estimator: str = "k3"
     """k1, k2 or k3."""
+    kl_penalty: str = "loss"
+    """loss: kl_coef * KL added to the learner's loss; reward: kl_coef * KL per token subtracted from the
+    reward on the data side, before the advantages (needs reference=actor)."""
+    reference: str = "learner"
+    """Who computes the reference log-probs: learner (a frozen copy in the learner, at train time) or
+    actor (a reference actor, on the data side when a group is complete; the log-probs travel with the group)."""
     entropy_coef: float = 0.0
     dynamic_sampling: bool = False
     """DAPO: drop (and count) groups whose rewards are all equal; admission refills the batch."""
@@ -43,6 +49,14 @@ class AlgorithmConfig:
     """DAPO's soft overlong penalty: the last N tokens of the budget are penalised linearly (0: off)."""
     overlong_penalty: float = 1.0
     """Penalty at the very end of the budget."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    """GAE's discount and lambda (advantage=gae)."""
+    value_clip: float = 0.2
+    """PPO value clipping: the new value stays within +-value_clip of the value at generation time (0: off)."""
+    critic_lr: float = 1e-3
+    critic_warmup: int = 0
+    """The first N steps train only the critic; the policy's weights stay as they are (its version still advances)."""
     lr: float = 2e-3
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)

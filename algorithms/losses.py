@@ -143,3 +143,33 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, norms: BatchNor
     if mode == "constant":
         return masked.sum() / (max(norms.num_seqs, 1.0) * norms.constant)
     raise ValueError(f"algorithm.loss_agg={mode!r}: use one of {AGGREGATIONS}")
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's critic loss per token: 0.5 (V - R)^2, or with value clipping
+    0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), V_old being the
+    critic's value when the sample was generated. All `[B, T]`; aggregate with `aggregate`.
+    """
+    err = (values - returns) ** 2
+    if clip > 0:
+        clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+        err_clipped = (clipped_values - returns) ** 2
+        loss = 0.5 * torch.maximum(err, err_clipped)
+        clip_frac = masked_mean((err_clipped > err).float(), mask)
+    else:
+        loss = 0.5 * err
+        clip_frac = torch.zeros(())
+    with torch.no_grad():
+        real = mask.bool()
+        var_r = returns[real].var(unbiased=False) if real.sum() > 1 else torch.zeros(())
+        resid = (returns - values)[real].var(unbiased=False) if real.sum() > 1 else torch.zeros(())
+        metrics = {
+            "value_clip_frac": clip_frac.detach(),
+            "values_mean": masked_mean(values, mask).detach(),
+            "returns_mean": masked_mean(returns, mask),
+            # 1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant
+            "explained_variance": 1.0 - resid / var_r.clamp(min=1e-8),
+        }
+    return loss, metrics

@@ -31,12 +31,11 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
 
     cfg = load_config(overrides)
     from rlhub.actors.rollout import make_engine
-    from rlhub.algorithms import get_advantage
     from rlhub.datastore import InMemoryDataStore
     from rlhub.envs import make_env
     from rlhub.learner import Learner
     from rlhub.models.build import resolve_model_path
-    from rlhub.rollout import RolloutWorker
+    from rlhub.rollout import DataSide, RolloutWorker
     from rlhub.types import collate
     from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
     from transformers import AutoTokenizer
@@ -50,7 +49,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     store = InMemoryDataStore(cfg.prompts_per_step, max_staleness=10**9)
     engine = make_engine(cfg.rollout, path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)
     worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, make_env(cfg.env.name, **cfg.env.kwargs),
-                           tok, store, sync, get_advantage(cfg.algorithm.advantage), probe, cfg.seed)
+                           tok, store, sync, DataSide.of(cfg.algorithm), probe, cfg.seed)
     worker.batch_prompts = cfg.prompts_per_step  # one generation call per learner step, as one actor would
     gen_times, train_times, tokens = [], [], 0
     for step in range(steps + 1):  # the first step of each phase warms up
@@ -103,6 +102,11 @@ def bench_e2e(overrides: list[str]) -> dict[str, Any]:
 
     overrides = [*BENCH_DEFAULTS, *overrides]
     cfg = load_config(overrides)
+    from rlhub.algorithms.advantages import TOKEN_LEVEL
+    from rlhub.config import ConfigError
+
+    if cfg.algorithm.advantage in TOKEN_LEVEL:
+        raise ConfigError(f"bench e2e measures critic-free algorithms; algorithm.advantage={cfg.algorithm.advantage!r} needs a critic")
     skip = max(2, cfg.experiment.total_steps // 10)  # start-up steps are not steady state
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -121,3 +125,70 @@ def bench_e2e(overrides: list[str]) -> dict[str, Any]:
         "async_over_sync_samples_per_s": async_["samples_per_s"] / sync["samples_per_s"],
         "pipeline_efficiency": bound / async_["step_s"],
     }
+
+
+# ---- `rlhub bench presets` ---------------------------------------------------------
+
+PRESETS = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "ppo")
+PRESET_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "experiment.total_steps=150"]
+STALENESS_RUNS = {"grpo S=4 none": ["algorithm=grpo", "max_staleness=4", "algorithm.correction=none"],
+                  "grpo S=4 tis": ["algorithm=grpo", "max_staleness=4", "algorithm.correction=tis"]}
+
+
+def _preset_run(overrides: list[str]) -> dict[str, Any]:
+    """One short training run through the asynchronous pipeline: reward, success and the correction's metrics."""
+    import json
+    import math
+
+    from rlhub.actors.controller import train
+    from rlhub.config import load_config
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config([*PRESET_DEFAULTS, *overrides, f"run_dir={tmp}"])
+        summary = train(cfg)
+        rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    tenth = max(1, len(rows) // 10)
+
+    def mean(key: str, part: list[dict]) -> float | None:
+        vals = [r[key] for r in part if key in r]
+        return sum(vals) / len(vals) if vals else None
+
+    out: dict[str, Any] = {
+        "steps": len(rows),
+        "reward_first_tenth": summary["reward_first_tenth"],
+        "reward_last_tenth": summary["reward_last_tenth"],
+        "success_first_tenth": summary["success_first_tenth"],
+        "success_last_tenth": summary["success_last_tenth"],
+        "seconds": time.perf_counter() - start,
+        "staleness_mean": mean("staleness/mean", rows),
+        "staleness_max": summary["staleness_max"],
+        "nonfinite_metrics": sum(1 for r in rows for v in r.values() if isinstance(v, float) and not math.isfinite(v)),
+        "dropped": summary["store"]["dropped"],
+    }
+    for key in ("train/is_ratio_mean", "train/is_ratio_max", "train/clip_frac", "train/is_truncated_frac", "train/kl_ref"):
+        if any(key in r for r in rows):
+            out[key.split("/", 1)[1]] = mean(key, rows)
+    if any("critic/value_loss" in r for r in rows):
+        out["value_loss_first_tenth"] = mean("critic/value_loss", rows[:tenth])
+        out["value_loss_last_tenth"] = mean("critic/value_loss", rows[-tenth:])
+        out["explained_variance_last_tenth"] = mean("critic/explained_variance", rows[-tenth:])
+        out["critic_value_lag_max"] = max(r["critic/value_lag_max"] for r in rows)
+    return out
+
+
+def bench_presets(overrides: list[str]) -> dict[str, Any]:
+    """Each preset of conf/algorithm for a short run, then GRPO at max_staleness=4 without and with TIS.
+
+    `overrides` apply to every run; `presets=a,b` (first) picks presets."""
+    names: tuple[str, ...] = PRESETS
+    if overrides and overrides[0].startswith("presets="):
+        names = tuple(overrides[0].split("=", 1)[1].split(","))
+        overrides = overrides[1:]
+    results: dict[str, Any] = {"overrides": [*PRESET_DEFAULTS, *overrides]}
+    for name in names:
+        results[name] = _preset_run([f"algorithm={name}", *overrides])
+    if names == PRESETS:
+        for label, extra in STALENESS_RUNS.items():
+            results[label] = _preset_run([*extra, *overrides])
+    return results

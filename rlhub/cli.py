@@ -1,4 +1,4 @@
-"""The `rlhub` command: `rlhub train [overrides]`, `rlhub bench e2e [overrides]`.
+"""The `rlhub` command: `rlhub train [overrides]`, `rlhub bench e2e|presets [overrides]`.
 
 Overrides are Hydra's (`key=value`, `group=option`). Heavy imports happen after
 the arguments are read, so `rlhub --help` answers at once.
@@ -14,6 +14,8 @@ USAGE = """usage: rlhub <command> [hydra overrides...]
 commands:
   train          run asynchronous RL training (default config: conf/config.yaml)
   bench e2e      measure sync vs async throughput and pipeline efficiency (JSON)
+  bench presets  a short run of every algorithm preset, and GRPO at max_staleness=4
+                 without and with TIS: reward before/after, correction metrics (JSON)
   config         print the resolved configuration
 
 examples:
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             from rlhub.bench import bench_e2e
 
             print(json.dumps(bench_e2e(rest[1:]), indent=1))
+            return 0
+        if command == "bench" and rest[:1] == ["presets"]:
+            from rlhub.bench import bench_presets
+
+            print(json.dumps(bench_presets(rest[1:]), indent=1))
             return 0
     except ConfigError as e:
         print(f"rlhub: config error: {e}", file=sys.stderr)

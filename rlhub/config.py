@@ -46,6 +46,8 @@ class ClusterConfig:
     rollout_num_cpus: float = 1.0
     learner_num_gpus: float = 0.0
     rollout_num_gpus: float = 0.0
+    scorer_num_gpus: float = 0.0
+    """GPUs for each data-side scorer actor (critic, reference); on CPU they share the cores beside the learner's."""
     torch_threads: int = 1
     """Threads per actor for torch on CPU."""
 
@@ -211,3 +213,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"algorithm.kl_estimator={cfg.algorithm.kl_estimator!r}: use k1, k2 or k3")
     if cfg.algorithm.policy_loss not in POLICY_LOSSES:
         raise ConfigError(f"algorithm.policy_loss={cfg.algorithm.policy_loss!r} is not registered; known: {sorted(POLICY_LOSSES)}")
+    algo = cfg.algorithm
+    from rlhub.algorithms.advantages import TOKEN_LEVEL
+
+    critic = algo.advantage in TOKEN_LEVEL
+    algo_checks = [
+        (algo.kl_penalty in ("loss", "reward"), f"algorithm.kl_penalty={algo.kl_penalty!r}: use loss or reward"),
+        (algo.reference in ("learner", "actor"), f"algorithm.reference={algo.reference!r}: use learner or actor"),
+        (algo.kl_coef >= 0, "algorithm.kl_coef must be >= 0"),
+        (algo.kl_penalty == "loss" or algo.reference == "actor",
+         "algorithm.kl_penalty=reward needs algorithm.reference=actor (the data side needs the reference log-probs)"),
+        (algo.critic_warmup >= 0, "algorithm.critic_warmup must be >= 0"),
+        (critic or algo.critic_warmup == 0, f"algorithm.critic_warmup={algo.critic_warmup} needs a critic (algorithm.advantage=gae)"),
+        (0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]"),
+        (algo.value_clip >= 0, "algorithm.value_clip must be >= 0 (0 turns value clipping off)"),
+        (algo.critic_lr > 0, "algorithm.critic_lr must be > 0"),
+    ]
+    for ok, message in algo_checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,7 +1,8 @@
 """The learner: recompute log-probs, apply the configured loss, step, publish.
 
-Algorithm-blind: advantages and behaviour log-probs arrive with the batch; the
-loss is looked up by name. Each optimizer step bumps the policy version by one.
+Algorithm-blind: advantages (per token), behaviour log-probs and, with a
+reference actor, reference log-probs arrive with the batch; the loss is looked
+up by name. The critic, when there is one, trains beside it (`rlhub.scorers`). Each optimizer step bumps the policy version by one.
 The MoE router's load-balancing loss is added here and the expert load is
 measured from the same forward pass.
 """
@@ -54,7 +55,7 @@ class Learner:
         batch = batch.to(self.device)
         algo = self.algo
         mask = batch.completion_mask
-        advantages = batch.advantages.unsqueeze(-1) * mask  # [B, T]: one value per sample, on its tokens
+        advantages = batch.advantages * mask  # [B, T]
         if algo.batch_normalize:
             advantages = normalize_over_batch(advantages, mask)
         n = batch.input_ids.shape[0]
@@ -79,8 +80,11 @@ class Learner:
                 counts = expert_counts(out.router_logits, batch.attention_mask[mb], self.model.config.num_experts_per_tok)
                 load = counts if load is None else load + counts
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.grad_clip)
-        self.optimizer.step()
+        update = self.version >= algo.critic_warmup  # during the critic's warm-up the policy stays as it is
+        if update:
+            self.optimizer.step()
         metrics = {f"train/{k}": v for k, v in sums.items()}
+        metrics["train/policy_updated"] = float(update)
         if "train/aux_loss_share" in metrics:
             metrics["train/aux_loss"] = metrics.pop("train/aux_loss_share") / max(self.aux_coef, 1e-12)
         metrics["train/grad_norm"] = float(grad_norm)
@@ -115,11 +119,15 @@ class Learner:
             if same.sum() > 0:
                 parts["logprob_mismatch"] = masked_mean((logprobs - behaviour).abs(), same)
         if algo.kl_coef > 0:
-            with torch.no_grad():
-                ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids[mb], batch.attention_mask[mb])
+            if batch.ref_logprobs is not None:  # computed by the reference actor on the data side
+                ref_lp = batch.ref_logprobs[mb]
+            else:
+                with torch.no_grad():
+                    ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids[mb], batch.attention_mask[mb])
             kl = aggregate(kl_estimate(logprobs, ref_lp, algo.kl_estimator), mask, "token_mean", norms)
-            loss = loss + algo.kl_coef * kl
-            parts["kl_ref"] = kl
+            if algo.kl_penalty == "loss":
+                loss = loss + algo.kl_coef * kl
+            parts["kl_ref"] = kl  # with kl_penalty=reward: logged only, the data side already subtracted it
         if self.moe:
             aux = self.aux_coef * out.aux_loss * (mask.shape[0] / norms.num_seqs)
             loss = loss + aux
@@ -177,6 +185,10 @@ class Learner:
         tensors, meta = flatten_optimizer(self.optimizer.state_dict())
         save_file(tensors, str(directory / "optimizer.safetensors"))
         (directory / "optimizer.json").write_text(json.dumps(meta))
+        if self._reference is not None:  # a resumed run keeps its KL anchored to the same reference
+            from safetensors.torch import save_model
+
+            save_model(self._reference, str(directory / "reference.safetensors"))
 
     def load(self, directory: Path, version: int) -> None:
         from safetensors.torch import load_file
@@ -187,6 +199,10 @@ class Learner:
         meta = json.loads((directory / "optimizer.json").read_text())
         self.optimizer.load_state_dict(unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta))
         self.version = version
+        if (directory / "reference.safetensors").is_file():
+            from safetensors.torch import load_model
+
+            load_model(self.reference(), str(directory / "reference.safetensors"))
 
 
 def _supervised_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> GroupTensors:

@@ -3,8 +3,10 @@
 The plain class behind each `RolloutActor`. One iteration: ask the store for
 admission, pick up the newest weights (verified against the learner's probe),
 generate `group_size` completions per prompt, score them in the environment,
-compute advantages now that each group is complete, and put the groups in the
-store. Failures are dropped and counted, never raised into the run.
+hand the finished groups to the data-side scorers (critic values, reference
+log-probs) if the algorithm has any, compute advantages now that each group is
+complete, and put the groups in the store. Failures are dropped and counted,
+never raised into the run.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from rlhub.algorithms.advantages import group_advantages, token_rewards
+from rlhub.algorithms.config import AlgorithmConfig
+from rlhub.algorithms.corrections import kl_estimate
 from rlhub.engines.base import RolloutEngine, SamplingConfig
-from rlhub.types import GroupMeta, GroupTensors, Sample
+from rlhub.scorers import Scorer
+from rlhub.types import GroupMeta, GroupTensors, Sample, collate
 from rlhub.weight_sync import Published, WeightSync, probe_error
 
 log = logging.getLogger("rlhub.rollout")
@@ -64,6 +70,7 @@ class WorkerStats:
     last_probe_error: float = 0.0
     sync_rebuilds: int = 0
     sync_failures: int = 0
+    score_seconds: float = 0.0
     dropped: dict[str, int] = field(default_factory=dict)
 
 
@@ -76,12 +83,24 @@ class DataStoreClient:
 
 
 @dataclass
-class RewardShaping:
-    """Data-side reward options of the algorithm (DAPO's dynamic sampling and overlong shaping)."""
+class DataSide:
+    """What the algorithm does on the data side, once a group is complete (a view of AlgorithmConfig)."""
 
+    advantage: str = "grpo"
     dynamic_sampling: bool = False
     overlong_window: int = 0
     overlong_penalty: float = 1.0
+    kl_coef: float = 0.0
+    """KL reward penalty per token (algorithm.kl_penalty=reward); 0 when the KL is a loss term or off."""
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+
+    @staticmethod
+    def of(algo: AlgorithmConfig) -> "DataSide":
+        in_reward = algo.kl_penalty == "reward"
+        return DataSide(algo.advantage, algo.dynamic_sampling, algo.overlong_window, algo.overlong_penalty,
+                        algo.kl_coef if in_reward else 0.0, algo.kl_estimator, algo.gamma, algo.lam)
 
 
 def overlong_penalty(length: int, budget: int, window: int, penalty: float = 1.0) -> float:
@@ -115,10 +134,10 @@ class RolloutWorker:
         tokenizer: Any,
         store: DataStoreClient,
         weight_sync: WeightSync,
-        advantage_fn: Callable[[torch.Tensor], torch.Tensor],
+        data_side: DataSide,
         probe_ids: list[int],
         seed: int = 0,
-        shaping: RewardShaping | None = None,
+        scorers: Sequence[Scorer] = (),
     ) -> None:
         self.actor_id = actor_id
         self.cfg = cfg
@@ -130,11 +149,11 @@ class RolloutWorker:
         self.tokenizer = tokenizer
         self.store = store
         self.weight_sync = weight_sync
-        self.advantage_fn = advantage_fn
+        self.data_side = data_side
+        self.scorers = list(scorers)
         self.probe_ids = probe_ids
         self.seed = seed
         self.stats = WorkerStats()
-        self.shaping = shaping or RewardShaping()
         eos = tokenizer.eos_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -223,13 +242,46 @@ class RolloutWorker:
             group = self._finish_group(gid, row_idx, ids, state, chunk, elapsed * len(chunk) / len(completions))
             if group is not None:
                 finished.append(group)
-        if finished:
-            self.store.put_many(finished)
+        if not finished:
+            return
+        if self.scorers:
+            self._score(finished)
+        for _, tensors in finished:
+            self._advantages(tensors)
+        self.store.put_many(finished)
+
+    def _score(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
+        """One call per scorer for the whole generation batch; tensors go back to their groups, scalars to the metadata."""
+        batch = collate([t for _, t in groups], self.tokenizer.pad_token_id or 0)
+        start = time.perf_counter()
+        for scorer in self.scorers:
+            for key, value in scorer.score(batch).items():
+                lo = 0
+                for meta, tensors in groups:
+                    g, width = tensors.input_ids.shape
+                    if torch.is_tensor(value):
+                        setattr(tensors, key, value[lo : lo + g, : width - 1].contiguous())
+                    else:
+                        meta.extra[key] = value
+                    lo += g
+        self.stats.score_seconds += time.perf_counter() - start
+
+    def _advantages(self, tensors: GroupTensors) -> None:
+        """Token rewards (with the KL penalty if it is in the reward), then the estimator."""
+        ds = self.data_side
+        mask = tensors.completion_mask
+        kl = None
+        if ds.kl_coef:
+            if tensors.ref_logprobs is None:
+                raise ValueError("algorithm.kl_penalty=reward needs the reference actor's log-probs (algorithm.reference=actor)")
+            kl = kl_estimate(tensors.old_logprobs, tensors.ref_logprobs, ds.kl_estimator) * mask
+        rewards = token_rewards(tensors.rewards, mask, kl, ds.kl_coef)
+        tensors.advantages, tensors.returns = group_advantages(ds.advantage, rewards, mask, tensors.values, ds.gamma, ds.lam)
 
     def _finish_group(
         self, gid: int, row_idx: int, prompt_ids: list[int], state: Any, completions: list, seconds: float
     ) -> tuple[GroupMeta, GroupTensors] | None:
-        """The scored group with its advantages, or None when it was dropped (and counted)."""
+        """The scored group (advantages still to compute), or None when it was dropped (and counted)."""
         samples: list[Sample] = []
         sample_drops: Counter[str] = Counter()
         for c in completions:
@@ -251,13 +303,13 @@ class RolloutWorker:
             self.store.drop(gid, reason, len(completions))
             return None
         for s in samples:
-            s.reward += overlong_penalty(len(s.completion_ids), self.cfg.max_new_tokens, self.shaping.overlong_window, self.shaping.overlong_penalty)
+            s.reward += overlong_penalty(len(s.completion_ids), self.cfg.max_new_tokens, self.data_side.overlong_window, self.data_side.overlong_penalty)
         rewards = torch.tensor([s.reward for s in samples])
-        if self.shaping.dynamic_sampling and bool((rewards == rewards[0]).all()):
+        if self.data_side.dynamic_sampling and bool((rewards == rewards[0]).all()):
             self._count("filtered")  # no learning signal: DAPO drops it, and admission starts another
             self.store.drop(gid, "filtered", len(samples))
             return None
-        tensors = GroupTensors.from_samples(samples, self.advantage_fn(rewards), self.tokenizer.pad_token_id or 0)
+        tensors = GroupTensors.from_samples(samples, torch.zeros(len(samples)), self.tokenizer.pad_token_id or 0)  # advantages: _advantages
         versions = [v for s in samples for v in s.versions] or [self.engine.version]
         meta = GroupMeta(
             group_id=gid,

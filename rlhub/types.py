@@ -53,22 +53,30 @@ class GroupTensors:
     completion_mask: torch.Tensor  # [G, T-1] 1 where target t+1 is a generated token
     old_logprobs: torch.Tensor  # [G, T-1] behaviour log-probs at generated targets, 0 elsewhere
     versions: torch.Tensor  # [G, T-1] policy version of each generated target, -1 elsewhere
-    advantages: torch.Tensor  # [G] one per sample, broadcast over its tokens
-    rewards: torch.Tensor  # [G]
+    advantages: torch.Tensor  # [G, T-1] per generated target, 0 elsewhere
+    rewards: torch.Tensor  # [G] the environment's (shaped) reward per sample
+    values: torch.Tensor | None = None  # [G, T-1] the critic's V(s) before each generated target (PPO)
+    returns: torch.Tensor | None = None  # [G, T-1] the critic's regression targets (PPO)
+    ref_logprobs: torch.Tensor | None = None  # [G, T-1] the reference policy's log-probs (reference actor)
+
+    OPTIONAL = ("values", "returns", "ref_logprobs")
 
     def __getstate__(self) -> dict:
         # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
-        return {k: v.cpu().numpy() for k, v in vars(self).items()}
+        return {k: v.cpu().numpy() for k, v in vars(self).items() if v is not None}
 
     def __setstate__(self, state: dict) -> None:
+        for k in self.OPTIONAL:
+            setattr(self, k, None)
         for k, v in state.items():  # arrays from Ray's object store are read-only
             setattr(self, k, torch.from_numpy(v if v.flags.writeable else v.copy()))
 
     def to(self, device: torch.device | str) -> "GroupTensors":
-        return GroupTensors(*(t.to(device) for t in vars(self).values()))
+        return GroupTensors(**{k: None if t is None else t.to(device) for k, t in vars(self).items()})
 
     @staticmethod
     def from_samples(samples: list[Sample], advantages: torch.Tensor, pad_id: int) -> "GroupTensors":
+        """The group's tensors; `advantages` is `[G]` (one per sample, put on its tokens) or `[G, T-1]`."""
         width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
         g = len(samples)
         ids = torch.full((g, width), pad_id, dtype=torch.long)
@@ -84,7 +92,8 @@ class GroupTensors:
             old[i, p - 1 : p - 1 + c] = torch.tensor(s.logprobs, dtype=torch.float32)
             ver[i, p - 1 : p - 1 + c] = torch.tensor(s.versions, dtype=torch.long)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-        return GroupTensors(ids, attn, cmask, old, ver, advantages.float(), rewards)
+        adv = advantages.float().unsqueeze(-1) * cmask if advantages.dim() == 1 else advantages.float() * cmask
+        return GroupTensors(ids, attn, cmask, old, ver, adv, rewards)
 
 
 def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
@@ -94,12 +103,21 @@ def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
     def pad(t: torch.Tensor, w: int, value: float) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, w - t.shape[1]), value=value)
 
+    def optional(name: str) -> torch.Tensor | None:
+        present = [getattr(g, name) is not None for g in groups]
+        if not any(present):
+            return None
+        if not all(present):
+            raise ValueError(f"collate: some groups carry {name} and some do not")
+        return torch.cat([pad(getattr(g, name), width - 1, 0.0) for g in groups])
+
     return GroupTensors(
         input_ids=torch.cat([pad(g.input_ids, width, pad_id) for g in groups]),
         attention_mask=torch.cat([pad(g.attention_mask, width, 0) for g in groups]),
         completion_mask=torch.cat([pad(g.completion_mask, width - 1, 0.0) for g in groups]),
         old_logprobs=torch.cat([pad(g.old_logprobs, width - 1, 0.0) for g in groups]),
         versions=torch.cat([pad(g.versions, width - 1, -1) for g in groups]),
-        advantages=torch.cat([g.advantages for g in groups]),
+        advantages=torch.cat([pad(g.advantages, width - 1, 0.0) for g in groups]),
         rewards=torch.cat([g.rewards for g in groups]),
+        **{name: optional(name) for name in GroupTensors.OPTIONAL},
     )

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from rlhub.algorithms import get_advantage
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.datastore import InMemoryDataStore
 from rlhub.engines.hf import HFEngine
@@ -13,7 +12,7 @@ from rlhub.envs import make_env
 from rlhub.envs.base import StepResult
 from rlhub.learner import Learner
 from rlhub.models.build import ModelConfig
-from rlhub.rollout import RolloutConfig, RolloutWorker, prompt_index
+from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker, prompt_index
 from rlhub.types import collate
 from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
 
@@ -43,7 +42,7 @@ class ScriptedEnv:
 def make_worker(tiny_model_path, tokenizer, env, store, sync, group_size=4, **rollout):
     cfg = RolloutConfig(max_new_tokens=4, max_model_len=64, **rollout)
     engine = HFEngine(tiny_model_path, seed=0)
-    return RolloutWorker(0, cfg, group_size, 2, engine, env, tokenizer, store, sync, get_advantage("grpo"), PROBE)
+    return RolloutWorker(0, cfg, group_size, 2, engine, env, tokenizer, store, sync, DataSide(), PROBE)
 
 
 @pytest.fixture()
@@ -160,7 +159,7 @@ def test_staleness_zero_without_correction_equals_plain_on_policy_gradient(tiny_
     # the rlhub learner's loss and gradient, micro-batched
     grads = {}
     learner.optimizer.zero_grad()
-    adv = batch.advantages.unsqueeze(-1) * batch.completion_mask
+    adv = batch.advantages * batch.completion_mask
     from rlhub.algorithms.losses import BatchNorms
 
     norms = BatchNorms(float(batch.completion_mask.sum()), float(batch.input_ids.shape[0]))

@@ -1,0 +1,164 @@
+"""Models that score a complete group on the data side: the critic and the reference policy.
+
+A rollout worker hands each generation batch's finished groups to its scorers
+before computing advantages. `score` returns tensors `[B, T-1]` aligned with
+the batch's targets (they travel with the group) and scalars (kept in the
+group's metadata):
+
+- `Critic`: V(s) before each generated token, stamped with the critic's
+  version; it trains on the GAE returns of the same batches the learner trains
+  on, with PPO's value clipping against the value it gave at generation time.
+- `ReferencePolicy`: the frozen reference's log-probs, for the KL term or the
+  KL reward penalty.
+
+In a run each sits in its own Ray actor (`rlhub.actors.scorers`); in unit
+tests and benchmarks they are called in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rlhub.algorithms.config import AlgorithmConfig
+from rlhub.algorithms.losses import BatchNorms, aggregate, value_loss
+from rlhub.models.build import ModelConfig
+from rlhub.models.logprobs import positions_from_mask, token_logprobs
+from rlhub.types import GroupTensors
+
+
+class Scorer(Protocol):
+    def score(self, batch: GroupTensors) -> dict[str, Any]: ...
+
+
+class ValueModel(torch.nn.Module):
+    """The policy's transformer trunk (initialised from the policy's weights) and a scalar head (zero at start)."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoModel
+
+        super().__init__()
+        self.backbone = AutoModel.from_pretrained(model_path, dtype=dtype)
+        self.head = torch.nn.Linear(self.backbone.config.hidden_size, 1, dtype=dtype)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, T-1]`: the value of the state after tokens 0..t, i.e. before target t+1."""
+        positions = positions_from_mask(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).last_hidden_state
+        return self.head(hidden[:, :-1]).squeeze(-1).float()
+
+
+class Critic:
+    """PPO's value function, trained asynchronously beside the policy; each optimizer step is a critic version."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.algo = algo
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = ValueModel(model_path, getattr(torch, model_cfg.dtype)).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo.critic_lr, betas=tuple(algo.adam_betas), weight_decay=algo.weight_decay)
+        self.version = 0
+        self._lock = threading.Lock()  # scoring may run in another thread than training: never mid-update
+        self._train_lock = threading.Lock()  # steps queued by a pipelining controller run one after the other
+
+    def score(self, batch: GroupTensors) -> dict[str, Any]:
+        batch = batch.to(self.device)
+        with self._lock, torch.no_grad():
+            values = self.model(batch.input_ids, batch.attention_mask) * batch.completion_mask
+            version = self.version
+        return {"values": values.cpu(), "critic_version": version}
+
+    def train_step(self, batch: GroupTensors) -> dict[str, float]:
+        """One step of value regression on the batch's returns; +1 critic version."""
+        if batch.values is None or batch.returns is None:
+            raise ValueError("the critic trains on batches with values and returns (advantage=gae)")
+        with self._train_lock:
+            return self._train_step(batch)
+
+    def _train_step(self, batch: GroupTensors) -> dict[str, float]:
+        start = time.perf_counter()
+        batch = batch.to(self.device)
+        mask = batch.completion_mask
+        n = batch.input_ids.shape[0]
+        norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n))
+        sums: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for lo in range(0, n, self.algo.micro_batch_size):
+            mb = slice(lo, min(n, lo + self.algo.micro_batch_size))
+            values = self.model(batch.input_ids[mb], batch.attention_mask[mb])
+            per_token, metrics = value_loss(values, batch.values[mb], batch.returns[mb], mask[mb], self.algo.value_clip)
+            loss = aggregate(per_token, mask[mb], "token_mean", norms)
+            loss.backward()
+            share = float(mask[mb].sum()) / max(norms.num_tokens, 1.0)
+            sums["value_loss"] = sums.get("value_loss", 0.0) + float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
+        with self._lock:
+            self.optimizer.step()
+            self.version += 1
+        out = {f"critic/{k}": v for k, v in sums.items()}
+        out["critic/grad_norm"] = float(grad_norm)
+        out["critic/version"] = self.version
+        out["time/critic_train_s"] = time.perf_counter() - start
+        return out
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file, save_model
+
+        from rlhub.learner import flatten_optimizer
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(directory / "critic.safetensors"))
+        tensors, meta = flatten_optimizer(self.optimizer.state_dict())
+        save_file(tensors, str(directory / "critic_optimizer.safetensors"))
+        (directory / "critic.json").write_text(json.dumps({"version": self.version, "optimizer": meta}))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file, load_model
+
+        from rlhub.learner import unflatten_optimizer
+
+        meta = json.loads((directory / "critic.json").read_text())
+        load_model(self.model, str(directory / "critic.safetensors"))
+        self.optimizer.load_state_dict(unflatten_optimizer(load_file(str(directory / "critic_optimizer.safetensors")), meta["optimizer"]))
+        self.version = int(meta["version"])
+
+
+class ReferencePolicy:
+    """A frozen copy of the policy; its log-probs of the generated tokens."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype))
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the policy's weights as they are now (the start of RL, after any warm start)."""
+        self.model.load_state_dict(state)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(directory / "reference.safetensors"))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.model, str(directory / "reference.safetensors"))
+
+    def score(self, batch: GroupTensors) -> dict[str, Any]:
+        batch = batch.to(self.device)
+        with torch.no_grad():
+            logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask)
+        return {"ref_logprobs": (logprobs * batch.completion_mask).cpu()}
