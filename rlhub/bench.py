@@ -105,8 +105,9 @@ def bench_e2e(overrides: list[str]) -> dict[str, Any]:
     from rlhub.algorithms.advantages import TOKEN_LEVEL
     from rlhub.config import ConfigError
 
-    if cfg.algorithm.advantage in TOKEN_LEVEL:
-        raise ConfigError(f"bench e2e measures critic-free algorithms; algorithm.advantage={cfg.algorithm.advantage!r} needs a critic")
+    algo = cfg.algorithm
+    if algo.advantage in TOKEN_LEVEL or (algo.kl_coef > 0 and algo.reference == "actor"):
+        raise ConfigError("bench e2e measures algorithms without scorer actors (no critic, reference=learner); use rlhub bench presets")
     skip = max(2, cfg.experiment.total_steps // 10)  # start-up steps are not steady state
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -170,8 +171,14 @@ def _preset_run(overrides: list[str]) -> dict[str, Any]:
         if any(key in r for r in rows):
             out[key.split("/", 1)[1]] = mean(key, rows)
     if any("critic/value_loss" in r for r in rows):
+        # during the warm-up the policy is frozen, so the returns' distribution holds still and the
+        # value loss is comparable from step to step; later the policy (and the returns) move
+        warmup = max(1, cfg.algorithm.critic_warmup)
+        out["value_loss_step_1"] = rows[0]["critic/value_loss"]
+        out[f"value_loss_step_{warmup}"] = rows[warmup - 1]["critic/value_loss"]
         out["value_loss_first_tenth"] = mean("critic/value_loss", rows[:tenth])
         out["value_loss_last_tenth"] = mean("critic/value_loss", rows[-tenth:])
+        out["explained_variance_first_tenth"] = mean("critic/explained_variance", rows[:tenth])
         out["explained_variance_last_tenth"] = mean("critic/explained_variance", rows[-tenth:])
         out["critic_value_lag_max"] = max(r["critic/value_lag_max"] for r in rows)
     return out

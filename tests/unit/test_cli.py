@@ -21,6 +21,8 @@ def rlhub(*args: str, tmp_path) -> subprocess.CompletedProcess:
         (["train", "env.name=no_such_env"], "env.name='no_such_env': no such environment"),
         (["train", "model.path=/nonexistent/model"], "model.path='/nonexistent/model'"),
         (["train", "rollout.num_actors=zero"], "rollout.num_actors"),
+        (["train", "algorithm=ppo", "algorithm.reference=learner"], "kl_penalty=reward needs algorithm.reference=actor"),
+        (["bench", "e2e", "algorithm=ppo"], "use rlhub bench presets"),
     ],
 )
 def test_bad_input_is_one_line(args, says, tmp_path):
