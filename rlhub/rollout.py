@@ -183,7 +183,9 @@ class RolloutWorker:
 
     # ---- weights ------------------------------------------------------------
     def sync_weights(self) -> None:
-        published = self.weight_sync.pull(self.engine.version)
+        # until its first load an engine holds the weights it was built from, whatever its version
+        # says: the first published version (0: the policy after the warm start) is always loaded
+        published = self.weight_sync.pull(self.engine.version if self.stats.syncs else -1)
         if published is not None:
             self._load(published)
 

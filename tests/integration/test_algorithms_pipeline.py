@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 
-from rlhub.actors.controller import train
 from rlhub.bench import PRESETS
 from rlhub.checkpoint import latest_checkpoint
-from rlhub.config import load_config
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["prompts_per_step=4", "group_size=4", "rollout.max_new_tokens=4", "wandb.mode=disabled", "progress=false", "warm_start.steps=10"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
-def run(tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:
-    cfg = load_config([*SMALL, f"run_dir={tmp_path}", *overrides])
-    summary = train(cfg)
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return summary, metrics
+FAST = "warm_start.steps=10"  # a shorter format warm start: these runs test the algorithms, not learning speed
 
 
 def finite(rows: list[dict]) -> bool:
@@ -40,17 +20,17 @@ def finite(rows: list[dict]) -> bool:
 
 # grpo runs in every other pipeline test, ppo in its own test below
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p not in ("grpo", "ppo")])
-def test_every_preset_runs_through_the_pipeline(ray_local, tmp_path, preset):
-    summary, metrics = run(tmp_path, f"algorithm={preset}", "experiment.total_steps=3", "checkpoint.keep_final=false")
+def test_every_preset_runs_through_the_pipeline(ray_local, run_pipeline, tmp_path, preset):
+    summary, metrics = run_pipeline(tmp_path, FAST, f"algorithm={preset}", "experiment.total_steps=3", "checkpoint.keep_final=false")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert finite(metrics)
     assert all("train/pg_loss" in m and "train/is_ratio_mean" in m for m in metrics)
     assert summary["store"]["consumed"] == 12
 
 
-def test_ppo_critic_trains_beside_the_policy_and_resumes(ray_local, tmp_path):
+def test_ppo_critic_trains_beside_the_policy_and_resumes(ray_local, run_pipeline, tmp_path):
     steps = 12
-    summary, metrics = run(tmp_path, "algorithm=ppo", f"experiment.total_steps={steps}", "algorithm.critic_warmup=3", "algorithm.critic_lr=3e-3",
+    summary, metrics = run_pipeline(tmp_path, FAST, "algorithm=ppo", f"experiment.total_steps={steps}", "algorithm.critic_warmup=3", "algorithm.critic_lr=3e-3",
                            "max_staleness=1", "checkpoint.every=6")
     assert finite(metrics)
     assert [m["critic/version"] for m in metrics] == list(range(1, steps + 1))
@@ -64,14 +44,14 @@ def test_ppo_critic_trains_beside_the_policy_and_resumes(ray_local, tmp_path):
     ckpt = latest_checkpoint(tmp_path)
     assert (ckpt / "critic" / "critic.safetensors").is_file() and (ckpt / "reference" / "reference.safetensors").is_file()
     (tmp_path / "metrics.jsonl").unlink()
-    _, more = run(tmp_path, "algorithm=ppo", f"experiment.total_steps={steps + 2}", "max_staleness=1", "resume=true", "checkpoint.keep_final=false")
+    _, more = run_pipeline(tmp_path, FAST, "algorithm=ppo", f"experiment.total_steps={steps + 2}", "max_staleness=1", "resume=true", "checkpoint.keep_final=false")
     assert [m["critic/version"] for m in more] == [steps + 1, steps + 2]
 
 
 @pytest.mark.parametrize("correction", ["none", "tis"])
-def test_corrections_act_on_stale_samples(ray_local, tmp_path, correction):
+def test_corrections_act_on_stale_samples(ray_local, run_pipeline, tmp_path, correction):
     # a slow learner (micro-batches of 1) lets the rollout run up to four versions ahead
-    summary, metrics = run(tmp_path, "max_staleness=4", f"algorithm.correction={correction}", "experiment.total_steps=10",
+    summary, metrics = run_pipeline(tmp_path, FAST, "max_staleness=4", f"algorithm.correction={correction}", "experiment.total_steps=10",
                            "algorithm.micro_batch_size=1", "algorithm.lr=2e-3", "checkpoint.keep_final=false")
     assert finite(metrics)
     assert all(m["staleness/max"] <= 4 for m in metrics)

@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from rlhub.actors.controller import train
 from rlhub.checkpoint import latest_checkpoint, read_state
-from rlhub.config import load_config
 
 pytestmark = pytest.mark.integration
-
-SMALL = ["prompts_per_step=4", "group_size=4", "rollout.max_new_tokens=4", "wandb.mode=disabled", "progress=false"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
-def run(tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:
-    cfg = load_config([*SMALL, f"run_dir={tmp_path}", *overrides])
-    summary = train(cfg)
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return summary, metrics
 
 
 def assert_accounted(store: dict) -> None:
@@ -38,8 +15,8 @@ def assert_accounted(store: dict) -> None:
 
 
 @pytest.mark.parametrize("staleness", [0, 2])
-def test_no_trained_token_older_than_max_staleness(ray_local, tmp_path, staleness):
-    summary, metrics = run(tmp_path, f"max_staleness={staleness}", "experiment.total_steps=6", "rollout.num_actors=2")
+def test_no_trained_token_older_than_max_staleness(ray_local, run_pipeline, tmp_path, staleness):
+    summary, metrics = run_pipeline(tmp_path, f"max_staleness={staleness}", "experiment.total_steps=6", "rollout.num_actors=2")
     assert [m["step"] for m in metrics] == list(range(1, 7))
     assert all(m["staleness/max"] <= staleness for m in metrics)
     if staleness == 0:
@@ -53,23 +30,23 @@ def test_no_trained_token_older_than_max_staleness(ray_local, tmp_path, stalenes
 
 
 @pytest.mark.vllm
-def test_vllm_engine_in_the_pipeline_syncs_exactly(ray_local, tmp_path):
+def test_vllm_engine_in_the_pipeline_syncs_exactly(ray_local, run_pipeline, tmp_path):
     pytest.importorskip("vllm")
-    summary, metrics = run(tmp_path, "rollout.engine=vllm", "experiment.total_steps=4", "max_staleness=1")
+    summary, metrics = run_pipeline(tmp_path, "rollout.engine=vllm", "experiment.total_steps=4", "max_staleness=1")
     assert all(m["sync/probe_error"] <= 1e-4 and m["sync/rebuilds"] == 0 for m in metrics)
     assert all(m["staleness/max"] <= 1 for m in metrics)
     assert_accounted(summary["store"])
 
 
-def test_inflight_weight_updates_keep_the_bound(ray_local, tmp_path):
-    summary, metrics = run(tmp_path, "rollout.weight_update=inflight", "experiment.total_steps=5", "max_staleness=1")
+def test_inflight_weight_updates_keep_the_bound(ray_local, run_pipeline, tmp_path):
+    summary, metrics = run_pipeline(tmp_path, "rollout.weight_update=inflight", "experiment.total_steps=5", "max_staleness=1")
     assert all(m["staleness/max"] <= 1 for m in metrics)
     assert_accounted(summary["store"])
 
 
-def test_dropped_prompts_do_not_stall_the_run(ray_local, tmp_path):
+def test_dropped_prompts_do_not_stall_the_run(ray_local, run_pipeline, tmp_path):
     # "max(a,b)=" prompts (9 tokens) do not fit max_model_len=10 with 4 new tokens; "a+b=" ones do
-    summary, metrics = run(tmp_path, "env.kwargs.ops=[max,+]", "rollout.max_model_len=10", "experiment.total_steps=4", "max_staleness=0")
+    summary, metrics = run_pipeline(tmp_path, "env.kwargs.ops=[max,+]", "rollout.max_model_len=10", "experiment.total_steps=4", "max_staleness=0")
     store = summary["store"]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert store["dropped"].get("prompt_too_long", 0) > 0
@@ -77,15 +54,15 @@ def test_dropped_prompts_do_not_stall_the_run(ray_local, tmp_path):
     assert_accounted(store)
 
 
-def test_resume_continues_from_saved_version_and_data_position(ray_local, tmp_path):
-    first, _ = run(tmp_path, "experiment.total_steps=4", "checkpoint.every=2", "max_staleness=1")
+def test_resume_continues_from_saved_version_and_data_position(ray_local, run_pipeline, tmp_path):
+    first, _ = run_pipeline(tmp_path, "experiment.total_steps=4", "checkpoint.every=2", "max_staleness=1")
     ckpt = latest_checkpoint(tmp_path)
     state = read_state(ckpt)
     assert ckpt.name == "step_000004" and state["version"] == 4
     cursor = state["store"]["admission"]["cursor"]
     assert cursor >= 16 and state["store"]["consumed"] == 16
     (tmp_path / "metrics.jsonl").unlink()
-    second, metrics = run(tmp_path, "experiment.total_steps=7", "checkpoint.every=2", "max_staleness=1", "resume=true")
+    second, metrics = run_pipeline(tmp_path, "experiment.total_steps=7", "checkpoint.every=2", "max_staleness=1", "resume=true")
     assert [m["step"] for m in metrics] == [5, 6, 7]
     store = second["store"]
     assert store["consumed"] == 7 * 4

@@ -86,6 +86,20 @@ def test_sync_is_verified_and_a_bad_load_rebuilds(tiny_model_path, tokenizer, le
     assert torch.allclose(worker.engine.prompt_logprobs(PROBE), learner.probe(), atol=1e-5)
 
 
+def test_the_first_published_version_reaches_the_engine(tiny_model_path, tokenizer, learner):
+    # version 0 is the policy after the warm start, not the weights the engine was built from
+    sync = InMemoryWeightSync()
+    worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), InMemoryDataStore(2, 0), sync)
+    learner.model.load_state_dict({k: v + 0.01 for k, v in learner.state_dict().items()})
+    sync.push(learner.state_dict(), 0, learner.probe())
+    assert worker.engine.version == 0 and not torch.allclose(worker.engine.prompt_logprobs(PROBE), learner.probe(), atol=1e-3)
+    worker.sync_weights()
+    assert worker.stats.syncs == 1
+    assert torch.allclose(worker.engine.prompt_logprobs(PROBE), learner.probe(), atol=1e-5)
+    worker.sync_weights()  # nothing newer: no second load
+    assert worker.stats.syncs == 1
+
+
 def test_worker_and_learner_loop_respects_staleness(tiny_model_path, tokenizer, learner):
     max_staleness = 1
     store = InMemoryDataStore(prompts_per_step=2, max_staleness=max_staleness)
