@@ -169,6 +169,8 @@ def value_loss(
             "value_clip_frac": clip_frac.detach(),
             "values_mean": masked_mean(values, mask).detach(),
             "returns_mean": masked_mean(returns, mask),
+            # the loss a critic that always says 0 (the zero-initialised head) would have on these returns
+            "zero_value_loss": masked_mean(0.5 * returns**2, mask),
             # 1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant
             "explained_variance": 1.0 - resid / var_r.clamp(min=1e-8),
         }

@@ -171,13 +171,11 @@ def _preset_run(overrides: list[str]) -> dict[str, Any]:
         if any(key in r for r in rows):
             out[key.split("/", 1)[1]] = mean(key, rows)
     if any("critic/value_loss" in r for r in rows):
-        # during the warm-up the policy is frozen, so the returns' distribution holds still and the
-        # value loss is comparable from step to step; later the policy (and the returns) move
-        warmup = max(1, cfg.algorithm.critic_warmup)
-        out["value_loss_step_1"] = rows[0]["critic/value_loss"]
-        out[f"value_loss_step_{warmup}"] = rows[warmup - 1]["critic/value_loss"]
+        # the returns' distribution moves as the policy learns: compare critics on the same batches too
         out["value_loss_first_tenth"] = mean("critic/value_loss", rows[:tenth])
         out["value_loss_last_tenth"] = mean("critic/value_loss", rows[-tenth:])
+        # the same last batches, scored by the critic as it started (V = 0)
+        out["initial_critic_value_loss_last_tenth"] = mean("critic/zero_value_loss", rows[-tenth:])
         out["explained_variance_first_tenth"] = mean("critic/explained_variance", rows[:tenth])
         out["explained_variance_last_tenth"] = mean("critic/explained_variance", rows[-tenth:])
         out["critic_value_lag_max"] = max(r["critic/value_lag_max"] for r in rows)

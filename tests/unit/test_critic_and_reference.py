@@ -37,6 +37,7 @@ def test_value_loss_by_hand_with_clipping_and_padding():
     # token 0: unclipped error 0, clipped value 0.2 -> 0.5 * 0.8^2 = 0.32 (the larger wins); token 1 inside the band: 0.5 * 0.81
     assert torch.allclose((loss * mask)[0, :2], torch.tensor([0.32, 0.405]))
     assert float(m["value_clip_frac"]) == pytest.approx(0.5)
+    assert float(m["zero_value_loss"]) == pytest.approx(0.5)  # 0.5 * R^2 on the two real tokens; padding's R = 5 ignored
     (loss * mask).sum().backward()
     # the clipped branch is flat in V; the unclipped one has gradient V - R; padding has none
     assert torch.allclose(v.grad, torch.tensor([[0.0, -0.9, 0.0]]))
