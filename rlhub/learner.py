@@ -2,9 +2,10 @@
 
 Algorithm-blind: advantages (per token), behaviour log-probs and, with a
 reference actor, reference log-probs arrive with the batch; the loss is looked
-up by name. The critic, when there is one, trains beside it (`rlhub.scorers`). Each optimizer step bumps the policy version by one.
-The MoE router's load-balancing loss is added here and the expert load is
-measured from the same forward pass.
+up by name. The critic, when there is one, trains beside it (`rlhub.scorers`).
+Each optimizer step bumps the policy version by one. The MoE router's
+load-balancing loss is added here and the expert load is measured from the
+same forward pass.
 """
 
 from __future__ import annotations
