@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from rlhub.learner import Learner
+from rlhub.models.logprobs import SamplingPolicy
 from rlhub.types import collate
 
 
@@ -21,7 +22,8 @@ class LearnerActor:
         if core is not None:
             os.sched_setaffinity(0, {core})
         torch.set_num_threads(run.cluster.torch_threads)
-        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed, generation_budget=run.rollout.max_new_tokens)
+        policy = SamplingPolicy(run.rollout.temperature, run.rollout.top_p)
+        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed, generation_budget=run.rollout.max_new_tokens, policy=policy)
         self.weight_sync = weight_sync
         self.store = store
         self._last_end = 0.0  # when the previous step returned: the gap to the next is idle time

@@ -32,7 +32,8 @@ class Completion:
 
     token_ids: list[int]
     logprobs: list[float]
-    """Log-prob of each sampled token under the weights that sampled it (before temperature)."""
+    """Log-prob of each sampled token under the distribution it was sampled from: the weights that
+    sampled it, the temperature and the top-p nucleus (`rlhub.models.logprobs.SamplingPolicy`)."""
     versions: list[int]
     """Policy version of the weights that produced each token."""
     finish_reason: str  # "stop" | "length"
@@ -40,8 +41,9 @@ class Completion:
     """[num_tokens, num_moe_layers, top_k] expert ids chosen for each generated token, where recorded."""
 
 
-WeightSource = Callable[[], "tuple[dict[str, torch.Tensor], int] | None"]
-"""Polled between decode steps by engines that update in flight: returns (state, version) or None."""
+WeightSource = Callable[[], bool]
+"""Called between decode steps by engines that update in flight. It loads newer weights into the
+engine itself (and verifies them, as between batches) and returns whether it did."""
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from rlhub.engines.base import Completion, EngineStats, SamplingConfig, WeightSource
-from rlhub.models.logprobs import positions_from_mask, probe_logprobs
+from rlhub.models.logprobs import SamplingPolicy, positions_from_mask, probe_logprobs
 
 
 class HFEngine:
@@ -108,8 +108,8 @@ class HFEngine:
             done |= torch.isin(next_ids, stop)
             if bool(done.all()):
                 break
-            if weight_source is not None:
-                self._maybe_update_in_flight(weight_source)
+            if weight_source is not None and weight_source():
+                self.stats.inflight_updates += 1
             step_ids = next_ids.unsqueeze(-1)
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
@@ -130,23 +130,15 @@ class HFEngine:
         ]
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token ids [B], their raw log-probs [B]) sampled at the configured temperature and top-p."""
-        raw_logp = torch.log_softmax(logits, dim=-1)
+        """(token ids [B], their log-probs [B] under the sampling distribution: temperature, then the top-p nucleus).
+
+        Greedy decoding (temperature 0) samples from a point mass: log-prob 0."""
         if sampling.temperature <= 0:
             ids = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / sampling.temperature, dim=-1)
-            if sampling.top_p < 1.0:
-                probs = _top_p_filter(probs, sampling.top_p)
-            ids = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
-        return ids, raw_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-    def _maybe_update_in_flight(self, weight_source: WeightSource) -> None:
-        update = weight_source()
-        if update is not None:
-            state, version = update
-            self.load_weights(state, version)
-            self.stats.inflight_updates += 1
+            return ids, torch.zeros(ids.shape)
+        logp = SamplingPolicy(sampling.temperature, sampling.top_p).log_probs(logits)  # [B, V], the learner's computation
+        ids = torch.multinomial(logp.exp(), 1, generator=self._generator).squeeze(-1)
+        return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
     # ---- weights ----------------------------------------------------------
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -181,10 +173,3 @@ class HFEngine:
             h.remove()
         self.model = None
 
-
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tail outside the smallest set of tokens whose mass reaches top_p."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-    sorted_p = sorted_p * keep
-    return torch.zeros_like(probs).scatter(-1, order, sorted_p)

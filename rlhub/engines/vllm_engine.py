@@ -85,9 +85,10 @@ class VLLMEngine:
             seed=self.seed,
             max_model_len=self.max_model_len,
             distributed_executor_backend="uni",
-            # Log-probs of the unmodified distribution (before temperature and
-            # top-p), as the protocol asks; vLLM's default, made explicit.
-            logprobs_mode="raw_logprobs",
+            # Log-probs of the distribution tokens are sampled from: after the
+            # temperature and the top-p mask, renormalised (the protocol's
+            # behaviour policy). Prompt log-probs (the sync probe) stay raw.
+            logprobs_mode="processed_logprobs",
         )
         if current_platform.is_cpu():
             # Eager on CPU: a swapped-in model would otherwise trigger recompilation.
@@ -139,7 +140,7 @@ class VLLMEngine:
         t0 = time.perf_counter()
         outputs = self._llm.generate(inputs, params, use_tqdm=False)
         self.stats.generate_seconds += time.perf_counter() - t0
-        completions = [self._completion(out.outputs[0]) for out in outputs]
+        completions = [self._completion(out.outputs[0], sampling.temperature <= 0) for out in outputs]
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
         return completions
 
@@ -163,11 +164,13 @@ class VLLMEngine:
             seed=seed,
         )
 
-    def _completion(self, out: Any) -> Completion:
+    def _completion(self, out: Any, greedy: bool) -> Completion:
         token_ids = list(out.token_ids)
         # With logprobs=0 each position holds the sampled token (and nothing
         # else unless it is also the top-1); index by the sampled id to be sure.
         logprobs = [float(pos[tok].logprob) for tok, pos in zip(token_ids, out.logprobs)]
+        if greedy:  # a point mass was sampled from, whatever vLLM reports for greedy requests
+            logprobs = [0.0] * len(token_ids)
         if len(logprobs) != len(token_ids):
             raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(token_ids)} tokens")
         finish = "length" if out.finish_reason == "length" else "stop"

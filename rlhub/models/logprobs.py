@@ -1,12 +1,60 @@
-"""Per-token log-probs of given tokens under a causal LM, shared by learner and engines.
+"""Per-token log-probs under the distribution rollouts sample from, shared by learner, engines and scorers.
 
-The learner and the built-in engine compute log-probs with the same function,
-so that a sync check compares weights, not two implementations.
+The behaviour policy of RL on sampled text is not the model's raw softmax: it
+is the softmax of the logits divided by the temperature, restricted to the
+top-p nucleus and renormalised there. Engines report the log-prob of each
+sampled token under that distribution, and the learner, the reference and the
+built-in engine compute it with the same function here, so an importance ratio
+compares one distribution at two weight versions, and a sync check compares
+weights, not two implementations.
+
+Under top-p the nucleus depends on the weights. A token sampled at version v
+is in v's nucleus; at a later version it may have fallen out. The learner then
+keeps it in the support (nucleus plus the sampled token, renormalised), so its
+log-prob stays finite and the ratio small instead of an infinite penalty.
+At the engine's own version this changes nothing: the sampled token is
+already in the nucleus.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class SamplingPolicy:
+    """The transform from logits to the sampling distribution (`rollout.temperature`, `rollout.top_p`)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature must be > 0 for a sampling distribution, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+
+    def log_probs(self, logits: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., V] log-probs of the sampling distribution; `keep` [...] token ids always left in the nucleus.
+
+        Tokens outside the nucleus get -inf.
+        """
+        scaled = logits.float() / self.temperature
+        if self.top_p >= 1.0:
+            return torch.log_softmax(scaled, dim=-1)
+        probs = torch.softmax(scaled, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        in_nucleus = sorted_p.cumsum(-1) - sorted_p < self.top_p  # the smallest set reaching top_p; keeps the top token
+        inside = torch.zeros_like(in_nucleus).scatter(-1, order, in_nucleus)
+        if keep is not None:
+            inside = inside.scatter(-1, keep.unsqueeze(-1), True)
+        return torch.log_softmax(scaled.masked_fill(~inside, float("-inf")), dim=-1)
+
+
+RAW = SamplingPolicy()
+"""The model's own distribution (temperature 1, no nucleus): what sync probes compare."""
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -14,17 +62,23 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """[...] entropy of distributions given as log-probs [..., V] (-inf entries contribute nothing)."""
+    return -torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,  # [B, T]
     attention_mask: torch.Tensor,  # [B, T]
     with_entropy: bool = False,
+    policy: SamplingPolicy = RAW,
     **forward_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
     """(logprobs [B, T-1], entropy [B, T-1] or None, model output).
 
-    logprobs[:, t] is log p(input_ids[:, t+1] | input_ids[:, :t+1]), from the
-    raw logits (no temperature), which is what engines report for sampling.
+    logprobs[:, t] is log pi(input_ids[:, t+1] | input_ids[:, :t+1]) under `policy`'s
+    sampling distribution (temperature, top-p nucleus with the target kept in it).
     """
     out = model(
         input_ids=input_ids,
@@ -33,18 +87,16 @@ def token_logprobs(
         use_cache=False,
         **forward_kwargs,
     )
-    logits = out.logits[:, :-1].float()  # [B, T-1, V]
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    targets = input_ids[:, 1:]
+    logp_all = policy.log_probs(out.logits[:, :-1], keep=targets)  # [B, T-1, V]
+    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = entropy_of(logp_all) if with_entropy else None
     return logprobs, entropy, out
 
 
 @torch.no_grad()
 def probe_logprobs(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
-    """[len(token_ids) - 1] log-probs of a fixed probe sequence, for sync verification."""
+    """[len(token_ids) - 1] raw log-probs of a fixed probe sequence, for sync verification of the weights."""
     ids = torch.tensor([token_ids], dtype=torch.long, device=next(model.parameters()).device)
     logprobs, _, _ = token_logprobs(model, ids, torch.ones_like(ids))
     return logprobs[0].float().cpu()
