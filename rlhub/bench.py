@@ -34,6 +34,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     from rlhub.datastore import InMemoryDataStore
     from rlhub.envs import make_env
     from rlhub.learner import Learner
+    from rlhub.models.logprobs import SamplingPolicy
     from rlhub.models.build import resolve_model_path
     from rlhub.rollout import DataSide, RolloutWorker
     from rlhub.types import collate
@@ -44,7 +45,8 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     path = str(resolve_model_path(cfg.model))
     tok = AutoTokenizer.from_pretrained(path)
     probe = probe_sequence(len(tok))
-    learner = Learner(path, cfg.model, cfg.algorithm, probe, seed=cfg.seed, generation_budget=cfg.rollout.max_new_tokens)
+    policy = SamplingPolicy(cfg.rollout.temperature, cfg.rollout.top_p)
+    learner = Learner(path, cfg.model, cfg.algorithm, probe, seed=cfg.seed, generation_budget=cfg.rollout.max_new_tokens, policy=policy)
     sync = InMemoryWeightSync()
     store = InMemoryDataStore(cfg.prompts_per_step, max_staleness=10**9)
     engine = make_engine(cfg.rollout, path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)

@@ -85,6 +85,14 @@ class WarmStartConfig:
 
 
 @dataclass
+class LearnerConfig:
+    """How the learner actor reacts to trouble (the optimisation itself is `algorithm`)."""
+
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient is not finite is skipped and counted; this many in a row stop the run."""
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"
     """offline (default; `wandb sync` later), online, or disabled."""
@@ -104,6 +112,7 @@ class RunConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     max_staleness: int = 1
     """How many policy versions a trained token may lag the learner (0: synchronous on-policy)."""
@@ -185,7 +194,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.engine in ("hf", "vllm"), f"rollout.engine must be hf or vllm, not {cfg.rollout.engine!r}"),
         (cfg.rollout.weight_update in ("batch", "inflight"), f"rollout.weight_update must be batch or inflight, not {cfg.rollout.weight_update!r}"),
         (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
-        (cfg.rollout.temperature >= 0, "rollout.temperature must be >= 0"),
+        (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (training needs a sampling distribution; greedy has none)"),
         (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (cfg.datastore.num_shards >= 1, "datastore.num_shards must be >= 1"),
         (cfg.algorithm.micro_batch_size >= 1, "algorithm.micro_batch_size must be >= 1"),
@@ -194,6 +203,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.wandb.mode in ("offline", "online", "disabled"), f"wandb.mode must be offline, online or disabled, not {cfg.wandb.mode!r}"),
         (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
         (cfg.warm_start.steps >= 0, "warm_start.steps must be >= 0"),
+        (cfg.learner.max_nonfinite_steps >= 1, "learner.max_nonfinite_steps must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

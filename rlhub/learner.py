@@ -11,6 +11,7 @@ same forward pass.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,20 @@ from rlhub.algorithms.advantages import normalize_over_batch
 from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked_mean
 from rlhub.models.build import ModelConfig, is_moe
-from rlhub.models.logprobs import probe_logprobs, token_logprobs
+from rlhub.models.logprobs import RAW, SamplingPolicy, probe_logprobs, token_logprobs
 from rlhub.types import GroupTensors
 
 
 class Learner:
     def __init__(
-        self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, probe_ids: list[int], seed: int = 0, generation_budget: int = 16
+        self,
+        model_path: str,
+        model_cfg: ModelConfig,
+        algo: AlgorithmConfig,
+        probe_ids: list[int],
+        seed: int = 0,
+        generation_budget: int = 16,
+        policy: SamplingPolicy = RAW,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -48,7 +56,10 @@ class Learner:
         self.generation_budget = float(generation_budget)
         self._reference: torch.nn.Module | None = None
         self.probe_ids = probe_ids
+        self.policy = policy
+        """The rollouts' sampling distribution: log-probs, ratios and KLs are computed under it."""
         self.version = 0
+        self.nonfinite_in_row = 0
 
     # ---- one optimizer step -----------------------------------------------------
     def train_step(self, batch: GroupTensors) -> dict[str, float]:
@@ -81,11 +92,17 @@ class Learner:
                 counts = expert_counts(out.router_logits, batch.attention_mask[mb], self.model.config.num_experts_per_tok)
                 load = counts if load is None else load + counts
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.grad_clip)
-        update = self.version >= algo.critic_warmup  # during the critic's warm-up the policy stays as it is
+        finite = math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))
+        # a non-finite loss or gradient would poison the weights: skip the update, keep the version moving
+        self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+        update = finite and self.version >= algo.critic_warmup  # during the critic's warm-up the policy stays as it is
         if update:
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         metrics = {f"train/{k}": v for k, v in sums.items()}
         metrics["train/policy_updated"] = float(update)
+        metrics["train/nonfinite_skipped"] = float(not finite)
+        metrics["train/nonfinite_in_row"] = float(self.nonfinite_in_row)
         if "train/aux_loss_share" in metrics:
             metrics["train/aux_loss"] = metrics.pop("train/aux_loss_share") / max(self.aux_coef, 1e-12)
         metrics["train/grad_norm"] = float(grad_norm)
@@ -105,7 +122,7 @@ class Learner:
         mask = batch.completion_mask[mb]
         behaviour = batch.old_logprobs[mb]
         kwargs = {"output_router_logits": True} if self.moe else {}
-        logprobs, entropy, out = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, **kwargs)
+        logprobs, entropy, out = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, policy=self.policy, **kwargs)
         corr = correct(logprobs, behaviour, mask, algo.correction, algo.tis_cap, (algo.icepop_low, algo.icepop_high))
         per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages[mb], corr.mask), self.loss_cfg)
         pg_loss = aggregate(per_token * corr.weights, corr.mask, algo.loss_agg, norms)
@@ -117,14 +134,16 @@ class Learner:
             log_r = logprobs - behaviour
             parts["kl_behaviour"] = masked_mean(torch.exp(log_r) - 1.0 - log_r, mask)  # k3 of KL(behaviour || policy)
             same = mask * (batch.versions[mb] == self.version)  # tokens sampled by these very weights
-            if same.sum() > 0:
-                parts["logprob_mismatch"] = masked_mean((logprobs - behaviour).abs(), same)
+            if same.sum() > 0:  # engine and learner compute the same distribution: ~0 unless the weights differ
+                gap = torch.where(same.bool(), (logprobs - behaviour).abs(), torch.zeros_like(logprobs))
+                parts["logprob_mismatch"] = gap.sum() / same.sum()
+                parts["logprob_mismatch_max"] = gap.max()
         if algo.kl_coef > 0:
             if batch.ref_logprobs is not None:  # computed by the reference actor on the data side
                 ref_lp = batch.ref_logprobs[mb]
             else:
                 with torch.no_grad():
-                    ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids[mb], batch.attention_mask[mb])
+                    ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
             kl = aggregate(kl_estimate(logprobs, ref_lp, algo.kl_estimator), mask, "token_mean", norms)
             if algo.kl_penalty == "loss":
                 loss = loss + algo.kl_coef * kl
