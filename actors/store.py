@@ -174,7 +174,7 @@ class RayDataStore:
         ray.get([self.shards[i].put_many.remote(metas, boxes) for i, (metas, boxes) in by_shard.items()])
         self.coordinator.finish.remote([meta.group_id for meta, _ in groups])
 
-    def drop(self, group_id: int, reason: str, samples: int) -> None:
+    def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None:
         ray.get(self._shard(group_id).count_drop.remote(reason, 1, samples))
         ray.get(self.coordinator.finish.remote([group_id], dropped=True))
 

@@ -7,7 +7,7 @@ and `env.kwargs` are passed to the factory. Built-in environments register
 the same way, through rlhub's own pyproject.
 """
 
-from rlhub.envs.base import Env, StepResult
+from rlhub.envs.base import Env, ModelMessage, StepResult, ended_turn
 from rlhub.envs.registry import available_envs, make_env
 
-__all__ = ["Env", "StepResult", "available_envs", "make_env"]
+__all__ = ["Env", "ModelMessage", "StepResult", "available_envs", "ended_turn", "make_env"]

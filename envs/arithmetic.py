@@ -1,7 +1,8 @@
 """Built-in verifiable task: small-integer arithmetic, scored by exact answer.
 
 Prompts look like `3+4=` or `max(3,7)=`; the answer is the decimal result,
-then end of turn. The reward is 1 for the exact answer and 0 otherwise, so a
+then end of turn. The reward is 1 for the exact answer ended by the end-of-turn
+token and 0 otherwise (a completion cut off at the length limit scores 0), so a
 constant output cannot collect reward; `success` equals the exact match.
 
 `format_examples` gives answers of the right shape that ignore the prompt: a
@@ -16,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from rlhub.envs.base import StepResult
+from rlhub.envs.base import StepResult, ended_turn
 
 _OPS: dict[str, Callable[[int, int], int]] = {
     "+": lambda a, b: a + b,
@@ -73,7 +74,9 @@ class ArithmeticEnv:
         return row["prompt"], row["answer"]
 
     def step(self, state: Any, message: str) -> StepResult:
-        correct = message.strip() == state
+        """1 for the exact answer followed by the end-of-turn token; a completion cut off at the
+        length limit scores 0 even when its text is the answer."""
+        correct = ended_turn(message) and message.strip() == state
         return StepResult(reward=1.0 if correct else 0.0, done=True, success=correct)
 
     def format_examples(self, n: int, rng: random.Random) -> list[tuple[str, str]]:

@@ -19,6 +19,41 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class ModelMessage(str):
+    """The model's message as `step` receives it: the completion's text (special tokens removed),
+    carrying how generation ended.
+
+    A `str`, so an environment that compares text keeps working unchanged; one
+    that must know whether the model finished its turn reads `finish_reason`.
+
+    >>> m = ModelMessage("7", finish_reason="length", token_ids=(55, 55))
+    >>> m == "7", m.finished, m.token_ids
+    (True, False, (55, 55))
+    """
+
+    finish_reason: str
+    """stop: the model sampled a stop token (end of turn); length: generation was cut at the token budget."""
+    token_ids: tuple[int, ...]
+
+    def __new__(cls, text: str, finish_reason: str = "stop", token_ids: tuple[int, ...] = ()) -> "ModelMessage":
+        if finish_reason not in ("stop", "length"):
+            raise ValueError(f"finish_reason must be stop or length, not {finish_reason!r}")
+        message = super().__new__(cls, text)
+        message.finish_reason = finish_reason
+        message.token_ids = tuple(token_ids)
+        return message
+
+    @property
+    def finished(self) -> bool:
+        """True when the model ended its turn itself (a stop token), False when it was cut off."""
+        return self.finish_reason == "stop"
+
+
+def ended_turn(message: str) -> bool:
+    """Whether the model ended its turn: a plain `str` (no generation record) counts as a whole message."""
+    return getattr(message, "finish_reason", "stop") == "stop"
+
+
 @runtime_checkable
 class Env(Protocol):
     """One task. Stateless between episodes: `reset` returns the episode state."""
@@ -32,5 +67,5 @@ class Env(Protocol):
         ...
 
     def step(self, state: Any, message: str) -> StepResult:
-        """Score the model's message. Single-turn environments answer done=True."""
+        """Score the model's message (a `ModelMessage`: text plus finish_reason). Single-turn environments answer done=True."""
         ...

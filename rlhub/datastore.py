@@ -203,7 +203,7 @@ class InMemoryDataStore:
             self.groups.put(meta, payload)
             self.admission.finish(meta.group_id)
 
-    def drop(self, group_id: int, reason: str, samples: int) -> None:
+    def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None:
         self.groups.count_drop(reason, 1, samples)
         self.admission.finish(group_id, dropped=True)
 

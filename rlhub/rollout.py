@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ from rlhub.algorithms.advantages import group_advantages, token_rewards
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.corrections import kl_estimate
 from rlhub.engines.base import RolloutEngine, SamplingConfig
+from rlhub.envs.base import ModelMessage
 from rlhub.scorers import Scorer
 from rlhub.types import GroupMeta, GroupTensors, Sample, collate
 from rlhub.weight_sync import Published, WeightSync, probe_error
@@ -72,6 +74,30 @@ class WorkerStats:
     sync_failures: int = 0
     score_seconds: float = 0.0
     dropped: dict[str, int] = field(default_factory=dict)
+    env_errors: dict[str, int] = field(default_factory=dict)
+    """Environment exceptions by type (reset or step)."""
+    failure_reports: list[dict[str, Any]] = field(default_factory=list)
+    """The first occurrences of each (environment, exception type): row and traceback, for the run's log."""
+
+
+class SyncError(RuntimeError):
+    """An engine's weights still differ from the learner's after a rebuild: it must not sample."""
+
+
+class FailureLog:
+    """Keeps the first `first` failures per key in full, and counts all of them."""
+
+    def __init__(self, counts: dict[str, int], reports: list[dict[str, Any]], first: int = 3) -> None:
+        self.counts, self.reports, self.first = counts, reports, first
+
+    def record(self, env: str, where: str, row: Any, error: BaseException) -> None:
+        kind = type(error).__name__
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.counts[kind] <= self.first:
+            self.reports.append({
+                "env": env, "where": where, "error": kind, "occurrence": self.counts[kind],
+                "row": repr(row)[:500], "traceback": "".join(traceback.format_exception(error))[-3000:],
+            })
 
 
 class DataStoreClient:
@@ -79,7 +105,7 @@ class DataStoreClient:
 
     def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None: ...
     def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None: ...
-    def drop(self, group_id: int, reason: str, samples: int) -> None: ...
+    def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None: ...
 
 
 @dataclass
@@ -138,6 +164,7 @@ class RolloutWorker:
         probe_ids: list[int],
         seed: int = 0,
         scorers: Sequence[Scorer] = (),
+        env_name: str | None = None,
     ) -> None:
         self.actor_id = actor_id
         self.cfg = cfg
@@ -154,6 +181,8 @@ class RolloutWorker:
         self.probe_ids = probe_ids
         self.seed = seed
         self.stats = WorkerStats()
+        self.env_name = env_name or type(env).__name__
+        self.failures = FailureLog(self.stats.env_errors, self.stats.failure_reports)
         eos = tokenizer.eos_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -200,8 +229,9 @@ class RolloutWorker:
             self.engine.rebuild(published.state, published.version)
             err = probe_error(self.engine.prompt_logprobs(self.probe_ids), published.probe_logprobs)
             if not err <= self.cfg.probe_tolerance:
-                log.error("actor %d: probe error %.3g persists after a rebuild at version %d", self.actor_id, err, published.version)
                 self.stats.sync_failures += 1
+                raise SyncError(f"actor {self.actor_id}: probe error {err:.3g} persists after a rebuild at version "
+                                f"{published.version} (tolerance {self.cfg.probe_tolerance:.3g}); not sampling with unverified weights")
         elapsed = time.perf_counter() - start
         self.stats.syncs += 1
         self.stats.sync_seconds += elapsed
@@ -209,9 +239,14 @@ class RolloutWorker:
         self.stats.last_probe_error = err
 
     def _inflight_source(self):
-        def poll() -> tuple[dict[str, torch.Tensor], int] | None:
+        """Between decode steps: load newer weights, verified like any other load (hf engine)."""
+
+        def poll() -> bool:
             published = self.weight_sync.pull(self.engine.version)
-            return None if published is None else (published.state, published.version)
+            if published is None:
+                return False
+            self._load(published)
+            return True
 
         return poll if self.cfg.weight_update == "inflight" else None
 
@@ -223,11 +258,12 @@ class RolloutWorker:
             try:
                 text, state = self.env.reset(self.rows[row_idx])
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
-            except Exception:  # a broken row or environment loses this group only
-                self._drop(gid, "env_error", self.group_size)
+            except Exception as e:  # a broken row or environment loses this group only
+                self.failures.record(self.env_name, "reset", self.rows[row_idx], e)
+                self._drop(gid, row_idx, "env_error", self.group_size)
                 continue
             if len(ids) + self.cfg.max_new_tokens > self.cfg.max_model_len:
-                self._drop(gid, "prompt_too_long", self.group_size)
+                self._drop(gid, row_idx, "prompt_too_long", self.group_size)
                 continue
             episodes.append((gid, row_idx, ids, state))
         if not episodes:
@@ -289,9 +325,10 @@ class RolloutWorker:
         for c in completions:
             try:
                 text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                result = self.env.step(state, text)
+                result = self.env.step(state, ModelMessage(text, c.finish_reason, c.token_ids))
                 reward = float(result.reward)
-            except Exception:  # the environment failed on this sample: drop it, keep the run
+            except Exception as e:  # the environment failed on this sample: drop it, keep the run
+                self.failures.record(self.env_name, "step", self.rows[row_idx], e)
                 sample_drops["env_error"] += 1
                 continue
             if not math.isfinite(reward):
@@ -302,14 +339,14 @@ class RolloutWorker:
             self._count(reason, n)
         if len(samples) < 2:  # no group baseline without two samples: the whole group goes
             reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
-            self.store.drop(gid, reason, len(completions))
+            self.store.drop(gid, reason, len(completions), row_idx)
             return None
         for s in samples:
             s.reward += overlong_penalty(len(s.completion_ids), self.cfg.max_new_tokens, self.data_side.overlong_window, self.data_side.overlong_penalty)
         rewards = torch.tensor([s.reward for s in samples])
         if self.data_side.dynamic_sampling and bool((rewards == rewards[0]).all()):
             self._count("filtered")  # no learning signal: DAPO drops it, and admission starts another
-            self.store.drop(gid, "filtered", len(samples))
+            self.store.drop(gid, "filtered", len(samples), row_idx)
             return None
         tensors = GroupTensors.from_samples(samples, torch.zeros(len(samples)), self.tokenizer.pad_token_id or 0)  # advantages: _advantages
         versions = [v for s in samples for v in s.versions] or [self.engine.version]
@@ -334,6 +371,6 @@ class RolloutWorker:
     def _count(self, reason: str, n: int = 1) -> None:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + n
 
-    def _drop(self, gid: int, reason: str, samples: int) -> None:
+    def _drop(self, gid: int, row_idx: int, reason: str, samples: int) -> None:
         self._count(reason)
-        self.store.drop(gid, reason, samples)
+        self.store.drop(gid, reason, samples, row_idx)
