@@ -70,12 +70,18 @@ def hf_token_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
     return logp.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0]
 
 
-def check_against(model, prompts: list[list[int]], completions: list[Completion]) -> float:
-    """Largest difference between engine and transformers log-probs of the sampled tokens."""
+def check_against(model, prompts: list[list[int]], completions: list[Completion], sampling: SamplingConfig | None = None) -> float:
+    """Largest difference between the engine's log-probs of the sampled tokens and the learner's
+    recomputation under the same sampling distribution (temperature, top-p nucleus)."""
+    from rlhub.models.logprobs import SamplingPolicy, token_logprobs
+
+    policy = SamplingPolicy(sampling.temperature, sampling.top_p) if sampling else SamplingPolicy()
     worst = 0.0
     for prompt, c in zip(prompts, completions):
-        ref = hf_token_logprobs(model, prompt + c.token_ids, len(prompt))
-        worst = max(worst, (torch.tensor(c.logprobs) - ref).abs().max().item())
+        ids = torch.tensor([prompt + c.token_ids])
+        with torch.no_grad():
+            ref, _, _ = token_logprobs(model, ids, torch.ones_like(ids), policy=policy)
+        worst = max(worst, (torch.tensor(c.logprobs) - ref[0, len(prompt) - 1 :]).abs().max().item())
     return worst
 
 
@@ -123,8 +129,8 @@ def test_converter_other_architectures(arch):
 def test_generate_matches_transformers(engine, learner):
     assert isinstance(engine, RolloutEngine)
     engine.load_weights(learner.state_dict(), version=3)
-    # Temperature 0.7: the returned log-probs must still be the raw ones.
-    sampling = SamplingConfig(max_new_tokens=12, temperature=0.7, seed=11)
+    # Temperature 0.7 and top-p 0.9: the log-probs are those of the distribution sampled from
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=11)
     out = engine.generate(PROMPTS, sampling)
     assert len(out) == len(PROMPTS)
     for c in out:
@@ -133,7 +139,8 @@ def test_generate_matches_transformers(engine, learner):
         assert c.versions == [3] * 12
         assert c.routed_experts is None
         assert all(math.isfinite(x) and x <= 0.0 for x in c.logprobs)
-    assert check_against(learner, PROMPTS, out) < TOL
+    assert check_against(learner, PROMPTS, out, sampling) < TOL
+    assert check_against(learner, PROMPTS, out) > 0.05  # the raw softmax differs: the check above is not vacuous
 
 
 def test_stop_tokens_end_generation_and_are_kept(engine, learner):
