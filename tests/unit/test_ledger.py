@@ -1,0 +1,238 @@
+"""The exactly-once ledger: writer, truncation on resume, and reconciliation of synthetic runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhub.ledger import Ledger, Reconciliation, check_run, format_report, reconcile, truncate
+
+
+def issued(g: int, actor: int = 0, version: int = 0) -> dict:
+    return {"event": "issued", "group": g, "row": g, "actor": actor, "version": version}
+
+
+def trained(g: int, version: int = 0, actor: int = 0) -> dict:
+    return {"event": "trained", "group": g, "row": g, "actor": actor, "version": version, "step": version + 1}
+
+
+def dropped(g: int, reason: str = "filtered") -> dict:
+    return {"event": "dropped", "group": g, "row": g, "reason": reason}
+
+
+def requeued(g: int, reason: str) -> dict:
+    return {"event": "requeued", "group": g, "reason": reason}
+
+
+def clean_run() -> list[dict]:
+    """Two steps of two groups, one group filtered, one left stale at the end."""
+    return [
+        {"event": "run", "version": 0, "resumed": False},
+        *[issued(g, actor=g % 2) for g in range(6)],
+        trained(0), trained(1, actor=1), dropped(2, "filtered"),
+        trained(3, version=1, actor=1), trained(4, version=1), dropped(5, "stale"),
+    ]
+
+
+def messages(rec: Reconciliation) -> list[str]:
+    return [str(v) for v in rec.violations]
+
+
+def only_violation(rec: Reconciliation) -> str:
+    assert rec.violation_count == 1, messages(rec)
+    return str(rec.violations[0])
+
+
+def test_clean_run_reconciles_with_counts():
+    rec = reconcile(clean_run(), metrics_rows=[{"step": 1, "train/groups": 2}, {"step": 2, "train/groups": 2}])
+    assert rec.ok, messages(rec)
+    assert (rec.issued, rec.trained, rec.dropped, rec.open) == (6, 4, {"filtered": 1, "stale": 1}, 0)
+    assert (rec.runs, rec.resumes, rec.steps_checked) == (1, 0, 2)
+    report = format_report(rec)
+    assert report.splitlines()[0] == "ledger: 6 groups issued, 4 trained, 2 dropped (filtered 1, stale 1), 0 re-issued, 0 open — reconciled"
+
+
+def test_actor_crash_requeue_then_retrain_is_fine():
+    events = [issued(0, actor=0), issued(1, actor=1), requeued(0, "actor_crash"), issued(0, actor=1), trained(0, actor=1), trained(1, actor=1)]
+    rec = reconcile(events)
+    assert rec.ok, messages(rec)
+    assert (rec.issued, rec.trained, rec.requeued) == (2, 2, {"actor_crash": 1})
+    assert "1 re-issued (actor_crash 1)" in format_report(rec)
+
+
+def test_drop_racing_a_requeue_reopens_the_group():
+    rec = reconcile([issued(0), dropped(0, "env_error"), requeued(0, "lost_object"), issued(0, actor=1), trained(0, actor=1)])
+    assert rec.ok, messages(rec)
+    assert (rec.trained, rec.dropped) == (1, {})
+
+
+def test_resume_truncates_and_redoes_work(tmp_path: Path):
+    path = tmp_path / "ledger.jsonl"
+    with Ledger(path) as ledger:
+        ledger.write([{"event": "run", "version": 0, "resumed": False}, issued(0), issued(1), issued(2)])
+        ledger.write([trained(0)])
+        checkpoint_offset = ledger.offset()  # version 1 saved: 1 and 2 were in flight
+        ledger.write([trained(1, version=1), issued(3, version=1)])  # lost with the crash
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "train/groups": 1}) + "\n" + json.dumps({"step": 2, "train/groups": 5}) + "\n"
+    )
+    truncate(path, checkpoint_offset)
+    with Ledger(path) as ledger:
+        ledger.write([{"event": "run", "version": 1, "resumed": True}, requeued(1, "resume"), requeued(2, "resume")])
+        ledger.write([issued(1, version=1), issued(2, version=1), issued(3, version=1)])
+        ledger.write([trained(1, version=1), trained(2, version=1), dropped(3, "run_end")])
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "train/groups": 2}) + "\n")  # the resumed run logs step 2 again
+    rec = check_run(tmp_path)
+    assert rec.ok, messages(rec)
+    assert (rec.issued, rec.trained, rec.dropped, rec.requeued) == (4, 3, {"run_end": 1}, {"resume": 2})
+    assert (rec.runs, rec.resumes, rec.steps_checked) == (2, 1, 2)
+
+
+def test_without_truncation_the_resume_is_caught(tmp_path: Path):
+    # the same resume, but the lost work left in place: group 1 was trained, then re-issued
+    rec = reconcile([issued(0), issued(1), trained(0), trained(1, version=1), requeued(1, "resume"), issued(1, version=1), trained(1, version=1)])
+    assert messages(rec) == [
+        "group 1: trained, then re-issued: would train twice (line 5)",
+        "group 1: trained, then re-issued: would train twice (line 6)",
+        "group 1: trained twice (line 7)",
+    ]
+
+
+def test_trained_twice():
+    assert only_violation(reconcile([issued(0), trained(0), trained(0, version=1)])) == "group 0: trained twice (line 3)"
+
+
+def test_trained_then_requeued():
+    assert only_violation(reconcile([issued(0), trained(0), requeued(0, "actor_crash")])) == (
+        "group 0: trained, then re-issued: would train twice (line 3)"
+    )
+
+
+def test_issued_twice_without_requeue():
+    assert only_violation(reconcile([issued(0), issued(0, actor=1), trained(0)])) == "group 0: issued twice without a requeue (line 2)"
+
+
+def test_dropped_without_issued():
+    rec = reconcile([issued(0), issued(1), dropped(2, "env_error"), trained(0), trained(1)])
+    assert only_violation(rec) == "group 2: dropped without issued (line 3)"
+
+
+def test_trained_without_issued():
+    rec = reconcile([issued(0), trained(0), trained(1)])
+    assert messages(rec) == ["group 1: trained without issued (line 3)"]
+
+
+def test_dropped_after_trained():
+    assert only_violation(reconcile([issued(0), trained(0), dropped(0, "stale")])) == "group 0: dropped after trained (line 3)"
+
+
+def test_open_group_is_a_violation_unless_allowed():
+    events = [issued(0), issued(1), trained(0), issued(2), requeued(2, "actor_crash")]
+    rec = reconcile(events)
+    assert messages(rec) == ["group 1: open: issued but never trained or dropped", "group 2: open: requeued but never trained or dropped"]
+    assert rec.open == 2
+    relaxed = reconcile(events, allow_open=True)
+    assert relaxed.ok and relaxed.open == 2
+    assert "2 open — reconciled" in format_report(relaxed)
+
+
+def test_id_gap_is_a_violation():
+    rec = reconcile([issued(g) for g in (0, 1, 4, 5, 7)] + [trained(g) for g in (0, 1, 4, 5, 7)])
+    assert messages(rec) == [
+        "group 2: id gap: groups 2..3 never issued (a handed-out id was not recorded)",
+        "group 6: id gap: groups 6..6 never issued (a handed-out id was not recorded)",
+    ]
+
+
+def test_metrics_mismatch_last_row_of_a_step_wins():
+    rows = [{"step": 1, "train/groups": 2}, {"step": 2, "train/groups": 2}, {"step": 2, "train/groups": 3}, {"step": 9, "train/groups": 4}]
+    rec = reconcile(clean_run(), metrics_rows=rows)
+    assert only_violation(rec) == "metrics mismatch at step 2: train/groups=3, ledger trained 2"
+    assert rec.steps_checked == 2  # step 9 has no trained events: not compared
+
+
+def test_step_must_be_version_plus_one():
+    bad = {**trained(0), "step": 3}
+    assert only_violation(reconcile([issued(0), bad])) == "group 0: trained at version 0 by step 3, not version + 1 (line 2)"
+
+
+def test_corrupt_lines_are_violations_not_crashes(tmp_path: Path):
+    good = [json.dumps(e) for e in (issued(0), trained(0))]
+    (tmp_path / "ledger.jsonl").write_text(f'{good[0]}\n{{"event": "trai\n{good[1]}\n[1, 2]\n{{"event": "issued"}}\n{{"event": "requeued", "group": "7", "reason": 1}}\n')
+    rec = check_run(tmp_path)
+    assert messages(rec) == [
+        "line 2: unparseable: '{\"event\": \"trai'",
+        "line 4: not a ledger event: [1, 2]",
+        "line 5: issued event with missing or mistyped ['group', 'row', 'actor', 'version']",
+        "line 6: requeued event with missing or mistyped ['group', 'reason']",
+    ]
+    assert rec.trained == 1
+    assert "NOT reconciled: 4 violations" in format_report(rec)
+
+
+def test_check_run_without_ledger_names_the_path(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "ledger.jsonl")):
+        check_run(tmp_path)
+
+
+def test_violations_are_capped_but_counted():
+    rec = reconcile([issued(0)] * 30 + [trained(0)])
+    assert rec.violation_count == 29 and len(rec.violations) == 20
+    report = format_report(rec).splitlines()
+    assert report[0].endswith("NOT reconciled: 29 violations")
+    assert report[-1] == "  ... and 19 more"
+
+
+def test_write_and_offset_round_trip(tmp_path: Path):
+    path = tmp_path / "run" / "ledger.jsonl"
+    ledger = Ledger(path)
+    assert ledger.offset() == 0
+    ledger.write([issued(0), issued(1)])
+    assert ledger.offset() == path.stat().st_size
+    ledger.write([])
+    ledger.write([trained(0)])
+    ledger.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [issued(0), issued(1), trained(0)]
+    assert Ledger(path).offset() == path.stat().st_size  # reopening appends
+
+
+def test_truncate_keeps_exactly_the_prefix(tmp_path: Path):
+    path = tmp_path / "ledger.jsonl"
+    with Ledger(path) as ledger:
+        ledger.write([issued(0), issued(1)])
+        offset = ledger.offset()
+        ledger.write([trained(0), trained(1)])
+    prefix = path.read_bytes()[:offset]
+    truncate(path, offset)
+    assert path.read_bytes() == prefix
+    truncate(path, 0)
+    assert path.read_bytes() == b""
+    truncate(tmp_path / "missing.jsonl", 0)  # nothing written before the first checkpoint
+
+
+def test_truncate_rejects_offsets_past_the_end_or_mid_line(tmp_path: Path):
+    path = tmp_path / "ledger.jsonl"
+    with Ledger(path) as ledger:
+        ledger.write([issued(0)])
+        size = ledger.offset()
+    with pytest.raises(ValueError, match=rf"\({size} bytes\) to offset {size + 5}"):
+        truncate(path, size + 5)
+    with pytest.raises(ValueError, match=r"\(0 bytes\) to offset 7"):
+        truncate(tmp_path / "missing.jsonl", 7)
+    with pytest.raises(ValueError, match="not at a line boundary"):
+        truncate(path, 3)
+    assert path.stat().st_size == size  # refused means untouched
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ([requeued(0, "actor_crash")], "group 0: requeued but never issued (line 1)"),
+        ([issued(0), requeued(0, "actor_crash"), trained(0)], "group 0: trained while requeued, before being issued again (line 3)"),
+        ([issued(0), dropped(0), trained(0)], "group 0: trained after dropped (line 3)"),
+        ([issued(0), dropped(0), dropped(0, "stale")], "group 0: dropped twice (line 3)"),
+    ],
+)
+def test_other_refused_transitions(events: list[dict], expected: str):
+    assert messages(reconcile(events, allow_open=True))[0] == expected
