@@ -1,17 +1,21 @@
 """Advantage estimators, computed on the data side when a group is complete.
 
 Outcome estimators take the group's scalar rewards `[G]` and return one
-advantage per sample `[G]`, put on each of the sample's tokens. `gae` is the
-token-level estimator for PPO with a learned value. `group_advantages` is
-what the data side calls: token rewards in, token advantages (and, for GAE,
-the critic's returns) out.
+advantage per sample `[G]`, put on each of the sample's tokens. Token-level
+estimators read per-token rewards `[G, T]`: `reinforce_pp` (the reward-to-go)
+and `gae` (with the critic's values). What each one needs is registered with
+it (`registry.ADVANTAGE_NEEDS`). `group_advantages` is what the data side
+calls: token rewards in, token advantages (and, for GAE, the critic's returns) out.
+
+Padded positions are selected away (`torch.where`), never multiplied by the
+mask, so whatever they hold (inf, NaN) cannot leak into a real token.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhub.algorithms.registry import get_advantage, register_advantage
+from rlhub.algorithms.registry import advantage_needs, get_advantage, register_advantage
 
 
 @register_advantage("grpo")
@@ -46,24 +50,38 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards - rewards.mean()) * g / (g - 1)
 
 
-@register_advantage("reinforce_pp")
-def reinforce_pp_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """REINFORCE++ (Hu, 2025): the return itself; the learner normalises it over the global batch.
+@register_advantage("reinforce_pp", token_rewards=True)
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu, 2025): the reward-to-go G_t = sum_{s >= t} gamma^(s-t) r_s over each sequence's generated tokens.
 
-    The batch step is `normalize_over_batch` (the preset sets algorithm.batch_normalize).
+    With the KL as a reward penalty, r_s = r * 1[s = last] - beta * KL_s, so
+    G_t = r - beta * sum_{s >= t} KL_s. `[G, T]` in and out, zero on padding;
+    the learner then normalises over the global batch (`normalize_over_batch`,
+    the preset's algorithm.batch_normalize).
+
+    >>> reinforce_pp_advantages(torch.tensor([[0.0, -0.1, -0.1, 0.9, 5.0]]), torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]]))
+    tensor([[0.0000, 0.7000, 0.8000, 0.9000, 0.0000]])
     """
-    return rewards.clone()
+    real = mask.bool()  # [G, T]
+    r = torch.where(real, rewards, 0.0)  # [G, T]
+    out = torch.zeros_like(r)
+    to_go = torch.zeros_like(r[:, 0])  # [G]
+    for t in reversed(range(r.shape[1])):
+        to_go = torch.where(real[:, t], r[:, t] + gamma * to_go, to_go)  # padding neither adds nor discounts
+        out[:, t] = torch.where(real[:, t], to_go, 0.0)
+    return out
 
 
 def normalize_over_batch(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(A - mean) / std over every real token of the batch (REINFORCE++'s global normalisation)."""
-    real = advantages[mask.bool()]
-    if real.numel() < 2:
-        return advantages
-    return (advantages - real.mean()) / (real.std(unbiased=False) + eps) * mask
+    """(A - mean) / std over every real token of the batch (REINFORCE++'s global normalisation); zero on padding."""
+    real = mask.bool()
+    values = advantages[real]
+    if values.numel() < 2:
+        return torch.where(real, advantages, 0.0)
+    return torch.where(real, (advantages - values.mean()) / (values.std(unbiased=False) + eps), 0.0)
 
 
-@register_advantage("gae")
+@register_advantage("gae", critic=True, token_rewards=True)
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over completion tokens.
 
@@ -72,27 +90,27 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     (advantages, returns), both `[B, T]` and zero on padding:
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t.
     """
-    values = values * mask
+    real = mask.bool()
+    values = torch.where(real, values, 0.0)  # [B, T]
+    rewards = torch.where(real, rewards, 0.0)  # [B, T]
     adv = torch.zeros_like(rewards)
     last = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
+        last = torch.where(real[:, t], delta + gamma * lam * last, 0.0)
         adv[:, t] = last
-    return adv, (adv + values) * mask
-
-
-TOKEN_LEVEL = ("gae",)
+    return adv, torch.where(real, adv + values, 0.0)
 
 
 def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
     """`[G, T]` per-token rewards: each sequence's reward on its last generated token, minus
     kl_coef * KL on every generated token (the KL-as-reward penalty)."""
-    last = mask.cumsum(-1).eq(mask.sum(-1, keepdim=True)) & mask.bool()  # the final generated token
-    out = last.float() * rewards.unsqueeze(-1)
+    real = mask.bool()
+    last = mask.cumsum(-1).eq(mask.sum(-1, keepdim=True)) & real  # the final generated token
+    out = torch.where(last, rewards.unsqueeze(-1), 0.0)
     if kl is not None and kl_coef:
-        out = out - kl_coef * kl * mask
+        out = out - kl_coef * torch.where(real, kl, 0.0)
     return out
 
 
@@ -103,11 +121,16 @@ def group_advantages(
 
     rewards: `[G, T]` token rewards (see `token_rewards`). Outcome estimators see
     each sequence's summed reward and put the sample's advantage on its tokens;
-    `gae` needs the critic's `values` and also returns the critic's targets.
+    token-level ones see the token rewards; one with a critic needs the critic's
+    `values` and also returns the critic's targets.
     """
-    fn = get_advantage(name)
-    if name in TOKEN_LEVEL:
+    fn, needs = get_advantage(name), advantage_needs(name)
+    real = mask.bool()
+    if needs.critic:
         if values is None:
             raise ValueError(f"advantage {name!r} needs the critic's values")
         return fn(rewards, values, mask, gamma, lam)
-    return fn(rewards.sum(-1)).unsqueeze(-1) * mask, None
+    if needs.token_rewards:
+        return fn(rewards, mask, gamma), None
+    per_sample = fn(torch.where(real, rewards, 0.0).sum(-1))  # [G]
+    return torch.where(real, per_sample.unsqueeze(-1), 0.0), None

@@ -13,7 +13,7 @@ class AlgorithmConfig:
     advantage: str = "grpo"
     """Advantage estimator, by registered name (computed on the data side)."""
     batch_normalize: bool = False
-    """Normalise advantages over the whole batch in the learner (REINFORCE++)."""
+    """Normalise advantages over the whole batch in the learner (REINFORCE++; with gae, PPO's usual whitening)."""
     policy_loss: str = "ppo_clip"
     """Policy loss, by registered name (applied by the learner): ppo_clip, gspo, cispo."""
     loss_agg: str = "token_mean"
@@ -51,7 +51,7 @@ class AlgorithmConfig:
     """Penalty at the very end of the budget."""
     gamma: float = 1.0
     lam: float = 0.95
-    """GAE's discount and lambda (advantage=gae)."""
+    """Discount of the token-level estimators (gae, reinforce_pp's reward-to-go) and GAE's lambda."""
     value_clip: float = 0.2
     """PPO value clipping: the new value stays within +-value_clip of the value at generation time (0: off)."""
     critic_lr: float = 1e-3

@@ -8,6 +8,10 @@ multiplies each token's loss:
 - tis: truncated importance sampling; clip against the proximal policy (the
   learner's current weights, detached) and weight by min(pi_prox / pi_behav, cap).
 - icepop: as tis, but tokens whose ratio leaves [band_low, band_high] are masked.
+  The IcePop paper's ratio is the training engine's over the inference engine's
+  probability under the same (behaviour) weights; here the numerator is the
+  proximal policy, so for stale samples the ratio also carries the policy's
+  change since the sample was generated (the same at max_staleness=0).
 - decoupled: decoupled PPO; clip against the proximal policy, weight by the
   untruncated pi_prox / pi_behav.
 """
@@ -40,9 +44,10 @@ def correct(
     """The correction `mode` for tokens with current log-probs `logprobs` (grad ignored)."""
     if mode not in CORRECTIONS:
         raise ValueError(f"algorithm.correction={mode!r}: use one of {CORRECTIONS}")
-    prox = logprobs.detach()
-    ratio = torch.exp(prox - behaviour) * mask  # pi_prox / pi_behav on real tokens
     real = mask.bool()
+    prox = logprobs.detach()
+    # pi_prox / pi_behav on real tokens, 0 on padding: selected, so padding's inf or NaN stays out
+    ratio = torch.where(real, torch.exp(torch.where(real, prox - behaviour, 0.0)), 0.0)  # [B, T]
     metrics = {
         "is_ratio_mean": ratio[real].mean() if real.any() else torch.tensor(1.0),
         "is_ratio_max": ratio.max(),

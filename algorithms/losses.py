@@ -3,7 +3,9 @@
 Each loss returns a per-token loss matrix `[B, T]` and metrics; `aggregate`
 turns it into the scalar with the configured normaliser. All inputs are
 `[B, T]` over target positions; `mask` is 1 where the target is a generated
-token and 0 elsewhere, and masked positions never count.
+token and 0 elsewhere, and masked positions never count: they are selected
+away (`torch.where`), never multiplied by 0, so an inf or NaN there changes
+neither a loss, a metric nor a gradient.
 
 `old_logprobs` is the policy the ratio is clipped against: the engine's
 behaviour log-probs without a correction, or the proximal (current, detached)
@@ -39,8 +41,19 @@ class LossConfig:
     """Dual-clip lower bound c > 1 for negative advantages; None disables."""
 
 
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x on real positions, 0 on masked ones, whatever x holds there (inf * 0 would be NaN)."""
+    return torch.where(mask.bool(), x, 0.0)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked(x, mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _real_inputs(inp: PolicyLossInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs, old_logprobs, advantages) with padded positions set to 0, so that nothing
+    computed from them, forward or backward, can turn non-finite there."""
+    return masked(inp.logprobs, inp.mask), masked(inp.old_logprobs, inp.mask), masked(inp.advantages, inp.mask)
 
 
 def _ratio_metrics(ratio: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor, log_ratio: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,7 +61,7 @@ def _ratio_metrics(ratio: torch.Tensor, clipped: torch.Tensor, mask: torch.Tenso
         return {
             "clip_frac": masked_mean(clipped.float(), mask),
             "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": (ratio * mask).max(),
+            "ratio_max": masked(ratio, mask).max(),
             # k3 estimate of KL(old || current): E[rho - 1 - log rho] >= 0
             "kl_old": masked_mean(ratio - 1.0 - log_ratio, mask),
         }
@@ -63,14 +76,15 @@ def ppo_clip_loss(inp: PolicyLossInput, cfg: LossConfig) -> tuple[torch.Tensor, 
     `clip_eps_high > clip_eps` this is DAPO's clip-higher.
     """
     high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-    log_ratio = inp.logprobs - inp.old_logprobs
+    logprobs, old, adv = _real_inputs(inp)  # [B, T]
+    log_ratio = logprobs - old
     ratio = torch.exp(log_ratio)
-    surr1 = ratio * inp.advantages
-    surr2 = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + high) * inp.advantages
+    surr1 = ratio * adv
+    surr2 = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + high) * adv
     loss = -torch.minimum(surr1, surr2)
     if cfg.dual_clip_c is not None:
-        capped = torch.minimum(loss, -cfg.dual_clip_c * inp.advantages)
-        loss = torch.where(inp.advantages < 0, capped, loss)
+        capped = torch.minimum(loss, -cfg.dual_clip_c * adv)
+        loss = torch.where(adv < 0, capped, loss)
     return loss, _ratio_metrics(ratio, surr2 < surr1, inp.mask, log_ratio)
 
 
@@ -83,14 +97,15 @@ def gspo_loss(inp: PolicyLossInput, cfg: LossConfig) -> tuple[torch.Tensor, dict
     so `seq_mean_token_mean` aggregation gives the mean over sequences.
     """
     high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    logprobs, old, token_adv = _real_inputs(inp)  # [B, T], 0 on padding
     n_tok = inp.mask.sum(-1).clamp(min=1.0)  # [B]
-    seq_log_ratio = ((inp.logprobs - inp.old_logprobs) * inp.mask).sum(-1) / n_tok  # [B]
+    seq_log_ratio = (logprobs - old).sum(-1) / n_tok  # [B]
     ratio = torch.exp(seq_log_ratio)
-    adv = (inp.advantages * inp.mask).sum(-1) / n_tok  # sequence advantage
+    adv = token_adv.sum(-1) / n_tok  # [B] sequence advantage
     surr1 = ratio * adv
     surr2 = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + high) * adv
     seq_loss = -torch.minimum(surr1, surr2)  # [B]
-    loss = seq_loss.unsqueeze(-1).expand_as(inp.logprobs) * inp.mask
+    loss = masked(seq_loss.unsqueeze(-1).expand_as(logprobs), inp.mask)  # [B, T]
     seq_mask = (inp.mask.sum(-1) > 0).float()
     return loss, _ratio_metrics(ratio, surr2 < surr1, seq_mask, seq_log_ratio)
 
@@ -103,10 +118,11 @@ def cispo_loss(inp: PolicyLossInput, cfg: LossConfig) -> tuple[torch.Tensor, dic
     only the weight is bounded (no token is dropped by clipping).
     """
     high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-    log_ratio = inp.logprobs - inp.old_logprobs
+    logprobs, old, adv = _real_inputs(inp)  # [B, T]
+    log_ratio = logprobs - old
     ratio = torch.exp(log_ratio)
     weight = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + high).detach()
-    loss = -weight * inp.advantages * inp.logprobs
+    loss = -weight * adv * logprobs
     clipped = (ratio < 1.0 - cfg.clip_eps) | (ratio > 1.0 + high)
     return loss, _ratio_metrics(ratio, clipped, inp.mask, log_ratio)
 
@@ -132,16 +148,16 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, norms: BatchNor
     seq_mean_token_sum: mean over sequences of each sequence's token sum.
     constant: sum over all tokens / (sequences x constant)  (Dr. GRPO: no length bias).
     """
-    masked = loss * mask
+    real = masked(loss, mask)  # [B, T]
     if mode == "token_mean":
-        return masked.sum() / max(norms.num_tokens, 1.0)
+        return real.sum() / max(norms.num_tokens, 1.0)
     if mode == "seq_mean_token_mean":
-        per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
+        per_seq = real.sum(-1) / mask.sum(-1).clamp(min=1.0)  # [B]
         return per_seq.sum() / max(norms.num_seqs, 1.0)
     if mode == "seq_mean_token_sum":
-        return masked.sum() / max(norms.num_seqs, 1.0)
+        return real.sum() / max(norms.num_seqs, 1.0)
     if mode == "constant":
-        return masked.sum() / (max(norms.num_seqs, 1.0) * norms.constant)
+        return real.sum() / (max(norms.num_seqs, 1.0) * norms.constant)
     raise ValueError(f"algorithm.loss_agg={mode!r}: use one of {AGGREGATIONS}")
 
 
@@ -152,6 +168,7 @@ def value_loss(
     0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), V_old being the
     critic's value when the sample was generated. All `[B, T]`; aggregate with `aggregate`.
     """
+    values, old_values, returns = masked(values, mask), masked(old_values, mask), masked(returns, mask)
     err = (values - returns) ** 2
     if clip > 0:
         clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)

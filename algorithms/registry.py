@@ -1,13 +1,32 @@
-"""Name registries for advantage estimators and policy losses."""
+"""Name registries for advantage estimators and policy losses, and what each estimator needs.
+
+`ADVANTAGE_NEEDS` is the one place that says what an estimator reads besides
+the group's rewards; the config checks, the data side, the controller (which
+starts a critic actor) and the benchmarks ask it, never a list of names.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
 ADVANTAGES: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class AdvantageNeeds:
+    """What an advantage estimator reads besides each sample's reward."""
+
+    critic: bool = False
+    """The critic's values V(s_t) before every generated token: a critic actor scores each group and trains beside the learner."""
+    token_rewards: bool = False
+    """Per-token rewards `[G, T]` and the completion mask (reward-to-go, GAE), instead of each sample's summed reward `[G]`."""
+
+
+ADVANTAGE_NEEDS: dict[str, AdvantageNeeds] = {}
 
 
 def _register(table: dict[str, Callable], name: str) -> Callable[[F], F]:
@@ -20,15 +39,27 @@ def _register(table: dict[str, Callable], name: str) -> Callable[[F], F]:
     return deco
 
 
-def register_advantage(name: str) -> Callable[[F], F]:
-    return _register(ADVANTAGES, name)
+def register_advantage(name: str, critic: bool = False, token_rewards: bool = False) -> Callable[[F], F]:
+    """Register an estimator. Outcome estimators (the default) map `[G]` rewards to `[G]` advantages;
+    `token_rewards=True` ones map (rewards `[G, T]`, mask `[G, T]`, gamma) to `[G, T]`; `critic=True`
+    ones also take the values and lambda and return (advantages, returns)."""
+    if critic and not token_rewards:
+        raise ValueError(f"advantage {name!r}: an estimator with a critic reads per-token rewards (token_rewards=True)")
+    register = _register(ADVANTAGES, name)
+
+    def deco(fn: F) -> F:
+        register(fn)  # refuses a second registration before the needs are recorded
+        ADVANTAGE_NEEDS[name] = AdvantageNeeds(critic=critic, token_rewards=token_rewards)
+        return fn
+
+    return deco
 
 
 def register_policy_loss(name: str) -> Callable[[F], F]:
     return _register(POLICY_LOSSES, name)
 
 
-def _get(table: dict[str, Callable], kind: str, name: str) -> Callable:
+def _get(table: dict, kind: str, name: str):
     try:
         return table[name]
     except KeyError:
@@ -37,6 +68,11 @@ def _get(table: dict[str, Callable], kind: str, name: str) -> Callable:
 
 def get_advantage(name: str) -> Callable:
     return _get(ADVANTAGES, "advantage estimator", name)
+
+
+def advantage_needs(name: str) -> AdvantageNeeds:
+    """What the estimator `name` reads (see `AdvantageNeeds`); raises KeyError for an unknown name."""
+    return _get(ADVANTAGE_NEEDS, "advantage estimator", name)
 
 
 def get_policy_loss(name: str) -> Callable:

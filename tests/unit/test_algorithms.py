@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhub.algorithms import get_advantage, get_policy_loss
-from rlhub.algorithms.advantages import gae, normalize_over_batch
+from rlhub.algorithms.advantages import gae, group_advantages, normalize_over_batch, token_rewards
 from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate
 from rlhub.rollout import overlong_penalty
@@ -26,7 +26,9 @@ def test_estimators_by_hand():
     # RLOO: the baseline of sample i is the mean of the other three
     assert torch.allclose(get_advantage("rloo")(R), torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
     assert torch.allclose(get_advantage("grpo")(R), torch.tensor([0.75, -0.25, -0.25, -0.25]) / math.sqrt(0.1875), atol=1e-5)
-    assert torch.equal(get_advantage("reinforce_pp")(R), R)
+    # REINFORCE++ without a KL term: every generated token's reward-to-go is the sample's reward
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(group_advantages("reinforce_pp", token_rewards(torch.tensor([1.0, 0.5]), mask), mask)[0], torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.5, 0.0, 0.0]]))
 
 
 def test_global_batch_normalisation_ignores_padding():
@@ -139,3 +141,159 @@ def test_kl_estimators():
 def test_overlong_penalty_window():
     assert [overlong_penalty(n, 16, 4) for n in (12, 13, 16)] == [0.0, -0.25, -1.0]
     assert overlong_penalty(16, 16, 0) == 0.0
+
+
+# ---- presets match their papers ---------------------------------------------------------
+
+def test_gspo_preset_clips_the_sequence_ratio_as_the_paper_does():
+    # bug: gspo.yaml used PPO's token-level 0.2, which a length-normalised sequence ratio almost never reaches
+    from rlhub.config import load_config
+
+    algo = load_config(["algorithm=gspo"]).algorithm
+    assert (algo.policy_loss, algo.clip_eps, algo.clip_eps_high) == ("gspo", 3.0e-4, 4.0e-4)
+
+
+def test_grpo_preset_averages_per_sequence_then_over_sequences():
+    # bug: the grpo preset (and so the default run) aggregated with token_mean, not the paper's
+    # mean over sequences of each sequence's token mean
+    from rlhub.config import load_config
+
+    assert load_config(["algorithm=grpo"]).algorithm.loss_agg == "seq_mean_token_mean"
+    assert load_config([]).algorithm.loss_agg == "seq_mean_token_mean"  # grpo is the default preset
+
+
+# ---- REINFORCE++'s reward-to-go and what each estimator needs --------------------------------
+
+def reward_to_go_by_loop(rewards: list[float], kl: list[list[float]], mask: list[list[float]], beta: float) -> list[list[float]]:
+    """G_t = r * 1[t = last] - beta * sum_{s >= t} KL_s over each row's generated tokens, in plain Python."""
+    out = []
+    for r, kl_row, m_row in zip(rewards, kl, mask):
+        real = [t for t, m in enumerate(m_row) if m]
+        row = [0.0] * len(m_row)
+        for t in real:
+            row[t] = sum((r if s == real[-1] else 0.0) - beta * kl_row[s] for s in real if s >= t)
+        out.append(row)
+    return out
+
+
+def test_reinforce_pp_advantage_is_the_reward_to_go_with_the_kl_in_the_reward():
+    # bug: with algorithm.kl_penalty=reward every token got the sequence's whole summed reward
+    # (r - beta * the KL of all its tokens) instead of its reward-to-go (r - beta * the KL from it on)
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    rewards = torch.rand(3, generator=gen)
+    kl = torch.rand(3, 6, generator=gen)
+    beta = 0.3
+    adv, returns = group_advantages("reinforce_pp", token_rewards(rewards, mask, kl, beta), mask)
+    expected = torch.tensor(reward_to_go_by_loop(rewards.tolist(), kl.tolist(), mask.tolist(), beta))
+    assert returns is None
+    assert torch.allclose(adv, expected, atol=1e-6)
+    broadcast = (rewards - beta * (kl * mask).sum(-1)).unsqueeze(-1) * mask  # the old value
+    assert not torch.allclose(adv, broadcast, atol=1e-3)
+    # the learner's global normalisation still applies, over real tokens only
+    normed = normalize_over_batch(adv, mask)
+    real = normed[mask.bool()]
+    assert abs(float(real.mean())) < 1e-5 and float(real.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_outcome_estimators_still_see_each_samples_summed_reward(name):
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    kl = torch.full((3, 4), 0.2)
+    rewards = token_rewards(torch.tensor([1.0, 0.0, 0.5]), mask, kl, 0.1)
+    adv, returns = group_advantages(name, rewards, mask)
+    per_sample = get_advantage(name)(torch.tensor([1.0 - 0.04, -0.06, 0.5 - 0.02]))
+    assert returns is None and torch.allclose(adv, per_sample.unsqueeze(-1) * mask, atol=1e-6)
+
+
+def test_what_each_estimator_needs_is_registered_with_it():
+    # bug: "needs a critic" was a list of names (TOKEN_LEVEL) kept apart from the estimators; a token-level
+    # estimator without a critic had nowhere to say so
+    from rlhub.algorithms import ADVANTAGE_NEEDS, ADVANTAGES, advantage_needs
+    from rlhub.algorithms.registry import register_advantage
+
+    assert set(ADVANTAGE_NEEDS) == set(ADVANTAGES)
+    assert advantage_needs("gae").critic and advantage_needs("gae").token_rewards
+    assert advantage_needs("reinforce_pp").token_rewards and not advantage_needs("reinforce_pp").critic
+    for name in ("grpo", "dr_grpo", "rloo"):
+        assert not advantage_needs(name).critic and not advantage_needs(name).token_rewards
+    with pytest.raises(KeyError, match="unknown advantage estimator"):
+        advantage_needs("nope")
+    with pytest.raises(ValueError, match="token_rewards"):
+        register_advantage("critic_without_token_rewards", critic=True)
+    from rlhub.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="needs a critic"):  # reinforce_pp is token-level, but has no critic
+        load_config(["algorithm=reinforce_pp", "algorithm.critic_warmup=2"])
+
+
+# ---- masked positions are selected away, never multiplied by 0 -----------------------------
+
+MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0, 0.0]])
+PAD = MASK == 0
+
+
+def poisoned(x: torch.Tensor, fill: str) -> torch.Tensor:
+    """x with its padded positions set to `fill`: zeros, or the non-finite values a padded slot can hold."""
+    bad = {"zeros": torch.zeros(5), "nonfinite": torch.tensor([float("inf"), float("-inf"), float("nan"), float("inf"), float("nan")])}[fill]
+    return torch.where(PAD, bad.expand_as(x), x)
+
+
+def learner_pass(fill: str, loss_name: str, mode: str, agg: str) -> tuple[float, dict[str, float], torch.Tensor]:
+    """What the learner does with one micro-batch (correction, loss, aggregation, backward), padding set to `fill`."""
+    gen = torch.Generator().manual_seed(1)
+    logprobs = poisoned(-torch.rand(3, 5, generator=gen) - 0.1, fill).requires_grad_(True)
+    behaviour = poisoned(-torch.rand(3, 5, generator=gen) - 0.1, fill)
+    adv = poisoned(torch.randn(3, 5, generator=gen), fill)
+    corr = correct(logprobs, behaviour, MASK, mode, cap=1.5, band=(0.7, 1.4))
+    per_token, metrics = get_policy_loss(loss_name)(PolicyLossInput(logprobs, corr.old_logprobs, adv, corr.mask), LossConfig(clip_eps=0.1))
+    loss = aggregate(per_token * corr.weights, corr.mask, agg, BatchNorms(num_tokens=8, num_seqs=3, constant=5))
+    loss.backward()
+    return float(loss.detach()), {k: float(v) for k, v in {**metrics, **corr.metrics}.items()}, logprobs.grad
+
+
+@pytest.mark.parametrize("loss_name", ["ppo_clip", "gspo", "cispo"])
+@pytest.mark.parametrize("mode", ["none", "tis", "icepop", "decoupled"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"])
+def test_nonfinite_padding_changes_no_loss_metric_or_gradient(loss_name, mode, agg):
+    # bug: masked reductions multiplied by the mask (x * mask), and inf * 0 = NaN: an inf or NaN in a padded
+    # slot made the loss, the ratio metrics and every gradient NaN
+    loss, metrics, grad = learner_pass("nonfinite", loss_name, mode, agg)
+    ref_loss, ref_metrics, ref_grad = learner_pass("zeros", loss_name, mode, agg)
+    assert math.isfinite(loss) and loss == pytest.approx(ref_loss, abs=1e-7)
+    assert all(math.isfinite(v) for v in metrics.values()) and metrics == pytest.approx(ref_metrics, abs=1e-7)
+    assert torch.isfinite(grad).all() and torch.allclose(grad, ref_grad, atol=1e-7)
+    assert torch.equal(grad[PAD], torch.zeros(int(PAD.sum())))
+
+
+def test_nonfinite_padding_in_reductions_value_loss_and_estimators():
+    # bug: masked_mean, normalize_over_batch, value_loss, gae, token_rewards and group_advantages multiplied by the mask
+    from rlhub.algorithms.losses import masked_mean, value_loss
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, generator=gen)
+    assert masked_mean(poisoned(x, "nonfinite"), MASK).item() == pytest.approx(masked_mean(poisoned(x, "zeros"), MASK).item())
+    assert torch.equal(normalize_over_batch(poisoned(x, "nonfinite"), MASK), normalize_over_batch(poisoned(x, "zeros"), MASK))
+    values = torch.randn(3, 5, generator=gen)
+    old, ret = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    out = {}
+    for fill in ("nonfinite", "zeros"):
+        v = poisoned(values, fill).requires_grad_(True)
+        per_token, m = value_loss(v, poisoned(old, fill), poisoned(ret, fill), MASK, clip=0.2)
+        loss = aggregate(per_token, MASK, "token_mean", BatchNorms(8, 3))
+        loss.backward()
+        out[fill] = (float(loss.detach()), {k: float(t) for k, t in m.items()}, v.grad)
+    assert math.isfinite(out["nonfinite"][0]) and out["nonfinite"][0] == pytest.approx(out["zeros"][0])
+    assert out["nonfinite"][1] == pytest.approx(out["zeros"][1])
+    assert torch.isfinite(out["nonfinite"][2]).all() and torch.equal(out["nonfinite"][2], out["zeros"][2])
+    kl = torch.rand(3, 5, generator=gen)
+    rewards = torch.tensor([1.0, 0.0, 0.5])
+    for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"):
+        results = []
+        for fill in ("nonfinite", "zeros"):
+            tok = token_rewards(rewards, MASK, poisoned(kl, fill), 0.1)
+            adv, returns = group_advantages(name, poisoned(tok, fill), MASK, poisoned(values, fill), 1.0, 0.9)
+            results.append((adv, returns))
+        (adv, returns), (ref_adv, ref_returns) = results
+        assert torch.isfinite(adv).all() and torch.equal(adv, ref_adv), name
+        assert returns is None or (torch.isfinite(returns).all() and torch.equal(returns, ref_returns)), name
