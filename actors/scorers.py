@@ -14,6 +14,8 @@ from typing import Any
 
 import ray
 
+from rlhub.actors.learner import resolve_batch
+from rlhub.models.logprobs import SamplingPolicy
 from rlhub.scorers import Critic, ReferencePolicy
 from rlhub.types import GroupTensors, collate
 
@@ -33,12 +35,21 @@ class CriticActor:
         self.critic = Critic(model_path, run.model, run.algorithm, seed=run.seed + 17)
         self.pad_id = self.critic.model.backbone.config.pad_token_id or 0
 
+    def load_published(self, weight_sync: Any) -> int:
+        """Start the critic's trunk from the policy's latest published weights; returns their version."""
+        published = weight_sync.pull(-1)
+        self.critic.load_policy(published.state)
+        return published.version
+
     def score(self, batch: GroupTensors) -> dict[str, Any]:
         return self.critic.score(batch)
 
-    def train_step(self, picks: list[list[int]], *objects: list) -> dict[str, float]:
-        """One critic step on the groups picks[k] of objects[k], the batch the learner trains on."""
-        return self.critic.train_step(collate([obj[i] for obj, idx in zip(objects, picks) for i in idx], self.pad_id))
+    def train_step(self, parts: list[tuple[Any, list[int], list[int]]], at_version: int) -> dict[str, float]:
+        """One critic step on the batch the learner trains on, given as (ref, indices, group ids) parts,
+        starting from critic version `at_version` (steps run in version order whatever thread takes them);
+        groups whose tensors were lost are left out, as the learner leaves them out."""
+        tensors, _ = resolve_batch(parts)
+        return self.critic.train_step(collate(tensors, self.pad_id) if tensors else None, at_version)
 
     def save(self, directory: str) -> None:
         self.critic.save(Path(directory))
@@ -51,7 +62,7 @@ class CriticActor:
 class ReferenceActor:
     def __init__(self, run: Any, model_path: str, cores: set[int] | None) -> None:
         _pin(run, cores)
-        self.reference = ReferencePolicy(model_path, run.model)
+        self.reference = ReferencePolicy(model_path, run.model, SamplingPolicy(run.rollout.temperature, run.rollout.top_p))
 
     def load_published(self, weight_sync: Any) -> int:
         """Freeze the policy's latest published weights as the reference; returns their version."""

@@ -28,7 +28,7 @@ import torch
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.losses import BatchNorms, aggregate, value_loss
 from rlhub.models.build import ModelConfig
-from rlhub.models.logprobs import positions_from_mask, token_logprobs
+from rlhub.models.logprobs import RAW, SamplingPolicy, positions_from_mask, token_logprobs
 from rlhub.types import GroupTensors
 
 
@@ -37,7 +37,10 @@ class Scorer(Protocol):
 
 
 class ValueModel(torch.nn.Module):
-    """The policy's transformer trunk (initialised from the policy's weights) and a scalar head (zero at start)."""
+    """The policy's transformer trunk (initialised from the policy's weights) and a scalar head (zero at start).
+
+    Built from the model directory; `load_trunk` then takes the policy's weights as RL starts.
+    """
 
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModel
@@ -48,11 +51,26 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
+    def load_trunk(self, policy_state: dict[str, torch.Tensor]) -> None:
+        """Copy the trunk from a causal LM's state dict: its `model.*` tensors (the AutoModel trunk's
+        names lack the prefix); the LM head is not used. Every trunk tensor must be there."""
+        self.backbone.load_state_dict(trunk_state(policy_state, self.backbone.base_model_prefix))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`[B, T-1]`: the value of the state after tokens 0..t, i.e. before target t+1."""
         positions = positions_from_mask(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).last_hidden_state
         return self.head(hidden[:, :-1]).squeeze(-1).float()
+
+
+def trunk_state(policy_state: dict[str, torch.Tensor], prefix: str = "model") -> dict[str, torch.Tensor]:
+    """The trunk's tensors of a causal LM's state dict, named as in the bare AutoModel: `model.x` -> `x`.
+
+    >>> sorted(trunk_state({"model.norm.weight": torch.ones(1), "lm_head.weight": torch.ones(1)}))
+    ['norm.weight']
+    """
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in policy_state.items() if k.startswith(head)}
 
 
 class Critic:
@@ -67,20 +85,42 @@ class Critic:
         self.version = 0
         self._lock = threading.Lock()  # scoring may run in another thread than training: never mid-update
         self._train_lock = threading.Lock()  # steps queued by a pipelining controller run one after the other
+        self._turn = threading.Condition(self._train_lock)  # ... and, given `at_version`, in version order
+
+    def load_policy(self, policy_state: dict[str, torch.Tensor]) -> None:
+        """Start the trunk from the policy's weights as RL starts (after the warm start); the head stays at zero."""
+        with self._lock:
+            self.model.load_trunk(policy_state)
 
     def score(self, batch: GroupTensors) -> dict[str, Any]:
         batch = batch.to(self.device)
         with self._lock, torch.no_grad():
-            values = self.model(batch.input_ids, batch.attention_mask) * batch.completion_mask
+            values = torch.where(batch.completion_mask.bool(), self.model(batch.input_ids, batch.attention_mask), 0.0)
             version = self.version
         return {"values": values.cpu(), "critic_version": version}
 
-    def train_step(self, batch: GroupTensors) -> dict[str, float]:
-        """One step of value regression on the batch's returns; +1 critic version."""
-        if batch.values is None or batch.returns is None:
+    def train_step(self, batch: GroupTensors | None, at_version: int | None = None, wait_s: float = 600.0) -> dict[str, float]:
+        """One step of value regression on the batch's returns (None: an empty step); +1 critic version.
+
+        at_version: the critic version this step must start from. A threaded actor may start two queued
+        steps in either order; given it, a step that starts early waits (up to wait_s) for those before it.
+        """
+        if batch is not None and (batch.values is None or batch.returns is None):
             raise ValueError("the critic trains on batches with values and returns (advantage=gae)")
-        with self._train_lock:
-            return self._train_step(batch)
+        with self._turn:
+            if at_version is not None:
+                if not self._turn.wait_for(lambda: self.version >= at_version, timeout=wait_s):
+                    raise TimeoutError(f"critic step for version {at_version}: still at version {self.version} after {wait_s:.0f} s")
+                if self.version != at_version:
+                    raise ValueError(f"critic step for version {at_version} arrived at version {self.version}")
+            if batch is None:  # nothing left to train on (the batch's data was lost): keep step with the policy
+                with self._lock:
+                    self.version += 1
+                out = {"critic/version": self.version}
+            else:
+                out = self._train_step(batch)
+            self._turn.notify_all()
+            return out
 
     def _train_step(self, batch: GroupTensors) -> dict[str, float]:
         start = time.perf_counter()
@@ -135,12 +175,13 @@ class Critic:
 class ReferencePolicy:
     """A frozen copy of the policy; its log-probs of the generated tokens."""
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig) -> None:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, policy: SamplingPolicy = RAW) -> None:
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype))
         self.model = model.to(self.device).eval().requires_grad_(False)
+        self.policy = policy  # the reference is scored under the rollouts' sampling distribution, as the policy is
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Take the policy's weights as they are now (the start of RL, after any warm start)."""
@@ -160,5 +201,5 @@ class ReferencePolicy:
     def score(self, batch: GroupTensors) -> dict[str, Any]:
         batch = batch.to(self.device)
         with torch.no_grad():
-            logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask)
-        return {"ref_logprobs": (logprobs * batch.completion_mask).cpu()}
+            logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy)
+        return {"ref_logprobs": torch.where(batch.completion_mask.bool(), logprobs, 0.0).cpu()}

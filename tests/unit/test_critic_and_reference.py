@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 
 import pytest
 import torch
@@ -193,3 +195,68 @@ def test_learner_uses_the_reference_logprobs_that_came_with_the_batch(tiny_model
     # k3 with log r = 0.3 on every token: exp(-0.3) - 1 + 0.3
     assert m["train/kl_ref"] == pytest.approx(float(torch.exp(torch.tensor(-0.3)) - 0.7), rel=1e-3)
     assert lrn._reference is None  # no copy of the policy was made
+
+
+def perturbed(state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """A copy of a state dict moved by Gaussian noise: weights that differ from the model directory's."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+def test_critic_trunk_starts_from_the_policy_weights(tiny_model_path, learner):
+    # bug: the critic's trunk was the model directory's random init, not the policy as RL starts (after the
+    # format warm start); the causal LM's `model.*` names also had to be mapped to the bare trunk's
+    policy = perturbed(learner.state_dict(), 0.01, seed=3)  # as a warm start leaves it
+    critic = Critic(tiny_model_path, ModelConfig(), PPO)
+    trunk = critic.model.backbone.state_dict()
+    assert {f"model.{k}" for k in trunk} == set(policy) - {"lm_head.weight"}  # the same tensors, but for the prefix and the LM head
+    assert not any(torch.equal(v, policy[f"model.{k}"]) for k, v in trunk.items())
+    critic.load_policy(policy)
+    assert all(torch.equal(v, policy[f"model.{k}"]) for k, v in critic.model.backbone.state_dict().items())
+    assert not critic.model.head.weight.any() and not critic.model.head.bias.any()  # the head still starts at zero
+    with pytest.raises(RuntimeError, match="Missing key"):  # a state without the whole trunk is refused, not half-loaded
+        critic.load_policy({k: v for k, v in policy.items() if k != "model.norm.weight"})
+
+
+def test_worker_gives_reinforce_pp_the_reward_to_go_with_the_kl_penalty(tiny_model_path, tokenizer, learner):
+    # bug: with the KL in the reward, the data side gave every token the sequence's summed reward
+    # (r - beta * the KL of all its tokens) instead of its reward-to-go (r - beta * the KL from it on)
+    reference = ReferencePolicy(tiny_model_path, ModelConfig())
+    reference.load_state(perturbed(learner.state_dict(), 0.05, seed=4))  # away from the policy: the KL is not ~0
+    beta = 0.2
+    groups = worker_batch(tiny_model_path, tokenizer, DataSide(advantage="reinforce_pp", kl_coef=beta, kl_estimator="k1"), [reference], learner)
+    differs = False
+    for _, t in groups:
+        assert t.returns is None
+        kl = t.old_logprobs - t.ref_logprobs  # k1
+        for i in range(t.rewards.numel()):
+            real = t.completion_mask[i].nonzero().flatten().tolist()
+            for pos in real:
+                to_go = float(t.rewards[i]) - beta * sum(float(kl[i, s]) for s in real if s >= pos)
+                assert float(t.advantages[i, pos]) == pytest.approx(to_go, abs=1e-5)
+            summed = float(t.rewards[i]) - beta * sum(float(kl[i, s]) for s in real)
+            differs |= any(abs(float(t.advantages[i, pos]) - summed) > 1e-3 for pos in real)
+        assert float(torch.where(t.completion_mask.bool(), 0.0, t.advantages).abs().sum()) == 0.0
+    assert differs  # the old broadcast value would not have passed
+
+
+def test_critic_steps_run_in_version_order_whatever_order_they_start_in(tiny_model_path):
+    # bug: the critic actor is threaded (max_concurrency=2), and Ray does not keep the submission order of a
+    # threaded actor's tasks: two queued train steps could run swapped (critic/version 2 logged before 1)
+    critic = Critic(tiny_model_path, ModelConfig(), PPO)
+    s = Sample([1, 2, 3], [4, 5], [-0.5, -0.5], [0, 0], 1.0, True, "stop")
+    batch = GroupTensors.from_samples([s, s], torch.tensor([1.0, -1.0]), 0)
+    batch.values, batch.returns = torch.zeros_like(batch.completion_mask), batch.completion_mask.clone()
+    done: dict[int, dict] = {}
+    late = threading.Thread(target=lambda: done.__setitem__(1, critic.train_step(batch, at_version=1)))
+    late.start()  # the second step starts first: it must wait for the first, however the threads interleave
+    time.sleep(0.2)
+    assert critic.version == 0 and 1 not in done
+    done[0] = critic.train_step(batch, at_version=0)
+    late.join(timeout=120)
+    assert (done[0]["critic/version"], done[1]["critic/version"]) == (1, 2)
+    with pytest.raises(ValueError, match="arrived at version 2"):  # a step for a version already trained
+        critic.train_step(batch, at_version=0)
+    with pytest.raises(TimeoutError, match="still at version 2"):
+        critic.train_step(batch, at_version=5, wait_s=0.1)
+    assert critic.train_step(batch)["critic/version"] == 3  # without at_version: as before, in arrival order
