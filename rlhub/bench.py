@@ -30,7 +30,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     from rlhub.config import load_config
 
     cfg = load_config(overrides)
-    from rlhub.actors.rollout import make_engine
+    from rlhub.engines import make_engine
     from rlhub.datastore import InMemoryDataStore
     from rlhub.envs import make_env
     from rlhub.learner import Learner
@@ -104,11 +104,11 @@ def bench_e2e(overrides: list[str]) -> dict[str, Any]:
 
     overrides = [*BENCH_DEFAULTS, *overrides]
     cfg = load_config(overrides)
-    from rlhub.algorithms.advantages import TOKEN_LEVEL
+    from rlhub.algorithms import advantage_needs
     from rlhub.config import ConfigError
 
     algo = cfg.algorithm
-    if algo.advantage in TOKEN_LEVEL or (algo.kl_coef > 0 and algo.reference == "actor"):
+    if advantage_needs(algo.advantage).critic or (algo.kl_coef > 0 and algo.reference == "actor"):
         raise ConfigError("bench e2e measures algorithms without scorer actors (no critic, reference=learner); use rlhub bench presets")
     skip = max(2, cfg.experiment.total_steps // 10)  # start-up steps are not steady state
     import multiprocessing

@@ -15,10 +15,21 @@ from typing import Any
 
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.datastore import DataStoreConfig
-from rlhub.models.build import ModelConfig
-from rlhub.rollout import RolloutConfig
+from rlhub.models.config import ModelConfig
+from rlhub.rollout_config import RolloutConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "RAY_DEDUP_LOGS": "1",
+}
+"""Environment of the command and of every Ray worker it starts: offline, quiet."""
 
 
 class ConfigError(ValueError):
@@ -191,6 +202,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.group_size >= 2, "group_size must be >= 2 (a group baseline needs two samples)"),
         (cfg.experiment.total_steps >= 1, "experiment.total_steps must be >= 1"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
+        (cfg.rollout.log_samples >= 0, "rollout.log_samples must be >= 0"),
         (cfg.rollout.engine in ("hf", "vllm"), f"rollout.engine must be hf or vllm, not {cfg.rollout.engine!r}"),
         (cfg.rollout.weight_update in ("batch", "inflight"), f"rollout.weight_update must be batch or inflight, not {cfg.rollout.weight_update!r}"),
         (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
@@ -224,9 +236,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.algorithm.policy_loss not in POLICY_LOSSES:
         raise ConfigError(f"algorithm.policy_loss={cfg.algorithm.policy_loss!r} is not registered; known: {sorted(POLICY_LOSSES)}")
     algo = cfg.algorithm
-    from rlhub.algorithms.advantages import TOKEN_LEVEL
+    from rlhub.algorithms import advantage_needs
 
-    critic = algo.advantage in TOKEN_LEVEL
+    critic = advantage_needs(algo.advantage).critic
     algo_checks = [
         (algo.kl_penalty in ("loss", "reward"), f"algorithm.kl_penalty={algo.kl_penalty!r}: use loss or reward"),
         (algo.reference in ("learner", "actor"), f"algorithm.reference={algo.reference!r}: use learner or actor"),

@@ -1,1 +1,23 @@
 """Rollout engines behind one protocol (`base.RolloutEngine`): `hf` (built-in) and `vllm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def make_engine(cfg: Any, model_path: str, dtype: str, seed: int, core: int | None, torch_threads: int) -> Any:
+    """The engine `cfg.engine` names (a `RolloutConfig`), built in the calling process."""
+    if cfg.engine == "vllm":
+        from rlhub.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            kv_cache_gib=cfg.vllm_kv_cache_gib,
+            cpu_bind=None if core is None else str(core),
+        )
+    from rlhub.engines.hf import HFEngine
+
+    return HFEngine(model_path, dtype=dtype, seed=seed, num_threads=torch_threads)

@@ -3,7 +3,8 @@
 `model=tiny_moe` builds a Qwen3-MoE from a config at random init with the
 offline byte tokenizer and saves it as an ordinary HF directory (cached by the
 config's hash) that both transformers and vLLM load. `model.path=DIR` uses any
-local HF causal-LM directory instead.
+local HF causal-LM directory instead. torch is imported only to build a model,
+so finding one that exists is instant.
 """
 
 from __future__ import annotations
@@ -12,37 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
+from rlhub.models.config import ModelConfig
 from rlhub.models.tokenizer import save_byte_tokenizer
 
-
-@dataclass
-class ModelConfig:
-    """The policy model."""
-
-    name: str = "tiny_moe"
-    """Label used in run names and logs."""
-    path: str | None = None
-    """A local Hugging Face causal-LM directory; when unset, the tiny MoE below is built."""
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    num_experts: int = 8
-    experts_per_token: int = 2
-    expert_intermediate_size: int = 128
-    max_position_embeddings: int = 256
-    init_seed: int = 0
-    """Seed of the random init of the built model."""
-    dtype: str = "float32"
-    """Parameter dtype on the learner and the engines: float32 or bfloat16."""
-    router_aux_loss_coef: float = 0.01
-    """Weight of the router load-balancing loss added by the learner (MoE models only)."""
+__all__ = ["ModelConfig", "build_tiny_moe", "cache_dir", "is_moe", "load_policy", "resolve_model_path"]
 
 
 def cache_dir() -> Path:
@@ -74,6 +51,7 @@ def build_tiny_moe(cfg: ModelConfig, root: Path | None = None) -> Path:
     out = (root or cache_dir() / "models") / f"tiny_moe-{digest}"
     if (out / "model.safetensors").is_file():
         return out
+    import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -113,6 +91,7 @@ def build_tiny_moe(cfg: ModelConfig, root: Path | None = None) -> Path:
 
 def load_policy(path: Path, dtype: str = "float32"):
     """(model, tokenizer) from an HF directory, on CPU, in train-ready fp dtype."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,31 @@
+"""The policy model's configuration (`model=` group); kept apart from the building code so that
+reading a config does not import torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    """The policy model."""
+
+    name: str = "tiny_moe"
+    """Label used in run names and logs."""
+    path: str | None = None
+    """A local Hugging Face causal-LM directory; when unset, the tiny MoE below is built."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    num_experts: int = 8
+    experts_per_token: int = 2
+    expert_intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    init_seed: int = 0
+    """Seed of the random init of the built model."""
+    dtype: str = "float32"
+    """Parameter dtype on the learner and the engines: float32 or bfloat16."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the router load-balancing loss added by the learner (MoE models only)."""

@@ -1,0 +1,33 @@
+"""The rollout actors' configuration (`rollout=` group); kept apart from the worker's code
+(`rlhub.rollout`) so that reading a config does not import torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout actors and their engines."""
+
+    engine: str = "hf"
+    """hf (built-in transformers engine with KV cache and routing record) or vllm."""
+    num_actors: int = 1
+    prompts_per_batch: int = 0
+    """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors."""
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_model_len: int = 256
+    """Prompt plus completion; a longer prompt is dropped and counted."""
+    weight_update: str = "batch"
+    """batch: new weights between generation batches; inflight: also between decode steps (hf engine)."""
+    pin_cores: bool = True
+    """Pin each actor's engine to its own core (by actor index, modulo the cores)."""
+    probe_tolerance: float = 1e-4
+    """Largest allowed |engine - learner| probe log-prob after a sync (fp32; allow ~0.1 for bf16)."""
+    vllm_kv_cache_gib: float = 1.0
+    admission_wait_s: float = 0.5
+    log_samples: int = 1
+    """Trained groups per step whose samples go to run_dir/samples.jsonl and a W&B table (0: none)."""
+    """How long one admission request waits for room when the learner is behind (then asks again)."""
