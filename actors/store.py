@@ -49,8 +49,8 @@ class _Waiter:
 
 @ray.remote(num_cpus=0)
 class CoordinatorActor:
-    def __init__(self, prompts_per_step: int, max_staleness: int) -> None:
-        self.admission = Admission(prompts_per_step, max_staleness)
+    def __init__(self, prompts_per_step: int, max_staleness: int, num_rows: int, seed: int) -> None:
+        self.admission = Admission(prompts_per_step, max_staleness, num_rows=num_rows, seed=seed)
         self.waiter = _Waiter()
 
     def _has_room(self) -> bool:
@@ -62,9 +62,9 @@ class CoordinatorActor:
         await self.waiter.wait(self._has_room, wait_s)
         return self.admission.admit(actor_id, n)
 
-    async def finish(self, group_ids: list[int], dropped: bool = False) -> None:
+    async def finish(self, group_ids: list[int], dropped: bool = False, reason: str = "", row: int | None = None) -> None:
         for gid in group_ids:
-            self.admission.finish(gid, dropped)
+            self.admission.finish(gid, dropped, reason, row)
         if dropped:
             await self.waiter.notify()
 
@@ -84,10 +84,20 @@ class CoordinatorActor:
         return len(self.admission.in_flight)
 
     async def requeue_actor(self, actor_id: int, also: list[int] = ()) -> list[int]:
-        lost = self.admission.requeue_actor(actor_id)
-        self.admission.requeued = sorted(set(self.admission.requeued) | set(also))
+        lost = sorted(set(self.admission.requeue_actor(actor_id)) | set(also))
+        self.admission.requeue(lost, "actor_crash")
         await self.waiter.notify()
-        return sorted(set(lost) | set(also))
+        return lost
+
+    async def requeue(self, group_ids: list[int], reason: str) -> None:
+        self.admission.requeue(group_ids, reason)
+        await self.waiter.notify()
+
+    def close_out(self, reason: str) -> int:
+        return self.admission.close_out(reason)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        return self.admission.take_events()
 
     def state_dict(self) -> dict[str, Any]:
         return self.admission.state_dict()
@@ -102,10 +112,11 @@ class ShardActor:
         self.groups = GroupQueue()
         self.waiter = _Waiter()
 
-    async def put_many(self, metas: list[GroupMeta], boxes: list[tuple[Any, int]]) -> None:
-        for meta, box in zip(metas, boxes):  # box: (ref to a list of GroupTensors, index in it)
-            self.groups.put(meta, box)
+    async def put_many(self, metas: list[GroupMeta], boxes: list[tuple[Any, int]]) -> list[int]:
+        """Queue finished groups; returns the ids that were accepted (a group queued or taken already is not)."""
+        accepted = [meta.group_id for meta, box in zip(metas, boxes) if self.groups.put(meta, box)]  # box: (ref, index)
         await self.waiter.notify()
+        return accepted
 
     def count_drop(self, reason: str, groups: int, samples: int) -> None:
         self.groups.count_drop(reason, groups, samples)
@@ -123,10 +134,13 @@ class ShardActor:
 
     def remove_actor(self, actor_id: int) -> list[int]:
         """Forget the queued groups of a crashed actor (their tensors died with it)."""
-        lost = [m.group_id for m, _ in self.groups.queue if m.actor_id == actor_id]
-        self.groups.queue = [(m, p) for m, p in self.groups.queue if m.actor_id != actor_id]
-        self.groups.produced -= len(lost)
-        return lost
+        return self.groups.remove(lambda m: m.actor_id != actor_id)
+
+    def release(self, group_ids: list[int]) -> None:
+        self.groups.release(group_ids)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        return self.groups.take_events()
 
     def queued_ids(self) -> list[int]:
         return [m.group_id for m, _ in self.groups.queue]
@@ -152,8 +166,9 @@ class RayDataStore:
         self.max_staleness = max_staleness
 
     @classmethod
-    def create(cls, num_shards: int, prompts_per_step: int, max_staleness: int) -> "RayDataStore":
-        return cls(CoordinatorActor.remote(prompts_per_step, max_staleness), [ShardActor.remote() for _ in range(num_shards)], max_staleness)
+    def create(cls, num_shards: int, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0) -> "RayDataStore":
+        coordinator = CoordinatorActor.remote(prompts_per_step, max_staleness, num_rows, seed)
+        return cls(coordinator, [ShardActor.remote() for _ in range(num_shards)], max_staleness)
 
     def _shard(self, group_id: int) -> Any:
         return self.shards[group_id % len(self.shards)]
@@ -176,7 +191,7 @@ class RayDataStore:
 
     def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None:
         ray.get(self._shard(group_id).count_drop.remote(reason, 1, samples))
-        ray.get(self.coordinator.finish.remote([group_id], dropped=True))
+        ray.get(self.coordinator.finish.remote([group_id], True, reason, row))
 
     # ---- learner side ----
     def get_batch(
@@ -214,6 +229,19 @@ class RayDataStore:
         """Start again everything of a crashed actor that was not trained: in flight or queued."""
         queued = [g for ids in ray.get([s.remove_actor.remote(actor_id) for s in self.shards]) for g in ids]
         return ray.get(self.coordinator.requeue_actor.remote(actor_id, queued))
+
+    def requeue_taken(self, group_ids: list[int], reason: str) -> None:
+        """Groups taken for a learner step that never happened (its data was lost): start them again."""
+        ray.get([s.release.remote(group_ids) for s in self.shards])
+        ray.get(self.coordinator.requeue.remote(group_ids, reason))
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """Ledger events recorded since the last call, in the order they happened."""
+        parts = ray.get([self.coordinator.take_events.remote(), *[s.take_events.remote() for s in self.shards]])
+        return sorted((e for part in parts for e in part), key=lambda e: e["t"])
+
+    def close_out(self, reason: str) -> int:
+        return ray.get(self.coordinator.close_out.remote(reason))
 
     def stop(self) -> None:
         ray.get(self.coordinator.stop.remote())

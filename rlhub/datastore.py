@@ -9,16 +9,36 @@ Admission: a prompt may be started only while the number started is below
 never run far enough ahead to produce samples that must be thrown away.
 Batches: groups leave in arrival order, and a group whose oldest token is more
 than `max_staleness` versions behind the learner is dropped and counted.
+
+Both sides record what happens to each group id as ledger events (issued,
+requeued, dropped; `rlhub.ledger`), which the controller drains into the run's
+ledger: a record kept apart from the counters, so the two can be checked
+against each other.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlhub.types import GroupMeta
+if TYPE_CHECKING:
+    from rlhub.types import GroupMeta
+
+
+def prompt_index(group_id: int, num_rows: int, seed: int) -> int:
+    """Row of the training split for a position in the prompt stream: a fresh shuffle per epoch."""
+    epoch, pos = divmod(group_id, num_rows)
+    order = list(range(num_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[pos]
+
+
+def event(kind: str, group: int, **fields: Any) -> dict[str, Any]:
+    """One ledger event, stamped with the time it happened (events from several actors merge by it)."""
+    return {"event": kind, "group": group, **fields, "t": time.time()}
 
 
 @dataclass
@@ -34,12 +54,16 @@ class DataStoreConfig:
 class Admission:
     """Hands out prompt positions under the staleness bound and tracks what is in flight."""
 
-    def __init__(self, prompts_per_step: int, max_staleness: int, total_prompts: int | None = None) -> None:
+    def __init__(
+        self, prompts_per_step: int, max_staleness: int, total_prompts: int | None = None, num_rows: int = 0, seed: int = 0
+    ) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.prompts_per_step = prompts_per_step
         self.max_staleness = max_staleness
         self.total_prompts = total_prompts
+        self.num_rows, self.seed = num_rows, seed  # the prompt stream, to name each group's dataset row
+        self.events: list[dict[str, Any]] = []
         self.learner_version = 0
         self.cursor = 0  # the next position in the prompt stream
         self.in_flight: dict[int, int] = {}  # group id -> actor id
@@ -67,23 +91,44 @@ class Admission:
         self.cursor += fresh
         for gid in granted:
             self.in_flight[gid] = actor_id
+            self.events.append(event("issued", gid, row=self.row(gid), actor=actor_id, version=self.learner_version))
         return granted
 
-    def finish(self, group_id: int, dropped: bool = False) -> None:
+    def row(self, group_id: int) -> int | None:
+        return prompt_index(group_id, self.num_rows, self.seed) if self.num_rows else None
+
+    def finish(self, group_id: int, dropped: bool = False, reason: str = "", row: int | None = None) -> None:
         self.in_flight.pop(group_id, None)
         self.dropped += dropped
+        if dropped:
+            self.events.append(event("dropped", group_id, row=row, reason=reason))
 
     def count_dropped(self, n: int) -> None:
         """Groups that were finished but dropped later (stale in the store)."""
         self.dropped += n
 
     def requeue_actor(self, actor_id: int) -> list[int]:
-        """Give back the groups of a crashed actor, to be started again by another."""
-        lost = sorted(g for g, a in self.in_flight.items() if a == actor_id)
-        for gid in lost:
-            del self.in_flight[gid]
-        self.requeued = sorted(self.requeued + lost)
-        return lost
+        """The in-flight groups of a crashed actor (to be started again, with `requeue`)."""
+        return sorted(g for g, a in self.in_flight.items() if a == actor_id)
+
+    def requeue(self, group_ids: list[int], reason: str) -> None:
+        """Start these groups again (they will never be trained as they are), first in line."""
+        for gid in group_ids:
+            self.in_flight.pop(gid, None)
+            self.events.append(event("requeued", gid, reason=reason))
+        self.requeued = sorted(set(self.requeued) | set(group_ids))
+
+    def close_out(self, reason: str) -> int:
+        """At the end of a run: groups waiting to start again, or still in flight, are dropped."""
+        left = sorted(set(self.requeued) | set(self.in_flight))
+        for gid in left:
+            self.events.append(event("dropped", gid, row=self.row(gid), reason=reason))
+        self.requeued, self.in_flight = [], {}
+        return len(left)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
 
     def set_version(self, version: int) -> None:
         self.learner_version = version
@@ -109,12 +154,23 @@ class GroupQueue:
         self.dropped: Counter[str] = Counter()
         self.dropped_samples: Counter[str] = Counter()
         self.newly_stale = 0
+        self.taken: set[int] = set()  # handed to the learner: never queued again, unless released
+        self.events: list[dict[str, Any]] = []
 
-    def put(self, meta: GroupMeta, payload: Any) -> None:
+    def put(self, meta: GroupMeta, payload: Any) -> bool:
+        """Queue a finished group; a group already queued or taken is ignored (finishing is idempotent)."""
+        if meta.group_id in self.taken or any(m.group_id == meta.group_id for m, _ in self.queue):
+            return False
         meta.put_time = meta.put_time or time.time()
         self.queue.append((meta, payload))
         self.produced += 1
         self.dropped_samples.update(meta.extra.get("dropped_samples", {}))
+        return True
+
+    def release(self, group_ids: list[int]) -> None:
+        """Taken groups whose learner step never happened: they will be generated and queued again."""
+        self.taken -= set(group_ids)
+        self.consumed -= len(group_ids)
 
     def count_drop(self, reason: str, groups: int = 1, samples: int = 0) -> None:
         """A group (or samples of one) that will never be trained, with the reason."""
@@ -129,6 +185,8 @@ class GroupQueue:
         evicted = len(self.queue) - len(keep)
         if evicted:
             self.dropped["stale"] += evicted
+            self.events += [event("dropped", m.group_id, row=m.prompt_index, reason="stale") for m, _ in self.queue
+                            if learner_version - m.min_version > max_staleness]
             self.queue = keep
         return evicted
 
@@ -147,15 +205,28 @@ class GroupQueue:
         taken = [(m, p) for m, p in self.queue if m.group_id in wanted]
         self.queue = [(m, p) for m, p in self.queue if m.group_id not in wanted]
         self.consumed += len(taken)
+        self.taken.update(m.group_id for m, _ in taken)
         return taken
+
+    def remove(self, keep: Any) -> list[int]:
+        """Forget the queued groups for which keep(meta) is false; their ids (they will be started again)."""
+        gone = [m.group_id for m, _ in self.queue if not keep(m)]
+        self.queue = [(m, p) for m, p in self.queue if keep(m)]
+        self.produced -= len(gone)
+        return gone
 
     def drain(self, reason: str) -> int:
         """Count what is left as dropped (at the end of a run)."""
         n = len(self.queue)
         if n:
             self.dropped[reason] += n
+            self.events += [event("dropped", m.group_id, row=m.prompt_index, reason=reason) for m, _ in self.queue]
             self.queue = []
         return n
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -190,8 +261,8 @@ def merge_stats(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
 class InMemoryDataStore:
     """The whole store in one process: the seam's reference implementation, used by tests."""
 
-    def __init__(self, prompts_per_step: int, max_staleness: int) -> None:
-        self.admission = Admission(prompts_per_step, max_staleness)
+    def __init__(self, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0) -> None:
+        self.admission = Admission(prompts_per_step, max_staleness, num_rows=num_rows, seed=seed)
         self.groups = GroupQueue()
         self.max_staleness = max_staleness
 
@@ -205,7 +276,10 @@ class InMemoryDataStore:
 
     def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None:
         self.groups.count_drop(reason, 1, samples)
-        self.admission.finish(group_id, dropped=True)
+        self.admission.finish(group_id, dropped=True, reason=reason, row=row)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        return sorted(self.admission.take_events() + self.groups.take_events(), key=lambda e: e["t"])
 
     def get_batch(self, n: int, learner_version: int) -> list[tuple[GroupMeta, Any]] | None:
         ready = self.groups.peek(learner_version, self.max_staleness)

@@ -41,6 +41,7 @@ class GroupMeta:
     response_len_mean: float
     generate_seconds: float
     put_time: float = 0.0
+    finish_reasons: list[str] = field(default_factory=list)  # per sample: stop or length
     extra: dict[str, Any] = field(default_factory=dict)
 
 

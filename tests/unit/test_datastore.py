@@ -30,6 +30,7 @@ def test_admission_requeues_crashed_actor_first_and_stops():
     adm.admit(0, 1)
     adm.admit(1, 1)
     assert adm.requeue_actor(0) == [0]
+    adm.requeue([0], "actor_crash")
     adm.set_version(1)
     assert adm.admit(2, 2) == [0, 2]  # the lost one first
     adm.stopped = True
