@@ -1,8 +1,9 @@
-"""The single controller: start the actors, then loop rollout -> store -> learn -> sync.
+"""The single controller: start the actors, then loop rollout -> store -> learn -> sync -> record.
 
-Reads top to bottom in dataflow order. Everything that can be wrong with the
-configuration (environment name, model path, dataset) fails here before Ray
-starts, with one line naming the cause.
+`train` reads top to bottom: check the inputs (before Ray starts, failing in
+one line that names the cause), start Ray and the actors, run the loop, then
+close the run: the ledger reconciled, the summary, the pictures. The loop
+itself is `run_loop`; each of its stages is a method of `Pipeline`.
 """
 
 from __future__ import annotations
@@ -10,25 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import deque
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rlhub.actors.cluster import CorePlan, check_reachable, init_ray, plan_cores
 from rlhub.config import ConfigError, RunConfig
 
 log = logging.getLogger("rlhub")
-
-WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "RAY_DEDUP_LOGS": "1",
-}
 
 
 # ---- before Ray ------------------------------------------------------------------
@@ -54,11 +47,9 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     return run_dir.resolve(), ckpt
 
 
-def check_inputs(cfg: RunConfig) -> tuple[Path, Any, Any]:
-    """(model directory, tokenizer, environment), after checking the environment and its data."""
+def check_env(cfg: RunConfig) -> Any:
+    """The environment, after checking it and its data."""
     from rlhub.envs import make_env
-    from rlhub.models.build import resolve_model_path
-    from transformers import AutoTokenizer
 
     try:
         env = make_env(cfg.env.name, **cfg.env.kwargs)
@@ -69,64 +60,22 @@ def check_inputs(cfg: RunConfig) -> tuple[Path, Any, Any]:
         raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
     if cfg.warm_start.steps and not callable(getattr(env, "format_examples", None)):
         raise ConfigError(f"warm_start.steps={cfg.warm_start.steps}: env.name={cfg.env.name!r} has no format_examples(); set warm_start.steps=0")
-    model_path = resolve_model_path(cfg.model)
+    return env
+
+
+def load_tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model at {model_path}: the tokenizer has no EOS token to stop generation at")
-    return model_path, tokenizer, env
+    return tokenizer
 
 
 def save_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
     from omegaconf import OmegaConf
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-def init_ray(cfg: RunConfig, plan: "CorePlan") -> bool:
-    """Start a local Ray or join the configured cluster; True if this process started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    runtime_env = {"env_vars": WORKER_ENV}
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, runtime_env=runtime_env, log_to_driver=True)
-        return True
-    wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
-    num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
-    everywhere = os.sched_getaffinity(0) if plan.system else None
-    if plan.system:  # Ray's own processes inherit this: keep them off the learner's core
-        os.sched_setaffinity(0, plan.system)
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
-    finally:
-        if everywhere:
-            os.sched_setaffinity(0, everywhere)
-    return True
-
-
-@dataclass
-class CorePlan:
-    """Which cores the learner, each rollout engine and Ray's own processes use on a small CPU machine."""
-
-    learner: int | None = None
-    rollout: list[int | None] = field(default_factory=list)
-    system: set[int] = field(default_factory=set)
-
-
-def plan_cores(cfg: RunConfig) -> CorePlan:
-    """The learner takes the last core; engines take the others round robin (all cores if there are
-    more engines than other cores), so engines in different actors never share a core they need not."""
-    k = cfg.rollout.num_actors
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = []
-    if cfg.cluster.address or not cfg.rollout.pin_cores or len(cores) < 2:
-        return CorePlan(rollout=[None] * k)
-    pool = cores[:-1] if k <= len(cores) - 1 else cores
-    learner = None if cfg.cluster.learner_num_gpus else cores[-1]
-    return CorePlan(learner=learner, rollout=[pool[i % len(pool)] for i in range(k)], system=set(cores[:-1]))
 
 
 def format_examples(cfg: RunConfig, env: Any, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
@@ -138,44 +87,55 @@ def format_examples(cfg: RunConfig, env: Any, tokenizer: Any) -> list[tuple[list
     return [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
 
 
-def start_scorers(cfg: RunConfig, model_path: str, weight_sync: Any, resume_from: Path | None, plan: CorePlan) -> tuple[Any, Any]:
-    """(critic actor or None, reference actor or None), restored from the checkpoint when resuming.
-
-    The reference actor freezes the policy as RL starts (after the warm start): call after the first publish."""
-    import ray
-
+def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any, Any]:
+    """(critic actor or None, reference actor or None), as the algorithm needs them; weights come in init_scorers."""
     from rlhub.actors.scorers import CriticActor, ReferenceActor
-    from rlhub.algorithms.advantages import TOKEN_LEVEL
+    from rlhub.algorithms import advantage_needs
 
     algo = cfg.algorithm
     options = {"num_cpus": 0, "num_gpus": cfg.cluster.scorer_num_gpus}
     cores = plan.system or None
-    critic = reference = None
-    if algo.advantage in TOKEN_LEVEL:
-        critic = CriticActor.options(**options).remote(cfg, model_path, cores)
-        if resume_from is not None:
-            ray.get(critic.load.remote(str(resume_from / "critic")))
-    if algo.reference == "actor" and algo.kl_coef > 0:
-        reference = ReferenceActor.options(**options).remote(cfg, model_path, cores)
-        if resume_from is not None:
-            ray.get(reference.load.remote(str(resume_from / "reference")))
-        else:
-            ray.get(reference.load_published.remote(weight_sync))
+    critic = CriticActor.options(**options).remote(cfg, model_path, cores) if advantage_needs(algo.advantage).critic else None
+    reference = ReferenceActor.options(**options).remote(cfg, model_path, cores) if algo.reference == "actor" and algo.kl_coef > 0 else None
     return critic, reference
+
+
+def init_scorers(critic: Any, reference: Any, weight_sync: Any, resume_from: Path | None) -> None:
+    """The scorers' weights: from the checkpoint when resuming; otherwise the critic's trunk starts from, and
+    the reference freezes, the policy as RL starts (after the warm start). Call after the first publish."""
+    import ray
+
+    for actor, name in ((critic, "critic"), (reference, "reference")):
+        if actor is not None:
+            ray.get(actor.load.remote(str(resume_from / name)) if resume_from is not None else actor.load_published.remote(weight_sync))
 
 
 # ---- the run ---------------------------------------------------------------------
 
 def train(cfg: RunConfig) -> dict[str, Any]:
+    """One training run (or its resumption); returns the summary. Raises ConfigError before Ray starts
+    on bad input, RunFailed when the run cannot go on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlhub.models.build import resolve_model_path
+
+    t0 = time.perf_counter()
     run_dir, resume_from = prepare_run_dir(cfg)
-    model_path, tokenizer, env = check_inputs(cfg)
+    env = check_env(cfg)
+    model_path = resolve_model_path(cfg.model)
+    if cfg.cluster.address:
+        check_reachable(cfg.cluster.address)
     save_resolved_config(cfg, run_dir)
-    _setup_logging(run_dir)
-    log.info("run directory %s; model %s", run_dir, model_path)
-    plan = plan_cores(cfg)
-    started_ray = init_ray(cfg, plan)
+    with ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(load_tokenizer, model_path)  # transformers' import overlaps Ray's start
+        plan = plan_cores(cfg)
+        started_ray = init_ray(cfg, plan)
     try:
-        return _train(cfg, run_dir, resume_from, model_path, tokenizer, env, plan)
+        tokenizer = tokenizer.result()
+        _setup_logging(run_dir, cfg.progress)
+        log.info("run directory %s; model %s; Ray %s (%.1f s)", run_dir, model_path, "started" if started_ray else "joined",
+                 time.perf_counter() - t0)
+        return _train(cfg, run_dir, resume_from, model_path, tokenizer, env, plan, t0)
     finally:
         if started_ray:
             import ray
@@ -183,174 +143,152 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             ray.shutdown()
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any, plan: CorePlan) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any, plan: CorePlan, t0: float) -> dict[str, Any]:
+    from rlhub.actors.pipeline import RunFailed
+
+    p = start_pipeline(cfg, run_dir, resume_from, model_path, tokenizer, env, plan, t0)
+    failure: str | None = None
+    try:
+        version = run_loop(p, p.version, cfg.experiment.total_steps)
+        if cfg.checkpoint.keep_final and not p.checkpoint_due(version):
+            p.checkpoint(version)
+    except RunFailed as e:
+        failure = str(e)
+        log.error("run failed: %s", failure)
+    except BaseException:
+        p.tracker.close()
+        raise
+    finally:
+        store_stats, rollout_stats = p.finish()
+    summary = close_run(cfg, run_dir, p, store_stats, rollout_stats, failure)
+    if failure:
+        raise RunFailed(failure)
+    return summary
+
+
+def run_loop(p: Any, version: int, total: int) -> int:
+    """Train from `version` to `total`; returns the final version. The next step waits queued on the
+    learner while the current one trains, except across a checkpoint."""
+    steps: deque = deque()
+    while version < total:
+        while len(steps) < 2 and version + len(steps) < total and not (steps and p.checkpoint_due(version + len(steps))):
+            steps.append(p.submit(p.fetch(version + len(steps))))  # 1. rollout -> store, 2. learn at that version
+        step = steps.popleft()
+        metrics = p.wait(step)  # 3. the learner publishes the new weights (sync) before answering
+        version = p.record(step, metrics)  # 4. ledger, metrics, samples
+        if p.checkpoint_due(version):
+            p.checkpoint(version)
+    return version
+
+
+def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any,
+                   plan: CorePlan, t0: float) -> Any:
+    """Every actor of the run, started at once so that their start-ups overlap; the policy trained up to
+    its starting point (warm start, or the checkpoint), published, and the rollout loops running."""
     import ray
 
     from rlhub.actors.learner import LearnerActor
+    from rlhub.actors.pipeline import Pipeline
     from rlhub.actors.rollout import RolloutFleet
     from rlhub.actors.store import RayDataStore
-    from rlhub.checkpoint import read_state, write_checkpoint
-    from rlhub.tracking import Tracker
+    from rlhub.checkpoint import read_state
+    from rlhub.ledger import Ledger, truncate
+    from rlhub.tracking import Tracker, truncate_steps
     from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
 
     probe = probe_sequence(len(tokenizer))
     weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
-    store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness)
+    store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed)
     learner = LearnerActor.options(num_cpus=cfg.cluster.learner_num_cpus, num_gpus=cfg.cluster.learner_num_gpus).remote(
-        cfg, str(model_path), weight_sync, store, probe, plan.learner
-    )
-    version, resume_state, warm = 0, {}, {}
-    if resume_from is not None:
-        resume_state = read_state(resume_from)
-        version = resume_state["version"]
-        ray.get(learner.load.remote(str(resume_from), version))
-        store.load_state_dict(resume_state["store"])
-        log.info("resumed from %s at version %d", resume_from, version)
-    elif cfg.warm_start.steps:
-        warm = ray.get(learner.warm_start.remote(format_examples(cfg, env, tokenizer), cfg.warm_start.steps, cfg.warm_start.batch_size, cfg.warm_start.lr, cfg.seed))
-        log.info("format warm start: %s", warm)
-    ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
-    critic, reference = start_scorers(cfg, str(model_path), weight_sync, resume_from, plan)
-
+        cfg, str(model_path), weight_sync, store, probe, plan.learner)
+    critic, reference = create_scorers(cfg, str(model_path), plan)
     fleet = RolloutFleet(cfg, str(model_path), store, weight_sync, probe, plan.rollout, [s for s in (reference, critic) if s])
-    tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, resume_state.get("wandb_id"))
-    tracker.summary(warm)
-    history: list[dict[str, float]] = []
-    last_tokens, last_time = 0, time.perf_counter()
+    state: dict[str, Any] = read_state(resume_from) if resume_from is not None else {}
+    version = int(state.get("version", 0))
+    if resume_from is not None:  # the run's records go back to the checkpoint: what came after it is redone
+        truncate(run_dir / "ledger.jsonl", state["ledger_offset"])
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_steps(run_dir / name, version)
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    ledger.write([{"event": "run", "version": version, "resumed": resume_from is not None}])
+    tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, state.get("wandb_id"))
+    if resume_from is not None:
+        ray.get(learner.load.remote(str(resume_from), version))
+        store.load_state_dict(state["store"])
+        restart = state["store"]["admission"]["requeued"]
+        ledger.write([{"event": "requeued", "group": g, "reason": "resume"} for g in restart])
+        log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.perf_counter() - t0)
+    elif cfg.warm_start.steps:
+        warm = ray.get(learner.warm_start.remote(format_examples(cfg, env, tokenizer), cfg.warm_start.steps, cfg.warm_start.batch_size,
+                                                 cfg.warm_start.lr, cfg.seed))
+        tracker.summary(warm)
+        log.info("format warm start: %d steps, loss %.3f -> %.3f (%.1f s)", cfg.warm_start.steps, warm["warm_start/loss_first"],
+                 warm["warm_start/loss_last"], time.perf_counter() - t0)
+    ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
+    init_scorers(critic, reference, weight_sync, resume_from)
+    fleet.start()
+    log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.perf_counter() - t0)
+    return Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version)
 
-    def checkpoint(v: int, held: list[int]) -> None:
-        state = {"store": store.state_dict(held), "wandb_id": tracker.run_id, "experiment": cfg.experiment.name}
-        def save(d: Path) -> None:
-            saves = [learner.save.remote(str(d))]
-            saves += [critic.save.remote(str(d / "critic"))] if critic else []
-            saves += [reference.save.remote(str(d / "reference"))] if reference else []
-            ray.get(saves)
 
-        write_checkpoint(run_dir, v, save, state, cfg.checkpoint.keep_last)
+def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_stats: list, failure: str | None) -> dict[str, Any]:
+    """The run's summary (also summary.json), after reconciling its ledger and drawing its pictures."""
+    from rlhub.ledger import check_run, format_report
+    from rlhub.plots import plot_run
+    from rlhub.run_report import tenth
 
-    in_flight: list = []  # the learner step under way, watched while waiting for data
-
-    def watch() -> None:
-        fleet.check()
-        done = ray.wait(in_flight, num_returns=len(in_flight), timeout=0)[0] if in_flight else []
-        ray.get(done)  # a failed learner or critic step raises here instead of leaving the run waiting
-
-    def fetch(for_version: int) -> tuple[list, float]:
-        start = time.perf_counter()
-        found = store.get_batch(cfg.prompts_per_step, for_version, cfg.datastore.batch_timeout_s, on_wait=watch)
-        return found, time.perf_counter() - start
-
-    def checkpoint_due(v: int) -> bool:
-        return bool(cfg.checkpoint.every) and v % cfg.checkpoint.every == 0
-
-    def submit(batch: list) -> list:
-        """The learner's step (and the critic's, on the same batch) on these groups."""
-        # refs as top-level arguments: Ray moves them to the learner while it still trains the step before
-        refs: list = []
-        picks: list[list[int]] = []
-        for _, (ref, index) in batch:
-            if not refs or refs[-1] != ref:
-                refs.append(ref)
-                picks.append([])
-            picks[-1].append(index)
-        steps = [learner.train_step.remote(picks, *refs)]
-        return steps + [critic.train_step.remote(picks, *refs)] if critic else steps
-
-    total = cfg.experiment.total_steps
-    try:
-        # 1. rollout + store: the oldest groups no more than max_staleness behind the version they train at
-        groups, waited = fetch(version) if version < total else ([], 0.0)
-        pending = submit(groups) if groups else None
-        step_start = time.perf_counter()
-        while version < total:
-            # 2. learn; the learner publishes the new weights (3. sync) and opens admission before answering.
-            # Meanwhile: monitoring, and the next batch, queued on the learner at once unless a checkpoint
-            # must be written between the two steps.
-            in_flight[:] = pending or []
-            rollout_stats = fleet.stats()
-            store_stats = store.stats()
-            next_groups, next_waited = fetch(version + 1) if version + 1 < total else ([], 0.0)
-            next_pending = submit(next_groups) if next_groups and not checkpoint_due(version + 1) else None
-            metrics, *critic_metrics = ray.get(pending)
-            version = int(metrics.pop("version"))
-            for extra in critic_metrics:
-                metrics.update(extra)
-                lags = [extra["critic/version"] - 1 - m.extra["critic_version"] for m, _ in groups]
-                metrics["critic/value_lag_mean"] = sum(lags) / len(lags)  # critic versions between scoring and training
-                metrics["critic/value_lag_max"] = max(lags)
-            # 4. tracking
-            now = time.perf_counter()
-            generated = sum(s["generated_tokens"] for s in rollout_stats)
-            metrics.update(_step_metrics(groups, rollout_stats, store_stats, waited, now - step_start, fleet.restarts))
-            metrics["perf/generated_tokens_per_s"] = (generated - last_tokens) / max(now - last_time, 1e-9)
-            metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - step_start, 1e-9)
-            last_tokens, last_time, step_start = generated, now, now
-            history.append(metrics)
-            tracker.log(version, metrics)
-            if checkpoint_due(version):
-                checkpoint(version, held=[m.group_id for m, _ in next_groups])
-            groups, waited = next_groups, next_waited
-            pending = next_pending or (submit(groups) if groups else None)
-        if cfg.checkpoint.keep_final and not checkpoint_due(version):
-            checkpoint(version, held=[])
-    finally:
-        store.stop()
-        finished = fleet.join()
-        store.drain("run_end")
-        final_stats = store.stats()
-        tracker.close()
-    summary = _summary(cfg, history, final_stats, finished, run_dir)
+    p.ledger.close()
+    reconciled = check_run(run_dir, allow_open=failure is not None)
+    log.info("%s", format_report(reconciled))
+    failures = p.failures(store_stats, rollout_stats)
+    status = "failed" if failure else "unreconciled" if not reconciled.ok else "nonfinite" if failures["nonfinite_metrics"] or failures["nonfinite_steps"] else "ok"
+    history = p.history
+    times = [h["time/step_s"] for h in history]
+    summary = {
+        "status": status,
+        "error": failure,
+        "run_dir": str(run_dir),
+        "steps": len(history),
+        "reward_first_tenth": tenth(history, "rollout/reward_mean", False),
+        "reward_last_tenth": tenth(history, "rollout/reward_mean", True),
+        "success_first_tenth": tenth(history, "rollout/success_rate", False),
+        "success_last_tenth": tenth(history, "rollout/success_rate", True),
+        "staleness_max": max((h.get("staleness/max", 0.0) for h in history), default=0.0),
+        "mean_step_s": sum(times) / len(times) if times else None,
+        "failures": failures,
+        "nonfinite_metrics": dict(p.tracker.nonfinite),
+        "ledger": {"ok": reconciled.ok, "issued": reconciled.issued, "trained": reconciled.trained, "dropped": reconciled.dropped,
+                   "requeued": reconciled.requeued, "open": reconciled.open, "violations": [str(v) for v in reconciled.violations]},
+        "store": store_stats,
+        "rollout": rollout_stats,
+        "max_staleness": cfg.max_staleness,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    try:
+        plots = plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001 (pictures are a convenience: never fail a run over them)
+        log.warning("plots not drawn: %s", e)
+        plots = []
+    p.tracker.finish(summary, plots)
     return summary
 
 
-def _step_metrics(groups: list, rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float, restarts: int) -> dict[str, float]:
-    metas = [m for m, _ in groups]
-    n = sum(m.num_samples for m in metas)
-    return {
-        "rollout/success_rate": sum(m.success_mean * m.num_samples for m in metas) / n,
-        "rollout/response_len": sum(m.response_len_mean * m.num_samples for m in metas) / n,
-        "time/step_s": step_s,
-        "time/wait_s": waited,
-        "time/generate_s": sum(m.generate_seconds for m in metas),
-        "time/sync_s": sum(s["last_sync_seconds"] for s in rollout_stats) / len(rollout_stats),
-        "sync/probe_error": max(s["last_probe_error"] for s in rollout_stats),
-        "sync/rebuilds": sum(s["sync_rebuilds"] for s in rollout_stats),
-        "sync/failures": sum(s["sync_failures"] for s in rollout_stats),
-        "rollout/restarts": restarts,
-        "store/queued": store_stats["queued"],
-        "store/in_flight": store_stats["in_flight"],
-        "store/produced": store_stats["produced"],
-        "store/consumed": store_stats["consumed"],
-        "store/dropped": store_stats["dropped_total"],
-    }
+class _Console(logging.Handler):
+    """rlhub's log lines on the terminal, written past the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"rlhub: {record.getMessage()}", file=sys.stderr)
 
 
-def _summary(cfg: RunConfig, history: list[dict], stats: dict, finished: list, run_dir: Path) -> dict[str, Any]:
-    def tenth(key: str, last: bool) -> float | None:
-        k = max(1, len(history) // 10)
-        part = history[-k:] if last else history[:k]
-        vals = [h[key] for h in part if key in h]
-        return sum(vals) / len(vals) if vals else None
-
-    times = [h["time/step_s"] for h in history]
-    return {
-        "run_dir": str(run_dir),
-        "steps": len(history),
-        "reward_first_tenth": tenth("rollout/reward_mean", False),
-        "reward_last_tenth": tenth("rollout/reward_mean", True),
-        "success_first_tenth": tenth("rollout/success_rate", False),
-        "success_last_tenth": tenth("rollout/success_rate", True),
-        "staleness_max": max((h.get("staleness/max", 0.0) for h in history), default=0.0),
-        "mean_step_s": sum(times) / len(times) if times else None,
-        "store": stats,
-        "rollout": finished,
-        "max_staleness": cfg.max_staleness,
-    }
-
-
-def _setup_logging(run_dir: Path) -> None:
+def _setup_logging(run_dir: Path, console: bool = True) -> None:
+    for h in [h for h in log.handlers if isinstance(h, (logging.FileHandler, _Console))]:
+        log.removeHandler(h)
+        h.close()
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
+    log.addHandler(_Console(logging.INFO if console else logging.WARNING))
     log.setLevel(logging.INFO)
+    log.propagate = False

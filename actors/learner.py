@@ -1,4 +1,10 @@
-"""LearnerActor: the `Learner` on Ray; fetches a batch's tensors, steps, publishes the weights."""
+"""LearnerActor: the `Learner` on Ray; fetches a batch's tensors, steps, publishes the weights.
+
+Every submitted step advances the policy version exactly once, whatever
+happens to its data: groups whose tensors were lost (their rollout actor died
+and took its objects with it) are left out and reported back, so the
+controller starts them again; a step left with no group keeps the weights.
+"""
 
 from __future__ import annotations
 
@@ -35,17 +41,23 @@ class LearnerActor:
         self.weight_sync.push(self.learner.state_dict(), self.learner.version, self.learner.probe())
         return time.perf_counter() - start
 
-    def train_step(self, picks: list[list[int]], *objects: list) -> dict[str, float]:
-        """One step on the groups picks[k] of objects[k] (lists of GroupTensors that Ray resolved before the call)."""
+    def train_step(self, parts: list[tuple[Any, list[int], list[int]]]) -> dict[str, Any]:
+        """One step on a batch given as (object ref, indices in it, group ids) parts; returns metrics,
+        "version" and "lost_groups" (ids whose tensors could not be fetched: not trained)."""
         start = time.perf_counter()
-        batch = collate([obj[i] for obj, idx in zip(objects, picks) for i in idx], self.pad_id)
+        tensors, lost = resolve_batch(parts)
         fetched = time.perf_counter()
-        metrics = self.learner.train_step(batch)
+        if tensors:
+            metrics = self.learner.train_step(collate(tensors, self.pad_id))
+        else:
+            metrics = self.learner.skip_step()
+        metrics["train/groups"] = float(sum(len(ids) for _, _, ids in parts) - len(lost))
         metrics["time/publish_s"] = self.publish()
         self.store.set_version(self.learner.version)  # admission opens for the next version's prompts
         metrics["time/collate_s"] = fetched - start
         metrics["time/learner_idle_s"] = start - self._last_end if self._last_end else 0.0
         metrics["version"] = self.learner.version
+        metrics["lost_groups"] = lost
         self._last_end = time.perf_counter()
         return metrics
 
@@ -58,3 +70,21 @@ class LearnerActor:
     def load(self, directory: str, version: int) -> None:
         self.learner.load(Path(directory), version)
         self.store.set_version(version)
+
+
+def resolve_batch(parts: list[tuple[Any, list[int], list[int]]], timeout_s: float = 60.0) -> tuple[list[Any], list[int]]:
+    """(the GroupTensors of each part's indices, ids of the groups whose object cannot be had).
+
+    A rollout actor owns the objects it put; when it dies they may go with it
+    (always across nodes; on one node the store may still serve them), and
+    fetching them then fails: those groups are reported, not raised."""
+    tensors: list[Any] = []
+    lost: list[int] = []
+    for ref, indices, group_ids in parts:
+        try:
+            obj = ray.get(ref, timeout=timeout_s)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):  # lost, owner or creator dead, or never ready
+            lost += group_ids
+            continue
+        tensors += [obj[i] for i in indices]
+    return tensors, lost

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict
 from typing import Any
 
 import ray
 
+from rlhub.engines import make_engine
 from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker, WorkerStats
-
-
-def make_engine(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, core: int | None, torch_threads: int) -> Any:
-    """The configured engine, built inside the actor's process."""
-    if cfg.engine == "vllm":
-        from rlhub.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(
-            model_path,
-            dtype=dtype,
-            seed=seed,
-            max_model_len=cfg.max_model_len,
-            kv_cache_gib=cfg.vllm_kv_cache_gib,
-            cpu_bind=None if core is None else str(core),
-        )
-    from rlhub.engines.hf import HFEngine
-
-    return HFEngine(model_path, dtype=dtype, seed=seed, num_threads=torch_threads)
 
 
 @ray.remote(max_concurrency=2)  # a second thread answers stats() while run() loops
@@ -63,6 +47,7 @@ class RolloutActor:
             probe_ids=probe_ids,
             seed=run.seed,
             scorers=[RemoteScorer(h) for h in scorers],
+            env_name=run.env.name,
         )
 
     def ready(self) -> int | None:
@@ -99,8 +84,22 @@ class RolloutFleet:
         self.cfg, self.store = cfg, store
         self.max_restarts = max_restarts
         self.restarts = 0
-        self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]
-        ray.get([a.ready.remote() for a in self.actors])
+        self._reported = [0] * cfg.rollout.num_actors  # failure reports of each actor already logged
+        self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]  # they build their engines meanwhile
+        self.runs: list = []
+
+    def start(self, timeout_s: float = 600.0) -> None:
+        """Wait until every actor has built its engine, then start their loops."""
+        pending = {a.ready.remote(): i for i, a in enumerate(self.actors)}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            done, _ = ray.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise TimeoutError(f"rollout actors {sorted(pending.values())} not ready after {timeout_s:.0f} s "
+                                   f"(can the cluster place {len(self.actors)} actors of {self.cfg.cluster.rollout_num_cpus} CPUs?)")
+            for ref in done:
+                ray.get(ref)  # an actor that failed to start raises here, with its error
+                logging.getLogger("rlhub").info("rollout actor %d ready", pending.pop(ref))
         self.runs = [a.run.remote() for a in self.actors]
 
     def _new(self, actor_id: int) -> Any:
@@ -125,6 +124,7 @@ class RolloutFleet:
             logging.getLogger("rlhub").warning("rollout actor %d crashed (%s); %d groups to start again; restarting it", i, type(error).__name__, len(lost))
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self._new(i)
+            self._reported[i] = 0
             ray.get(self.actors[i].ready.remote())
             self.runs[i] = self.actors[i].run.remote()
 
@@ -137,6 +137,14 @@ class RolloutFleet:
             except ray.exceptions.RayError:
                 out.append(asdict(WorkerStats()))
         return out
+
+    def new_failure_reports(self, stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Failure reports (environment errors) in `stats` not handed out before."""
+        new = []
+        for i, s in enumerate(stats):
+            new += s["failure_reports"][self._reported[i]:]
+            self._reported[i] = max(self._reported[i], len(s["failure_reports"]))
+        return new
 
     def join(self, timeout_s: float = 600) -> list[dict[str, Any]]:
         """Wait for the loops to end (after the store stopped admission)."""

@@ -1,4 +1,4 @@
-"""The `rlhub` command: `rlhub train [overrides]`, `rlhub bench e2e|presets [overrides]`.
+"""The `rlhub` command: train, check, plot, bench, config.
 
 Overrides are Hydra's (`key=value`, `group=option`). Heavy imports happen after
 the arguments are read, so `rlhub --help` answers at once.
@@ -12,7 +12,11 @@ import sys
 USAGE = """usage: rlhub <command> [hydra overrides...]
 
 commands:
-  train          run asynchronous RL training (default config: conf/config.yaml)
+  train          run asynchronous RL training (default config: conf/config.yaml); exits 0 only
+                 when the run ended with every group accounted for and finite metrics
+  check RUN_DIR  reconcile a run's ledger (every group handed out trained or dropped exactly
+                 once); exit 1 when it does not reconcile
+  plot RUN_DIR   draw RUN_DIR/plots/*.png (success and reward, staleness, step time)
   bench e2e      measure sync vs async throughput and pipeline efficiency (JSON)
   bench presets  a short run of every algorithm preset, and GRPO at max_staleness=4
                  without and with TIS: reward before/after, correction metrics (JSON)
@@ -34,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     import os
 
-    from rlhub.actors.controller import WORKER_ENV
-    from rlhub.config import ConfigError
+    from rlhub.config import WORKER_ENV, ConfigError
 
     for key, value in WORKER_ENV.items():  # quiet, offline defaults for this process and what it starts
         os.environ.setdefault(key, value)
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(rest)
         if command == "config":
             return _print_config(rest)
+        if command in ("check", "plot") and len(rest) == 1:
+            return _check(rest[0]) if command == "check" else _plot(rest[0])
         if command == "bench" and rest[:1] == ["e2e"]:
             from rlhub.bench import bench_e2e
 
@@ -70,9 +75,37 @@ def _train(overrides: list[str]) -> int:
 
     cfg = load_config(overrides)
     from rlhub.actors.controller import train
+    from rlhub.actors.pipeline import RunFailed
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except RunFailed as e:
+        print(f"rlhub: run failed: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in summary.items() if k != "rollout"}, indent=1))
+    if summary["status"] != "ok":
+        print(f"rlhub: the run ended with status {summary['status']} (see summary.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(run_dir: str) -> int:
+    from pathlib import Path
+
+    from rlhub.ledger import check_run, format_report
+
+    result = check_run(Path(run_dir))
+    print(format_report(result))
+    return 0 if result.ok else 1
+
+
+def _plot(run_dir: str) -> int:
+    from pathlib import Path
+
+    from rlhub.plots import plot_run
+
+    paths = plot_run(Path(run_dir))
+    print("\n".join(str(p) for p in paths) or f"rlhub: {run_dir}/metrics.jsonl holds no steps to plot")
     return 0
 
 

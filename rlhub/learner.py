@@ -22,7 +22,7 @@ from rlhub.algorithms import get_policy_loss
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.advantages import normalize_over_batch
 from rlhub.algorithms.corrections import correct, kl_estimate
-from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked_mean
+from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked, masked_mean
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, probe_logprobs, token_logprobs
 from rlhub.types import GroupTensors
@@ -116,6 +116,11 @@ class Learner:
         self.version += 1
         return metrics
 
+    def skip_step(self) -> dict[str, float]:
+        """A step with nothing to train on (its data was lost): the weights stay, the version advances."""
+        self.version += 1
+        return {"train/policy_updated": 0.0, "train/tokens": 0.0}
+
     def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, mb: slice, norms: BatchNorms) -> tuple[dict[str, torch.Tensor], Any]:
         """This micro-batch's share of the batch loss, and its parts for logging."""
         algo = self.algo
@@ -144,7 +149,7 @@ class Learner:
             else:
                 with torch.no_grad():
                     ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
-            kl = aggregate(kl_estimate(logprobs, ref_lp, algo.kl_estimator), mask, "token_mean", norms)
+            kl = aggregate(kl_estimate(masked(logprobs, mask), masked(ref_lp, mask), algo.kl_estimator), mask, "token_mean", norms)
             if algo.kl_penalty == "loss":
                 loss = loss + algo.kl_coef * kl
             parts["kl_ref"] = kl  # with kl_penalty=reward: logged only, the data side already subtracted it

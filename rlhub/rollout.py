@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 import traceback
 from collections import Counter
@@ -25,38 +24,15 @@ import torch
 from rlhub.algorithms.advantages import group_advantages, token_rewards
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.corrections import kl_estimate
+from rlhub.datastore import prompt_index
 from rlhub.engines.base import RolloutEngine, SamplingConfig
 from rlhub.envs.base import ModelMessage
+from rlhub.rollout_config import RolloutConfig
 from rlhub.scorers import Scorer
 from rlhub.types import GroupMeta, GroupTensors, Sample, collate
 from rlhub.weight_sync import Published, WeightSync, probe_error
 
 log = logging.getLogger("rlhub.rollout")
-
-
-@dataclass
-class RolloutConfig:
-    """Rollout actors and their engines."""
-
-    engine: str = "hf"
-    """hf (built-in transformers engine with KV cache and routing record) or vllm."""
-    num_actors: int = 1
-    prompts_per_batch: int = 0
-    """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors."""
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_model_len: int = 256
-    """Prompt plus completion; a longer prompt is dropped and counted."""
-    weight_update: str = "batch"
-    """batch: new weights between generation batches; inflight: also between decode steps (hf engine)."""
-    pin_cores: bool = True
-    """Pin each actor's engine to its own core (by actor index, modulo the cores)."""
-    probe_tolerance: float = 1e-4
-    """Largest allowed |engine - learner| probe log-prob after a sync (fp32; allow ~0.1 for bf16)."""
-    vllm_kv_cache_gib: float = 1.0
-    admission_wait_s: float = 0.5
-    """How long one admission request waits for room when the learner is behind (then asks again)."""
 
 
 @dataclass
@@ -138,14 +114,6 @@ def overlong_penalty(length: int, budget: int, window: int, penalty: float = 1.0
     if window <= 0 or length <= budget - window:
         return 0.0
     return -penalty * min(1.0, (length - (budget - window)) / window)
-
-
-def prompt_index(group_id: int, num_rows: int, seed: int) -> int:
-    """Row of the training split for a position in the prompt stream: a fresh shuffle per epoch."""
-    epoch, pos = divmod(group_id, num_rows)
-    order = list(range(num_rows))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[pos]
 
 
 class RolloutWorker:
@@ -312,7 +280,7 @@ class RolloutWorker:
         if ds.kl_coef:
             if tensors.ref_logprobs is None:
                 raise ValueError("algorithm.kl_penalty=reward needs the reference actor's log-probs (algorithm.reference=actor)")
-            kl = kl_estimate(tensors.old_logprobs, tensors.ref_logprobs, ds.kl_estimator) * mask
+            kl = torch.where(mask.bool(), kl_estimate(tensors.old_logprobs, tensors.ref_logprobs, ds.kl_estimator), 0.0)
         rewards = token_rewards(tensors.rewards, mask, kl, ds.kl_coef)
         tensors.advantages, tensors.returns = group_advantages(ds.advantage, rewards, mask, tensors.values, ds.gamma, ds.lam)
 
@@ -362,6 +330,7 @@ class RolloutWorker:
             success_mean=sum(bool(s.success) for s in samples) / len(samples),
             response_len_mean=sum(len(s.completion_ids) for s in samples) / len(samples),
             generate_seconds=seconds,
+            finish_reasons=[s.finish_reason for s in samples],
             extra={"dropped_samples": dict(sample_drops)},
         )
         self.stats.groups += 1

@@ -1,19 +1,52 @@
-"""Run tracking: Weights & Biases (offline by default), a metrics.jsonl, and the progress bar."""
+"""Run tracking: Weights & Biases (offline by default), metrics.jsonl, samples.jsonl, and the progress bar.
+
+Non-finite metric values are never dropped silently: they are written as
+null, counted per key (`nonfinite`), and a run that had any does not report
+success.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a jsonl file the run writes (metrics.jsonl, samples.jsonl, ledger.jsonl)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def truncate_steps(path: Path, last_step: int) -> int:
+    """Keep the rows of a jsonl file whose "step" is at most last_step (a resume redoes the rest);
+    returns how many rows were removed."""
+    if not path.is_file():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a torn last line from a killed run
+            removed += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            removed += 1
+    path.write_text("".join(line + "\n" for line in kept))
+    return removed
 
 
 class Tracker:
     def __init__(self, run_dir: Path, cfg: Any, total_steps: int, start_step: int, resume_id: str | None = None) -> None:
         self.run_dir = run_dir
         self.metrics_file = (run_dir / "metrics.jsonl").open("a")
+        self.samples_file = None
+        self.nonfinite: Counter[str] = Counter()
         self.wandb_run = None
         self.run_id: str | None = None
         if cfg.wandb.mode != "disabled":
@@ -31,20 +64,24 @@ class Tracker:
                 resume="allow" if resume_id else None,
                 settings=wandb.Settings(console="off", silent=True),
             )
-            self.run_id = self.wandb_run.id
-            self.wandb_run.save(str(run_dir / "config.yaml"), base_path=str(run_dir), policy="now")
+            self.run_id = self.wandb_run.id  # the resolved config is the run's W&B config (and run_dir/config.yaml)
         self.bar = None
-        if cfg.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self._bar_args = dict(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.progress = cfg.progress  # the bar appears with the first step, so start-up is not counted in its rate
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self.metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        bad = [k for k, v in numeric.items() if not math.isfinite(v)]
+        self.nonfinite.update(bad)
+        row = {k: (None if k in bad else v) for k, v in numeric.items()}
+        self.metrics_file.write(json.dumps({"step": step, **row}) + "\n")
         self.metrics_file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log(clean, step=step)
+            self.wandb_run.log(numeric, step=step)
+        if self.progress and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(**self._bar_args)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(
@@ -54,14 +91,51 @@ class Tracker:
                 refresh=False,
             )
 
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Sampled groups: one JSON object per sample in samples.jsonl, and a W&B table."""
+        if not records:
+            return
+        if self.samples_file is None:
+            self.samples_file = (self.run_dir / "samples.jsonl").open("a")
+        self.samples_file.write("".join(json.dumps(r) + "\n" for r in records))
+        self.samples_file.flush()
+        if self.wandb_run is not None:
+            import wandb
+
+            columns = ["step", "group", "actor", "prompt", "completion", "reward", "finish_reason"]
+            self.wandb_run.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])}, step=step)
+
+    def log_images(self, paths: list[Path]) -> None:
+        if self.wandb_run is not None and paths:
+            import wandb
+
+            self.wandb_run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in paths})
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             for k, v in values.items():
                 self.wandb_run.summary[k] = v
 
-    def close(self) -> None:
+    def finish(self, summary: dict[str, Any], images: list[Path]) -> None:
+        """The run's summary (scalars, and the failure counters flattened) and pictures to W&B, then close."""
+        if self.wandb_run is not None:
+            self.log_images(images)
+            flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+            flat.update({f"failures/{k}": v for k, v in summary.get("failures", {}).items()})
+            self.summary(flat)
+        self.close()
+
+    def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.bar, self.progress = None, False
+
+    def close(self) -> None:
+        """Idempotent: the bar, the files and the W&B run."""
+        self.close_bar()
         self.metrics_file.close()
+        if self.samples_file is not None:
+            self.samples_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+            self.wandb_run = None

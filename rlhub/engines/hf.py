@@ -166,7 +166,12 @@ class HFEngine:
             raise KeyError(f"weights do not fit the engine's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        return probe_logprobs(self.model, token_ids)
+        # a probe in flight (between decode steps) must not leave its routing among the generation's
+        routes, self._routes = self._routes, []
+        try:
+            return probe_logprobs(self.model, token_ids)
+        finally:
+            self._routes = routes
 
     def close(self) -> None:
         for h in self._hooks:

@@ -63,8 +63,12 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_of(logp: torch.Tensor) -> torch.Tensor:
-    """[...] entropy of distributions given as log-probs [..., V] (-inf entries contribute nothing)."""
-    return -torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+    """[...] entropy of distributions given as log-probs [..., V] (-inf entries contribute nothing).
+
+    The -inf entries are replaced before the product, not after: 0 * -inf would be NaN in the
+    gradient even where the value is discarded."""
+    finite_logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+    return -(logp.exp() * finite_logp).sum(-1)
 
 
 def token_logprobs(

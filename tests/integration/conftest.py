@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -22,13 +21,20 @@ def ray_local():
 
 @pytest.fixture()
 def run_pipeline() -> Callable[..., tuple[dict, list[dict]]]:
-    """run_pipeline(run_dir, *overrides) -> (summary, metrics rows) of `train` on the small config."""
+    """run_pipeline(run_dir, *overrides) -> (summary, metrics rows) of `train` on the small config.
+
+    Every run's ledger must reconcile by group id (each group handed out trained or dropped exactly
+    once), checked from the file, apart from the store's counters."""
     from rlhub.actors.controller import train
     from rlhub.config import load_config
+    from rlhub.ledger import check_run, format_report
+    from rlhub.tracking import read_rows
 
     def run(run_dir: Path, *overrides: str) -> tuple[dict, list[dict]]:
         summary = train(load_config([*SMALL, f"run_dir={run_dir}", *overrides]))
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return summary, metrics
+        ledger = check_run(run_dir)
+        assert ledger.ok, format_report(ledger)
+        assert summary["ledger"]["ok"] and summary["status"] == "ok", summary
+        return summary, read_rows(run_dir / "metrics.jsonl")
 
     return run

@@ -10,8 +10,10 @@ group accounted for.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from rlhub.actors.controller import train
 from rlhub.config import load_config
+from rlhub.ledger import check_run, format_report
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +47,32 @@ class CrashOnceEnv(ArithmeticEnv):
 
 def load_environment(marker: str, **kwargs):
     return CrashOnceEnv(marker, **kwargs)
+
+
+class HugeRewardEnv(ArithmeticEnv):
+    """Rewards of +-3e38 (finite, but advantages that large overflow the loss): every step is non-finite."""
+
+    def step(self, state, message):
+        result = super().step(state, message)
+        result.reward = 3e38 if len(message) % 2 else -3e38
+        return result
+
+
+def load_huge_reward(**kwargs):
+    return HugeRewardEnv(**kwargs)
+
+
+class PickyEnv(ArithmeticEnv):
+    """Raises on every prompt whose answer is 7: those samples are dropped, counted and reported, the run goes on."""
+
+    def step(self, state, message):
+        if state == "7":
+            raise ValueError("no sevens here")
+        return super().step(state, message)
+
+
+def load_picky(**kwargs):
+    return PickyEnv(**kwargs)
 '''
 
 
@@ -54,7 +83,7 @@ def plugin_path(tmp_path_factory) -> Path:
     info = root / "crash_once_env-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crash-once-env\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[rlhub.envs]\ncrash_once = crash_once_env:load_environment\n")
+    (info / "entry_points.txt").write_text("[rlhub.envs]\ncrash_once = crash_once_env:load_environment\nhuge_reward = crash_once_env:load_huge_reward\npicky = crash_once_env:load_picky\n")
     return root
 
 
@@ -85,7 +114,70 @@ def test_plugin_env_and_actor_crash_lose_nothing(ray_with_plugin, tmp_path):
     assert marker.exists()  # the actor did die once
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert metrics[-1]["rollout/restarts"] == 1
+    assert metrics[-1]["failures/actor_restarts"] == 1 and summary["failures"]["actor_restarts"] == 1
     store = summary["store"]
     assert store["consumed"] == 16 and store["in_flight"] == 0
     assert store["produced"] == store["consumed"] + store["dropped_total"]
+    # by group id, from the ledger: the dead actor's groups were started again, and every group ended once
+    ledger = check_run(tmp_path / "run")
+    assert ledger.ok, format_report(ledger)
+    assert ledger.requeued.get("actor_crash", 0) >= 1 and ledger.trained == 16
+
+
+def test_nonfinite_steps_stop_the_run_with_a_clear_message(ray_with_plugin, tmp_path):
+    from rlhub.actors.pipeline import RunFailed
+
+    cfg = load_config([
+        "env.name=huge_reward", "algorithm=dr_grpo", "prompts_per_step=4", "group_size=4", "rollout.max_new_tokens=4",
+        "experiment.total_steps=20", "learner.max_nonfinite_steps=2", "wandb.mode=disabled", "progress=false",
+        f"run_dir={tmp_path}",
+    ])
+    with pytest.raises(RunFailed, match="2 learner steps in a row had a non-finite loss or gradient"):
+        train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failures"]["nonfinite_steps"] == 2
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train/nonfinite_skipped"] for m in metrics] == [1.0, 1.0]
+    ledger = check_run(tmp_path, allow_open=True)  # a failed run leaves groups open; none may end twice
+    assert ledger.ok and ledger.dropped.get("nonfinite_step") == 8 and ledger.trained == 0
+
+
+def test_a_step_whose_data_cannot_be_fetched_reports_the_groups_lost(ray_with_plugin):
+    """Objects that cannot be had (never ready, or their creator died) are reported, not raised.
+
+    (An object whose owner died may still be served from the node's object store; then nothing is lost.)"""
+    import time
+
+    import ray
+
+    from rlhub.actors.learner import resolve_batch
+
+    @ray.remote
+    class Slow:
+        def wait(self) -> list:
+            time.sleep(600)
+            return ["never"]
+
+    slow = Slow.remote()
+    pending = slow.wait.remote()
+    kept = ray.put(["kept"])
+    tensors, lost = resolve_batch([(pending, [0], [7, 9]), (kept, [0], [8])], timeout_s=2)
+    assert lost == [7, 9] and tensors == ["kept"]
+    ray.kill(slow)  # now the object's creator is gone for good
+    tensors, lost = resolve_batch([(kept, [0], [8]), (pending, [0], [7, 9])], timeout_s=30)
+    assert lost == [7, 9] and tensors == ["kept"]
+
+
+def test_an_env_that_raises_is_reported_with_row_and_traceback(ray_with_plugin, tmp_path):
+    cfg = load_config(["env.name=picky", "prompts_per_step=4", "group_size=4", "rollout.max_new_tokens=4", "experiment.total_steps=4",
+                       "wandb.mode=disabled", "progress=false", f"run_dir={tmp_path}"])
+    summary = train(cfg)
+    errors = summary["failures"]["env_error/ValueError"]
+    assert errors > 0 and summary["failures"]["env_errors"] == errors
+    assert summary["store"]["dropped_samples"]["env_error"] == errors  # counted, sample by sample
+    log = (tmp_path / "train.log").read_text()
+    rows = re.findall(r"environment picky raised ValueError in step \(occurrence \d\) on row (\{.*\})", log)
+    assert len(rows) == 3  # the first three in full, then only counted
+    assert all("7" in ast.literal_eval(row)["prompt"] for row in rows)  # the dataset rows that failed
+    assert log.count("ValueError: no sevens here") == 3  # each with its traceback
+    assert check_run(tmp_path).ok

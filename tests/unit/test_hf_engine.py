@@ -119,5 +119,7 @@ def test_learner_keeps_a_token_that_left_the_nucleus_finite(tiny_model_path):
     narrow = SamplingPolicy(1.0, 0.05)
     lp, ent, _ = token_logprobs(eng.model, ids, torch.ones_like(ids), with_entropy=True, policy=narrow)
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    (lp.sum() + ent.sum()).backward()  # the learner's loss uses both: the gradient must be finite too
+    assert all(torch.isfinite(p.grad).all() for p in eng.model.parameters() if p.grad is not None)
     # the nucleus of a tiny top-p holds the top token alone: kept targets share the mass with it
     assert (lp <= 0).all() and (lp > -30).all()

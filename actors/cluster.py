@@ -1,0 +1,101 @@
+"""Where Ray runs: a local Ray started by the run, or a cluster it joins; and which cores each actor gets.
+
+Everything here answers fast or fails naming the cause: an address where
+nothing listens, a cluster too small for the actors, the Ray processes a
+killed run left behind (cleaned up before a new local Ray starts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhub.config import WORKER_ENV, ConfigError, RunConfig
+
+log = logging.getLogger("rlhub")
+
+
+def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
+    """Start a local Ray or join the configured cluster; True if this process started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Ray announces on every start that it enabled its token authentication (kept on): nothing to act on
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    runtime_env = {"env_vars": WORKER_ENV}
+    if cfg.cluster.address:
+        try:
+            ray.init(address=cfg.cluster.address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+        except ConnectionError as e:
+            raise ConfigError(f"cluster.address={cfg.cluster.address!r}: {str(e).splitlines()[0]}") from None
+        check_placement(cfg)
+        return True
+    wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
+    num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
+    everywhere = os.sched_getaffinity(0) if plan.system else None
+    if plan.system:  # Ray's own processes inherit this: keep them off the learner's core
+        os.sched_setaffinity(0, plan.system)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    finally:
+        if everywhere:
+            os.sched_setaffinity(0, everywhere)
+    return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, naming the address, when nothing listens there (Ray itself would retry for minutes)."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"cluster.address={address!r}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"cluster.address={address!r}: nothing answers at {host}:{port} ({e})") from None
+
+
+def check_placement(cfg: RunConfig) -> None:
+    """Say at start, not after minutes of silence, when the cluster cannot place the actors."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": cfg.cluster.learner_num_cpus + cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus,
+            "GPU": cfg.cluster.learner_num_gpus + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus}
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        what = ", ".join(f"{v:g} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())
+        raise ConfigError(f"the cluster cannot place the learner and {cfg.rollout.num_actors} rollout actors: {what} "
+                          f"(rollout.num_actors, cluster.rollout_num_cpus, cluster.learner_num_cpus)")
+
+
+@dataclass
+class CorePlan:
+    """Which cores the learner, each rollout engine and Ray's own processes use on a small CPU machine."""
+
+    learner: int | None = None
+    rollout: list[int | None] = field(default_factory=list)
+    system: set[int] = field(default_factory=set)
+
+
+def plan_cores(cfg: RunConfig) -> CorePlan:
+    """The learner takes the last core; engines take the others round robin (all cores if there are
+    more engines than other cores), so engines in different actors never share a core they need not."""
+    k = cfg.rollout.num_actors
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = []
+    if cfg.cluster.address or not cfg.rollout.pin_cores or len(cores) < 2:
+        return CorePlan(rollout=[None] * k)
+    pool = cores[:-1] if k <= len(cores) - 1 else cores
+    learner = None if cfg.cluster.learner_num_gpus else cores[-1]
+    return CorePlan(learner=learner, rollout=[pool[i % len(pool)] for i in range(k)], system=set(cores[:-1]))
+
+

@@ -1,0 +1,184 @@
+"""The running pipeline, as the controller's loop sees it: fetch a batch, submit a step, wait, record.
+
+`Pipeline` holds the actor handles of one run (store, learner, rollout fleet,
+scorers) and the run's records (tracker, ledger). Each method is one stage of
+the loop in `rlhub.actors.controller`; what a step reports is assembled in
+`rlhub.run_report`. Every group handed to the learner ends in the ledger as
+trained, dropped (a skipped non-finite step), or requeued (its data was lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rlhub.ledger import Ledger
+from rlhub.run_report import failure_counters, sample_records, step_metrics
+
+log = logging.getLogger("rlhub")
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message says why (the command exits non-zero)."""
+
+
+@dataclass
+class Step:
+    """A learner step: its groups [(meta, (ref, index))], the version it trains at, the wait for its
+    groups, and (once submitted) the calls computing it."""
+
+    groups: list
+    version: int
+    waited: float
+    calls: list = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, cfg: Any, run_dir: Path, store: Any, learner: Any, fleet: Any, critic: Any, reference: Any,
+                 tracker: Any, ledger: Ledger, tokenizer: Any, version: int) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.version = version
+        """The policy version the run starts (or resumes) at."""
+        self.store, self.learner, self.fleet, self.critic, self.reference = store, learner, fleet, critic, reference
+        self.tracker, self.ledger, self.tokenizer = tracker, ledger, tokenizer
+        self.history: list[dict[str, float]] = []
+        self.nonfinite_steps = 0
+        self.lost_groups = 0
+        self._last_tokens, self._last_time = 0, time.perf_counter()
+
+    # ---- 1. rollout -> store ---------------------------------------------------------
+    def fetch(self, version: int) -> Step:
+        """The step training at `version`: prompts_per_step groups no more than max_staleness behind it, oldest first."""
+        start = time.perf_counter()
+        groups = self.store.get_batch(self.cfg.prompts_per_step, version, self.cfg.datastore.batch_timeout_s, on_wait=self.fleet.check)
+        return Step(groups, version, time.perf_counter() - start)
+
+    # ---- 2. learn ------------------------------------------------------------------------
+    def submit(self, step: Step) -> Step:
+        """The learner's step (and the critic's, on the same groups, in version order). Refs travel nested,
+        so a lost one is reported by the learner instead of failing the call."""
+        parts: list[tuple[Any, list[int], list[int]]] = []  # (ref, indices, group ids)
+        for meta, (ref, index) in step.groups:
+            if not parts or parts[-1][0] != ref:
+                parts.append((ref, [], []))
+            parts[-1][1].append(index)
+            parts[-1][2].append(meta.group_id)
+        step.calls = [self.learner.train_step.remote(parts)]
+        if self.critic is not None:  # the critic steps with the policy: its version is the learner's
+            step.calls.append(self.critic.train_step.remote(parts, step.version))
+        return step
+
+    def wait(self, step: Step) -> dict[str, Any]:
+        """The step's metrics; watches the rollout fleet meanwhile (a crashed actor is replaced)."""
+        while len(ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]) < len(step.calls):
+            self.fleet.check()
+        metrics, *critic_metrics = ray.get(step.calls)
+        for extra in critic_metrics:
+            extra.pop("lost_groups", None)
+            metrics.update(extra)
+            lags = [extra["critic/version"] - 1 - m.extra["critic_version"] for m, _ in step.groups]
+            metrics["critic/value_lag_mean"] = sum(lags) / len(lags)  # critic versions between scoring and training
+            metrics["critic/value_lag_max"] = max(lags)
+        return metrics
+
+    # ---- 3. the learner has published (sync); 4. record ------------------------------------
+    def record(self, step: Step, metrics: dict[str, Any]) -> int:
+        """Ledger, metrics, samples for a finished step; returns the new policy version."""
+        version = int(metrics.pop("version"))
+        if version != step.version + 1:  # one version per submitted step, in order: the loop relies on it
+            raise RuntimeError(f"the learner reached version {version} where the controller expected {step.version + 1}")
+        lost = set(metrics.pop("lost_groups"))
+        if lost:  # their tensors died with a rollout actor: never trained, started again
+            self.lost_groups += len(lost)
+            self.store.requeue_taken(sorted(lost), "lost_object")
+            log.warning("step %d: %d groups lost with a rollout actor's objects; started again", version, len(lost))
+        skipped = bool(metrics.get("train/nonfinite_skipped"))
+        if skipped:
+            self.nonfinite_steps += 1
+            log.warning("step %d skipped: non-finite loss or gradient (loss %s, grad norm %s), %d in a row", version,
+                        metrics.get("train/loss"), metrics.get("train/grad_norm"), int(metrics["train/nonfinite_in_row"]))
+        kept = [(m, box) for m, box in step.groups if m.group_id not in lost]
+        events = self.store.take_events()  # issued before trained: the store's events first
+        for meta, _ in kept:
+            if skipped:
+                events.append({"event": "dropped", "group": meta.group_id, "row": meta.prompt_index, "reason": "nonfinite_step"})
+            else:
+                events.append({"event": "trained", "group": meta.group_id, "row": meta.prompt_index, "actor": meta.actor_id,
+                               "version": version - 1, "step": version})
+        if skipped:
+            metrics["train/groups"] = 0.0
+        self.ledger.write(events)
+        self._log(version, step, kept, metrics)
+        if skipped and metrics["train/nonfinite_in_row"] >= self.cfg.learner.max_nonfinite_steps:
+            raise RunFailed(f"{int(metrics['train/nonfinite_in_row'])} learner steps in a row had a non-finite loss or gradient "
+                            f"(learner.max_nonfinite_steps={self.cfg.learner.max_nonfinite_steps}); last loss "
+                            f"{metrics.get('train/loss')}, grad norm {metrics.get('train/grad_norm')}")
+        return version
+
+    def _log(self, version: int, step: Step, kept: list, metrics: dict[str, Any]) -> None:
+        rollout_stats, store_stats = self.fleet.stats(), self.store.stats()
+        for report in self.fleet.new_failure_reports(rollout_stats):
+            log.warning("environment %s raised %s in %s (occurrence %d) on row %s\n%s", report["env"], report["error"],
+                        report["where"], report["occurrence"], report["row"], report["traceback"])
+        now = time.perf_counter()
+        metrics.update(step_metrics([m for m, _ in kept] or [m for m, _ in step.groups], rollout_stats, store_stats, step.waited,
+                                    now - self._last_time, self.fleet.restarts))
+        metrics["failures/nonfinite_steps"] = float(self.nonfinite_steps)
+        metrics["failures/lost_groups"] = float(self.lost_groups)
+        generated = sum(s["generated_tokens"] for s in rollout_stats)
+        metrics["perf/generated_tokens_per_s"] = (generated - self._last_tokens) / max(now - self._last_time, 1e-9)
+        metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - self._last_time, 1e-9)
+        self._last_tokens, self._last_time = generated, now
+        self.history.append(metrics)
+        self.tracker.log(version, metrics)
+        if self.cfg.rollout.log_samples:
+            self._log_samples(version, kept[: self.cfg.rollout.log_samples])
+
+    def _log_samples(self, version: int, groups: list) -> None:
+        records = []
+        for meta, (ref, index) in groups:
+            records += sample_records(version, meta, ray.get(ref)[index], self.tokenizer)
+        self.tracker.log_samples(version, records)
+
+    # ---- checkpoints and the end ------------------------------------------------------------
+    def checkpoint_due(self, version: int) -> bool:
+        return bool(self.cfg.checkpoint.every) and version % self.cfg.checkpoint.every == 0
+
+    def checkpoint(self, version: int) -> None:
+        """Everything needed to resume at `version`: weights, optimizer, the store's state, the ledger's length.
+        Called with no learner step outstanding."""
+        from rlhub.checkpoint import write_checkpoint
+
+        self.ledger.write(self.store.take_events())
+        state = {"store": self.store.state_dict(), "wandb_id": self.tracker.run_id, "experiment": self.cfg.experiment.name}
+        # groups issued after this snapshot are recorded after this offset: a resume discards them and restarts
+        # every group the snapshot did not see trained (state["store"]["admission"]["requeued"])
+        state["ledger_offset"] = self.ledger.offset()
+
+        def save(d: Path) -> None:
+            saves = [self.learner.save.remote(str(d))]
+            saves += [self.critic.save.remote(str(d / "critic"))] if self.critic else []
+            saves += [self.reference.save.remote(str(d / "reference"))] if self.reference else []
+            ray.get(saves)
+
+        write_checkpoint(self.run_dir, version, save, state, self.cfg.checkpoint.keep_last)
+
+    def finish(self) -> tuple[dict, list]:
+        """Stop admission, let the rollout actors end, count what was left: (store stats, actor stats)."""
+        self.tracker.close_bar()
+        self.store.stop()
+        finished = self.fleet.join()
+        self.store.drain("run_end")
+        self.store.close_out("run_end")
+        self.ledger.write(self.store.take_events())
+        return self.store.stats(), finished
+
+    def failures(self, store_stats: dict, rollout_stats: list[dict]) -> dict[str, int]:
+        learner = {"nonfinite_steps": self.nonfinite_steps, "lost_groups": self.lost_groups,
+                   "nonfinite_metrics": sum(self.tracker.nonfinite.values())}
+        return failure_counters(rollout_stats, store_stats, self.fleet.restarts, learner)

@@ -1,0 +1,89 @@
+"""What a run reports about itself: per-step metrics from the pipeline's parts, sampled groups, the summary.
+
+Pure functions over plain values (no Ray): the controller gathers the inputs
+each step and at the end. Failure counters live here in one place, so the
+per-step metrics (W&B, metrics.jsonl) and the summary name them the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rlhub.types import GroupMeta, GroupTensors
+
+
+def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float, restarts: int) -> dict[str, float]:
+    """The pipeline's side of a step's metrics (the learner adds its own)."""
+    n = sum(m.num_samples for m in metas) or 1
+    return {
+        "rollout/success_rate": sum(m.success_mean * m.num_samples for m in metas) / n,
+        "rollout/response_len": sum(m.response_len_mean * m.num_samples for m in metas) / n,
+        "time/step_s": step_s,
+        "time/wait_s": waited,
+        "time/generate_s": sum(m.generate_seconds for m in metas),
+        "time/sync_s": sum(s["last_sync_seconds"] for s in rollout_stats) / max(len(rollout_stats), 1),
+        "sync/probe_error": max((s["last_probe_error"] for s in rollout_stats), default=0.0),
+        "store/queued": store_stats["queued"],
+        "store/in_flight": store_stats["in_flight"],
+        "store/produced": store_stats["produced"],
+        "store/consumed": store_stats["consumed"],
+        "store/dropped": store_stats["dropped_total"],
+        **{f"failures/{k}": float(v) for k, v in failure_counters(rollout_stats, store_stats, restarts).items()},
+    }
+
+
+def failure_counters(rollout_stats: list[dict], store_stats: dict, restarts: int, learner: dict | None = None) -> dict[str, int]:
+    """Every failure the run counts, flat: env errors by type, drops by reason, sync trouble, crashes, skipped steps."""
+    out: dict[str, int] = {
+        "env_errors": sum(sum(s["env_errors"].values()) for s in rollout_stats),
+        "sync_rebuilds": sum(s["sync_rebuilds"] for s in rollout_stats),
+        "sync_failures": sum(s["sync_failures"] for s in rollout_stats),
+        "actor_restarts": restarts,
+    }
+    for s in rollout_stats:
+        for kind, n in s["env_errors"].items():
+            out[f"env_error/{kind}"] = out.get(f"env_error/{kind}", 0) + n
+    for reason, n in store_stats["dropped"].items():
+        out[f"dropped/{reason}"] = n
+    for key, n in (learner or {}).items():
+        out[key] = n
+    return out
+
+
+def sample_records(step: int, meta: GroupMeta, tensors: GroupTensors, tokenizer: Any) -> list[dict[str, Any]]:
+    """One JSON-able record per sample of a trained group: texts, ids, the engine's log-probs and versions."""
+    records = []
+    for i in range(tensors.input_ids.shape[0]):
+        length = int(tensors.attention_mask[i].sum())
+        generated = tensors.completion_mask[i].bool()  # [T-1] targets that were generated
+        start = int(generated.nonzero()[0]) + 1 if generated.any() else length
+        prompt_ids = tensors.input_ids[i, :start].tolist()
+        completion_ids = tensors.input_ids[i, start:length].tolist()
+        records.append({
+            "step": step,
+            "group": meta.group_id,
+            "row": meta.prompt_index,
+            "actor": meta.actor_id,
+            "prompt": tokenizer.decode(prompt_ids),
+            "completion": tokenizer.decode(completion_ids),
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": tensors.old_logprobs[i][generated].tolist(),
+            "versions": tensors.versions[i][generated].tolist(),
+            "reward": float(tensors.rewards[i]),
+            "finish_reason": meta.finish_reasons[i] if i < len(meta.finish_reasons) else None,
+        })
+    return records
+
+
+def tenth(history: list[dict], key: str, last: bool) -> float | None:
+    """Mean of `key` over the first (or last) tenth of the steps."""
+    k = max(1, len(history) // 10)
+    part = history[-k:] if last else history[:k]
+    vals = [h[key] for h in part if key in h and h[key] is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def nonfinite_keys(metrics: dict[str, Any]) -> list[str]:
+    return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
