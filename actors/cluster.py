@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
         return True
     wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
+    reaped = reap_dead_local_rays()
+    if reaped:
+        log.warning("stopped %d Ray processes left behind by a run that was killed", reaped)
     everywhere = os.sched_getaffinity(0) if plan.system else None
     if plan.system:  # Ray's own processes inherit this: keep them off the learner's core
         os.sched_setaffinity(0, plan.system)
@@ -45,7 +49,46 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
     finally:
         if everywhere:
             os.sched_setaffinity(0, everywhere)
+    _record_file().write_text(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0)}))
     return True
+
+
+def _record_file(pid: int | None = None) -> Path:
+    """Where a driver that started a local Ray says so, until it shuts it down."""
+    root = Path(tempfile.gettempdir()) / f"rlhub-{os.getuid()}"
+    root.mkdir(exist_ok=True)
+    return root / f"local-ray-{pid or os.getpid()}.json"
+
+
+def forget_local_ray() -> None:
+    """After ray.shutdown(): nothing of this driver's Ray is left to clean up."""
+    _record_file().unlink(missing_ok=True)
+
+
+def reap_dead_local_rays() -> int:
+    """Kill the Ray processes of local Rays whose driver died without shutting them down (kill -9);
+    returns how many. Only orphaned Ray processes of the dead driver's process group are touched."""
+    import psutil
+
+    killed = 0
+    for record in _record_file(1).parent.glob("local-ray-*.json"):
+        try:
+            dead = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            record.unlink(missing_ok=True)
+            continue
+        if psutil.pid_exists(dead["pid"]):
+            continue  # a run still going (or its pid taken by another process: leave everything alone)
+        for proc in psutil.process_iter(["ppid", "cmdline"]):
+            try:
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if proc.info["ppid"] == 1 and os.getpgid(proc.pid) == dead["pgid"] and ("ray::" in cmd or "/ray/" in cmd):
+                    proc.kill()
+                    killed += 1
+            except (psutil.Error, ProcessLookupError):
+                pass
+        record.unlink(missing_ok=True)
+    return killed
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

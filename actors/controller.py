@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rlhub.actors.cluster import CorePlan, check_reachable, init_ray, plan_cores
+from rlhub.actors.cluster import CorePlan, check_reachable, forget_local_ray, init_ray, plan_cores
 from rlhub.config import ConfigError, RunConfig
 
 log = logging.getLogger("rlhub")
@@ -132,7 +132,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         started_ray = init_ray(cfg, plan)
     try:
         tokenizer = tokenizer.result()
-        _setup_logging(run_dir, cfg.progress)
+        _setup_logging(run_dir)
         log.info("run directory %s; model %s; Ray %s (%.1f s)", run_dir, model_path, "started" if started_ray else "joined",
                  time.perf_counter() - t0)
         return _train(cfg, run_dir, resume_from, model_path, tokenizer, env, plan, t0)
@@ -141,6 +141,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
+            if not cfg.cluster.address:
+                forget_local_ray()
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any, plan: CorePlan, t0: float) -> dict[str, Any]:
@@ -282,13 +284,13 @@ class _Console(logging.Handler):
         tqdm.write(f"rlhub: {record.getMessage()}", file=sys.stderr)
 
 
-def _setup_logging(run_dir: Path, console: bool = True) -> None:
+def _setup_logging(run_dir: Path) -> None:
     for h in [h for h in log.handlers if isinstance(h, (logging.FileHandler, _Console))]:
         log.removeHandler(h)
         h.close()
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
-    log.addHandler(_Console(logging.INFO if console else logging.WARNING))
+    log.addHandler(_Console(logging.INFO))
     log.setLevel(logging.INFO)
     log.propagate = False
