@@ -28,10 +28,9 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
         return False
     # Ray announces on every start that it enabled its token authentication (kept on): nothing to act on
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    runtime_env = {"env_vars": WORKER_ENV}
     if cfg.cluster.address:
         try:
-            ray.init(address=cfg.cluster.address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+            ray.init(address=cfg.cluster.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
         except ConnectionError as e:
             raise ConfigError(f"cluster.address={cfg.cluster.address!r}: {str(e).splitlines()[0]}") from None
         check_placement(cfg)
@@ -41,16 +40,32 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
     reaped = reap_dead_local_rays()
     if reaped:
         log.warning("stopped %d Ray processes left behind by a run that was killed", reaped)
-    everywhere = os.sched_getaffinity(0) if plan.system else None
-    if plan.system:  # Ray's own processes inherit this: keep them off the learner's core
-        os.sched_setaffinity(0, plan.system)
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
-    finally:
-        if everywhere:
-            os.sched_setaffinity(0, everywhere)
+    # a local Ray's workers inherit this process's environment: no runtime env to set up per worker, so
+    # actors start in the workers Ray starts ahead
+    os.environ.update(WORKER_ENV)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
     _record_file().write_text(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0)}))
     return True
+
+
+def confine_ray(plan: CorePlan) -> int:
+    """Once the actors have started: Ray's own processes and the unpinned actors (store, registry) leave the
+    learner's core (while starting, every process may use every core); returns how many were moved.
+    Workers Ray starts later inherit the raylet's cores."""
+    import psutil
+
+    if not plan.system:
+        return 0
+    everywhere = os.sched_getaffinity(0)
+    moved = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if set(proc.cpu_affinity()) == everywhere:  # pinned actors (learner, engines) chose their cores
+                proc.cpu_affinity(sorted(plan.system))
+                moved += 1
+        except psutil.Error:
+            pass
+    return moved
 
 
 def _record_file(pid: int | None = None) -> Path:

@@ -14,11 +14,12 @@ import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rlhub.actors.cluster import CorePlan, check_reachable, forget_local_ray, init_ray, plan_cores
+from rlhub.actors.cluster import CorePlan, check_reachable, confine_ray, forget_local_ray, init_ray, plan_cores
 from rlhub.config import ConfigError, RunConfig
 
 log = logging.getLogger("rlhub")
@@ -64,9 +65,10 @@ def check_env(cfg: RunConfig) -> Any:
 
 
 def load_tokenizer(model_path: Path) -> Any:
-    from transformers import AutoTokenizer
+    """The controller's view of the tokenizer (decode, EOS), light to load; the actors load the full one."""
+    from rlhub.models.tokenizer import TextCodec
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = TextCodec(model_path)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model at {model_path}: the tokenizer has no EOS token to stop generation at")
     return tokenizer
@@ -78,13 +80,11 @@ def save_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def format_examples(cfg: RunConfig, env: Any, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-    """Token ids of the environment's format-only (prompt, answer) pairs, the answer ending in EOS."""
+def format_examples(cfg: RunConfig, env: Any) -> list[tuple[str, str]]:
+    """The environment's format-only (prompt, answer) texts (the learner tokenizes them)."""
     import random
 
-    pairs = env.format_examples(cfg.warm_start.examples, random.Random(cfg.seed))
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    return [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
+    return env.format_examples(cfg.warm_start.examples, random.Random(cfg.seed))
 
 
 def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any, Any]:
@@ -115,8 +115,6 @@ def init_scorers(critic: Any, reference: Any, weight_sync: Any, resume_from: Pat
 def train(cfg: RunConfig) -> dict[str, Any]:
     """One training run (or its resumption); returns the summary. Raises ConfigError before Ray starts
     on bad input, RunFailed when the run cannot go on."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from rlhub.models.build import resolve_model_path
 
     t0 = time.perf_counter()
@@ -125,17 +123,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model)
     if cfg.cluster.address:
         check_reachable(cfg.cluster.address)
+    tokenizer = load_tokenizer(model_path)
     save_resolved_config(cfg, run_dir)
-    with ThreadPoolExecutor(1) as pool:
-        tokenizer = pool.submit(load_tokenizer, model_path)  # transformers' import overlaps Ray's start
-        plan = plan_cores(cfg)
-        started_ray = init_ray(cfg, plan)
+    plan = plan_cores(cfg)
+    started_ray = init_ray(cfg, plan)
     try:
-        tokenizer = tokenizer.result()
+        actors = create_actors(cfg, model_path, env, plan)  # their start-ups (imports, model loads) run meanwhile
         _setup_logging(run_dir)
         log.info("run directory %s; model %s; Ray %s (%.1f s)", run_dir, model_path, "started" if started_ray else "joined",
                  time.perf_counter() - t0)
-        return _train(cfg, run_dir, resume_from, model_path, tokenizer, env, plan, t0)
+        return _train(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0)
     finally:
         if started_ray:
             import ray
@@ -145,10 +142,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 forget_local_ray()
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any, plan: CorePlan, t0: float) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,
+           t0: float) -> dict[str, Any]:
     from rlhub.actors.pipeline import RunFailed
 
-    p = start_pipeline(cfg, run_dir, resume_from, model_path, tokenizer, env, plan, t0)
+    p = start_pipeline(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0)
     failure: str | None = None
     try:
         version = run_loop(p, p.version, cfg.experiment.total_steps)
@@ -183,28 +181,52 @@ def run_loop(p: Any, version: int, total: int) -> int:
     return version
 
 
-def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, model_path: Path, tokenizer: Any, env: Any,
-                   plan: CorePlan, t0: float) -> Any:
-    """Every actor of the run, started at once so that their start-ups overlap; the policy trained up to
-    its starting point (warm start, or the checkpoint), published, and the rollout loops running."""
+@dataclass
+class Actors:
+    """The run's actors (handles), created at once so that their start-ups overlap."""
+
+    weight_sync: Any
+    store: Any
+    learner: Any
+    critic: Any
+    reference: Any
+    fleet: Any
+
+
+def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) -> Actors:
+    """Every actor of the run, without waiting for any: each imports its libraries and loads its model meanwhile."""
     import ray
 
     from rlhub.actors.learner import LearnerActor
-    from rlhub.actors.pipeline import Pipeline
     from rlhub.actors.rollout import RolloutFleet
     from rlhub.actors.store import RayDataStore
+    from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
+
+    vocab = json.loads((model_path / "config.json").read_text()).get("vocab_size", 256)
+    probe = probe_sequence(vocab)
+    # the slow starters first, so they take the workers Ray started ahead; they are wired up after
+    learner = LearnerActor.options(num_cpus=cfg.cluster.learner_num_cpus, num_gpus=cfg.cluster.learner_num_gpus).remote(
+        cfg, str(model_path), probe, plan.learner)
+    fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
+    critic, reference = create_scorers(cfg, str(model_path), plan)
+    weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
+    store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed)
+    learner.connect.remote(weight_sync, store)
+    return Actors(weight_sync, store, learner, critic, reference, fleet)
+
+
+def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,
+                   t0: float) -> Any:
+    """The policy trained up to its starting point (warm start, or the checkpoint), published, the
+    scorers loaded, the rollout loops running, and the run's records opened."""
+    import ray
+
+    from rlhub.actors.pipeline import Pipeline
     from rlhub.checkpoint import read_state
     from rlhub.ledger import Ledger, truncate
     from rlhub.tracking import Tracker, truncate_steps
-    from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
 
-    probe = probe_sequence(len(tokenizer))
-    weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
-    store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed)
-    learner = LearnerActor.options(num_cpus=cfg.cluster.learner_num_cpus, num_gpus=cfg.cluster.learner_num_gpus).remote(
-        cfg, str(model_path), weight_sync, store, probe, plan.learner)
-    critic, reference = create_scorers(cfg, str(model_path), plan)
-    fleet = RolloutFleet(cfg, str(model_path), store, weight_sync, probe, plan.rollout, [s for s in (reference, critic) if s])
+    learner, store, fleet, critic, reference = actors.learner, actors.store, actors.fleet, actors.critic, actors.reference
     state: dict[str, Any] = read_state(resume_from) if resume_from is not None else {}
     version = int(state.get("version", 0))
     if resume_from is not None:  # the run's records go back to the checkpoint: what came after it is redone
@@ -221,14 +243,16 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, mode
         ledger.write([{"event": "requeued", "group": g, "reason": "resume"} for g in restart])
         log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.perf_counter() - t0)
     elif cfg.warm_start.steps:
-        warm = ray.get(learner.warm_start.remote(format_examples(cfg, env, tokenizer), cfg.warm_start.steps, cfg.warm_start.batch_size,
+        warm = ray.get(learner.warm_start.remote(format_examples(cfg, env), cfg.warm_start.steps, cfg.warm_start.batch_size,
                                                  cfg.warm_start.lr, cfg.seed))
         tracker.summary(warm)
         log.info("format warm start: %d steps, loss %.3f -> %.3f (%.1f s)", cfg.warm_start.steps, warm["warm_start/loss_first"],
                  warm["warm_start/loss_last"], time.perf_counter() - t0)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
-    init_scorers(critic, reference, weight_sync, resume_from)
-    fleet.start()
+    init_scorers(critic, reference, actors.weight_sync, resume_from)
+    fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s])
+    if plan is not None and not cfg.cluster.address:
+        confine_ray(plan)
     log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.perf_counter() - t0)
     return Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version)
 

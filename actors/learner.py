@@ -15,25 +15,32 @@ from typing import Any
 
 import ray
 
-from rlhub.learner import Learner
-from rlhub.models.logprobs import SamplingPolicy
-from rlhub.types import collate
+# torch and the learner are imported inside the actor: the controller's process, which only holds
+# handles, starts without them
 
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, run: Any, model_path: str, weight_sync: Any, store: Any, probe_ids: list[int], core: int | None) -> None:
+    def __init__(self, run: Any, model_path: str, probe_ids: list[int], core: int | None) -> None:
+        """The slow part (libraries, model, optimizer); the store and the weight sync come in `connect`."""
         import torch
+
+        from rlhub.learner import Learner
+        from rlhub.models.logprobs import SamplingPolicy
 
         if core is not None:
             os.sched_setaffinity(0, {core})
         torch.set_num_threads(run.cluster.torch_threads)
         policy = SamplingPolicy(run.rollout.temperature, run.rollout.top_p)
         self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed, generation_budget=run.rollout.max_new_tokens, policy=policy)
-        self.weight_sync = weight_sync
-        self.store = store
+        self.model_path = model_path
+        self.weight_sync: Any = None
+        self.store: Any = None
         self._last_end = 0.0  # when the previous step returned: the gap to the next is idle time
         self.pad_id = self.learner.model.config.pad_token_id or 0
+
+    def connect(self, weight_sync: Any, store: Any) -> None:
+        self.weight_sync, self.store = weight_sync, store
 
     def publish(self) -> float:
         """Publish the current weights and probe; returns the seconds it took."""
@@ -44,6 +51,8 @@ class LearnerActor:
     def train_step(self, parts: list[tuple[Any, list[int], list[int]]]) -> dict[str, Any]:
         """One step on a batch given as (object ref, indices in it, group ids) parts; returns metrics,
         "version" and "lost_groups" (ids whose tensors could not be fetched: not trained)."""
+        from rlhub.types import collate
+
         start = time.perf_counter()
         tensors, lost = resolve_batch(parts)
         fetched = time.perf_counter()
@@ -61,7 +70,13 @@ class LearnerActor:
         self._last_end = time.perf_counter()
         return metrics
 
-    def warm_start(self, examples: list, steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
+    def warm_start(self, pairs: list[tuple[str, str]], steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
+        """The format warm start on (prompt, answer) texts, tokenized here, each answer ended by EOS."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        examples = [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
         return self.learner.warm_start(examples, steps, batch_size, lr, seed)
 
     def save(self, directory: str) -> None:

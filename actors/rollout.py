@@ -11,17 +11,18 @@ from typing import Any
 import ray
 
 from rlhub.engines import make_engine
-from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker, WorkerStats
+from rlhub.rollout_config import RolloutConfig
+
+# torch, the engine and the worker are imported inside the actor: the controller's process, which
+# only holds handles, starts without them
 
 
 @ray.remote(max_concurrency=2)  # a second thread answers stats() while run() loops
 class RolloutActor:
-    def __init__(
-        self, actor_id: int, core: int | None, run: Any, model_path: str, store: Any, weight_sync: Any, probe_ids: list[int], scorers: list
-    ) -> None:
+    def __init__(self, actor_id: int, core: int | None, run: Any, model_path: str, probe_ids: list[int]) -> None:
+        """The slow part: libraries, engine, environment, tokenizer. The store and the weights come in `connect`."""
         import torch
 
-        from rlhub.actors.scorers import RemoteScorer
         from rlhub.envs import make_env
         from transformers import AutoTokenizer
 
@@ -31,26 +32,34 @@ class RolloutActor:
         torch.set_num_threads(run.cluster.torch_threads)
         seed = run.seed * 1000 + actor_id
         torch.manual_seed(seed)
-        self.core = core
+        self.actor_id, self.core, self.run_cfg, self.probe_ids = actor_id, core, run, probe_ids
         self.engine = make_engine(cfg, model_path, run.model.dtype, seed, core, run.cluster.torch_threads)
+        self.env = make_env(run.env.name, **run.env.kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.worker: Any = None
+
+    def connect(self, store: Any, weight_sync: Any, scorers: list) -> int | None:
+        """The worker loop's partners: the store, the weights, the data-side scorers; returns the actor's core."""
+        from rlhub.actors.scorers import RemoteScorer
+        from rlhub.rollout import DataSide, RolloutWorker
+
+        run = self.run_cfg
         self.worker = RolloutWorker(
-            actor_id=actor_id,
-            cfg=cfg,
+            actor_id=self.actor_id,
+            cfg=run.rollout,
             group_size=run.group_size,
             prompts_per_step=run.prompts_per_step,
             engine=self.engine,
-            env=make_env(run.env.name, **run.env.kwargs),
-            tokenizer=AutoTokenizer.from_pretrained(model_path),
+            env=self.env,
+            tokenizer=self.tokenizer,
             store=store,
             weight_sync=weight_sync,
             data_side=DataSide.of(run.algorithm),
-            probe_ids=probe_ids,
+            probe_ids=self.probe_ids,
             seed=run.seed,
             scorers=[RemoteScorer(h) for h in scorers],
             env_name=run.env.name,
         )
-
-    def ready(self) -> int | None:
         return self.core
 
     def run(self) -> dict[str, Any]:
@@ -68,29 +77,22 @@ class RolloutFleet:
     started again by the replacement, and the crash is counted.
     """
 
-    def __init__(
-        self,
-        cfg: Any,
-        model_path: str,
-        store: Any,
-        weight_sync: Any,
-        probe_ids: list[int],
-        cores: list[int | None],
-        scorers: list | None = None,
-        max_restarts: int = 3,
-    ) -> None:
-        self.args = (cfg, model_path, store, weight_sync, probe_ids, list(scorers or []))
+    def __init__(self, cfg: Any, model_path: str, probe_ids: list[int], cores: list[int | None], max_restarts: int = 3) -> None:
+        self.args = (cfg, model_path, probe_ids)
         self.cores = cores
-        self.cfg, self.store = cfg, store
+        self.cfg = cfg
+        self.partners: tuple = ()  # (store, weight_sync, scorers), from start()
         self.max_restarts = max_restarts
         self.restarts = 0
         self._reported = [0] * cfg.rollout.num_actors  # failure reports of each actor already logged
         self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]  # they build their engines meanwhile
         self.runs: list = []
 
-    def start(self, timeout_s: float = 600.0) -> None:
-        """Wait until every actor has built its engine, then start their loops."""
-        pending = {a.ready.remote(): i for i, a in enumerate(self.actors)}
+    def start(self, store: Any, weight_sync: Any, scorers: list, timeout_s: float = 600.0) -> None:
+        """Wait until every actor has built its engine, connect it to its partners, and start the loops."""
+        self.store = store
+        self.partners = (store, weight_sync, list(scorers))
+        pending = {a.connect.remote(*self.partners): i for i, a in enumerate(self.actors)}
         deadline = time.monotonic() + timeout_s
         while pending:
             done, _ = ray.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
@@ -125,7 +127,7 @@ class RolloutFleet:
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self._new(i)
             self._reported[i] = 0
-            ray.get(self.actors[i].ready.remote())
+            ray.get(self.actors[i].connect.remote(*self.partners))
             self.runs[i] = self.actors[i].run.remote()
 
     def stats(self) -> list[dict[str, Any]]:
@@ -135,6 +137,8 @@ class RolloutFleet:
             try:
                 out.append(ray.get(ref))
             except ray.exceptions.RayError:
+                from rlhub.rollout import WorkerStats
+
                 out.append(asdict(WorkerStats()))
         return out
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from rlhub.actors.learner import resolve_batch
-from rlhub.models.logprobs import SamplingPolicy
-from rlhub.scorers import Critic, ReferencePolicy
-from rlhub.types import GroupTensors, collate
+
+if TYPE_CHECKING:  # torch and the models are imported inside the actors, not by the controller
+    from rlhub.types import GroupTensors
 
 
 def _pin(run: Any, cores: set[int] | None) -> None:
@@ -31,6 +31,8 @@ def _pin(run: Any, cores: set[int] | None) -> None:
 @ray.remote(max_concurrency=2)  # scoring for the rollout actors goes on while the critic trains
 class CriticActor:
     def __init__(self, run: Any, model_path: str, cores: set[int] | None) -> None:
+        from rlhub.scorers import Critic
+
         _pin(run, cores)
         self.critic = Critic(model_path, run.model, run.algorithm, seed=run.seed + 17)
         self.pad_id = self.critic.model.backbone.config.pad_token_id or 0
@@ -48,6 +50,8 @@ class CriticActor:
         """One critic step on the batch the learner trains on, given as (ref, indices, group ids) parts,
         starting from critic version `at_version` (steps run in version order whatever thread takes them);
         groups whose tensors were lost are left out, as the learner leaves them out."""
+        from rlhub.types import collate
+
         tensors, _ = resolve_batch(parts)
         return self.critic.train_step(collate(tensors, self.pad_id) if tensors else None, at_version)
 
@@ -61,6 +65,9 @@ class CriticActor:
 @ray.remote
 class ReferenceActor:
     def __init__(self, run: Any, model_path: str, cores: set[int] | None) -> None:
+        from rlhub.models.logprobs import SamplingPolicy
+        from rlhub.scorers import ReferencePolicy
+
         _pin(run, cores)
         self.reference = ReferencePolicy(model_path, run.model, SamplingPolicy(run.rollout.temperature, run.rollout.top_p))
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 
-from rlhub.datastore import Admission, GroupQueue, merge_stats, select_batch
-from rlhub.types import GroupMeta, GroupTensors
+from rlhub.datastore import Admission, GroupMeta, GroupQueue, merge_stats, select_batch
+
+if TYPE_CHECKING:
+    from rlhub.types import GroupTensors
 
 
 class _Waiter:

@@ -21,11 +21,31 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from rlhub.types import GroupMeta
+
+@dataclass
+class GroupMeta:
+    """What a store shard keeps about one finished group (the tensors stay in the object store).
+
+    Plain values only: store actors never import torch."""
+
+    group_id: int  # admission index: the position of the prompt in the data stream
+    prompt_index: int  # row of the training split
+    actor_id: int
+    min_version: int  # the oldest token's policy version
+    max_version: int
+    num_samples: int
+    num_tokens: int  # completion tokens over the group
+    reward_mean: float
+    success_mean: float
+    response_len_mean: float
+    generate_seconds: float
+    put_time: float = 0.0
+    finish_reasons: list[str] = field(default_factory=list)  # per sample: stop or length
+    extra: dict[str, Any] = field(default_factory=dict)
+
 
 
 def prompt_index(group_id: int, num_rows: int, seed: int) -> int:

@@ -8,9 +8,12 @@ per-step metrics (W&B, metrics.jsonl) and the summary name them the same way.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlhub.types import GroupMeta, GroupTensors
+from rlhub.datastore import GroupMeta
+
+if TYPE_CHECKING:
+    from rlhub.types import GroupTensors
 
 
 def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float, restarts: int) -> dict[str, float]:

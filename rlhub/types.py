@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from rlhub.datastore import GroupMeta  # noqa: F401  (the store's metadata of a group; re-exported)
+
 
 @dataclass
 class Sample:
@@ -23,26 +25,6 @@ class Sample:
     success: bool | None
     finish_reason: str
     routed_experts: torch.Tensor | None = None  # [n_completion, layers, top_k]
-
-
-@dataclass
-class GroupMeta:
-    """What a store shard keeps about one finished group (the tensors stay in the object store)."""
-
-    group_id: int  # admission index: the position of the prompt in the data stream
-    prompt_index: int  # row of the training split
-    actor_id: int
-    min_version: int  # the oldest token's policy version
-    max_version: int
-    num_samples: int
-    num_tokens: int  # completion tokens over the group
-    reward_mean: float
-    success_mean: float
-    response_len_mean: float
-    generate_seconds: float
-    put_time: float = 0.0
-    finish_reasons: list[str] = field(default_factory=list)  # per sample: stop or length
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

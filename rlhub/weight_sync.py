@@ -11,10 +11,12 @@ their own after loading (see `verify`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the registry actor holds refs only, and starts light
+    import torch
 
 
 @dataclass
@@ -51,6 +53,8 @@ class InMemoryWeightSync:
 
 def state_to_arrays(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, str]]:
     """numpy arrays travel through Ray's object store without copies; bf16 travels as int16 bits."""
+    import torch
+
     out = {}
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
@@ -62,6 +66,8 @@ def state_to_arrays(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarra
 
 def arrays_to_state(arrays: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
     import warnings
+
+    import torch
 
     out = {}
     with warnings.catch_warnings():  # arrays from the object store are read-only; consumers copy them
@@ -99,7 +105,7 @@ class ObjectStoreWeightSync:
         import ray
 
         ref = ray.put(state_to_arrays(state))  # owned by the learner, which lives as long as the run
-        ray.get(self.registry.publish.remote(version, [ref, probe_logprobs]))
+        ray.get(self.registry.publish.remote(version, [ref, probe_logprobs.float().cpu().numpy()]))
 
     def pull(self, have_version: int) -> Published | None:
         import ray
@@ -107,14 +113,18 @@ class ObjectStoreWeightSync:
         found = ray.get(self.registry.latest.remote(have_version))
         if found is None:
             return None
+        import torch
+
         version, (ref, probe) = found
-        return Published(version, arrays_to_state(ray.get(ref)), probe)
+        return Published(version, arrays_to_state(ray.get(ref)), torch.from_numpy(probe.copy()))
 
 
 # --- verification -------------------------------------------------------------
 
 def probe_sequence(vocab_size: int, length: int = 32, seed: int = 1234) -> list[int]:
     """A fixed token sequence that both sides score after every sync."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, min(vocab_size, 256), (length,), generator=g).tolist()
 

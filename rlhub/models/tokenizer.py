@@ -6,6 +6,7 @@ stays tiny, which makes the default MoE cheap to generate with and to train.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -57,3 +58,41 @@ def _byte_table() -> dict[str, int]:
 
 def save_byte_tokenizer(path: Path) -> None:
     build_byte_tokenizer().save_pretrained(str(path))
+
+
+class TextCodec:
+    """What the controller needs of a tokenizer (decode, the EOS id), without importing transformers.
+
+    A model directory with a `tokenizer.json` (every fast tokenizer) is read with the
+    `tokenizers` library in a few milliseconds; other directories fall back to transformers.
+    Engines and the learner load the full tokenizer in their own processes.
+    """
+
+    def __init__(self, model_path: Path) -> None:
+        self.path = Path(model_path)
+        self._fast = None
+        self._full = None
+        if (self.path / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        else:
+            from transformers import AutoTokenizer
+
+            self._full = AutoTokenizer.from_pretrained(str(self.path))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        if self._full is not None:
+            return self._full.eos_token_id
+        config = self.path / "tokenizer_config.json"
+        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+        if isinstance(eos, dict):  # {"content": "<|im_end|>", ...}
+            eos = eos.get("content")
+        return self._fast.token_to_id(eos) if eos else None
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of these ids, special tokens kept."""
+        if self._full is not None:
+            return self._full.decode(ids)
+        return self._fast.decode(ids, skip_special_tokens=False)
