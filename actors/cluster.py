@@ -49,8 +49,8 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
 
 
 def confine_ray(plan: CorePlan) -> int:
-    """Once the actors have started: Ray's own processes and the unpinned actors (store, registry) leave the
-    learner's core (while starting, every process may use every core); returns how many were moved.
+    """Once the actors have started: this process, Ray's own processes and the unpinned actors (store,
+    registry) leave the learner's core (while starting, every process may use every core); returns how many were moved.
     Workers Ray starts later inherit the raylet's cores."""
     import psutil
 
@@ -58,6 +58,7 @@ def confine_ray(plan: CorePlan) -> int:
         return 0
     everywhere = os.sched_getaffinity(0)
     moved = 0
+    os.sched_setaffinity(0, plan.system)  # this controller too: it waits most of the time, the learner never should
     for proc in psutil.Process().children(recursive=True):
         try:
             if set(proc.cpu_affinity()) == everywhere:  # pinned actors (learner, engines) chose their cores

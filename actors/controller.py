@@ -117,7 +117,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     on bad input, RunFailed when the run cannot go on."""
     from rlhub.models.build import resolve_model_path
 
-    t0 = time.perf_counter()
+    import psutil
+
+    t0 = psutil.Process().create_time()  # the phases below are timed from the command's start
     run_dir, resume_from = prepare_run_dir(cfg)
     env = check_env(cfg)
     model_path = resolve_model_path(cfg.model)
@@ -131,7 +133,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         actors = create_actors(cfg, model_path, env, plan)  # their start-ups (imports, model loads) run meanwhile
         _setup_logging(run_dir)
         log.info("run directory %s; model %s; Ray %s (%.1f s)", run_dir, model_path, "started" if started_ray else "joined",
-                 time.perf_counter() - t0)
+                 time.time() - t0)
         return _train(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0)
     finally:
         if started_ray:
@@ -241,20 +243,20 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
         store.load_state_dict(state["store"])
         restart = state["store"]["admission"]["requeued"]
         ledger.write([{"event": "requeued", "group": g, "reason": "resume"} for g in restart])
-        log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.perf_counter() - t0)
+        log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.time() - t0)
     elif cfg.warm_start.steps:
         warm = ray.get(learner.warm_start.remote(format_examples(cfg, env), cfg.warm_start.steps, cfg.warm_start.batch_size,
                                                  cfg.warm_start.lr, cfg.seed))
         tracker.summary(warm)
         log.info("format warm start: %d steps, loss %.3f -> %.3f (%.1f s)", cfg.warm_start.steps, warm["warm_start/loss_first"],
-                 warm["warm_start/loss_last"], time.perf_counter() - t0)
+                 warm["warm_start/loss_last"], time.time() - t0)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
     init_scorers(critic, reference, actors.weight_sync, resume_from)
     fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s])
     if plan is not None and not cfg.cluster.address:
         confine_ray(plan)
-    log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.perf_counter() - t0)
-    return Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version)
+    log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.time() - t0)
+    return Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version, t0)
 
 
 def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_stats: list, failure: str | None) -> dict[str, Any]:

@@ -40,10 +40,11 @@ class Step:
 
 class Pipeline:
     def __init__(self, cfg: Any, run_dir: Path, store: Any, learner: Any, fleet: Any, critic: Any, reference: Any,
-                 tracker: Any, ledger: Ledger, tokenizer: Any, version: int) -> None:
+                 tracker: Any, ledger: Ledger, tokenizer: Any, version: int, started: float) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.version = version
         """The policy version the run starts (or resumes) at."""
+        self.started = started  # time.time() when the command began
         self.store, self.learner, self.fleet, self.critic, self.reference = store, learner, fleet, critic, reference
         self.tracker, self.ledger, self.tokenizer = tracker, ledger, tokenizer
         self.history: list[dict[str, float]] = []
@@ -134,6 +135,8 @@ class Pipeline:
         metrics["perf/generated_tokens_per_s"] = (generated - self._last_tokens) / max(now - self._last_time, 1e-9)
         metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - self._last_time, 1e-9)
         self._last_tokens, self._last_time = generated, now
+        if not self.history:
+            log.info("first step done (%.1f s after the command)", time.time() - self.started)
         self.history.append(metrics)
         self.tracker.log(version, metrics)
         if self.cfg.rollout.log_samples:

@@ -13,7 +13,7 @@ mask, so whatever they hold (inf, NaN) cannot leak into a real token.
 
 from __future__ import annotations
 
-import torch
+from rlhub.lazy import torch  # imported on first use: registering and checking names needs no torch
 
 from rlhub.algorithms.registry import advantage_needs, get_advantage, register_advantage
 

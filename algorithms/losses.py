@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from rlhub.lazy import torch  # imported on first use: registering and checking names needs no torch
 
 from rlhub.algorithms.registry import register_policy_loss
 
