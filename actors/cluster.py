@@ -33,7 +33,11 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
             ray.init(address=cfg.cluster.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=False)
         except ConnectionError as e:
             raise ConfigError(f"cluster.address={cfg.cluster.address!r}: {str(e).splitlines()[0]}") from None
-        check_placement(cfg)
+        try:
+            check_placement(cfg)
+        except ConfigError:
+            ray.shutdown()
+            raise
         return True
     wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
@@ -125,8 +129,11 @@ def check_placement(cfg: RunConfig) -> None:
     import ray
 
     have = ray.cluster_resources()
+    from rlhub.algorithms import advantage_needs
+
+    scorers = int(advantage_needs(cfg.algorithm.advantage).critic) + int(cfg.algorithm.reference == "actor" and cfg.algorithm.kl_coef > 0)
     need = {"CPU": cfg.cluster.learner_num_cpus + cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus,
-            "GPU": cfg.cluster.learner_num_gpus + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus}
+            "GPU": cfg.cluster.learner_num_gpus + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus + scorers * cfg.cluster.scorer_num_gpus}
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
     if short:
         what = ", ".join(f"{v:g} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())

@@ -48,6 +48,7 @@ class Pipeline:
         self.store, self.learner, self.fleet, self.critic, self.reference = store, learner, fleet, critic, reference
         self.tracker, self.ledger, self.tokenizer = tracker, ledger, tokenizer
         self.history: list[dict[str, float]] = []
+        self.outstanding: list[Step] = []  # submitted, not yet recorded
         self.nonfinite_steps = 0
         self.lost_groups = 0
         self._last_tokens, self._last_time = 0, time.perf_counter()
@@ -56,8 +57,15 @@ class Pipeline:
     def fetch(self, version: int) -> Step:
         """The step training at `version`: prompts_per_step groups no more than max_staleness behind it, oldest first."""
         start = time.perf_counter()
-        groups = self.store.get_batch(self.cfg.prompts_per_step, version, self.cfg.datastore.batch_timeout_s, on_wait=self.fleet.check)
+        groups = self.store.get_batch(self.cfg.prompts_per_step, version, self.cfg.datastore.batch_timeout_s, on_wait=self._watch)
         return Step(groups, version, time.perf_counter() - start)
+
+    def _watch(self) -> None:
+        """While waiting for data: replace crashed rollout actors, and raise at once if a submitted learner
+        or critic step failed (the data for the next step may be waiting on it: at max_staleness=0 it is)."""
+        self.fleet.check()
+        calls = [c for step in self.outstanding for c in step.calls]
+        ray.get(ray.wait(calls, num_returns=len(calls), timeout=0)[0] if calls else [])
 
     # ---- 2. learn ------------------------------------------------------------------------
     def submit(self, step: Step) -> Step:
@@ -72,6 +80,7 @@ class Pipeline:
         step.calls = [self.learner.train_step.remote(parts)]
         if self.critic is not None:  # the critic steps with the policy: its version is the learner's
             step.calls.append(self.critic.train_step.remote(parts, step.version))
+        self.outstanding.append(step)
         return step
 
     def wait(self, step: Step) -> dict[str, Any]:
@@ -79,6 +88,7 @@ class Pipeline:
         while len(ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]) < len(step.calls):
             self.fleet.check()
         metrics, *critic_metrics = ray.get(step.calls)
+        self.outstanding.remove(step)
         for extra in critic_metrics:
             extra.pop("lost_groups", None)
             metrics.update(extra)
@@ -127,11 +137,12 @@ class Pipeline:
             log.warning("environment %s raised %s in %s (occurrence %d) on row %s\n%s", report["env"], report["error"],
                         report["where"], report["occurrence"], report["row"], report["traceback"])
         now = time.perf_counter()
-        metrics.update(step_metrics([m for m, _ in kept] or [m for m, _ in step.groups], rollout_stats, store_stats, step.waited,
-                                    now - self._last_time, self.fleet.restarts))
+        metrics.update(step_metrics([m for m, _ in kept] or [m for m, _ in step.groups], rollout_stats, store_stats,
+                                    step.waited, now - self._last_time, self.fleet.restarts, self.fleet.retired))
+        metrics.update({f"failures/actor_crash/{kind}": float(n) for kind, n in self.fleet.crashes.items()})
         metrics["failures/nonfinite_steps"] = float(self.nonfinite_steps)
         metrics["failures/lost_groups"] = float(self.lost_groups)
-        generated = sum(s["generated_tokens"] for s in rollout_stats)
+        generated = sum(s["generated_tokens"] for s in rollout_stats + self.fleet.retired)
         metrics["perf/generated_tokens_per_s"] = (generated - self._last_tokens) / max(now - self._last_time, 1e-9)
         metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - self._last_time, 1e-9)
         self._last_tokens, self._last_time = generated, now
@@ -145,7 +156,11 @@ class Pipeline:
     def _log_samples(self, version: int, groups: list) -> None:
         records = []
         for meta, (ref, index) in groups:
-            records += sample_records(version, meta, ray.get(ref)[index], self.tokenizer)
+            try:
+                tensors = ray.get(ref)[index]
+            except ray.exceptions.RayError:  # its rollout actor died since the learner fetched it: no sample this time
+                continue
+            records += sample_records(version, meta, tensors, self.tokenizer)
         self.tracker.log_samples(version, records)
 
     # ---- checkpoints and the end ------------------------------------------------------------
@@ -157,10 +172,11 @@ class Pipeline:
         Called with no learner step outstanding."""
         from rlhub.checkpoint import write_checkpoint
 
-        self.ledger.write(self.store.take_events())
-        state = {"store": self.store.state_dict(), "wandb_id": self.tracker.run_id, "experiment": self.cfg.experiment.name}
-        # groups issued after this snapshot are recorded after this offset: a resume discards them and restarts
-        # every group the snapshot did not see trained (state["store"]["admission"]["requeued"])
+        events, store_state = self.store.snapshot()
+        self.ledger.write(events)
+        state = {"store": store_state, "wandb_id": self.tracker.run_id, "experiment": self.cfg.experiment.name}
+        # what happened after the snapshot is recorded after this offset: a resume discards it and restarts
+        # every group the snapshot did not see end (state["store"]["admission"]["requeued"])
         state["ledger_offset"] = self.ledger.offset()
 
         def save(d: Path) -> None:
@@ -183,5 +199,6 @@ class Pipeline:
 
     def failures(self, store_stats: dict, rollout_stats: list[dict]) -> dict[str, int]:
         learner = {"nonfinite_steps": self.nonfinite_steps, "lost_groups": self.lost_groups,
-                   "nonfinite_metrics": sum(self.tracker.nonfinite.values())}
+                   "nonfinite_metrics": sum(self.tracker.nonfinite.values()),
+                   **{f"actor_crash/{kind}": n for kind, n in self.fleet.crashes.items()}}
         return failure_counters(rollout_stats, store_stats, self.fleet.restarts, learner)

@@ -85,6 +85,9 @@ class RolloutFleet:
         self.max_restarts = max_restarts
         self.restarts = 0
         self._reported = [0] * cfg.rollout.num_actors  # failure reports of each actor already logged
+        self._last: list[dict[str, Any] | None] = [None] * cfg.rollout.num_actors  # each actor's latest stats
+        self.retired: list[dict[str, Any]] = []  # the last stats of actors that crashed: their counters still count
+        self.crashes: dict[str, int] = {}  # by kind (the exception the actor died of)
         self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]  # they build their engines meanwhile
         self.runs: list = []
 
@@ -119,11 +122,18 @@ class RolloutFleet:
                 continue  # a clean end: the run is stopping
             except Exception as e:  # noqa: BLE001 (any crash of the actor or its loop)
                 error = e
+            kind = type(getattr(error, "cause", None) or error).__name__  # a task error carries the actor's own
+            self.crashes[kind] = self.crashes.get(kind, 0) + 1
             self.restarts += 1
+            if self._last[i] is not None:
+                self.retired.append(self._last[i])
+                self._last[i] = None
             if self.restarts > self.max_restarts:
-                raise RuntimeError(f"rollout actor {i} crashed ({self.restarts} crashes in all): {error}") from error
+                from rlhub.actors.pipeline import RunFailed
+
+                raise RunFailed(f"rollout actor {i} crashed ({self.restarts} crashes in all, more than {self.max_restarts}): {error}")
             lost = self.store.requeue_actor(i)
-            logging.getLogger("rlhub").warning("rollout actor %d crashed (%s); %d groups to start again; restarting it", i, type(error).__name__, len(lost))
+            logging.getLogger("rlhub").warning("rollout actor %d crashed (%s); %d groups to start again; restarting it", i, kind, len(lost))
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self._new(i)
             self._reported[i] = 0
@@ -133,9 +143,10 @@ class RolloutFleet:
     def stats(self) -> list[dict[str, Any]]:
         """Each actor's counters; a crashed one (replaced at the next check) reports zeros."""
         out = []
-        for ref in [a.stats.remote() for a in self.actors]:
+        for i, ref in enumerate([a.stats.remote() for a in self.actors]):
             try:
                 out.append(ray.get(ref))
+                self._last[i] = out[-1]
             except ray.exceptions.RayError:
                 from rlhub.rollout import WorkerStats
 
@@ -151,5 +162,15 @@ class RolloutFleet:
         return new
 
     def join(self, timeout_s: float = 600) -> list[dict[str, Any]]:
-        """Wait for the loops to end (after the store stopped admission)."""
-        return ray.get(self.runs, timeout=timeout_s)
+        """Wait for the loops to end (after the store stopped admission): each actor's final stats, and the
+        last ones of actors that crashed. An actor that crashes now is counted, not raised."""
+        out = []
+        for i, ref in enumerate(self.runs):
+            try:
+                out.append(ray.get(ref, timeout=timeout_s))
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+                kind = type(getattr(e, "cause", None) or e).__name__
+                self.crashes[kind] = self.crashes.get(kind, 0) + 1
+                if self._last[i] is not None:
+                    out.append(self._last[i])
+        return out + self.retired

@@ -101,8 +101,9 @@ class CoordinatorActor:
     def take_events(self) -> list[dict[str, Any]]:
         return self.admission.take_events()
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.admission.state_dict()
+    def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(events not yet taken, admission state), at one instant: a checkpoint's ledger and its state agree."""
+        return self.admission.take_events(), self.admission.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.admission.load_state_dict(state)
@@ -189,7 +190,8 @@ class RayDataStore:
             metas.append(meta)
             boxes.append((ref, i))
         ray.get([self.shards[i].put_many.remote(metas, boxes) for i, (metas, boxes) in by_shard.items()])
-        self.coordinator.finish.remote([meta.group_id for meta, _ in groups])
+        # waited for: a group queued in a shard is never also in flight for an actor that may crash
+        ray.get(self.coordinator.finish.remote([meta.group_id for meta, _ in groups]))
 
     def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None:
         ray.get(self._shard(group_id).count_drop.remote(reason, 1, samples))
@@ -234,7 +236,10 @@ class RayDataStore:
 
     def requeue_taken(self, group_ids: list[int], reason: str) -> None:
         """Groups taken for a learner step that never happened (its data was lost): start them again."""
-        ray.get([s.release.remote(group_ids) for s in self.shards])
+        by_shard: dict[int, list[int]] = {}
+        for gid in group_ids:
+            by_shard.setdefault(gid % len(self.shards), []).append(gid)
+        ray.get([self.shards[i].release.remote(ids) for i, ids in by_shard.items()])
         ray.get(self.coordinator.requeue.remote(group_ids, reason))
 
     def take_events(self) -> list[dict[str, Any]]:
@@ -257,20 +262,25 @@ class RayDataStore:
         return sum(ray.get([s.drain.remote(reason) for s in self.shards]))
 
     # ---- checkpoints ----
-    def state_dict(self, held: list[int] = ()) -> dict[str, Any]:
-        """Cursor and counters. Untrained groups (queued, in flight, or `held`: taken for a
-        batch not trained yet) are started again after a resume, and their counts undone."""
-        admission = ray.get(self.coordinator.state_dict.remote())
+    def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(ledger events up to now, the state to resume from), taken together: the events are exactly those
+        of what the state has seen, so a checkpoint's ledger offset and its state agree. Untrained groups
+        (queued or in flight) are started again after a resume, and their counts undone. Call with no
+        learner step outstanding (shards change only when the controller asks)."""
+        events, admission = ray.get(self.coordinator.snapshot.remote())
+        events += [e for part in ray.get([s.take_events.remote() for s in self.shards]) for e in part]
         queued = [g for ids in ray.get([s.queued_ids.remote() for s in self.shards]) for g in ids]
-        admission["requeued"] = sorted(set(admission["requeued"]) | set(queued) | set(held))
+        # a group put after the coordinator's snapshot was issued after it too: the cursor restarts it
+        admission["requeued"] = sorted(set(admission["requeued"]) | {g for g in queued if g < admission["cursor"]})
         stats = merge_stats(ray.get([s.stats.remote() for s in self.shards]))
-        return {
+        state = {
             "admission": admission,
-            "produced": stats["produced"] - stats["queued"] - len(held),
-            "consumed": stats["consumed"] - len(held),
+            "produced": stats["produced"] - stats["queued"],
+            "consumed": stats["consumed"],
             "dropped": stats["dropped"],
             "dropped_samples": stats["dropped_samples"],
         }
+        return sorted(events, key=lambda e: e["t"]), state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ray.get(self.coordinator.load_state_dict.remote(state["admission"]))

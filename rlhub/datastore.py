@@ -188,9 +188,12 @@ class GroupQueue:
         return True
 
     def release(self, group_ids: list[int]) -> None:
-        """Taken groups whose learner step never happened: they will be generated and queued again."""
-        self.taken -= set(group_ids)
-        self.consumed -= len(group_ids)
+        """Taken groups whose learner step never happened: they will be generated and queued again
+        (and counted as produced again then)."""
+        mine = self.taken & set(group_ids)
+        self.taken -= mine
+        self.consumed -= len(mine)
+        self.produced -= len(mine)
 
     def count_drop(self, reason: str, groups: int = 1, samples: int = 0) -> None:
         """A group (or samples of one) that will never be trained, with the reason."""

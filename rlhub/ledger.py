@@ -45,12 +45,13 @@ TYPES: dict[str, type | tuple[type, ...]] = {
 }
 # The state machine, by its refusals: (event, state before) -> violation; any pair not here is allowed.
 # States are None (never seen), "issued", "requeued", "trained", "dropped".
-# A requeue after a drop (the two raced) reopens the group: it must reach an outcome again.
+# A drop is an outcome: a requeue after it is refused like a requeue after training.
 REFUSED: dict[tuple[str, str | None], str] = {
     ("issued", "issued"): "issued twice without a requeue",
     ("issued", "dropped"): "issued twice without a requeue",
     ("issued", "trained"): "trained, then re-issued: would train twice",
     ("requeued", None): "requeued but never issued",
+    ("requeued", "dropped"): "dropped, then re-issued",
     ("requeued", "trained"): "trained, then re-issued: would train twice",
     ("trained", None): "trained without issued",
     ("trained", "requeued"): "trained while requeued, before being issued again",

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
     from rlhub.types import GroupTensors
 
 
-def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float, restarts: int) -> dict[str, float]:
-    """The pipeline's side of a step's metrics (the learner adds its own)."""
+def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats: dict, waited: float, step_s: float, restarts: int,
+                 retired: list[dict] = ()) -> dict[str, float]:
+    """The pipeline's side of a step's metrics (the learner adds its own); `retired`: the last stats of
+    rollout actors that crashed, whose failure counters still count."""
     n = sum(m.num_samples for m in metas) or 1
     return {
         "rollout/success_rate": sum(m.success_mean * m.num_samples for m in metas) / n,
@@ -32,7 +34,7 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         "store/produced": store_stats["produced"],
         "store/consumed": store_stats["consumed"],
         "store/dropped": store_stats["dropped_total"],
-        **{f"failures/{k}": float(v) for k, v in failure_counters(rollout_stats, store_stats, restarts).items()},
+        **{f"failures/{k}": float(v) for k, v in failure_counters([*rollout_stats, *retired], store_stats, restarts).items()},
     }
 
 

@@ -117,25 +117,26 @@ class Tracker:
                 self.wandb_run.summary[k] = v
 
     def finish(self, summary: dict[str, Any], images: list[Path]) -> None:
-        """The run's summary (scalars, and the failure counters flattened) and pictures to W&B, then close."""
+        """The run's summary (scalars, and the failure counters flattened) and pictures to W&B, then close;
+        W&B marks a run whose status is not ok as failed."""
         if self.wandb_run is not None:
             self.log_images(images)
             flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
             flat.update({f"failures/{k}": v for k, v in summary.get("failures", {}).items()})
             self.summary(flat)
-        self.close()
+        self.close(exit_code=0 if summary.get("status") == "ok" else 1)
 
     def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.bar, self.progress = None, False
 
-    def close(self) -> None:
+    def close(self, exit_code: int | None = None) -> None:
         """Idempotent: the bar, the files and the W&B run."""
         self.close_bar()
         self.metrics_file.close()
         if self.samples_file is not None:
             self.samples_file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None

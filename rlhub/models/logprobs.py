@@ -44,12 +44,12 @@ class SamplingPolicy:
         scaled = logits.float() / self.temperature
         if self.top_p >= 1.0:
             return torch.log_softmax(scaled, dim=-1)
-        probs = torch.softmax(scaled, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        in_nucleus = sorted_p.cumsum(-1) - sorted_p < self.top_p  # the smallest set reaching top_p; keeps the top token
-        inside = torch.zeros_like(in_nucleus).scatter(-1, order, in_nucleus)
-        if keep is not None:
-            inside = inside.scatter(-1, keep.unsqueeze(-1), True)
+        with torch.no_grad():  # which tokens are in the nucleus is not differentiated: no graph for the sort
+            sorted_p, order = torch.softmax(scaled.detach(), dim=-1).sort(dim=-1, descending=True)
+            in_nucleus = sorted_p.cumsum(-1) - sorted_p < self.top_p  # the smallest set reaching top_p; keeps the top token
+            inside = torch.zeros_like(in_nucleus).scatter(-1, order, in_nucleus)
+            if keep is not None:
+                inside = inside.scatter(-1, keep.unsqueeze(-1), True)
         return torch.log_softmax(scaled.masked_fill(~inside, float("-inf")), dim=-1)
 
 

@@ -65,6 +65,17 @@ def test_queue_drops_stale_and_counts():
     assert s["produced"] == s["consumed"] + sum(s["dropped"].values()) + s["queued"]
 
 
+def test_a_group_is_queued_once_and_released_groups_are_counted_again():
+    q = GroupQueue()
+    assert q.put(meta(0, 0, 1.0), "a") and not q.put(meta(0, 0, 2.0), "again")  # a second finish of group 0 is ignored
+    q.take([0])
+    assert not q.put(meta(0, 0, 3.0), "after training")  # handed to the learner: never queued again...
+    q.release([0, 5])  # ...unless its step never happened; 5 is another shard's and changes nothing here
+    assert q.stats()["consumed"] == 0 and q.stats()["produced"] == 0
+    assert q.put(meta(0, 0, 4.0), "regenerated") and q.stats()["produced"] == 1
+    assert [(e["event"], e["reason"]) for e in q.take_events()] == []
+
+
 def test_queue_sample_drops_and_group_drops_are_counted():
     q = GroupQueue()
     m = meta(0, 0, 1.0)
