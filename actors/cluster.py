@@ -41,6 +41,9 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
         return True
     wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
+    if wanted > (os.cpu_count() or 1):  # placed all the same, sharing cores: said now, not after a silent wait
+        log.warning("%d rollout actors and the learner want %g CPUs on a %d-core machine: they share cores, and each "
+                    "actor's start-up takes longer (rollout.num_actors)", cfg.rollout.num_actors, wanted, os.cpu_count() or 1)
     reaped = reap_dead_local_rays()
     if reaped:
         log.warning("stopped %d Ray processes left behind by a run that was killed", reaped)

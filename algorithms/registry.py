@@ -1,4 +1,4 @@
-"""Name registries for advantage estimators and policy losses, and what each estimator needs.
+"""Name registries for advantage estimators, policy losses and data-side group filters, and what each estimator needs.
 
 `ADVANTAGE_NEEDS` is the one place that says what an estimator reads besides
 the group's rewards; the config checks, the data side, the controller (which
@@ -14,6 +14,8 @@ F = TypeVar("F", bound=Callable)
 
 ADVANTAGES: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
+GROUP_FILTERS: dict[str, Callable] = {}
+"""Data-side filters: (group rewards [G]) -> the reason to drop the group, or None to keep it."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ def register_advantage(name: str, critic: bool = False, token_rewards: bool = Fa
 
 def register_policy_loss(name: str) -> Callable[[F], F]:
     return _register(POLICY_LOSSES, name)
+
+
+def register_group_filter(name: str) -> Callable[[F], F]:
+    return _register(GROUP_FILTERS, name)
 
 
 def _get(table: dict, kind: str, name: str):

@@ -21,9 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhub.algorithms.advantages import group_advantages, token_rewards
-from rlhub.algorithms.config import AlgorithmConfig
-from rlhub.algorithms.corrections import kl_estimate
+from rlhub.algorithms.data_side import DataSide, advantages, drop_reason, overlong_penalty
 from rlhub.datastore import prompt_index
 from rlhub.engines.base import RolloutEngine, SamplingConfig
 from rlhub.envs.base import ModelMessage
@@ -82,38 +80,6 @@ class DataStoreClient:
     def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None: ...
     def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None: ...
     def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None: ...
-
-
-@dataclass
-class DataSide:
-    """What the algorithm does on the data side, once a group is complete (a view of AlgorithmConfig)."""
-
-    advantage: str = "grpo"
-    dynamic_sampling: bool = False
-    overlong_window: int = 0
-    overlong_penalty: float = 1.0
-    kl_coef: float = 0.0
-    """KL reward penalty per token (algorithm.kl_penalty=reward); 0 when the KL is a loss term or off."""
-    kl_estimator: str = "k1"
-    gamma: float = 1.0
-    lam: float = 0.95
-
-    @staticmethod
-    def of(algo: AlgorithmConfig) -> "DataSide":
-        in_reward = algo.kl_penalty == "reward"
-        return DataSide(algo.advantage, algo.dynamic_sampling, algo.overlong_window, algo.overlong_penalty,
-                        algo.kl_coef if in_reward else 0.0, algo.kl_estimator, algo.gamma, algo.lam)
-
-
-def overlong_penalty(length: int, budget: int, window: int, penalty: float = 1.0) -> float:
-    """DAPO's soft overlong punishment: 0 up to budget - window, then falling linearly to -penalty at the budget.
-
-    >>> overlong_penalty(10, 16, 4), overlong_penalty(14, 16, 4), overlong_penalty(16, 16, 4)
-    (0.0, -0.5, -1.0)
-    """
-    if window <= 0 or length <= budget - window:
-        return 0.0
-    return -penalty * min(1.0, (length - (budget - window)) / window)
 
 
 class RolloutWorker:
@@ -272,17 +238,8 @@ class RolloutWorker:
                     lo += g
         self.stats.score_seconds += time.perf_counter() - start
 
-    def _advantages(self, tensors: GroupTensors) -> None:
-        """Token rewards (with the KL penalty if it is in the reward), then the estimator."""
-        ds = self.data_side
-        mask = tensors.completion_mask
-        kl = None
-        if ds.kl_coef:
-            if tensors.ref_logprobs is None:
-                raise ValueError("algorithm.kl_penalty=reward needs the reference actor's log-probs (algorithm.reference=actor)")
-            kl = torch.where(mask.bool(), kl_estimate(tensors.old_logprobs, tensors.ref_logprobs, ds.kl_estimator), 0.0)
-        rewards = token_rewards(tensors.rewards, mask, kl, ds.kl_coef)
-        tensors.advantages, tensors.returns = group_advantages(ds.advantage, rewards, mask, tensors.values, ds.gamma, ds.lam)
+    def _advantages(self, t: GroupTensors) -> None:
+        t.advantages, t.returns = advantages(self.data_side, t.rewards, t.completion_mask, t.old_logprobs, t.ref_logprobs, t.values)
 
     def _finish_group(
         self, gid: int, row_idx: int, prompt_ids: list[int], state: Any, completions: list, seconds: float
@@ -312,9 +269,10 @@ class RolloutWorker:
         for s in samples:
             s.reward += overlong_penalty(len(s.completion_ids), self.cfg.max_new_tokens, self.data_side.overlong_window, self.data_side.overlong_penalty)
         rewards = torch.tensor([s.reward for s in samples])
-        if self.data_side.dynamic_sampling and bool((rewards == rewards[0]).all()):
-            self._count("filtered")  # no learning signal: DAPO drops it, and admission starts another
-            self.store.drop(gid, "filtered", len(samples), row_idx)
+        reason = drop_reason(self.data_side, rewards)
+        if reason is not None:  # a filter (DAPO's dynamic sampling): admission starts another prompt instead
+            self._count(reason)
+            self.store.drop(gid, reason, len(samples), row_idx)
             return None
         tensors = GroupTensors.from_samples(samples, torch.zeros(len(samples)), self.tokenizer.pad_token_id or 0)  # advantages: _advantages
         versions = [v for s in samples for v in s.versions] or [self.engine.version]

@@ -74,3 +74,15 @@ def test_a_killed_run_resumes_with_each_step_once_and_its_ray_cleaned_up(tmp_pat
     steps = [r["step"] for r in read_rows(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 21))  # each step once, though the killed run logged past its last checkpoint
     assert check_run(tmp_path).ok
+
+
+def test_a_cluster_too_small_for_the_actors_is_said_at_start(ray_head, tmp_path):
+    import time
+
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhub.cli", "train", "cluster.address=auto", "rollout.num_actors=5", "wandb.mode=disabled",
+         "progress=false", f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot place the learner and 5 rollout actors: 6 CPU needed, 3 in the cluster" in out.stderr
+    assert time.monotonic() - start < 60

@@ -9,7 +9,7 @@ from rlhub.algorithms import get_advantage, get_policy_loss
 from rlhub.algorithms.advantages import gae, group_advantages, normalize_over_batch, token_rewards
 from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate
-from rlhub.rollout import overlong_penalty
+from rlhub.algorithms.data_side import overlong_penalty
 
 R = torch.tensor([1.0, 0.0, 0.0, 0.0])
 

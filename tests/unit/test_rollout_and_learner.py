@@ -195,3 +195,26 @@ def test_staleness_zero_without_correction_equals_plain_on_policy_gradient(tiny_
     for n, p in learner.model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
+def test_checkpoint_restores_weights_optimizer_and_the_next_step(tiny_model_path, tokenizer, tmp_path):
+    store = InMemoryDataStore(2, 0)
+    sync = InMemoryWeightSync()
+    learner = Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=8), PROBE)
+    sync.push(learner.state_dict(), 0, learner.probe())
+    worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), store, sync, prompts_per_batch=2)
+    worker.step()
+    batch = collate([t for _, t in store.get_batch(2, 0)], 256)
+    batch.advantages = batch.completion_mask * torch.linspace(-1, 1, batch.input_ids.shape[0]).unsqueeze(-1)
+    learner.train_step(batch)
+    learner.save(tmp_path)
+    resumed = Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=8), PROBE)
+    resumed.load(tmp_path, learner.version)
+    assert resumed.version == 1
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in learner.state_dict().items())  # the checkpoint's weights
+    saved, loaded = learner.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[p][k], loaded[p][k]) for p in saved for k in ("exp_avg", "exp_avg_sq"))
+    # Adam's moments are restored: the next step is the one the uninterrupted learner takes
+    a, b = learner.train_step(batch), resumed.train_step(batch)
+    assert a["train/loss"] == b["train/loss"] and a["train/grad_norm"] == b["train/grad_norm"]
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in learner.state_dict().items())
