@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 
-SMALL = ["prompts_per_step=4", "group_size=4", "rollout.max_new_tokens=4", "wandb.mode=disabled", "progress=false"]
+SMALL = ["prompts_per_step=4", "group_size=4", "rollout.max_new_tokens=4", "warm_start.steps=10", "wandb.mode=disabled", "progress=false"]
 
 
 @pytest.fixture(scope="module")
