@@ -128,6 +128,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path)
     save_resolved_config(cfg, run_dir)
     plan = plan_cores(cfg)
+    everywhere = os.sched_getaffinity(0)  # confine_ray moves this process too: a later run in it plans afresh
     started_ray = init_ray(cfg, plan)
     try:
         actors = create_actors(cfg, model_path, env, plan)  # their start-ups (imports, model loads) run meanwhile
@@ -142,6 +143,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             ray.shutdown()
             if not cfg.cluster.address:
                 forget_local_ray()
+        os.sched_setaffinity(0, everywhere)
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,
