@@ -7,7 +7,6 @@ per-step metrics (W&B, metrics.jsonl) and the summary name them the same way.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from rlhub.datastore import GroupMeta
@@ -88,7 +87,3 @@ def tenth(history: list[dict], key: str, last: bool) -> float | None:
     part = history[-k:] if last else history[:k]
     vals = [h[key] for h in part if key in h and h[key] is not None]
     return sum(vals) / len(vals) if vals else None
-
-
-def nonfinite_keys(metrics: dict[str, Any]) -> list[str]:
-    return [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
