@@ -248,10 +248,10 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
         log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.time() - t0)
     elif cfg.warm_start.steps:
         warm = ray.get(learner.warm_start.remote(format_examples(cfg, env), cfg.warm_start.steps, cfg.warm_start.batch_size,
-                                                 cfg.warm_start.lr, cfg.seed))
+                                                 cfg.warm_start.lr, cfg.seed, cfg.warm_start.cache))
         tracker.summary(warm)
-        log.info("format warm start: %d steps, loss %.3f -> %.3f (%.1f s)", cfg.warm_start.steps, warm["warm_start/loss_first"],
-                 warm["warm_start/loss_last"], time.time() - t0)
+        log.info("format warm start: %d steps, loss %.3f -> %.3f%s (%.1f s)", cfg.warm_start.steps, warm["warm_start/loss_first"],
+                 warm["warm_start/loss_last"], ", loaded from the cache" if warm["warm_start/cached"] else "", time.time() - t0)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
     init_scorers(critic, reference, actors.weight_sync, resume_from)
     fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s])

@@ -70,14 +70,19 @@ class LearnerActor:
         self._last_end = time.perf_counter()
         return metrics
 
-    def warm_start(self, pairs: list[tuple[str, str]], steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
-        """The format warm start on (prompt, answer) texts, tokenized here, each answer ended by EOS."""
+    def warm_start(self, pairs: list[tuple[str, str]], steps: int, batch_size: int, lr: float, seed: int,
+                   cache: bool = True) -> dict[str, float]:
+        """The format warm start on (prompt, answer) texts, tokenized here, each answer ended by EOS; with
+        `cache`, loaded from the warm-start cache when a run with the same inputs computed it before
+        ("warm_start/cached" says which)."""
         from transformers import AutoTokenizer
+
+        from rlhub.models.warm_cache import cached_warm_start
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         examples = [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
-        return self.learner.warm_start(examples, steps, batch_size, lr, seed)
+        return cached_warm_start(self.learner, self.model_path, examples, steps, batch_size, lr, seed, cache)
 
     def save(self, directory: str) -> None:
         self.learner.save(Path(directory))

@@ -93,6 +93,9 @@ class WarmStartConfig:
     batch_size: int = 64
     lr: float = 1e-3
     examples: int = 4096
+    cache: bool = True
+    """Keep the warm-started weights in RLHUB_CACHE/warm_start/ and load them when a later run has the
+    same model, examples, steps, batch size, lr and seed (rlhub/models/warm_cache.py)."""
 
 
 @dataclass

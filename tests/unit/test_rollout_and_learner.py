@@ -218,3 +218,24 @@ def test_checkpoint_restores_weights_optimizer_and_the_next_step(tiny_model_path
     a, b = learner.train_step(batch), resumed.train_step(batch)
     assert a["train/loss"] == b["train/loss"] and a["train/grad_norm"] == b["train/grad_norm"]
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in learner.state_dict().items())
+
+
+def test_warm_start_cache_gives_the_computed_weights_and_misses_on_other_inputs(tiny_model_path, tokenizer, tmp_path, monkeypatch):
+    from rlhub.models.warm_cache import cached_warm_start
+
+    monkeypatch.setenv("RLHUB_CACHE", str(tmp_path))
+    examples = [(tokenizer.encode(f"{i}+{i}=", add_special_tokens=False), tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id])
+                for i in range(32)]
+    new = lambda: Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(), PROBE)  # noqa: E731
+    computed, loaded, fresh = new(), new(), new()
+    m1 = cached_warm_start(computed, tiny_model_path, examples, 4, 8, 1e-3, seed=0)
+    m2 = cached_warm_start(loaded, tiny_model_path, examples, 4, 8, 1e-3, seed=0)
+    assert (m1["warm_start/cached"], m2["warm_start/cached"]) == (0.0, 1.0)
+    assert m2["warm_start/loss_last"] == m1["warm_start/loss_last"]
+    initial, a, b = fresh.state_dict(), computed.state_dict(), loaded.state_dict()
+    assert any(not torch.equal(initial[k], a[k]) for k in a)  # the warm start moved the weights...
+    assert all(torch.equal(a[k], b[k]) for k in a)  # ...and the cache gives them back bit for bit
+    # any input that changes the result is a miss: seed, steps, examples, and cache=false computes
+    for args, kwargs in [((examples, 4, 8, 1e-3), {"seed": 1}), ((examples, 5, 8, 1e-3), {"seed": 0}),
+                         ((examples[:-1], 4, 8, 1e-3), {"seed": 0}), ((examples, 4, 8, 1e-3), {"seed": 0, "cache": False})]:
+        assert cached_warm_start(new(), tiny_model_path, *args, **kwargs)["warm_start/cached"] == 0.0
