@@ -89,17 +89,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     token, values are the critic's V(s_t) before each token. Returns
     (advantages, returns), both `[B, T]` and zero on padding:
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t.
+    Positions outside the mask inside a sequence (environment and tool tokens
+    between a multi-turn episode's assistant turns) are skipped, not ends:
+    V_{t+1} and A_{t+1} come from the next generated token.
     """
     real = mask.bool()
     values = torch.where(real, values, 0.0)  # [B, T]
     rewards = torch.where(real, rewards, 0.0)  # [B, T]
     adv = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype)  # [B] A at the next generated token
+    next_value = torch.zeros_like(last)  # [B] V at the next generated token
     for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = torch.where(real[:, t], delta + gamma * lam * last, 0.0)
-        adv[:, t] = last
+        here = delta + gamma * lam * last
+        last = torch.where(real[:, t], here, last)
+        next_value = torch.where(real[:, t], values[:, t], next_value)
+        adv[:, t] = torch.where(real[:, t], here, 0.0)
     return adv, torch.where(real, adv + values, 0.0)
 
 

@@ -51,6 +51,18 @@ def test_gae_by_hand():
     assert torch.allclose(adv1, torch.tensor([[0.5, 0.5, 0.5]]))
 
 
+def test_gae_skips_environment_tokens_between_turns():
+    # a two-turn episode: assistant tokens at 0, 1 and 4, 5; a tool message at 2, 3 (mask 0) and padding at 6
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 9.0, 9.0, 0.3, 0.4, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # the same as the four assistant tokens alone, side by side: the tool tokens neither end the episode nor add a step
+    dense, _ = gae(rewards[:, [0, 1, 4, 5]], values[:, [0, 1, 4, 5]], torch.ones(1, 4), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv[:, [0, 1, 4, 5]], dense)
+    assert adv[0, 2:4].abs().sum() == 0 and adv[0, 6] == 0 and ret[0, 2] == 0
+
+
 def inputs(ratios, adv, mask):
     old = torch.zeros(1, len(ratios))
     return PolicyLossInput(torch.log(torch.tensor([ratios])), old, torch.tensor([adv]), torch.tensor([mask]))
