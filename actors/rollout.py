@@ -59,6 +59,8 @@ class RolloutActor:
             seed=run.seed,
             scorers=[RemoteScorer(h) for h in scorers],
             env_name=run.env.name,
+            env_timeout_s=run.env.timeout_s,
+            env_workers=run.env.workers,
         )
         return self.core
 

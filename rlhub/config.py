@@ -43,6 +43,10 @@ class EnvConfig:
     name: str = "arithmetic"
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the environment's factory."""
+    timeout_s: float = 60.0
+    """Longest one reset or step may take; past it the sample is dropped and counted (env_timeout)."""
+    workers: int = 4
+    """Threads per rollout actor that run the environment's plain (not async) methods."""
 
 
 @dataclass

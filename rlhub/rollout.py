@@ -11,11 +11,13 @@ never raised into the run.
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import logging
 import math
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -25,12 +27,48 @@ from rlhub.algorithms.data_side import DataSide, advantages, drop_reason, overlo
 from rlhub.datastore import prompt_index
 from rlhub.engines.base import RolloutEngine, SamplingConfig
 from rlhub.envs.base import ModelMessage
+from rlhub.episodes import BadReward, Call, ChatFormat, EnvRunner, EnvTimeout, Episode, checked_reward, run_all
 from rlhub.rollout_config import RolloutConfig
 from rlhub.scorers import Scorer
 from rlhub.types import GroupMeta, GroupTensors, Sample, collate
 from rlhub.weight_sync import Published, WeightSync, probe_error
 
 log = logging.getLogger("rlhub.rollout")
+
+
+@dataclass
+class OpenGroup:
+    """A group whose episodes are still running."""
+
+    group_id: int
+    row_index: int
+    episodes: list[Episode]
+    started: float
+    generate_seconds: float = 0.0
+
+    @property
+    def waiting(self) -> bool:
+        """Some episode waits for its next turn to be generated."""
+        return any(e.ended is None and not e.in_env for e in self.episodes)
+
+    @property
+    def complete(self) -> bool:
+        return all(e.ended is not None for e in self.episodes)
+
+
+@dataclass
+class TurnBatch:
+    """One generate call's episodes and their environment steps in flight."""
+
+    episodes: list[Episode]
+    calls: list[Call]
+
+    def done(self) -> bool:
+        return all(c.done() for c in self.calls)
+
+    def wait(self, seconds: float) -> None:
+        """Until every step has answered, or `seconds`."""
+        concurrent.futures.wait([c.future for c in self.calls], timeout=seconds)
 
 
 @dataclass
@@ -50,6 +88,8 @@ class WorkerStats:
     dropped: dict[str, int] = field(default_factory=dict)
     env_errors: dict[str, int] = field(default_factory=dict)
     """Environment exceptions by type (reset or step)."""
+    truncated: dict[str, int] = field(default_factory=dict)
+    """Episodes ended at a limit (max_turns, max_tokens), kept with their last step's reward."""
     failure_reports: list[dict[str, Any]] = field(default_factory=list)
     """The first occurrences of each (environment, exception type): row and traceback, for the run's log."""
 
@@ -99,6 +139,8 @@ class RolloutWorker:
         seed: int = 0,
         scorers: Sequence[Scorer] = (),
         env_name: str | None = None,
+        env_timeout_s: float = 60.0,
+        env_workers: int = 4,
     ) -> None:
         self.actor_id = actor_id
         self.cfg = cfg
@@ -117,6 +159,11 @@ class RolloutWorker:
         self.stats = WorkerStats()
         self.env_name = env_name or type(env).__name__
         self.failures = FailureLog(self.stats.env_errors, self.stats.failure_reports)
+        self.chat = ChatFormat(tokenizer)
+        self.envs = EnvRunner(env_timeout_s, env_workers)
+        self.open: dict[int, OpenGroup] = {}  # by group id, in admission order
+        self.in_env: deque[TurnBatch] = deque()
+        self.last_generate_s = 0.0
         eos = tokenizer.eos_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -127,22 +174,49 @@ class RolloutWorker:
 
     # ---- the loop ---------------------------------------------------------
     def run(self) -> WorkerStats:
-        while self.step():
-            pass
+        try:  # at the stop, open groups are left: the store closes them out as dropped at the run's end
+            while self.step(drain=False):
+                pass
+        finally:
+            self.envs.close()
         return self.stats
 
-    def step(self) -> bool:
-        """One admission + generation round; False once the run is stopping."""
-        start = time.perf_counter()
-        group_ids = self.store.admit(self.actor_id, self.batch_prompts, self.cfg.admission_wait_s)
-        self.stats.idle_seconds += time.perf_counter() - start
-        if group_ids is None:
-            return False
-        if not group_ids:
-            return True
-        self.sync_weights()
-        self.generate_groups(group_ids)
+    def step(self, drain: bool = True) -> bool:
+        """One round: admit prompts, generate one turn for every episode waiting for one, hand those
+        turns to the environment. False once the run is stopping.
+
+        With `drain` the round also waits for the environment and puts the groups it finished
+        (what tests and benchmarks call). Without, as the actor's loop runs it, environment work
+        overlaps the next round's generation: finished work is collected first, the round waits
+        for the environment only when it has nothing to generate, and at most twice a batch of
+        groups is open at once."""
+        if self.in_env:  # a quick environment is waited for: its groups go to the store before the next generation
+            self.in_env[0].wait(0.25 * self.last_generate_s)
+        while self.in_env and self.in_env[0].done():
+            self._collect(self.in_env.popleft())
+        waiting = sum(1 for g in self.open.values() if g.waiting)
+        room = min(self.batch_prompts - waiting, 2 * self.batch_prompts - len(self.open))
+        if room > 0:
+            start = time.perf_counter()
+            group_ids = self.store.admit(self.actor_id, room, 0.0 if self.open else self.cfg.admission_wait_s)
+            self.stats.idle_seconds += time.perf_counter() - start
+            if group_ids is None:
+                return False
+            self.start_groups(group_ids)
+        generated = self._generate_turn()
+        if self.in_env and (drain or not generated):
+            self._collect(self.in_env.popleft())
+        while drain and (self.in_env or any(g.waiting for g in self.open.values())):
+            self._generate_turn()
+            self._collect(self.in_env.popleft())
         return True
+
+    def drain(self) -> None:
+        """Finish every open episode (the run is stopping: what is done is still handed over)."""
+        while self.in_env or any(g.waiting for g in self.open.values()):
+            self._generate_turn()
+            if self.in_env:
+                self._collect(self.in_env.popleft())
 
     # ---- weights ------------------------------------------------------------
     def sync_weights(self) -> None:
@@ -184,36 +258,81 @@ class RolloutWorker:
 
         return poll if self.cfg.weight_update == "inflight" else None
 
-    # ---- generation and scoring ----------------------------------------------
+    # ---- episodes -------------------------------------------------------------
     def generate_groups(self, group_ids: list[int]) -> None:
-        episodes = []  # (group id, row index, prompt ids, episode state)
-        for gid in group_ids:
-            row_idx = prompt_index(gid, len(self.rows), self.seed)
+        """Run these groups' episodes to the end and put the finished groups (tests, benchmarks)."""
+        self.start_groups(group_ids)
+        self.drain()
+
+    def start_groups(self, group_ids: list[int]) -> None:
+        """Each group's `group_size` episodes from its row, ready for their first turn; a group whose
+        reset fails or whose prompt is too long is dropped and counted."""
+        rows = [prompt_index(gid, len(self.rows), self.seed) for gid in group_ids]
+        calls = [self.envs.submit(self.env.reset, self.rows[r], lane="reset") for r in rows]
+        for gid, row_idx, (value, error) in zip(group_ids, rows, run_all(self.envs, calls)):
             try:
-                text, state = self.env.reset(self.rows[row_idx])
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if error is not None:
+                    raise error
+                prompt, state = value
+                ids, history = self.chat.prompt(prompt)
             except Exception as e:  # a broken row or environment loses this group only
                 self.failures.record(self.env_name, "reset", self.rows[row_idx], e)
-                self._drop(gid, row_idx, "env_error", self.group_size)
+                self._drop(gid, row_idx, "env_timeout" if isinstance(e, EnvTimeout) else "env_error", self.group_size)
                 continue
             if len(ids) + self.cfg.max_new_tokens > self.cfg.max_model_len:
                 self._drop(gid, row_idx, "prompt_too_long", self.group_size)
                 continue
-            episodes.append((gid, row_idx, ids, state))
+            episodes = [Episode(gid, row_idx, _own_copy(state) if k else state, ids, None if history is None else list(history))
+                        for k in range(self.group_size)]
+            self.open[gid] = OpenGroup(gid, row_idx, episodes, time.perf_counter())
+
+    def _budget(self, e: Episode) -> int:
+        """Tokens the episode's next turn may generate: the per-turn limit, the episode's and the context's."""
+        left = min(self.cfg.max_new_tokens, self.cfg.max_model_len - len(e.context))
+        if self.cfg.max_episode_tokens:
+            left = min(left, self.cfg.max_episode_tokens - e.generated)
+        return left
+
+    def _generate_turn(self) -> bool:
+        """One generate call for every episode waiting for a turn (first turns and later ones
+        interleaved); their environment steps go to the runner. False when none was waiting."""
+        episodes = [e for g in self.open.values() for e in g.episodes if e.ended is None and not e.in_env]
         if not episodes:
-            return
-        prompts = [ids for _, _, ids, _ in episodes for _ in range(self.group_size)]
+            return False
+        self.sync_weights()
         start = time.perf_counter()
-        completions = self.engine.generate(prompts, self.sampling, self._inflight_source())
-        elapsed = time.perf_counter() - start
+        completions = self.engine.generate([e.context for e in episodes], self.sampling, self._inflight_source(),
+                                           [self._budget(e) for e in episodes])
+        elapsed = self.last_generate_s = time.perf_counter() - start
         self.stats.generate_seconds += elapsed
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
+        calls = []
+        for e, c in zip(episodes, completions):
+            e.add_turn(c)
+            e.in_env = True
+            text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            if e.history is not None:
+                e.history.append({"role": "assistant", "content": text})
+            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, c.token_ids)))
+        for gid in {e.group_id for e in episodes}:
+            self.open[gid].generate_seconds += elapsed * sum(e.group_id == gid for e in episodes) / len(episodes)
+        self.in_env.append(TurnBatch(episodes, calls))
+        return True
+
+    def _collect(self, batch: "TurnBatch") -> None:
+        """The environment's answers to one generate call: episodes end or get their next
+        observation; groups whose episodes all ended are finished and put in the store."""
+        start = time.perf_counter()
+        for e, (result, error) in zip(batch.episodes, run_all(self.envs, batch.calls)):
+            e.in_env = False
+            self._advance(e, result, error)
+        self.stats.score_seconds += time.perf_counter() - start
         finished = []
-        for k, (gid, row_idx, ids, state) in enumerate(episodes):
-            chunk = completions[k * self.group_size : (k + 1) * self.group_size]
-            group = self._finish_group(gid, row_idx, ids, state, chunk, elapsed * len(chunk) / len(completions))
-            if group is not None:
-                finished.append(group)
+        for gid in [g for g, group in self.open.items() if group.complete]:
+            group = self.open.pop(gid)
+            out = self._finish_group(group)
+            if out is not None:
+                finished.append(out)
         if not finished:
             return
         if self.scorers:
@@ -221,6 +340,45 @@ class RolloutWorker:
         for _, tensors in finished:
             self._advantages(tensors)
         self.store.put_many(finished)
+
+    def _advance(self, e: Episode, result: Any, error: BaseException | None) -> None:
+        """Apply one step's answer to its episode: dropped (counted, reported), ended, or given its observation."""
+        if error is None:
+            try:
+                reward = checked_reward(result)
+            except BadReward as bad:
+                error = bad
+        if error is not None:
+            reason = "env_timeout" if isinstance(error, EnvTimeout) else "bad_reward" if isinstance(error, BadReward) else "env_error"
+            self.failures.record(self.env_name, "step", self.rows[e.row_index], error)
+            e.ended, e.dropped = reason, True
+            return
+        e.result = result
+        if not math.isfinite(reward):
+            e.ended, e.dropped = "nonfinite_reward", True
+            self.failures.record(self.env_name, "step", self.rows[e.row_index], ValueError(f"non-finite reward {result.reward!r}"))
+            return
+        if result.done:
+            e.ended = "done"
+            return
+        if self.cfg.max_turns and e.turns >= self.cfg.max_turns:
+            return self._cut(e, "max_turns")
+        try:
+            ids, new = self.chat.observation(e.history, result.observation if result.observation is not None else "", e.finish_reason == "stop")
+        except Exception as bad:  # noqa: BLE001 - a malformed observation loses this sample only
+            self.failures.record(self.env_name, "observation", self.rows[e.row_index], bad)
+            e.ended, e.dropped = "env_error", True
+            return
+        e.add_observation(ids)
+        if e.history is not None:
+            e.history += new
+        if self._budget(e) < 1:
+            self._cut(e, "max_tokens")
+
+    def _cut(self, e: Episode, why: str) -> None:
+        """An episode over a limit ends with the reward of its last step (the environment's reward for an unfinished episode)."""
+        e.ended = why
+        self.stats.truncated[why] = self.stats.truncated.get(why, 0) + 1
 
     def _score(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
         """One call per scorer for the whole generation batch; tensors go back to their groups, scalars to the metadata."""
@@ -241,33 +399,26 @@ class RolloutWorker:
     def _advantages(self, t: GroupTensors) -> None:
         t.advantages, t.returns = advantages(self.data_side, t.rewards, t.completion_mask, t.old_logprobs, t.ref_logprobs, t.values)
 
-    def _finish_group(
-        self, gid: int, row_idx: int, prompt_ids: list[int], state: Any, completions: list, seconds: float
-    ) -> tuple[GroupMeta, GroupTensors] | None:
+    def _finish_group(self, group: "OpenGroup") -> tuple[GroupMeta, GroupTensors] | None:
         """The scored group (advantages still to compute), or None when it was dropped (and counted)."""
         samples: list[Sample] = []
         sample_drops: Counter[str] = Counter()
-        for c in completions:
-            try:
-                text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                result = self.env.step(state, ModelMessage(text, c.finish_reason, c.token_ids))
-                reward = float(result.reward)
-            except Exception as e:  # the environment failed on this sample: drop it, keep the run
-                self.failures.record(self.env_name, "step", self.rows[row_idx], e)
-                sample_drops["env_error"] += 1
+        for e in group.episodes:
+            if e.dropped:
+                sample_drops[e.ended] += 1
                 continue
-            if not math.isfinite(reward):
-                sample_drops["nonfinite_reward"] += 1
-                continue
-            samples.append(Sample(prompt_ids, c.token_ids, c.logprobs, c.versions, reward, result.success, c.finish_reason, c.routed_experts))
+            routes = torch.cat(e.routes) if e.routes and len(e.routes) == e.turns else None
+            samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, float(e.result.reward), e.result.success,
+                                  e.finish_reason, routes, None if e.turns == 1 else e.loss_mask))
+        gid, row_idx = group.group_id, group.row_index
         for reason, n in sample_drops.items():
             self._count(reason, n)
         if len(samples) < 2:  # no group baseline without two samples: the whole group goes
             reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
-            self.store.drop(gid, reason, len(completions), row_idx)
+            self.store.drop(gid, reason, len(group.episodes), row_idx)
             return None
         for s in samples:
-            s.reward += overlong_penalty(len(s.completion_ids), self.cfg.max_new_tokens, self.data_side.overlong_window, self.data_side.overlong_penalty)
+            s.reward += overlong_penalty(s.generated, self.cfg.max_new_tokens, self.data_side.overlong_window, self.data_side.overlong_penalty)
         rewards = torch.tensor([s.reward for s in samples])
         reason = drop_reason(self.data_side, rewards)
         if reason is not None:  # a filter (DAPO's dynamic sampling): admission starts another prompt instead
@@ -275,7 +426,7 @@ class RolloutWorker:
             self.store.drop(gid, reason, len(samples), row_idx)
             return None
         tensors = GroupTensors.from_samples(samples, torch.zeros(len(samples)), self.tokenizer.pad_token_id or 0)  # advantages: _advantages
-        versions = [v for s in samples for v in s.versions] or [self.engine.version]
+        versions = [v for s in samples for v in s.versions if v >= 0] or [self.engine.version]
         meta = GroupMeta(
             group_id=gid,
             prompt_index=row_idx,
@@ -283,13 +434,14 @@ class RolloutWorker:
             min_version=min(versions),
             max_version=max(versions),
             num_samples=len(samples),
-            num_tokens=sum(len(s.completion_ids) for s in samples),
+            num_tokens=sum(s.generated for s in samples),
             reward_mean=float(rewards.mean()),
             success_mean=sum(bool(s.success) for s in samples) / len(samples),
-            response_len_mean=sum(len(s.completion_ids) for s in samples) / len(samples),
-            generate_seconds=seconds,
+            response_len_mean=sum(s.generated for s in samples) / len(samples),
+            generate_seconds=group.generate_seconds,
             finish_reasons=[s.finish_reason for s in samples],
-            extra={"dropped_samples": dict(sample_drops)},
+            extra={"dropped_samples": dict(sample_drops),
+                   "turns_mean": sum(e.turns for e in group.episodes if not e.dropped) / len(samples)},
         )
         self.stats.groups += 1
         self.stats.samples += len(samples)
@@ -301,3 +453,12 @@ class RolloutWorker:
     def _drop(self, gid: int, row_idx: int, reason: str, samples: int) -> None:
         self._count(reason)
         self.store.drop(gid, reason, samples, row_idx)
+
+
+def _own_copy(state: Any) -> Any:
+    """Each episode of a group gets its own copy of the reset state (a multi-turn environment may
+    change it); a state that cannot be copied is shared."""
+    try:
+        return copy.deepcopy(state)
+    except Exception:  # noqa: BLE001 - locks, handles, sockets
+        return state

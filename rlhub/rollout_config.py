@@ -16,6 +16,12 @@ class RolloutConfig:
     prompts_per_batch: int = 0
     """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors."""
     max_new_tokens: int = 8
+    """Tokens one assistant turn may generate."""
+    max_turns: int = 8
+    """Assistant turns an episode may take; at the limit it ends with its last step's reward and is
+    counted (truncated/max_turns). Single-turn environments answer done after the first."""
+    max_episode_tokens: int = 0
+    """Assistant tokens an episode may generate over all its turns (0: max_turns x max_new_tokens)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_model_len: int = 256
@@ -28,7 +34,7 @@ class RolloutConfig:
     """Largest allowed |engine - learner| probe log-prob after a sync (fp32; allow ~0.1 for bf16)."""
     vllm_kv_cache_gib: float = 1.0
     admission_wait_s: float = 0.5
+    """How long one admission request waits for room when the learner is behind (then asks again)."""
     log_samples: int = 0
     """Trained groups per step whose samples go to run_dir/samples.jsonl and a W&B table (0: none; off by
     default: one group a step made the default run's steps 13 % slower)."""
-    """How long one admission request waits for room when the learner is behind (then asks again)."""

@@ -24,7 +24,15 @@ class Sample:
     reward: float
     success: bool | None
     finish_reason: str
-    routed_experts: torch.Tensor | None = None  # [n_completion, layers, top_k]
+    routed_experts: torch.Tensor | None = None  # [n_generated, layers, top_k]
+    loss_mask: list[int] | None = None
+    """Per completion token: 1 where the policy generated it (it carries the loss), 0 for environment
+    and tool tokens between a multi-turn episode's turns (their log-prob 0, version -1). None: all 1."""
+
+    @property
+    def generated(self) -> int:
+        """How many completion tokens the policy generated."""
+        return len(self.completion_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 @dataclass
@@ -33,7 +41,7 @@ class GroupTensors:
 
     input_ids: torch.Tensor  # [G, T] prompt + completion
     attention_mask: torch.Tensor  # [G, T]
-    completion_mask: torch.Tensor  # [G, T-1] 1 where target t+1 is a generated token
+    completion_mask: torch.Tensor  # [G, T-1] 1 where target t+1 is a generated token (not prompt, observation or padding)
     old_logprobs: torch.Tensor  # [G, T-1] behaviour log-probs at generated targets, 0 elsewhere
     versions: torch.Tensor  # [G, T-1] policy version of each generated target, -1 elsewhere
     advantages: torch.Tensor  # [G, T-1] per generated target, 0 elsewhere
@@ -71,7 +79,7 @@ class GroupTensors:
             p, c = len(s.prompt_ids), len(s.completion_ids)
             ids[i, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
             attn[i, : p + c] = 1
-            cmask[i, p - 1 : p - 1 + c] = 1.0  # target t+1 = completion token
+            cmask[i, p - 1 : p - 1 + c] = 1.0 if s.loss_mask is None else torch.tensor(s.loss_mask, dtype=torch.float32)  # target t+1 = generated token
             old[i, p - 1 : p - 1 + c] = torch.tensor(s.logprobs, dtype=torch.float32)
             ver[i, p - 1 : p - 1 + c] = torch.tensor(s.versions, dtype=torch.long)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)

@@ -58,8 +58,10 @@ class RolloutEngine(Protocol):
         prompts: list[list[int]],
         sampling: SamplingConfig,
         weight_source: WeightSource | None = None,
+        max_tokens: list[int] | None = None,
     ) -> list[Completion]:
-        """One completion per prompt (repeat a prompt for a group)."""
+        """One completion per prompt (repeat a prompt for a group). `max_tokens`: a cap per prompt,
+        at most `sampling.max_new_tokens` (a multi-turn episode's remaining budget)."""
         ...
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:

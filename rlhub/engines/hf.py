@@ -71,6 +71,7 @@ class HFEngine:
         prompts: list[list[int]],
         sampling: SamplingConfig,
         weight_source: WeightSource | None = None,
+        max_tokens: list[int] | None = None,
     ) -> list[Completion]:
         if not prompts:
             return []
@@ -90,11 +91,12 @@ class HFEngine:
         logps: list[list[float]] = [[] for _ in range(batch)]
         versions: list[list[int]] = [[] for _ in range(batch)]
         routes: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        done = torch.zeros(batch, dtype=torch.bool)
+        caps = [sampling.max_new_tokens] * batch if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
+        done = torch.tensor([c <= 0 for c in caps], dtype=torch.bool)
         cache = None
         step_ids, positions = input_ids, positions_from_mask(mask)
         self._routes.clear()
-        for _ in range(sampling.max_new_tokens):
+        for _ in range(max(caps)):
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             step_routes = self._take_routes(batch)
@@ -105,7 +107,7 @@ class HFEngine:
                 versions[i].append(self.version)
                 if step_routes is not None:
                     routes[i].append(step_routes[i])
-            done |= torch.isin(next_ids, stop)
+            done |= torch.isin(next_ids, stop) | torch.tensor([len(t) >= c for t, c in zip(tokens, caps)])
             if bool(done.all()):
                 break
             if weight_source is not None and weight_source():

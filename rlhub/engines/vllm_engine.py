@@ -128,6 +128,7 @@ class VLLMEngine:
         prompts: list[list[int]],
         sampling: SamplingConfig,
         weight_source: WeightSource | None = None,
+        max_tokens: list[int] | None = None,
     ) -> list[Completion]:
         """One completion per prompt. `weight_source` is ignored: vLLM updates between calls only."""
         from vllm.inputs import TokensPrompt
@@ -135,7 +136,10 @@ class VLLMEngine:
         del weight_source
         if not prompts:
             return []
-        params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
+        caps = [sampling.max_new_tokens] * len(prompts) if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
+        if min(caps) < 1:
+            raise ValueError("vLLM generates at least one token: every max_tokens must be >= 1")
+        params = [self._sampling_params(sampling, i, cap) for i, cap in enumerate(caps)]
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         t0 = time.perf_counter()
         outputs = self._llm.generate(inputs, params, use_tqdm=False)
@@ -144,7 +148,7 @@ class VLLMEngine:
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
         return completions
 
-    def _sampling_params(self, sampling: SamplingConfig, index: int) -> Any:
+    def _sampling_params(self, sampling: SamplingConfig, index: int, max_tokens: int) -> Any:
         from vllm import SamplingParams
 
         # A request seed fixes that request's random stream; one seed shared by
@@ -153,7 +157,7 @@ class VLLMEngine:
         seed = None if sampling.seed is None else sampling.seed + index
         return SamplingParams(
             n=1,
-            max_tokens=sampling.max_new_tokens,
+            max_tokens=max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             logprobs=0,  # only the sampled token's log-prob

@@ -1,0 +1,240 @@
+"""Episodes, single- and multi-turn, as token sequences; and the environment calls behind them.
+
+An episode starts from `env.reset(row)` -> (prompt, state). The prompt is either
+raw text, encoded as it is (today's single-turn tasks), or a list of chat
+messages, rendered with the tokenizer's chat template and its generation prompt.
+Each assistant turn is generated from the whole context so far; `env.step(state,
+message)` answers a `StepResult`. Until `done`, its `observation` (a user message
+as a string, or a list of messages with roles user, tool or system) is appended
+as tokens, and the next turn is generated after it.
+
+The context is kept as tokens, never re-tokenized: the assistant's tokens are the
+ones it sampled (with their log-probs and policy versions) and carry the loss; the
+prompt and every observation carry none (`loss_mask` 0, version -1, log-prob 0).
+Observation tokens are the chat template's rendering of the new messages after
+the assistant's turn, found by rendering the conversation with a marker in place
+of that turn and taking what follows the marker (without the end-of-turn text
+when the model already sampled it).
+
+`EnvRunner` runs the environment's methods off the engine's thread: a plain
+method in a thread pool, an `async def` one on an event loop of its own, each
+with a deadline (`env.timeout_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+Message = Mapping[str, Any]
+ROLES = ("system", "user", "assistant", "tool")
+_MARK = "\u0000rlhub-turn\u0000"
+
+
+class EnvTimeout(TimeoutError):
+    """An environment call ran past env.timeout_s."""
+
+
+class BadReward(TypeError):
+    """An environment returned a reward that is not a real number, or not a StepResult."""
+
+
+def check_messages(messages: Any, what: str) -> list[dict[str, Any]]:
+    """A list of {"role", "content"} dicts with known roles, or an error naming what is wrong."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError(f"{what}: expected a non-empty list of chat messages, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise TypeError(f"{what}[{i}]: a chat message is a mapping with 'role' and 'content', got {m!r:.200}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{what}[{i}]: role {m['role']!r} is not one of {ROLES}")
+        out.append(dict(m))
+    return out
+
+
+class ChatFormat:
+    """Prompts and observations as token ids, for one tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id
+        self.end_of_turn = tokenizer.decode([eos]) if eos is not None else ""
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt(self, prompt: Any) -> tuple[list[int], list[dict[str, Any]] | None]:
+        """(token ids, chat history or None for a raw-text prompt)."""
+        if isinstance(prompt, str):
+            return self.encode(prompt), None
+        messages = check_messages(prompt, "reset() prompt")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the environment gives chat messages, but the model's tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.encode(text), messages
+
+    def observation(self, history: list[dict[str, Any]] | None, observation: Any, finished: bool) -> tuple[list[int], list[dict[str, Any]]]:
+        """(token ids that follow the assistant's last turn, the new messages). `history` ends with
+        that assistant turn (None: a raw-text episode, whose observation is text appended as it is);
+        `finished`: the turn ended with the end-of-turn token, which is then not repeated."""
+        if history is None:
+            if not isinstance(observation, str):
+                raise TypeError(f"a raw-text episode's observation must be a string, got {type(observation).__name__}")
+            return self.encode(observation), [{"role": "user", "content": observation}]
+        new = [{"role": "user", "content": observation}] if isinstance(observation, str) else check_messages(observation, "observation")
+        marked = [*history[:-1], {"role": "assistant", "content": _MARK}, *new]
+        text = self.tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+        after = text[text.rindex(_MARK) + len(_MARK):]
+        if finished and self.end_of_turn and after.startswith(self.end_of_turn):
+            after = after[len(self.end_of_turn):]
+        return self.encode(after), new
+
+
+@dataclass
+class Episode:
+    """One sample's episode: its context after the prompt, with who produced each token."""
+
+    group_id: int
+    row_index: int
+    state: Any
+    prompt_ids: list[int]
+    history: list[dict[str, Any]] | None
+    """The chat so far (None: raw text)."""
+    ids: list[int] = field(default_factory=list)
+    """Every token after the prompt: assistant turns and observations."""
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    routes: list[Any] = field(default_factory=list)
+    """Per assistant turn, the routed experts of its tokens (where the engine records them)."""
+    turns: int = 0
+    generated: int = 0
+    finish_reason: str = "stop"
+    """How the last assistant turn ended."""
+    result: Any = None
+    """The last StepResult."""
+    ended: str | None = None
+    """done (the environment said so), max_turns or max_tokens (cut), or the reason it was dropped."""
+    dropped: bool = False
+    in_env: bool = False
+    """Its last turn is with the environment."""
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.ids
+
+    def add_turn(self, completion: Any) -> None:
+        n = len(completion.token_ids)
+        self.ids += completion.token_ids
+        self.loss_mask += [1] * n
+        self.logprobs += completion.logprobs
+        self.versions += completion.versions
+        if completion.routed_experts is not None:
+            self.routes.append(completion.routed_experts)
+        self.turns += 1
+        self.generated += n
+        self.finish_reason = completion.finish_reason
+
+    def add_observation(self, ids: list[int]) -> None:
+        self.ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [-1] * len(ids)
+
+
+def checked_reward(result: Any) -> float:
+    """The StepResult's reward as a finite float; BadReward otherwise (a NaN counts as non-finite)."""
+    reward = getattr(result, "reward", None)
+    if reward is None or isinstance(reward, (str, bytes)) or not hasattr(result, "done"):
+        raise BadReward(f"step() must return a StepResult with a numeric reward, got {result!r:.200}")
+    try:
+        value = float(reward)
+    except (TypeError, ValueError):
+        raise BadReward(f"step() returned reward {reward!r:.100}, not a number") from None
+    return value if math.isfinite(value) else math.nan
+
+
+class EnvRunner:
+    """Environment calls off the caller's thread, each with a deadline.
+
+    A call that runs past its deadline is abandoned: its result is never read. An
+    `async def` call is cancelled; a plain one cannot be stopped from outside and
+    keeps its pool thread, so once `workers` threads are stuck the pool is
+    replaced by a fresh one (the stuck threads end when their call does).
+    """
+
+    def __init__(self, timeout_s: float, workers: int = 4) -> None:
+        self.timeout_s = timeout_s
+        self.workers = workers
+        # resets have a pool of their own: new episodes start while slow steps fill the other
+        self._pools = {lane: self._new_pool(lane) for lane in ("reset", "step")}
+        self._stuck = {lane: 0 for lane in self._pools}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rlhub-env-async", daemon=True)
+        self._thread.start()
+
+    def _new_pool(self, lane: str) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=f"rlhub-env-{lane}")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, lane: str = "step") -> "Call":
+        if inspect.iscoroutinefunction(fn):
+            future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
+        else:
+            future = self._pools[lane].submit(self._call, fn, args)
+        return Call(future, time.monotonic() + self.timeout_s, lane)
+
+    def _call(self, fn: Callable[..., Any], args: tuple) -> Any:
+        out = fn(*args)
+        if inspect.isawaitable(out):  # a plain method that returned a coroutine
+            out = asyncio.run_coroutine_threadsafe(_awaited(out), self._loop).result()
+        return out
+
+    def result(self, call: "Call") -> Any:
+        """The call's value or its exception; EnvTimeout once its deadline has passed."""
+        try:
+            return call.future.result(timeout=max(0.0, call.deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            if not call.future.cancel():  # a plain call already running: its thread stays busy
+                self._stuck[call.lane] += 1
+                if self._stuck[call.lane] >= self.workers:
+                    self._pools[call.lane].shutdown(wait=False)
+                    self._pools[call.lane] = self._new_pool(call.lane)
+                    self._stuck[call.lane] = 0
+            raise EnvTimeout(f"no answer within env.timeout_s={self.timeout_s:g} s") from None
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+@dataclass
+class Call:
+    future: concurrent.futures.Future
+    deadline: float
+    lane: str = "step"
+
+    def done(self) -> bool:
+        return self.future.done() or time.monotonic() >= self.deadline
+
+
+def run_all(runner: EnvRunner, calls: Sequence[Call]) -> list[tuple[Any, BaseException | None]]:
+    """(value, None) or (None, exception) for each call, waiting for each up to its deadline."""
+    out: list[tuple[Any, BaseException | None]] = []
+    for call in calls:
+        try:
+            out.append((runner.result(call), None))
+        except Exception as e:  # noqa: BLE001 - whatever the environment raised is reported, not raised
+            out.append((None, e))
+    return out

@@ -1,0 +1,225 @@
+"""Multi-turn episodes: token layout and loss weights, versions across turns, chat rendering,
+environment calls off the engine's thread (async, timeouts, bad rewards), limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from rlhub.datastore import InMemoryDataStore
+from rlhub.engines.base import Completion
+from rlhub.envs.base import StepResult
+from rlhub.episodes import ChatFormat, EnvRunner, EnvTimeout
+from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
+from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+
+PROBE = probe_sequence(259)
+
+
+class ScriptedEngine:
+    """A fake engine for the seam: each call answers every prompt with the same given tokens,
+    log-prob -0.5 per token, at a version that goes up by one per call; it records the prompts."""
+
+    def __init__(self, turns: list[list[int]], eos: int) -> None:
+        self.turns, self.eos, self.version, self.calls = turns, eos, 0, []
+
+    def generate(self, prompts, sampling, weight_source=None, max_tokens=None):
+        self.calls.append((time.monotonic(), [list(p) for p in prompts], list(max_tokens or [])))
+        tokens = self.turns[min(len(self.calls) - 1, len(self.turns) - 1)]
+        out = []
+        for cap in max_tokens or [sampling.max_new_tokens] * len(prompts):
+            ids = tokens[:cap]
+            out.append(Completion(ids, [-0.5] * len(ids), [self.version] * len(ids), "stop" if ids and ids[-1] == self.eos else "length"))
+        self.version += 1
+        return out
+
+    def prompt_logprobs(self, ids):
+        return torch.zeros(len(ids) - 1)
+
+    def load_weights(self, state, version):
+        self.version = version
+
+
+class ToolTask:
+    """Chat prompt; the first answer gets a tool message back, the second ends with reward 1 if it says 4."""
+
+    def __init__(self, step_delay: float = 0.0, turns_to_finish: int = 2):
+        self.delay, self.turns_to_finish = step_delay, turns_to_finish
+        self.threads: set[str] = set()
+
+    def dataset(self, split):
+        return [{"q": f"{i}+{i}"} for i in range(8)]
+
+    def reset(self, row):
+        return [{"role": "user", "content": f"what is {row['q']}?"}], {"turn": 0}
+
+    def step(self, state, message):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        state["turn"] += 1
+        if state["turn"] < self.turns_to_finish:
+            return StepResult(0.0, done=False, observation=[{"role": "tool", "content": "calc: 4"}])
+        return StepResult(1.0 if "4" in message else 0.0, done=True, success="4" in message)
+
+
+def make_worker(tokenizer, env, engine, **rollout):
+    timeout = rollout.pop("env_timeout_s", 5.0)
+    cfg = RolloutConfig(max_new_tokens=rollout.pop("max_new_tokens", 4), max_model_len=rollout.pop("max_model_len", 256),
+                        prompts_per_batch=rollout.pop("prompts_per_batch", 2), **rollout)
+    store = InMemoryDataStore(prompts_per_step=2, max_staleness=100)
+    worker = RolloutWorker(0, cfg, 2, 2, engine, env, tokenizer, store, InMemoryWeightSync(), DataSide(), PROBE,
+                           env_name="tooltask", env_timeout_s=timeout)
+    return worker, store
+
+
+def test_multi_turn_tokens_loss_weights_and_versions(tokenizer):
+    env = ToolTask()
+    a1 = tokenizer.encode("x", add_special_tokens=False) + [tokenizer.eos_token_id]
+    a2 = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
+    engine = ScriptedEngine([a1, a2], tokenizer.eos_token_id)
+    worker, store = make_worker(tokenizer, env, engine)
+    worker.generate_groups([0, 1])
+    (meta, t), *_ = store.get_batch(1, 10)
+    chat = ChatFormat(tokenizer)
+    prompt_ids, _ = chat.prompt(env.reset(env.dataset("train")[meta.prompt_index])[0])
+    # an independent route to the same context: the chat template over the whole conversation
+    conversation = [*env.reset(env.dataset("train")[meta.prompt_index])[0], {"role": "assistant", "content": "x"},
+                    {"role": "tool", "content": "calc: 4"}, {"role": "assistant", "content": "4"}]
+    expected = tokenizer.apply_chat_template(conversation, tokenize=False)
+    row = t.input_ids[0][t.attention_mask[0].bool()].tolist()
+    assert tokenizer.decode(row) == expected.rstrip("\n")  # the template's newline after the last turn is not generated
+    p = len(prompt_ids)
+    mask, versions, old = t.completion_mask[0], t.versions[0], t.old_logprobs[0]
+    obs = len(row) - p - len(a1) - len(a2)
+    assert obs > 0
+    want_mask = [0.0] * (p - 1) + [1.0] * len(a1) + [0.0] * obs + [1.0] * len(a2)
+    assert mask[: len(want_mask)].tolist() == want_mask and mask[len(want_mask):].sum() == 0
+    # each turn keeps the version of the weights that generated it (call 1: version 0, call 2: version 1)
+    assert versions[p - 1 : p - 1 + len(a1)].tolist() == [0] * len(a1)
+    assert versions[p - 1 + len(a1) + obs : len(want_mask)].tolist() == [1] * len(a2)
+    assert (versions[mask == 0] == -1).all() and (old[mask == 0] == 0).all() and (old[mask == 1] == -0.5).all()
+    assert meta.min_version == 0 and meta.max_version == 1 and meta.num_tokens == 2 * (len(a1) + len(a2))
+    assert float(t.rewards[0]) == 1.0 and meta.extra["turns_mean"] == 2.0
+    # the second call saw the first answer and the tool message as its prompt
+    assert engine.calls[1][1][0] == row[: p + len(a1) + obs]
+
+
+def test_turn_and_token_limits_end_episodes_with_their_last_reward(tokenizer):
+    a = tokenizer.encode("x", add_special_tokens=False) + [tokenizer.eos_token_id]
+    worker, store = make_worker(tokenizer, ToolTask(turns_to_finish=99), ScriptedEngine([a], tokenizer.eos_token_id), max_turns=3)
+    worker.generate_groups([0])
+    (meta, t), = store.get_batch(1, 10)
+    assert meta.extra["turns_mean"] == 3 and worker.stats.truncated == {"max_turns": 2}
+    assert t.rewards.tolist() == [0.0, 0.0]  # the reward the environment gave the unfinished episode
+    long = tokenizer.encode("abcdef", add_special_tokens=False)
+    engine = ScriptedEngine([long], tokenizer.eos_token_id)
+    worker, store = make_worker(tokenizer, ToolTask(turns_to_finish=99), engine, max_turns=10, max_new_tokens=6, max_episode_tokens=10)
+    worker.generate_groups([0])
+    (meta, t), = store.get_batch(1, 10)
+    assert worker.stats.truncated == {"max_tokens": 2} and meta.num_tokens == 2 * 10
+    assert engine.calls[1][2] == [4, 4]  # the second turn was given what was left of the budget
+
+
+def test_raw_text_prompts_keep_the_single_turn_protocol(tokenizer):
+    class Plain:
+        def dataset(self, split):
+            return [{"p": "2+2="}]
+
+        def reset(self, row):
+            return row["p"], "4"
+
+        def step(self, state, message):
+            return StepResult(float(message == state))
+
+    a = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
+    engine = ScriptedEngine([a], tokenizer.eos_token_id)
+    worker, store = make_worker(tokenizer, Plain(), engine)
+    worker.generate_groups([0])
+    (meta, t), = store.get_batch(1, 10)
+    assert engine.calls[0][1][0] == tokenizer.encode("2+2=", add_special_tokens=False)  # no template around raw text
+    assert t.rewards.tolist() == [1.0, 1.0] and len(engine.calls) == 1
+
+
+def test_async_steps_timeouts_and_bad_rewards_drop_only_their_samples(tokenizer):
+    class Mixed:
+        def __init__(self):
+            self.calls = 0
+
+        def dataset(self, split):
+            return [{"i": i} for i in range(4)]
+
+        def reset(self, row):
+            return f"{row['i']}?", row["i"]
+
+        async def step(self, state, message):
+            await asyncio.sleep(0.01)
+            return {0: StepResult(1.0), 1: StepResult(float("nan")), 2: StepResult("high"), 3: None}[state]
+
+    a = tokenizer.encode("1", add_special_tokens=False) + [tokenizer.eos_token_id]
+    worker, store = make_worker(tokenizer, Mixed(), ScriptedEngine([a], tokenizer.eos_token_id), prompts_per_batch=4)
+    worker.generate_groups([0, 1, 2, 3])
+    groups = store.get_batch(1, 10)
+    assert [m.prompt_index for m, _ in groups] == [0]
+    assert worker.stats.dropped == {"nonfinite_reward": 2, "bad_reward": 4}
+    reports = worker.stats.failure_reports
+    assert {r["error"] for r in reports} == {"ValueError", "BadReward"} and all(r["env"] == "tooltask" for r in reports)
+    assert any("'i': 2" in r["row"] for r in reports)
+
+    class Hangs(Mixed):
+        def step(self, state, message):
+            if state == 1:
+                time.sleep(3)
+            return StepResult(1.0)
+
+    worker, store = make_worker(tokenizer, Hangs(), ScriptedEngine([a], tokenizer.eos_token_id), prompts_per_batch=4, env_timeout_s=0.3)
+    start = time.monotonic()
+    worker.generate_groups([0, 1, 2, 3])
+    assert time.monotonic() - start < 2.5  # waited for the deadline, not for the hung call
+    assert worker.stats.dropped == {"env_timeout": 2} and worker.stats.env_errors == {"EnvTimeout": 2}
+    assert sorted(m.prompt_index for m, _ in store.get_batch(3, 10)) == [0, 2, 3]
+
+
+def test_a_slow_environment_does_not_stall_generation(tokenizer):
+    env = ToolTask(step_delay=0.4, turns_to_finish=1)
+    a = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
+    engine = ScriptedEngine([a], tokenizer.eos_token_id)
+    worker, store = make_worker(tokenizer, env, engine, prompts_per_batch=2)
+    worker.step(drain=False)
+    worker.step(drain=False)  # the first batch is still with the environment: the second is generated meanwhile
+    assert len(engine.calls) == 2 and engine.calls[1][0] - engine.calls[0][0] < 0.3
+    assert all(name.startswith("rlhub-env") for name in env.threads) and env.threads
+    worker.drain()
+    assert store.stats()["produced"] == 4
+
+
+def test_env_runner_deadline_for_plain_and_async_calls():
+    runner = EnvRunner(timeout_s=0.2, workers=1)
+
+    async def slow():
+        await asyncio.sleep(5)
+
+    for fn in (slow, lambda: time.sleep(1)):
+        call = runner.submit(fn)
+        with pytest.raises(EnvTimeout):
+            runner.result(call)
+    # the one pool thread was stuck: a fresh pool answers the next call at once
+    assert runner.result(runner.submit(lambda: 7)) == 7
+    runner.close()
+
+
+def test_chat_format_observation_tokens_follow_the_template(tokenizer):
+    chat = ChatFormat(tokenizer)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids, new = chat.observation(history, "more", finished=True)
+    assert tokenizer.decode(ids) == "\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
+    # an answer cut at the length limit has no end-of-turn token: the observation closes the turn
+    ids, _ = chat.observation(history, [{"role": "tool", "content": "7"}], finished=False)
+    assert tokenizer.decode(ids).startswith("<|im_end|>\n<|im_start|>tool\n7")
+    with pytest.raises(ValueError, match="role 'robot'"):
+        chat.observation(history, [{"role": "robot", "content": "7"}], finished=True)
+    with pytest.raises(TypeError, match="string"):
+        chat.observation(None, [{"role": "user", "content": "7"}], finished=True)
