@@ -50,15 +50,19 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
 
 def check_env(cfg: RunConfig) -> Any:
     """The environment, after checking it and its data."""
-    from rlhub.envs import make_env
+    from rlhub.envs.registry import build_env
+    from rlhub.evaluation import eval_rows
 
     try:
-        env = make_env(cfg.env.name, **cfg.env.kwargs)
+        env = build_env(cfg.env, cfg.seed)
         rows = env.dataset("train")
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError) as e:  # DataError is a ValueError
         raise ConfigError(str(e).strip("'\"")) from None
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
+    if cfg.eval.every and not eval_rows(env, 1):
+        raise ConfigError(f"eval.every={cfg.eval.every}: env.name={cfg.env.name!r} has no eval rows (its test split is empty; "
+                          "set env.dataset.eval_split or env.dataset.eval_size)")
     if cfg.warm_start.steps and not callable(getattr(env, "format_examples", None)):
         raise ConfigError(f"warm_start.steps={cfg.warm_start.steps}: env.name={cfg.env.name!r} has no format_examples(); set warm_start.steps=0")
     return env
@@ -152,10 +156,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Acto
 
     p = start_pipeline(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0)
     failure: str | None = None
+    final_eval = None
     try:
         version = run_loop(p, p.version, cfg.experiment.total_steps)
         if cfg.checkpoint.keep_final and not p.checkpoint_due(version):
             p.checkpoint(version)
+        final_eval = p.final_eval(version)
     except RunFailed as e:
         failure = str(e)
         log.error("run failed: %s", failure)
@@ -164,7 +170,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Acto
         raise
     finally:
         store_stats, rollout_stats = p.finish()
-    summary = close_run(cfg, run_dir, p, store_stats, rollout_stats, failure)
+    summary = close_run(cfg, run_dir, p, store_stats, rollout_stats, failure, final_eval)
     if failure:
         raise RunFailed(failure)
     return summary
@@ -227,6 +233,7 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
 
     from rlhub.actors.pipeline import Pipeline
     from rlhub.checkpoint import read_state
+    from rlhub.evaluation import eval_rows
     from rlhub.ledger import Ledger, truncate
     from rlhub.tracking import Tracker, truncate_steps
 
@@ -258,10 +265,13 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
     if plan is not None and not cfg.cluster.address:
         confine_ray(plan)
     log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.time() - t0)
-    return Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version, t0)
+    pipeline = Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version, t0)
+    pipeline.eval_rows = len(eval_rows(env, cfg.eval.rows))
+    return pipeline
 
 
-def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_stats: list, failure: str | None) -> dict[str, Any]:
+def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_stats: list, failure: str | None,
+              final_eval: dict[str, float] | None = None) -> dict[str, Any]:
     """The run's summary (also summary.json), after reconciling its ledger and drawing its pictures."""
     from rlhub.ledger import check_run, format_report
     from rlhub.plots import plot_run
@@ -292,6 +302,7 @@ def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_
         "store": store_stats,
         "rollout": rollout_stats,
         "max_staleness": cfg.max_staleness,
+        "eval": final_eval,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     try:

@@ -79,9 +79,11 @@ class LearnerActor:
 
         from rlhub.models.warm_cache import cached_warm_start
 
+        from rlhub.episodes import ChatFormat
+
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        examples = [(encode(p), encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
+        chat = ChatFormat(tokenizer)  # a prompt given as chat messages is rendered as the rollout renders it
+        examples = [(chat.prompt(p)[0], chat.encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
         return cached_warm_start(self.learner, self.model_path, examples, steps, batch_size, lr, seed, cache)
 
     def save(self, directory: str) -> None:

@@ -52,6 +52,9 @@ class Pipeline:
         self.nonfinite_steps = 0
         self.lost_groups = 0
         self._last_tokens, self._last_time = 0, time.perf_counter()
+        self.eval_rows = 0  # how many eval rows the environment has (set by the controller)
+        self.evals_pending = 0
+        self.last_eval: dict[str, float] | None = None
 
     # ---- 1. rollout -> store ---------------------------------------------------------
     def fetch(self, version: int) -> Step:
@@ -124,6 +127,7 @@ class Pipeline:
         if skipped:
             metrics["train/groups"] = 0.0
         self.ledger.write(events)
+        metrics.update(self._evaluations(version))
         self._log(version, step, kept, metrics)
         if skipped and metrics["train/nonfinite_in_row"] >= self.cfg.learner.max_nonfinite_steps:
             raise RunFailed(f"{int(metrics['train/nonfinite_in_row'])} learner steps in a row had a non-finite loss or gradient "
@@ -162,6 +166,38 @@ class Pipeline:
                 continue
             records += sample_records(version, meta, tensors, self.tokenizer)
         self.tracker.log_samples(version, records)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _evaluations(self, version: int) -> dict[str, float]:
+        """Ask for an evaluation every eval.every steps; the newest one that came back joins this
+        step's metrics (eval/step says which step's policy it measured)."""
+        every = self.cfg.eval.every
+        if every and version % every == 0 and self.eval_rows:
+            self.fleet.request_eval(version, self.cfg.eval.rows, self.cfg.eval.k)
+            self.evals_pending += 1
+        out: dict[str, float] = {}
+        if self.evals_pending:
+            for result in self.fleet.eval_results():
+                self.evals_pending -= 1
+                self.last_eval = out = result
+                log.info("eval at step %d: %s", int(result["eval/step"]), _eval_line(result))
+        return out
+
+    def final_eval(self, version: int, timeout_s: float = 600.0) -> dict[str, float] | None:
+        """The final policy's evaluation (eval.final), waited for; None without eval rows."""
+        if not (self.cfg.eval.final and self.eval_rows):
+            return self.last_eval
+        self.fleet.request_eval(version, self.cfg.eval.rows, self.cfg.eval.k)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for result in self.fleet.eval_results():
+                if int(result["eval/step"]) == version:
+                    self.tracker.log(version, result)
+                    log.info("final eval: %s", _eval_line(result))
+                    return result
+            time.sleep(0.2)
+        log.warning("final eval did not finish within %.0f s", timeout_s)
+        return None
 
     # ---- checkpoints and the end ------------------------------------------------------------
     def checkpoint_due(self, version: int) -> bool:
@@ -202,3 +238,7 @@ class Pipeline:
                    "nonfinite_metrics": sum(self.tracker.nonfinite.values()),
                    **{f"actor_crash/{kind}": n for kind, n in self.fleet.crashes.items()}}
         return failure_counters(rollout_stats, store_stats, self.fleet.restarts, learner)
+
+
+def _eval_line(result: dict[str, float]) -> str:
+    return ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith(("eval/pass@", "eval/reward")))

@@ -23,7 +23,7 @@ class RolloutActor:
         """The slow part: libraries, engine, environment, tokenizer. The store and the weights come in `connect`."""
         import torch
 
-        from rlhub.envs import make_env
+        from rlhub.envs.registry import build_env
         from transformers import AutoTokenizer
 
         cfg: RolloutConfig = run.rollout
@@ -34,7 +34,7 @@ class RolloutActor:
         torch.manual_seed(seed)
         self.actor_id, self.core, self.run_cfg, self.probe_ids = actor_id, core, run, probe_ids
         self.engine = make_engine(cfg, model_path, run.model.dtype, seed, core, run.cluster.torch_threads)
-        self.env = make_env(run.env.name, **run.env.kwargs)
+        self.env = build_env(run.env, run.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.worker: Any = None
 
@@ -69,6 +69,16 @@ class RolloutActor:
 
     def stats(self) -> dict[str, Any]:
         return asdict(self.worker.stats)
+
+    def request_eval(self, step: int, rows: int, k: int) -> None:
+        """Evaluate between the loop's next rounds (rlhub.evaluation); the result comes from eval_results()."""
+        self.worker.eval_requests.append((step, rows, k))
+
+    def eval_results(self) -> list[dict[str, float]]:
+        out = []
+        while self.worker.eval_results:
+            out.append(self.worker.eval_results.pop(0))
+        return out
 
 
 class RolloutFleet:
@@ -154,6 +164,16 @@ class RolloutFleet:
 
                 out.append(asdict(WorkerStats()))
         return out
+
+    def request_eval(self, step: int, rows: int, k: int) -> None:
+        """Actor 0 evaluates between its rounds; results come from eval_results()."""
+        self.actors[0].request_eval.remote(step, rows, k)
+
+    def eval_results(self, timeout_s: float = 10.0) -> list[dict[str, float]]:
+        try:
+            return ray.get(self.actors[0].eval_results.remote(), timeout=timeout_s)
+        except ray.exceptions.RayError:  # a crashed actor 0 took its evaluation with it; the next one comes
+            return []
 
     def new_failure_reports(self, stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Failure reports (environment errors) in `stats` not handed out before."""

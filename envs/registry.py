@@ -1,11 +1,18 @@
-"""Find environments by name through the `rlhub.envs` entry-point group."""
+"""Find environments by name through the `rlhub.envs` entry-point group, and build one from the config.
+
+A factory may return an environment (`dataset`, `reset`, `step`) or a plain reward
+function `(prompt, completion, row) -> float`, which becomes a whole single-turn
+environment over the rows of `env.dataset` (`RewardFunctionEnv`).
+"""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
-from rlhub.envs.base import Env
+from rlhub.envs.base import Env, StepResult
 
 GROUP = "rlhub.envs"
 
@@ -18,10 +25,100 @@ def make_env(name: str, **kwargs: Any) -> Env:
     """Build environment `name` with its factory's keyword arguments."""
     found = available_envs()
     if name not in found:
-        raise ValueError(f"env.name={name!r}: no such environment; installed: {sorted(found)}")
+        raise ValueError(f"env.name={name!r}: no such environment; installed: {sorted(found)} (rlhub envs list)")
     factory = found[name].load()
     env = factory(**kwargs)
+    if not hasattr(env, "step") and callable(env):
+        return RewardFunctionEnv(env)
+    check_env_methods(env, name)
+    return env
+
+
+def check_env_methods(env: Any, name: str) -> None:
     for method in ("dataset", "reset", "step"):
         if not callable(getattr(env, method, None)):
             raise TypeError(f"env.name={name!r}: its factory returned {type(env).__name__}, which has no {method}()")
+
+
+def build_env(cfg: Any, seed: int = 0) -> Env:
+    """The run's environment (`cfg`: the `env` config): by name, with its rows from `env.dataset`
+    when a path is set; a `rlhub.data.DataError` names what is wrong with the data."""
+    from rlhub.data import DataError, load_rows
+
+    env = make_env(cfg.name, **cfg.kwargs)
+    if cfg.dataset.path:
+        env = WithRows(env, load_rows(cfg.dataset, getattr(env, "row_fields", ()), seed))
+    elif isinstance(env, RewardFunctionEnv):
+        raise DataError(f"env.name={cfg.name!r} is a reward function: its rows come from env.dataset.path")
     return env
+
+
+class WithRows:
+    """An environment whose rows come from a dataset; everything else is the environment's."""
+
+    def __init__(self, env: Any, rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        self.env, self.rows = env, rows
+        if inspect.iscoroutinefunction(env.step):  # the runner awaits an async step
+            self.step = env.step
+
+    def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
+        if split not in self.rows:
+            raise KeyError(f"the dataset has splits {sorted(self.rows)}, not {split!r}")
+        return self.rows[split]
+
+    def reset(self, row: Mapping[str, Any]) -> Any:
+        return self.env.reset(row)
+
+    def step(self, state: Any, message: str) -> Any:
+        return self.env.step(state, message)
+
+    def __getattr__(self, name: str) -> Any:  # format_examples, row_fields, evaluation hooks
+        return getattr(self.env, name)
+
+
+@dataclass
+class RewardFunctionEnv:
+    """A reward function `(prompt, completion, row) -> float` as a single-turn environment.
+
+    Rows need a `prompt` (text, or a list of chat messages); the reward is the
+    function's value, and success is reward >= `success_threshold`."""
+
+    fn: Callable[[Any, str, Mapping[str, Any]], float]
+    rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
+    success_threshold: float = 1.0
+    row_fields = ("prompt",)
+
+    def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
+        if self.rows is None:
+            raise KeyError("a reward-function environment takes its rows from env.dataset.path")
+        return self.rows[split]
+
+    def reset(self, row: Mapping[str, Any]) -> tuple[Any, Any]:
+        return row["prompt"], row
+
+    def step(self, row: Mapping[str, Any], message: str) -> StepResult:
+        reward = self.fn(row["prompt"], message, row)
+        value = float(reward) if isinstance(reward, (int, float)) else reward
+        return StepResult(value, done=True, success=isinstance(value, float) and value >= self.success_threshold)
+
+
+def reward_env(fn: Callable[[Any, str, Mapping[str, Any]], float], train: Sequence[Mapping[str, Any]],
+               test: Sequence[Mapping[str, Any]] = ()) -> RewardFunctionEnv:
+    """A reward function and its rows as an environment (for a plugin's `load_environment`)."""
+    return RewardFunctionEnv(fn, {"train": train, "test": test})
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Where environment `name` comes from and what it is: package, version, one line of description."""
+    ep = available_envs()[name]
+    dist = getattr(ep, "dist", None)
+    factory = ep.load()
+    module = inspect.getmodule(factory)
+    doc = inspect.getdoc(factory) or (inspect.getdoc(module) if module else "") or ""
+    return {
+        "name": name,
+        "package": dist.metadata["Name"] if dist else "?",
+        "version": dist.version if dist else "?",
+        "entry_point": ep.value,
+        "description": doc.strip().splitlines()[0] if doc.strip() else "",
+    }

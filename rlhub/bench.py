@@ -32,7 +32,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     cfg = load_config(overrides)
     from rlhub.engines import make_engine
     from rlhub.datastore import InMemoryDataStore
-    from rlhub.envs import make_env
+    from rlhub.envs.registry import build_env
     from rlhub.learner import Learner
     from rlhub.models.logprobs import SamplingPolicy
     from rlhub.models.build import resolve_model_path
@@ -50,7 +50,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     sync = InMemoryWeightSync()
     store = InMemoryDataStore(cfg.prompts_per_step, max_staleness=10**9)
     engine = make_engine(cfg.rollout, path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)
-    worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, make_env(cfg.env.name, **cfg.env.kwargs),
+    worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, build_env(cfg.env, cfg.seed),
                            tok, store, sync, DataSide.of(cfg.algorithm), probe, cfg.seed)
     worker.batch_prompts = cfg.prompts_per_step  # one generation call per learner step, as one actor would
     gen_times, train_times, tokens = [], [], 0

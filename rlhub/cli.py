@@ -21,6 +21,10 @@ commands:
   bench presets  a short run of every algorithm preset, and GRPO at max_staleness=4
                  without and with TIS: reward before/after, correction metrics (JSON)
   config         print the resolved configuration
+  envs list      every environment, built-in or installed: package, version, description
+  envs show NAME an environment's arguments, a sample row and its prompt
+  eval RUN       evaluate a run directory's last checkpoint (or a checkpoint directory) on the
+                 eval split: pass@1 greedy, mean reward and pass@k sampled (JSON)
 
 examples:
   rlhub train
@@ -48,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             return _train(rest)
         if command == "config":
             return _print_config(rest)
+        if command == "envs" and rest[:1] == ["list"]:
+            return _envs_list()
+        if command == "envs" and rest[:1] == ["show"] and len(rest) >= 2:
+            return _envs_show(rest[1], rest[2:])
+        if command == "eval" and rest:
+            from rlhub.evaluation import evaluate_checkpoint
+
+            print(json.dumps(evaluate_checkpoint(rest[0], rest[1:]), indent=1))
+            return 0
         if command in ("check", "plot") and len(rest) == 1:
             return _check(rest[0]) if command == "check" else _plot(rest[0])
         if command == "bench" and rest[:1] == ["e2e"]:
@@ -122,3 +135,53 @@ def _print_config(overrides: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _envs_list() -> int:
+    from rlhub.envs.registry import available_envs, describe
+
+    rows = []
+    for name in sorted(available_envs()):
+        try:
+            d = describe(name)
+        except Exception as e:  # noqa: BLE001 - a broken plugin is listed with its error, the others still are
+            d = {"name": name, "package": "?", "version": "?", "description": f"cannot load: {type(e).__name__}: {e}"}
+        rows.append((d["name"], f"{d['package']} {d['version']}", d["description"]))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    for name, source, text in rows:
+        print(f"{name:<{width[0]}}  {source:<{width[1]}}  {text}")
+    return 0
+
+
+def _envs_show(name: str, kwargs: list[str]) -> int:
+    """NAME's factory arguments, one training row and the prompt reset() makes of it; `key=value`
+    arguments go to the factory (values parsed as YAML: numbers, lists)."""
+    import dataclasses
+    import inspect
+
+    import yaml
+
+    from rlhub.config import ConfigError
+    from rlhub.envs.registry import available_envs, describe, make_env
+
+    if name not in available_envs():
+        raise ConfigError(f"no environment {name!r}; installed: {sorted(available_envs())}")
+    d = describe(name)
+    factory = available_envs()[name].load()
+    print(f"{d['name']}  ({d['package']} {d['version']}, {d['entry_point']})\n  {d['description']}\n\narguments (env.kwargs.*):")
+    args = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in kwargs)}
+    env = make_env(name, **args)
+    params = [p for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    if not params and dataclasses.is_dataclass(env):  # load_environment(**kwargs) -> SomeEnv(**kwargs)
+        params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in dataclasses.fields(env) if f.init]
+    for p in params:
+        print(f"  {p.name}" + ("" if p.default in (inspect.Parameter.empty, dataclasses.MISSING) else f" = {p.default!r}"))
+    try:
+        row = env.dataset("train")[0]
+    except KeyError:
+        print("\n(rows come from env.dataset.path)")
+        return 0
+    prompt, _ = env.reset(row)
+    print(f"\nrow fields: {list(getattr(env, 'row_fields', ()))}\nsample row: {json.dumps(dict(row), default=str)[:1000]}")
+    print(f"prompt: {json.dumps(prompt, default=str)[:1000]}")
+    return 0

@@ -15,6 +15,8 @@ from typing import Any
 
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.datastore import DataStoreConfig
+from rlhub.data import DatasetConfig
+from rlhub.evaluation import EvalConfig
 from rlhub.models.config import ModelConfig
 from rlhub.rollout_config import RolloutConfig
 
@@ -43,6 +45,8 @@ class EnvConfig:
     name: str = "arithmetic"
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the environment's factory."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Rows from a dataset (`rlhub.data`) instead of the environment's own."""
     timeout_s: float = 60.0
     """Longest one reset or step may take; past it the sample is dropped and counted (env_timeout)."""
     workers: int = 4
@@ -130,6 +134,7 @@ class RunConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     max_staleness: int = 1
@@ -171,7 +176,7 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            composed = compose(config_name="config", overrides=[_open_kwargs(o) for o in overrides or []])
+            composed = compose(config_name="config", overrides=[_open_kwargs(_env_by_name(o, config_dir)) for o in overrides or []])
         known = {f.name for f in fields(RunConfig)}
         unknown = sorted(set(composed.keys()) - known)
         if unknown:
@@ -183,9 +188,18 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     return cfg
 
 
+def _env_by_name(override: str, config_dir: Path) -> str:
+    """`env=NAME` selects any registered environment: conf/env/NAME.yaml when there is one, else
+    `env.name=NAME` with the defaults (an installed plugin needs no YAML file)."""
+    key, eq, value = override.partition("=")
+    if eq and key == "env" and value and not (config_dir / "env" / f"{value}.yaml").is_file():
+        return f"env.name={value}"
+    return override
+
+
 def _open_kwargs(override: str) -> str:
     """`env.kwargs.x=1` may add a key: those are the environment factory's own arguments."""
-    if override.startswith("env.kwargs."):
+    if override.startswith(("env.kwargs.", "env.dataset.columns.")):
         return "++" + override
     return override
 
@@ -222,11 +236,19 @@ def validate(cfg: RunConfig) -> None:
         (cfg.wandb.mode in ("offline", "online", "disabled"), f"wandb.mode must be offline, online or disabled, not {cfg.wandb.mode!r}"),
         (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
         (cfg.warm_start.steps >= 0, "warm_start.steps must be >= 0"),
+        (cfg.eval.every >= 0 and cfg.eval.rows >= 0 and cfg.eval.k >= 0, "eval.every, eval.rows and eval.k must be >= 0"),
+        (cfg.rollout.max_turns >= 1, "rollout.max_turns must be >= 1"),
+        (cfg.rollout.max_episode_tokens >= 0, "rollout.max_episode_tokens must be >= 0 (0: no limit beyond max_turns)"),
+        (cfg.env.timeout_s > 0 and cfg.env.workers >= 1, "env.timeout_s must be > 0 and env.workers >= 1"),
         (cfg.learner.max_nonfinite_steps >= 1, "learner.max_nonfinite_steps must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from rlhub.envs.registry import available_envs
+
+    if cfg.env.name not in available_envs():
+        raise ConfigError(f"env.name={cfg.env.name!r}: no such environment; installed: {sorted(available_envs())} (rlhub envs list)")
     from rlhub.algorithms import ADVANTAGES, POLICY_LOSSES
 
     if cfg.algorithm.advantage not in ADVANTAGES:

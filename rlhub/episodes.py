@@ -125,6 +125,8 @@ class Episode:
     dropped: bool = False
     in_env: bool = False
     """Its last turn is with the environment."""
+    row: Any = None
+    """The dataset row it started from (for failure reports)."""
 
     @property
     def context(self) -> list[int]:

@@ -42,6 +42,7 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
+        self.model_path = model_path
         self.algo = algo
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype)).to(self.device)
@@ -207,6 +208,7 @@ class Learner:
         from safetensors.torch import save_file
 
         self.model.save_pretrained(str(directory / "policy"))
+        _copy_tokenizer(Path(self.model_path), directory / "policy")  # the policy directory is a whole HF model
         tensors, meta = flatten_optimizer(self.optimizer.state_dict())
         save_file(tensors, str(directory / "optimizer.safetensors"))
         (directory / "optimizer.json").write_text(json.dumps(meta))
@@ -290,3 +292,12 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer's files (and chat template) from the model the run started from."""
+    import shutil
+
+    for f in source.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")) or f.suffix == ".jinja"):
+            shutil.copy2(f, target / f.name)

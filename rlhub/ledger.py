@@ -209,10 +209,9 @@ def _check_ids(rec: Reconciliation, issued: set[int]) -> None:
 
 def _check_metrics(rec: Reconciliation, per_step: Counter[int], metrics_rows: list[dict[str, Any]]) -> None:
     """An independent count: each step's "train/groups" in metrics.jsonl against the ledger's trained events."""
-    logged = {row["step"]: row for row in metrics_rows if "step" in row}  # a resumed run logs a step again: last wins
+    # a resumed run logs a step again (last wins); rows without train/groups (the final evaluation) are not steps
+    logged = {row["step"]: row for row in metrics_rows if "step" in row and "train/groups" in row}
     for step in sorted(logged.keys() & per_step.keys()):
-        if "train/groups" not in logged[step]:
-            continue
         rec.steps_checked += 1
         if logged[step]["train/groups"] != per_step[step]:
             rec.add(None, f"metrics mismatch at step {step}: train/groups={logged[step]['train/groups']}, ledger trained {per_step[step]}")

@@ -164,6 +164,9 @@ class RolloutWorker:
         self.open: dict[int, OpenGroup] = {}  # by group id, in admission order
         self.in_env: deque[TurnBatch] = deque()
         self.last_generate_s = 0.0
+        self._holding = False
+        self.eval_requests: list[tuple[int, int, int]] = []  # (step, rows, k), from the actor's other thread
+        self.eval_results: list[dict[str, float]] = []
         eos = tokenizer.eos_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -194,6 +197,8 @@ class RolloutWorker:
             self.in_env[0].wait(0.25 * self.last_generate_s)
         while self.in_env and self.in_env[0].done():
             self._collect(self.in_env.popleft())
+        if self.eval_requests:
+            self._evaluate(*self.eval_requests.pop(0))
         waiting = sum(1 for g in self.open.values() if g.waiting)
         room = min(self.batch_prompts - waiting, 2 * self.batch_prompts - len(self.open))
         if room > 0:
@@ -211,6 +216,20 @@ class RolloutWorker:
             self._collect(self.in_env.popleft())
         return True
 
+    def _evaluate(self, step: int, rows: int, k: int) -> None:
+        """An evaluation (rlhub.evaluation) with the newest weights, held for its whole length."""
+        from rlhub.evaluation import eval_rows, evaluate
+
+        start = time.perf_counter()
+        self.sync_weights()
+        self._holding = True
+        try:
+            result = evaluate(self, eval_rows(self.env, rows), k)
+        finally:
+            self._holding = False
+        result.update({"eval/step": float(step), "eval/seconds": time.perf_counter() - start})
+        self.eval_results.append(result)
+
     def drain(self) -> None:
         """Finish every open episode (the run is stopping: what is done is still handed over)."""
         while self.in_env or any(g.waiting for g in self.open.values()):
@@ -220,6 +239,8 @@ class RolloutWorker:
 
     # ---- weights ------------------------------------------------------------
     def sync_weights(self) -> None:
+        if self._holding:  # an evaluation runs with one version throughout
+            return
         # until its first load an engine holds the weights it was built from, whatever its version
         # says: the first published version (0: the policy after the warm start) is always loaded
         published = self.weight_sync.pull(self.engine.version if self.stats.syncs else -1)
@@ -256,7 +277,7 @@ class RolloutWorker:
             self._load(published)
             return True
 
-        return poll if self.cfg.weight_update == "inflight" else None
+        return poll if self.cfg.weight_update == "inflight" and not self._holding else None
 
     # ---- episodes -------------------------------------------------------------
     def generate_groups(self, group_ids: list[int]) -> None:
@@ -268,23 +289,36 @@ class RolloutWorker:
         """Each group's `group_size` episodes from its row, ready for their first turn; a group whose
         reset fails or whose prompt is too long is dropped and counted."""
         rows = [prompt_index(gid, len(self.rows), self.seed) for gid in group_ids]
-        calls = [self.envs.submit(self.env.reset, self.rows[r], lane="reset") for r in rows]
-        for gid, row_idx, (value, error) in zip(group_ids, rows, run_all(self.envs, calls)):
+        for gid, row_idx, started in zip(group_ids, rows, self._reset([self.rows[r] for r in rows], group_ids, self.group_size)):
+            if isinstance(started, str):
+                self._drop(gid, row_idx, started, self.group_size)
+            else:
+                started.row_index = row_idx
+                for e in started.episodes:
+                    e.row_index = row_idx
+                self.open[gid] = started
+
+    def _reset(self, rows: list[Any], group_ids: list[int], n: int) -> list["OpenGroup | str"]:
+        """Per row, an OpenGroup of `n` episodes ready for their first turn, or why it could not start."""
+        calls = [self.envs.submit(self.env.reset, row, lane="reset") for row in rows]
+        out: list[OpenGroup | str] = []
+        for gid, row, (value, error) in zip(group_ids, rows, run_all(self.envs, calls)):
             try:
                 if error is not None:
                     raise error
                 prompt, state = value
                 ids, history = self.chat.prompt(prompt)
             except Exception as e:  # a broken row or environment loses this group only
-                self.failures.record(self.env_name, "reset", self.rows[row_idx], e)
-                self._drop(gid, row_idx, "env_timeout" if isinstance(e, EnvTimeout) else "env_error", self.group_size)
+                self.failures.record(self.env_name, "reset", row, e)
+                out.append("env_timeout" if isinstance(e, EnvTimeout) else "env_error")
                 continue
             if len(ids) + self.cfg.max_new_tokens > self.cfg.max_model_len:
-                self._drop(gid, row_idx, "prompt_too_long", self.group_size)
+                out.append("prompt_too_long")
                 continue
-            episodes = [Episode(gid, row_idx, _own_copy(state) if k else state, ids, None if history is None else list(history))
-                        for k in range(self.group_size)]
-            self.open[gid] = OpenGroup(gid, row_idx, episodes, time.perf_counter())
+            episodes = [Episode(gid, -1, _own_copy(state) if k else state, ids, None if history is None else list(history), row=row)
+                        for k in range(n)]
+            out.append(OpenGroup(gid, -1, episodes, time.perf_counter()))
+        return out
 
     def _budget(self, e: Episode) -> int:
         """Tokens the episode's next turn may generate: the per-turn limit, the episode's and the context's."""
@@ -293,15 +327,18 @@ class RolloutWorker:
             left = min(left, self.cfg.max_episode_tokens - e.generated)
         return left
 
-    def _generate_turn(self) -> bool:
-        """One generate call for every episode waiting for a turn (first turns and later ones
-        interleaved); their environment steps go to the runner. False when none was waiting."""
-        episodes = [e for g in self.open.values() for e in g.episodes if e.ended is None and not e.in_env]
+    def _generate_turn(self, groups: dict[int, "OpenGroup"] | None = None, sampling: SamplingConfig | None = None,
+                       queue: deque | None = None) -> bool:
+        """One generate call for every episode of `groups` (the training groups) waiting for a turn
+        (first turns and later ones interleaved); their environment steps go to the runner and the
+        batch to `queue`. False when none was waiting."""
+        groups = self.open if groups is None else groups
+        episodes = [e for g in groups.values() for e in g.episodes if e.ended is None and not e.in_env]
         if not episodes:
             return False
         self.sync_weights()
         start = time.perf_counter()
-        completions = self.engine.generate([e.context for e in episodes], self.sampling, self._inflight_source(),
+        completions = self.engine.generate([e.context for e in episodes], sampling or self.sampling, self._inflight_source(),
                                            [self._budget(e) for e in episodes])
         elapsed = self.last_generate_s = time.perf_counter() - start
         self.stats.generate_seconds += elapsed
@@ -315,18 +352,21 @@ class RolloutWorker:
                 e.history.append({"role": "assistant", "content": text})
             calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, c.token_ids)))
         for gid in {e.group_id for e in episodes}:
-            self.open[gid].generate_seconds += elapsed * sum(e.group_id == gid for e in episodes) / len(episodes)
-        self.in_env.append(TurnBatch(episodes, calls))
+            groups[gid].generate_seconds += elapsed * sum(e.group_id == gid for e in episodes) / len(episodes)
+        (self.in_env if queue is None else queue).append(TurnBatch(episodes, calls))
         return True
 
-    def _collect(self, batch: "TurnBatch") -> None:
-        """The environment's answers to one generate call: episodes end or get their next
-        observation; groups whose episodes all ended are finished and put in the store."""
+    def _answer(self, batch: "TurnBatch") -> None:
+        """The environment's answers to one generate call: each episode ends or gets its next observation."""
         start = time.perf_counter()
         for e, (result, error) in zip(batch.episodes, run_all(self.envs, batch.calls)):
             e.in_env = False
             self._advance(e, result, error)
         self.stats.score_seconds += time.perf_counter() - start
+
+    def _collect(self, batch: "TurnBatch") -> None:
+        """`_answer`, then the groups whose episodes all ended are finished and put in the store."""
+        self._answer(batch)
         finished = []
         for gid in [g for g, group in self.open.items() if group.complete]:
             group = self.open.pop(gid)
@@ -341,6 +381,16 @@ class RolloutWorker:
             self._advantages(tensors)
         self.store.put_many(finished)
 
+    def run_episodes(self, rows: list[Any], n: int, sampling: SamplingConfig) -> list[list[Episode] | str]:
+        """`n` episodes of each row to their end with `sampling`, outside training (evaluation): per
+        row its episodes, or why it could not start. Nothing goes to the store."""
+        started = self._reset(rows, [-1 - i for i in range(len(rows))], n)
+        groups = {-1 - i: g for i, g in enumerate(started) if not isinstance(g, str)}
+        queue: deque[TurnBatch] = deque()
+        while self._generate_turn(groups, sampling, queue):
+            self._answer(queue.popleft())
+        return [g if isinstance(g, str) else g.episodes for g in started]
+
     def _advance(self, e: Episode, result: Any, error: BaseException | None) -> None:
         """Apply one step's answer to its episode: dropped (counted, reported), ended, or given its observation."""
         if error is None:
@@ -350,13 +400,13 @@ class RolloutWorker:
                 error = bad
         if error is not None:
             reason = "env_timeout" if isinstance(error, EnvTimeout) else "bad_reward" if isinstance(error, BadReward) else "env_error"
-            self.failures.record(self.env_name, "step", self.rows[e.row_index], error)
+            self.failures.record(self.env_name, "step", e.row, error)
             e.ended, e.dropped = reason, True
             return
         e.result = result
         if not math.isfinite(reward):
             e.ended, e.dropped = "nonfinite_reward", True
-            self.failures.record(self.env_name, "step", self.rows[e.row_index], ValueError(f"non-finite reward {result.reward!r}"))
+            self.failures.record(self.env_name, "step", e.row, ValueError(f"non-finite reward {result.reward!r}"))
             return
         if result.done:
             e.ended = "done"
@@ -366,7 +416,7 @@ class RolloutWorker:
         try:
             ids, new = self.chat.observation(e.history, result.observation if result.observation is not None else "", e.finish_reason == "stop")
         except Exception as bad:  # noqa: BLE001 - a malformed observation loses this sample only
-            self.failures.record(self.env_name, "observation", self.rows[e.row_index], bad)
+            self.failures.record(self.env_name, "observation", e.row, bad)
             e.ended, e.dropped = "env_error", True
             return
         e.add_observation(ids)

@@ -123,6 +123,7 @@ class Tracker:
             self.log_images(images)
             flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
             flat.update({f"failures/{k}": v for k, v in summary.get("failures", {}).items()})
+            flat.update({f"final_{k}": v for k, v in (summary.get("eval") or {}).items()})
             self.summary(flat)
         self.close(exit_code=0 if summary.get("status") == "ok" else 1)
 

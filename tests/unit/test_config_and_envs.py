@@ -26,7 +26,7 @@ def test_overrides_apply():
         ("max_staleness=abc", "max_staleness"),
         ("max_staleness=-1", "max_staleness"),
         ("rollout.engine=tgi", "rollout.engine"),
-        ("env=nope", "env/nope"),
+        ("env=nope", "env.name='nope': no such environment"),
         ("+surprise=1", "surprise"),
         ("algorithm.policy_loss=magic", "algorithm.policy_loss"),
     ],

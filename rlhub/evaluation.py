@@ -1,0 +1,121 @@
+"""Evaluation on the environment's held-out rows ("test" split).
+
+Every `eval.every` steps, rollout actor 0 pauses between generation rounds and
+runs the eval rows with the policy version it holds: once greedily (pass@1, the
+share of rows solved) and, with `eval.k` > 0, k sampled episodes per row at the
+training temperature and top-p (mean reward; pass@k, the share of rows solved
+by at least one of the k). Episodes run exactly as in training (multi-turn,
+tools, limits), but nothing goes to the store. Results go to metrics.jsonl and
+W&B under `eval/`, the last one to the summary; `rlhub eval` runs the same on a
+checkpoint, outside a run.
+
+Success is the environment's `success` when it gives one, else reward >= 1. An
+episode that could not start or was dropped (environment error, timeout) counts
+as a failure, and is counted in `eval/failed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Steps between evaluations during the run (0: none)."""
+    rows: int = 128
+    """Eval rows used, the first of the split (0: all)."""
+    k: int = 4
+    """Sampled episodes per row for mean reward and pass@k (0: greedy pass@1 only)."""
+    final: bool = True
+    """Evaluate the final policy at the end of the run (in the summary), when the environment has eval rows."""
+
+
+def succeeded(episode: Any) -> bool:
+    if episode.dropped or episode.result is None:
+        return False
+    success = getattr(episode.result, "success", None)
+    return bool(success) if success is not None else float(episode.result.reward) >= 1.0
+
+
+def evaluate(worker: Any, rows: Sequence[Any], k: int) -> dict[str, float]:
+    """`eval/*` metrics of the worker's engine (at its current weights) on `rows`."""
+    greedy = replace(worker.sampling, temperature=0.0, top_p=1.0, seed=None)
+    once = worker.run_episodes(list(rows), 1, greedy)
+    failed = sum(1 for r in once if isinstance(r, str) or r[0].dropped)
+    out = {
+        "eval/version": float(worker.engine.version),
+        "eval/rows": float(len(rows)),
+        "eval/pass@1": sum(1 for r in once if not isinstance(r, str) and succeeded(r[0])) / len(rows),
+        "eval/reward_greedy": sum(float(r[0].result.reward) for r in once if not isinstance(r, str) and not r[0].dropped) / len(rows),
+        "eval/turns_mean": sum(r[0].turns for r in once if not isinstance(r, str)) / len(rows),
+    }
+    if k:
+        sampled = worker.run_episodes(list(rows), k, worker.sampling)
+        episodes = [e for r in sampled if not isinstance(r, str) for e in r]
+        failed += sum(k for r in sampled if isinstance(r, str)) + sum(1 for e in episodes if e.dropped)
+        out["eval/reward_mean"] = sum(float(e.result.reward) for e in episodes if not e.dropped) / (len(rows) * k)
+        out[f"eval/pass@{k}"] = sum(1 for r in sampled if not isinstance(r, str) and any(succeeded(e) for e in r)) / len(rows)
+    out["eval/failed"] = float(failed)
+    return out
+
+
+def eval_rows(env: Any, limit: int) -> Sequence[Any]:
+    """The first `limit` rows of the environment's eval split (all for 0; empty when it has none)."""
+    try:
+        rows = env.dataset("test")
+    except (KeyError, ValueError):
+        return []
+    n = len(rows) if not limit else min(limit, len(rows))
+    return [rows[i] for i in range(n)]
+
+
+def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
+    """`rlhub eval`: a run directory (its latest checkpoint) or a checkpoint directory, evaluated
+    in this process with the run's own config (`key=value` overrides apply, e.g. eval.k=8)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from rlhub.checkpoint import latest_checkpoint
+    from rlhub.config import ConfigError, RunConfig, validate
+    from rlhub.datastore import InMemoryDataStore
+    from rlhub.engines import make_engine
+    from rlhub.envs.registry import build_env
+    from rlhub.rollout import DataSide, RolloutWorker
+    from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+
+    path = Path(target)
+    checkpoint = latest_checkpoint(path) if (path / "config.yaml").is_file() else path
+    run_dir = checkpoint.parent.parent if checkpoint is not None else path
+    if checkpoint is None or not (checkpoint / "policy" / "config.json").is_file():
+        raise ConfigError(f"{target}: neither a run directory with a checkpoint nor a checkpoint directory (policy/ missing)")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}/config.yaml not found: the checkpoint's run config is needed for its environment")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist(overrides))
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the key
+        raise ConfigError(str(e).splitlines()[0]) from None
+    validate(cfg)
+    env = build_env(cfg.env, cfg.seed)
+    rows = eval_rows(env, cfg.eval.rows)
+    if not rows:
+        raise ConfigError(f"env.name={cfg.env.name!r} has no eval rows (set env.dataset.eval_split or env.dataset.eval_size)")
+    model = str(checkpoint / "policy")
+    has_tokenizer = any(f.name.startswith("tokenizer") for f in (checkpoint / "policy").iterdir())
+    if not has_tokenizer:  # a checkpoint from before policy/ kept its tokenizer: the run's model has it
+        from rlhub.models.build import resolve_model_path
+
+        model_for_tokenizer = str(resolve_model_path(cfg.model))
+    tokenizer = AutoTokenizer.from_pretrained(model if has_tokenizer else model_for_tokenizer)
+    engine = make_engine(cfg.rollout, model, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)
+    worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, env, tokenizer,
+                           InMemoryDataStore(cfg.prompts_per_step, 0), InMemoryWeightSync(), DataSide.of(cfg.algorithm),
+                           probe_sequence(len(tokenizer)), cfg.seed, env_name=cfg.env.name, env_timeout_s=cfg.env.timeout_s)
+    engine.version = int(checkpoint.name.rpartition("_")[2]) if checkpoint.name.rpartition("_")[2].isdigit() else 0
+    result = evaluate(worker, rows, cfg.eval.k)
+    worker.envs.close()
+    return {"checkpoint": str(checkpoint), "env": cfg.env.name, **result}
