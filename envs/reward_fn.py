@@ -26,3 +26,12 @@ def load_environment(fn: str = "", success_threshold: float = 1.0) -> RewardFunc
     if not callable(target):
         raise ValueError(f"env.kwargs.fn={fn!r} is not callable")
     return RewardFunctionEnv(target, success_threshold=success_threshold)
+
+
+def exact_match(prompt: Any, completion: str, row: Any) -> float:
+    """1.0 when the completion, stripped, is the row's `answer`; a ready-made reward function.
+
+    >>> exact_match("2+2=", " 4 ", {"answer": "4"}), exact_match("2+2=", "5", {"answer": 4})
+    (1.0, 0.0)
+    """
+    return float(completion.strip() == str(row["answer"]).strip())

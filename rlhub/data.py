@@ -82,7 +82,12 @@ def _load(path: str, split: str) -> Any:
         if split != "train":
             raise DataError(f"env.dataset.path={path!r}: local files hold one split ('train'); "
                             f"give the held-out rows their own path or use env.dataset.eval_size")
-        return datasets.load_dataset(builder, data_files=files, split="train")
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise DataError(f"env.dataset.path={path!r}: split {split!r} is empty")
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as e:  # noqa: BLE001 - a malformed file, said with its name
+            raise DataError(f"env.dataset.path={path!r}: cannot be read as {builder} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if p.is_absolute() or path.startswith((".", "~")) or p.suffix in FORMATS or "*" in path:
         raise DataError(f"env.dataset.path={path!r}: no such file or directory")
     try:

@@ -28,7 +28,7 @@ class ScriptedEngine:
         self.turns, self.eos, self.version, self.calls = turns, eos, 0, []
 
     def generate(self, prompts, sampling, weight_source=None, max_tokens=None):
-        self.calls.append((time.monotonic(), [list(p) for p in prompts], list(max_tokens or [])))
+        self.calls.append((time.monotonic(), [list(p) for p in prompts], list(max_tokens or []), sampling.temperature))
         tokens = self.turns[min(len(self.calls) - 1, len(self.turns) - 1)]
         out = []
         for cap in max_tokens or [sampling.max_new_tokens] * len(prompts):
@@ -223,3 +223,33 @@ def test_chat_format_observation_tokens_follow_the_template(tokenizer):
         chat.observation(history, [{"role": "robot", "content": "7"}], finished=True)
     with pytest.raises(TypeError, match="string"):
         chat.observation(None, [{"role": "user", "content": "7"}], finished=True)
+
+
+def test_evaluation_counts_rows_solved_and_failures(tokenizer):
+    from rlhub.evaluation import evaluate
+
+    answers = ["4", "5", "4", "4", "boom", "6"]
+
+    class Rows:
+        def dataset(self, split):
+            return [{"answer": a} for a in answers]
+
+        def reset(self, row):
+            if row["answer"] == "boom":
+                raise RuntimeError("a broken eval row")
+            return "q?", row["answer"]
+
+        def step(self, state, message):
+            return StepResult(float(message == state), success=message == state)
+
+    a = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
+    engine = ScriptedEngine([a], tokenizer.eos_token_id)
+    worker, store = make_worker(tokenizer, Rows(), engine)
+    result = evaluate(worker, Rows().dataset("test"), k=3)
+    solved = sum(x == "4" for x in answers) / len(answers)  # the engine always answers 4
+    assert result["eval/pass@1"] == pytest.approx(solved) and result["eval/pass@3"] == pytest.approx(solved)
+    assert result["eval/reward_mean"] == pytest.approx(solved) and result["eval/failed"] == 1 + 3
+    greedy_call, sampled_call = engine.calls[0], engine.calls[1]
+    assert len(greedy_call[1]) == 5 and len(sampled_call[1]) == 15  # one greedy episode per row that started, then k each
+    assert greedy_call[3] == 0.0 and sampled_call[3] == worker.sampling.temperature == 1.0
+    assert store.stats()["produced"] == 0  # evaluation puts nothing in the store

@@ -1,0 +1,103 @@
+"""Task data through `datasets`, reward functions as environments, finding environments by name, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhub.config import ConfigError, load_config
+from rlhub.data import DataError, DatasetConfig, load_rows, write_jsonl
+from rlhub.envs import ModelMessage
+from rlhub.envs.registry import build_env
+
+ROWS = [{"question": f"{i}+1=", "answer": str(i + 1), "level": i % 3} for i in range(40)]
+
+
+@pytest.fixture()
+def files(tmp_path):
+    import datasets
+
+    write_jsonl(ROWS, tmp_path / "rows.jsonl")
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    ds.to_csv(str(tmp_path / "rows.csv"), index=False)
+    datasets.DatasetDict({"train": ds.select(range(30)), "test": ds.select(range(30, 40))}).save_to_disk(str(tmp_path / "saved"))
+    return tmp_path
+
+
+def as_list(rows):
+    return [dict(rows[i]) for i in range(len(rows))]
+
+
+def test_the_same_rows_from_jsonl_parquet_csv_and_save_to_disk(files):
+    by_format = {name: as_list(load_rows(DatasetConfig(path=str(files / name)))["train"]) for name in ("rows.jsonl", "rows.parquet", "rows.csv")}
+    assert by_format["rows.jsonl"] == ROWS
+    assert by_format["rows.parquet"] == ROWS
+    # csv has no types: the answer column comes back as integers, the rows otherwise the same
+    assert [{**r, "answer": str(r["answer"])} for r in by_format["rows.csv"]] == ROWS
+    saved = load_rows(DatasetConfig(path=str(files / "saved"), eval_split="test"))
+    assert as_list(saved["train"]) == ROWS[:30] and as_list(saved["test"]) == ROWS[30:]
+
+
+def test_columns_eval_rows_and_limit(files):
+    rows = load_rows(DatasetConfig(path=str(files / "rows.jsonl"), columns={"prompt": "question"}, eval_size=8), required=["prompt"], seed=3)
+    train, test = as_list(rows["train"]), as_list(rows["test"])
+    assert len(train) == 32 and len(test) == 8 and all("prompt" in r for r in train)
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in test})
+    again = load_rows(DatasetConfig(path=str(files / "rows.jsonl"), columns={"prompt": "question"}, eval_size=8), required=["prompt"], seed=3)
+    assert as_list(again["test"]) == test  # held out with the seed: the same rows every time
+    other = load_rows(DatasetConfig(path=str(files / "rows.jsonl"), eval_size=8), seed=4)
+    assert [r["question"] for r in as_list(other["test"])] != [r["prompt"] for r in test]
+    assert len(load_rows(DatasetConfig(path=str(files / "rows.jsonl"), limit=5))["train"]) == 5
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(path="{d}/missing.jsonl"), "missing.jsonl'?: no such file"),
+    (dict(path="{d}/empty.jsonl"), "is empty"),
+    (dict(path="{d}/rows.jsonl", columns={"prompt": "text"}), "env.dataset.columns.prompt='text'.*no column 'text'.*question"),
+    (dict(path="{d}/rows.jsonl"), r"lacks column\(s\) \['prompt'\].*env.dataset.columns.prompt=COLUMN"),
+    (dict(path="{d}/saved", eval_split="validation"), "has splits \\['test', 'train'\\], not 'validation'"),
+    (dict(path="{d}/rows.jsonl", eval_split="test"), "local files hold one split"),
+    (dict(path="{d}/rows.jsonl", eval_size=40, columns={"prompt": "question"}), "leaves no training rows"),
+    (dict(path="{d}/broken.jsonl"), "broken.jsonl'?: cannot be read as json"),
+])
+def test_bad_data_is_named(files, cfg, message):
+    (files / "empty.jsonl").write_text("")
+    (files / "broken.jsonl").write_text('{"prompt": 1}\n{"prompt": ')
+    cfg = {k: v.format(d=files) if isinstance(v, str) else v for k, v in cfg.items()}
+    with pytest.raises(DataError, match=message):
+        load_rows(DatasetConfig(**cfg), required=["prompt"])
+
+
+def test_a_reward_function_is_a_whole_environment(files):
+    cfg = load_config(["env=reward_fn", "env.kwargs.fn=rlhub.envs.reward_fn:exact_match", f"env.dataset.path={files}/rows.parquet",
+                       "env.dataset.columns.prompt=question", "env.dataset.eval_size=4"])
+    assert cfg.env.name == "reward_fn"  # no conf/env/reward_fn.yaml: env=NAME selected it by name
+    env = build_env(cfg.env, cfg.seed)
+    row = env.dataset("train")[0]
+    prompt, state = env.reset(row)
+    assert prompt == row["prompt"]
+    right = env.step(state, ModelMessage(row["answer"], "stop"))
+    assert (right.reward, right.success) == (1.0, True) and env.step(state, ModelMessage("x", "stop")).reward == 0.0
+    assert len(env.dataset("test")) == 4
+    with pytest.raises(DataError, match="reward function: its rows come from env.dataset.path"):
+        build_env(load_config(["env=reward_fn", "env.kwargs.fn=rlhub.envs.reward_fn:exact_match"]).env)
+    with pytest.raises(ValueError, match="module:function"):
+        build_env(load_config(["env=reward_fn", "env.kwargs.fn=exact_match"]).env)
+    with pytest.raises(ConfigError, match="env.name='nope': no such environment; installed: .*countdown"):
+        load_config(["env=nope"])
+
+
+def test_envs_list_and_show(capsys):
+    from rlhub.cli import main
+
+    assert main(["envs", "list"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in ("arithmetic", "countdown", "gsm8k_style", "calculator_tools", "python_code", "reasoning_gym", "reward_fn"):
+        assert name in listed and "rlhub 0.1.0" in listed[name] and "cannot load" not in listed[name]
+    assert main(["envs", "show", "calculator_tools", "max_tool_calls=3"]) == 0
+    out = capsys.readouterr().out
+    assert "max_tool_calls = 2" in out and "sample row:" in out and '"calc"' in out
+    row = json.loads(out.split("sample row: ")[1].splitlines()[0])
+    assert set(row) >= {"question", "answer"}
