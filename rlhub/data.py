@@ -16,9 +16,13 @@ Every problem (no such file, an empty split, a missing column) is a
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -144,3 +148,36 @@ def write_jsonl(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in rows))
     return path
+
+
+def task_files(name: str, params: Mapping[str, Any], shipped: Mapping[str, Any], write: Callable[[Path], Any],
+               shipped_dir: Path) -> tuple[Path, Path]:
+    """(train, test) jsonl files of a built-in generated task: the shipped ones (envs/data/) when `params` are those they were
+    written with, else written once by `write(directory)` under RLHUB_CACHE/envs/<name>-<key>/
+    (aside, then renamed into place, so workers starting together never read half a file)."""
+    if dict(params) == dict(shipped):
+        directory = shipped_dir
+    else:
+        key = hashlib.sha1(json.dumps(dict(params), sort_keys=True).encode()).hexdigest()[:12]
+        from rlhub.models.build import cache_dir
+
+        directory = cache_dir() / "envs" / f"{name}-{key}"
+    train, test = directory / f"{name}.jsonl", directory / f"{name}_test.jsonl"
+    if directory == shipped_dir and not (train.is_file() and test.is_file()):
+        raise FileNotFoundError(f"{train} or {test} is missing: write them with `python -m rlhub.envs.{name}`")
+    if not directory.is_dir():
+        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        try:
+            tmp.rename(directory)
+        except OSError:  # another worker renamed its copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return train, test
+
+
+def load_split(path: Path) -> Any:
+    """The rows of one local jsonl file, through the project's `datasets` loader."""
+    from rlhub.data import DatasetConfig, load_rows
+
+    return load_rows(DatasetConfig(path=str(path)))["train"]

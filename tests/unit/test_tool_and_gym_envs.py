@@ -1,0 +1,213 @@
+"""The calculator_tools environment (a tool-call episode by hand and through the rollout worker, the
+shipped rows, format examples) and the reasoning_gym environment (two tasks, splits, threads)."""
+
+from __future__ import annotations
+
+import copy
+import doctest
+import json
+import random
+import re
+import threading
+
+import pytest
+import torch
+
+from rlhub.datastore import InMemoryDataStore
+from rlhub.engines.base import Completion
+from rlhub.envs import calculator_tools, reasoning_gym_env
+from rlhub.envs.base import ModelMessage
+from rlhub.envs.calculator_tools import DATA, CalcError, evaluate, write_data
+from rlhub.envs.registry import WithRows
+from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
+from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+
+
+@pytest.fixture(scope="module")
+def calc():
+    return calculator_tools.load_environment()
+
+
+@pytest.fixture(scope="module")
+def arithmetic_gym():
+    return reasoning_gym_env.load_environment("basic_arithmetic")
+
+
+def call(expression: str) -> ModelMessage:
+    return ModelMessage(json.dumps({"calc": expression}))
+
+
+# ---- calculator_tools ---------------------------------------------------------------------------
+
+def test_calculator_episode_by_hand(calc):
+    row = calc.dataset("train")[0]
+    prompt, start = calc.reset(row)
+    assert prompt[-1] == {"role": "user", "content": row["question"]} and '{"calc": ' in prompt[0]["content"]
+    state = copy.deepcopy(start)
+    first = calc.step(state, call(row["expression"]))
+    assert (first.done, first.reward, first.observation) == (False, 0.0, [{"role": "tool", "content": row["answer"]}])
+    last = calc.step(state, ModelMessage(f" {row['answer']}\n"))
+    assert (last.done, last.reward, last.success) == (True, 1.0, True)
+    wrong = calc.step(copy.deepcopy(start), ModelMessage(str(int(row["answer"]) + 1)))
+    assert (wrong.done, wrong.reward, wrong.success) == (True, 0.0, False)
+    cut = calc.step(copy.deepcopy(start), ModelMessage(row["answer"], finish_reason="length"))
+    assert (cut.done, cut.reward, cut.success) == (True, 0.0, False)
+
+
+def test_malformed_calls_get_an_error_and_the_episode_goes_on(calc, tmp_path):
+    state = calc.reset(calc.dataset("train")[0])[1]
+    for message in ('{"calc": 12', '{"expr": "1+1"}', '{"calc": 7}', '{"calc": "1/0"}', '{"calc": "2**8"}'):
+        result = calc.step(copy.deepcopy(state), ModelMessage(message))
+        assert not result.done and result.reward == 0.0
+        (tool,) = result.observation
+        assert tool["role"] == "tool" and tool["content"].startswith("error: "), message
+    marker = tmp_path / "ran"
+    attack = f"__import__('os').system('touch {marker}')"
+    result = calc.step(copy.deepcopy(state), call(attack))
+    assert "not allowed" in result.observation[0]["content"] and not marker.exists()
+    for expression in (attack, "(lambda: 1)()", "x", "1 if 1 else 2", "[1][0]", "1e999", "9" * 300):
+        with pytest.raises(CalcError):
+            evaluate(expression)
+    assert evaluate("-(3+4)*2/4") == -3.5 and calculator_tools.calculator('{"calc": "1/3"}') == "0.333333"
+
+
+def test_tool_call_limit_and_raw_text_observations():
+    env = calculator_tools.load_environment(max_tool_calls=1, chat=False)
+    row = env.dataset("test")[0]
+    prompt, state = env.reset(row)
+    assert isinstance(prompt, str) and prompt.endswith(f"{row['question']}\n")
+    first = env.step(state, call("1+1"))
+    assert not first.done and first.observation == "\nresult: 2\n"
+    again = env.step(state, call("1+1"))
+    assert again.done and again.reward == 0.0 and again.info == {"ended": "max_tool_calls"}
+    assert doctest.testmod(calculator_tools).failed == 0
+
+
+def test_shipped_rows_are_right_by_two_routes_and_rewritten_identically(tmp_path):
+    env = calculator_tools.load_environment()
+    train, test = env.dataset("train"), env.dataset("test")
+    assert 100 <= len(train) <= 3000 and len(test) >= 20
+    assert not {r["expression"] for r in train} & {r["expression"] for r in test}
+    python = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    for row in [*train, *test]:
+        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", row["expression"]).groups()
+        assert row["answer"] == str(python[op](int(a), int(b))) == calculator_tools.render(evaluate(row["expression"]))
+        assert row["question"] == f"What is {row['expression']}?"
+    written = write_data(tmp_path)
+    assert [p.read_text() for p in written] == [(DATA / p.name).read_text() for p in written]
+
+
+def test_format_examples_have_both_shapes_and_never_the_prompts_own_values(calc):
+    rows = {r["question"]: r for r in calc.dataset("train")}
+    pairs = calc.format_examples(400, random.Random(0))
+    first = final = 0
+    for prompt, answer in pairs:
+        row = rows[prompt[1]["content"]]
+        if prompt[-1]["role"] == "user":  # a first turn: a well-formed call with another expression
+            first += 1
+            assert json.loads(answer)["calc"] != row["expression"]
+        else:  # a final turn after a call and its result
+            final += 1
+            assert prompt[-2]["role"] == "assistant" and prompt[-1]["role"] == "tool"
+            assert re.fullmatch(r"-?\d+", answer) and answer != row["answer"]
+            assert json.loads(prompt[-2]["content"])["calc"] != row["expression"]
+    assert first > 100 and final > 100
+
+
+class ScriptedEngine:
+    """As in test_episodes: each call answers every prompt with the given turn's tokens."""
+
+    def __init__(self, turns: list[list[int]], eos: int) -> None:
+        self.turns, self.eos, self.version, self.calls = turns, eos, 0, []
+
+    def generate(self, prompts, sampling, weight_source=None, max_tokens=None):
+        self.calls.append([list(p) for p in prompts])
+        tokens = self.turns[min(len(self.calls) - 1, len(self.turns) - 1)]
+        out = []
+        for cap in max_tokens or [sampling.max_new_tokens] * len(prompts):
+            ids = tokens[:cap]
+            out.append(Completion(ids, [-0.5] * len(ids), [self.version] * len(ids), "stop" if ids and ids[-1] == self.eos else "length"))
+        self.version += 1
+        return out
+
+    def prompt_logprobs(self, ids):
+        return torch.zeros(len(ids) - 1)
+
+    def load_weights(self, state, version):
+        self.version = version
+
+
+def test_calculator_episode_through_the_rollout_worker(tokenizer, calc):
+    row = calc.dataset("train")[0]
+    env = WithRows(calc, {"train": [row], "test": []})
+    eos = tokenizer.eos_token_id
+    turns = [tokenizer.encode(text, add_special_tokens=False) + [eos] for text in (str(call(row["expression"])), row["answer"])]
+    engine = ScriptedEngine(turns, eos)
+    cfg = RolloutConfig(max_new_tokens=32, max_model_len=512, prompts_per_batch=1)
+    store = InMemoryDataStore(prompts_per_step=1, max_staleness=100)
+    worker = RolloutWorker(0, cfg, 2, 1, engine, env, tokenizer, store, InMemoryWeightSync(), DataSide(),
+                           probe_sequence(259), env_name="calculator_tools", env_timeout_s=5.0)
+    worker.generate_groups([0])
+    (meta, t), = store.get_batch(1, 10)
+    assert t.rewards.tolist() == [1.0, 1.0] and meta.extra["turns_mean"] == 2.0
+    ids = t.input_ids[0][t.attention_mask[0].bool()].tolist()
+    weight = t.completion_mask[0][: len(ids) - 1].tolist()  # weight[j] is the loss weight of token ids[j + 1]
+    trained = [i for i, w in zip(ids[1:], weight) if w == 1.0]
+    assert trained == turns[0] + turns[1]
+    first_end = weight.index(1.0) + len(turns[0])
+    between = ids[first_end + 1 : first_end + 1 + weight[first_end:].index(1.0)]
+    assert all(w == 0.0 for w in weight[first_end : first_end + len(between)])
+    assert tokenizer.decode(between) == f"\n<|im_start|>tool\n{row['answer']}<|im_end|>\n<|im_start|>assistant\n"
+    assert engine.calls[1][0][-len(between):] == between  # the second turn saw the tool's answer
+
+
+# ---- reasoning_gym ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["basic_arithmetic", "leg_counting"])
+def test_reasoning_gym_tasks_score_their_own_answers(task, arithmetic_gym):
+    env = arithmetic_gym if task == "basic_arithmetic" else reasoning_gym_env.load_environment(task, size=200, test_size=20)
+    rows = env.dataset("train")
+    assert json.loads(json.dumps(list(rows[:50]))) == list(rows[:50])  # plain JSON, as rows travel between processes
+    for row in rows[:20]:
+        prompt, state = env.reset(copy.deepcopy(row))
+        assert prompt == [{"role": "user", "content": row["question"]}]
+        answer = env.entries[row["index"]]["answer"]
+        right = env.step(copy.deepcopy(state), ModelMessage(f" {answer}\n"))
+        assert (right.reward, right.success, right.done) == (1.0, True, True)
+        assert env.step(state, ModelMessage(f"so <answer>{answer}</answer>")).reward == 1.0
+        wrong = env.step(state, ModelMessage(f"<answer>{answer}9</answer>"))
+        assert wrong.reward < 1.0 and not wrong.success
+        assert env.step(state, ModelMessage(answer, finish_reason="length")).reward == 0.0
+    examples = env.format_examples(200, random.Random(1))
+    by_question = {r["question"]: r for r in rows}
+    assert all(a != env.entries[by_question[p[-1]["content"]]["index"]]["answer"] for p, a in examples)
+
+
+def test_reasoning_gym_splits_are_disjoint_and_rows_checked(arithmetic_gym):
+    train, test = arithmetic_gym.dataset("train"), arithmetic_gym.dataset("test")
+    assert train and test and not {r["question"] for r in train} & {r["question"] for r in test}
+    assert not {r["index"] for r in train} & {r["index"] for r in test}
+    big = reasoning_gym_env.load_environment("count_bits", size=300, test_size=30, seed=3)
+    assert (len(big.dataset("train")), len(big.dataset("test"))) == (300, 30)  # a large task space: no duplicates
+    with pytest.raises(ValueError, match="not this environment's entry"):
+        big.reset({"question": "something else", "index": 0})
+
+
+def test_reasoning_gym_unknown_task_names_it_and_some_real_ones():
+    with pytest.raises(ValueError, match=r"task='no_such_task'.*basic_arithmetic"):
+        reasoning_gym_env.load_environment("no_such_task")
+
+
+def test_reasoning_gym_from_a_worker_thread():
+    out = {}
+
+    def run():
+        env = reasoning_gym_env.load_environment("chain_sum", size=100, test_size=10, min_terms=2, max_terms=2)
+        row = env.dataset("train")[0]
+        _, state = env.reset(row)
+        out["reward"] = env.step(state, ModelMessage(env.entries[row["index"]]["answer"])).reward
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert out["reward"] == 1.0
