@@ -14,7 +14,10 @@ integer literals, + - * / and parentheses are evaluated (no names, calls,
 attributes, unary minus or `**`), in exact fractions, so `7/2*4` is 14 and a
 division by zero is a wrong answer. The reward is 1 for an expression whose
 value is the target and which ended its turn (a completion cut off at the length
-limit scores 0); `success` equals it.
+limit scores 0); `success` equals it. A well-formed expression that follows the
+rule but misses the target earns `format_reward` (0.1, as in TinyZero's
+countdown; 0 turns it off), so that using the given numbers is learned before
+reaching the target.
 
 Rows ship as `envs/data/countdown.jsonl` (train) and `countdown_test.jsonl`
 (test), written by `write_data`: each row's target is the value of a random
@@ -154,6 +157,8 @@ class CountdownEnv:
     """Prompts as chat messages (False: raw text ending in `Expression:`)."""
     system_prompt: str | None = None
     """The instructions; None: a sentence stating the rule ("" for none)."""
+    format_reward: float = 0.1
+    """Reward for a well-formed expression under the rule that misses the target (0 turns it off)."""
     row_fields = ("numbers", "target")
 
     def __post_init__(self) -> None:
@@ -181,12 +186,15 @@ class CountdownEnv:
 
     def step(self, state: Any, message: str) -> StepResult:
         """1 for an expression on the message's last non-empty line that reaches the target under the
-        rule, followed by the end-of-turn token; 0 otherwise."""
+        rule, followed by the end-of-turn token; `format_reward` for a valid expression under the rule
+        that misses the target; 0 otherwise."""
         numbers, target = state
         lines = [line for line in message.splitlines() if line.strip()]
         value = evaluate(lines[-1], numbers, self.use_all) if lines else None
-        correct = ended_turn(message) and value == target
-        return StepResult(reward=1.0 if correct else 0.0, done=True, success=correct, info={"valid": value is not None})
+        ended = ended_turn(message)
+        correct = ended and value == target
+        reward = 1.0 if correct else self.format_reward if ended and value is not None else 0.0
+        return StepResult(reward=reward, done=True, success=correct, info={"valid": value is not None})
 
     def format_examples(self, n: int, rng: random.Random) -> list[tuple[Any, str]]:
         """(prompt, answer) pairs whose answer is a random expression over random numbers, not the

@@ -20,7 +20,7 @@ from rlhub.envs.base import ModelMessage
 
 @pytest.fixture(scope="module")
 def cd():
-    return countdown.load_environment()
+    return countdown.load_environment(format_reward=0.0)  # success and reward coincide; the shaping is tested apart
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,15 @@ def test_countdown_cut_off_scores_zero_and_division_is_exact(cd):
     assert reward(cd, ([2, 4, 7], 14), "7/2*4") == 1.0  # 3.5 on the way, exact
     assert reward(cd, ([3, 3, 5], 5), "5/(3-3)") == 0.0  # division by zero is a wrong answer
     assert reward(cd, ([3, 3, 5], 5), "5+3-3") == 1.0  # a repeated number given twice may be used twice
+
+
+def test_countdown_format_reward_only_for_a_valid_expression_that_ended_its_turn():
+    env = countdown.load_environment()  # format_reward 0.1
+    state = ([3, 5, 7], 22)
+    for text, want in [("3*5+7", 1.0), ("3+5+7", 0.1), ("7+7", 0.0), ("20+2", 0.0), ("3+5", 0.1), ("abc", 0.0)]:
+        assert env.step(state, ModelMessage(text, "stop")).reward == want, text
+    cut = env.step(state, ModelMessage("3+5", "length"))
+    assert cut.reward == 0.0 and cut.success is False
 
 
 def test_countdown_rule_at_most_once_or_exactly_once():
