@@ -60,6 +60,13 @@ def check_env(cfg: RunConfig) -> Any:
         raise ConfigError(str(e).strip("'\"")) from None
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
+    judge = cfg.reward.judge
+    if judge.model and not (Path(judge.model).expanduser() / "config.json").is_file():
+        raise ConfigError(f"reward.judge.model={judge.model!r}: no Hugging Face model directory there (config.json missing)")
+    try:
+        judge.template.format(prompt="", completion="", answer="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"reward.judge.template: {type(e).__name__} {e}; it may use {{prompt}}, {{completion}} and {{answer}}") from None
     if cfg.eval.every and not eval_rows(env, 1):
         raise ConfigError(f"eval.every={cfg.eval.every}: env.name={cfg.env.name!r} has no eval rows (its test split is empty; "
                           "set env.dataset.eval_split or env.dataset.eval_size)")
@@ -201,6 +208,7 @@ class Actors:
     critic: Any
     reference: Any
     fleet: Any
+    judge: Any = None
 
 
 def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) -> Actors:
@@ -222,7 +230,12 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed)
     learner.connect.remote(weight_sync, store)
-    return Actors(weight_sync, store, learner, critic, reference, fleet)
+    judge = None
+    if cfg.reward.judge.model:
+        from rlhub.actors.judge import JudgeActor
+
+        judge = JudgeActor.options(num_cpus=0, num_gpus=cfg.reward.judge.num_gpus).remote(cfg)
+    return Actors(weight_sync, store, learner, critic, reference, fleet, judge)
 
 
 def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,
@@ -261,7 +274,7 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
                  warm["warm_start/loss_last"], ", loaded from the cache" if warm["warm_start/cached"] else "", time.time() - t0)
     ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
     init_scorers(critic, reference, actors.weight_sync, resume_from)
-    fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s])
+    fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s], actors.judge)
     if plan is not None and not cfg.cluster.address:
         confine_ray(plan)
     log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.time() - t0)

@@ -38,8 +38,10 @@ class RolloutActor:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.worker: Any = None
 
-    def connect(self, store: Any, weight_sync: Any, scorers: list) -> int | None:
-        """The worker loop's partners: the store, the weights, the data-side scorers; returns the actor's core."""
+    def connect(self, store: Any, weight_sync: Any, scorers: list, judge: Any = None) -> int | None:
+        """The worker loop's partners: the store, the weights, the data-side scorers, the model judge (or
+        None); returns the actor's core."""
+        from rlhub.actors.judge import RayJudgeClient
         from rlhub.actors.scorers import RemoteScorer
         from rlhub.rollout import DataSide, RolloutWorker
 
@@ -61,6 +63,8 @@ class RolloutActor:
             env_name=run.env.name,
             env_timeout_s=run.env.timeout_s,
             env_workers=run.env.workers,
+            judge=RayJudgeClient(judge) if judge is not None else None,
+            judge_cfg=run.reward.judge,
         )
         return self.core
 
@@ -93,7 +97,7 @@ class RolloutFleet:
         self.args = (cfg, model_path, probe_ids)
         self.cores = cores
         self.cfg = cfg
-        self.partners: tuple = ()  # (store, weight_sync, scorers), from start()
+        self.partners: tuple = ()  # (store, weight_sync, scorers, judge), from start()
         self.max_restarts = max_restarts
         self.restarts = 0
         self._reported = [0] * cfg.rollout.num_actors  # failure reports of each actor already logged
@@ -103,10 +107,10 @@ class RolloutFleet:
         self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]  # they build their engines meanwhile
         self.runs: list = []
 
-    def start(self, store: Any, weight_sync: Any, scorers: list, timeout_s: float = 600.0) -> None:
+    def start(self, store: Any, weight_sync: Any, scorers: list, judge: Any = None, timeout_s: float = 600.0) -> None:
         """Wait until every actor has built its engine, connect it to its partners, and start the loops."""
         self.store = store
-        self.partners = (store, weight_sync, list(scorers))
+        self.partners = (store, weight_sync, list(scorers), judge)
         pending = {a.connect.remote(*self.partners): i for i, a in enumerate(self.actors)}
         deadline = time.monotonic() + timeout_s
         while pending:

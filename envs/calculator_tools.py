@@ -139,12 +139,13 @@ class CalculatorToolsEnv:
 
     row_fields = ("question", "answer")
 
-    def __init__(self, max_tool_calls: int = 2, chat: bool = True) -> None:
+    def __init__(self, max_tool_calls: int = 2, chat: bool = True, system_prompt: str | None = None) -> None:
         from rlhub.data import DatasetConfig, load_rows
 
         if max_tool_calls < 0:
             raise ValueError(f"env.kwargs.max_tool_calls={max_tool_calls} must be at least 0")
         self.max_tool_calls, self.chat = max_tool_calls, chat
+        self.system_prompt = INSTRUCTIONS if system_prompt is None else system_prompt
         self._splits = {split: load_rows(DatasetConfig(path=str(DATA / f"{NAME}{suffix}.jsonl")), self.row_fields)["train"]
                         for split, suffix in (("train", ""), ("test", "_test"))}
 
@@ -156,8 +157,9 @@ class CalculatorToolsEnv:
     def reset(self, row: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         state = {"answer": str(row["answer"]).strip(), "calls": 0}
         if self.chat:
-            return [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": row["question"]}], state
-        return f"{INSTRUCTIONS}\n{row['question']}\n", state
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            return [*system, {"role": "user", "content": row["question"]}], state
+        return "".join(f"{line}\n" for line in (self.system_prompt, row["question"]) if line), state
 
     def step(self, state: dict[str, Any], message: str) -> StepResult:
         """A tool call gets the calculator's answer (reward 0, not done); anything else is the final answer."""
@@ -205,9 +207,9 @@ def _other(rows: Sequence[Mapping[str, Any]], key: str, row: Mapping[str, Any], 
     raise ValueError(f"{NAME}: the training rows have too few distinct {key}s for format examples")
 
 
-def load_environment(max_tool_calls: int = 2, chat: bool = True) -> CalculatorToolsEnv:
+def load_environment(max_tool_calls: int = 2, chat: bool = True, system_prompt: str | None = None) -> CalculatorToolsEnv:
     """Arithmetic questions answered with a JSON calculator tool call ({"calc": "13*17"}), multi-turn."""
-    return CalculatorToolsEnv(max_tool_calls=max_tool_calls, chat=chat)
+    return CalculatorToolsEnv(max_tool_calls=max_tool_calls, chat=chat, system_prompt=system_prompt)
 
 
 if __name__ == "__main__":

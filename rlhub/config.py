@@ -17,6 +17,7 @@ from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.datastore import DataStoreConfig
 from rlhub.data import DatasetConfig
 from rlhub.evaluation import EvalConfig
+from rlhub.judge import JudgeConfig
 from rlhub.models.config import ModelConfig
 from rlhub.rollout_config import RolloutConfig
 
@@ -51,6 +52,14 @@ class EnvConfig:
     """Longest one reset or step may take; past it the sample is dropped and counted (env_timeout)."""
     workers: int = 4
     """Threads per rollout actor that run the environment's plain (not async) methods."""
+
+
+@dataclass
+class RewardConfig:
+    """What the environment's reward is combined with."""
+
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """A model judge (rlhub.judge): reward = env reward + judge.weight * its score."""
 
 
 @dataclass
@@ -135,6 +144,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     max_staleness: int = 1
@@ -240,6 +250,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.max_turns >= 1, "rollout.max_turns must be >= 1"),
         (cfg.rollout.max_episode_tokens >= 0, "rollout.max_episode_tokens must be >= 0 (0: no limit beyond max_turns)"),
         (cfg.env.timeout_s > 0 and cfg.env.workers >= 1, "env.timeout_s must be > 0 and env.workers >= 1"),
+        (cfg.reward.judge.verdict in ("yes_no", "number"), f"reward.judge.verdict={cfg.reward.judge.verdict!r}: use yes_no or number"),
+        (cfg.reward.judge.max_batch >= 1, "reward.judge.max_batch must be >= 1"),
         (cfg.learner.max_nonfinite_steps >= 1, "learner.max_nonfinite_steps must be >= 1"),
     ]
     for ok, message in checks:

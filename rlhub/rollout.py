@@ -88,6 +88,8 @@ class WorkerStats:
     dropped: dict[str, int] = field(default_factory=dict)
     env_errors: dict[str, int] = field(default_factory=dict)
     """Environment exceptions by type (reset or step)."""
+    judged: int = 0
+    """Samples scored by the model judge."""
     truncated: dict[str, int] = field(default_factory=dict)
     """Episodes ended at a limit (max_turns, max_tokens), kept with their last step's reward."""
     failure_reports: list[dict[str, Any]] = field(default_factory=list)
@@ -141,6 +143,8 @@ class RolloutWorker:
         env_name: str | None = None,
         env_timeout_s: float = 60.0,
         env_workers: int = 4,
+        judge: Any = None,
+        judge_cfg: Any = None,
     ) -> None:
         self.actor_id = actor_id
         self.cfg = cfg
@@ -164,6 +168,8 @@ class RolloutWorker:
         self.open: dict[int, OpenGroup] = {}  # by group id, in admission order
         self.in_env: deque[TurnBatch] = deque()
         self.last_generate_s = 0.0
+        self.judge, self.judge_cfg = judge, judge_cfg  # a judge client (rlhub.judge) and its JudgeConfig, or None
+        self.judging: list[tuple[list[OpenGroup], Any]] = []  # complete groups waiting for their judge scores
         self._holding = False
         self.eval_requests: list[tuple[int, int, int]] = []  # (step, rows, k), from the actor's other thread
         self.eval_results: list[dict[str, float]] = []
@@ -197,13 +203,15 @@ class RolloutWorker:
             self.in_env[0].wait(0.25 * self.last_generate_s)
         while self.in_env and self.in_env[0].done():
             self._collect(self.in_env.popleft())
+        self._judged(wait=False)
         if self.eval_requests:
             self._evaluate(*self.eval_requests.pop(0))
         waiting = sum(1 for g in self.open.values() if g.waiting)
-        room = min(self.batch_prompts - waiting, 2 * self.batch_prompts - len(self.open))
+        busy = len(self.open) + sum(len(groups) for groups, _ in self.judging)
+        room = min(self.batch_prompts - waiting, 2 * self.batch_prompts - busy)
         if room > 0:
             start = time.perf_counter()
-            group_ids = self.store.admit(self.actor_id, room, 0.0 if self.open else self.cfg.admission_wait_s)
+            group_ids = self.store.admit(self.actor_id, room, 0.0 if busy else self.cfg.admission_wait_s)
             self.stats.idle_seconds += time.perf_counter() - start
             if group_ids is None:
                 return False
@@ -211,9 +219,13 @@ class RolloutWorker:
         generated = self._generate_turn()
         if self.in_env and (drain or not generated):
             self._collect(self.in_env.popleft())
+        elif not generated and self.judging:  # nothing to generate: wait for the judge instead of spinning
+            self._judged(wait=True)
         while drain and (self.in_env or any(g.waiting for g in self.open.values())):
             self._generate_turn()
             self._collect(self.in_env.popleft())
+        if drain:
+            self._judged(wait=True)
         return True
 
     def _evaluate(self, step: int, rows: int, k: int) -> None:
@@ -236,6 +248,7 @@ class RolloutWorker:
             self._generate_turn()
             if self.in_env:
                 self._collect(self.in_env.popleft())
+        self._judged(wait=True)
 
     # ---- weights ------------------------------------------------------------
     def sync_weights(self) -> None:
@@ -367,10 +380,46 @@ class RolloutWorker:
     def _collect(self, batch: "TurnBatch") -> None:
         """`_answer`, then the groups whose episodes all ended are finished and put in the store."""
         self._answer(batch)
+        complete = [self.open.pop(gid) for gid in [g for g, group in self.open.items() if group.complete]]
+        if not complete:
+            return
+        if self.judge is None:
+            return self._finish(complete, [None] * len(complete))
+        # the judge scores them while generation goes on; _judged finishes them when the scores are back
+        texts = [self.judge_text(e) for g in complete for e in g.episodes if not e.dropped]
+        self.judging.append((complete, self.judge.submit(texts) if texts else []))
+
+    def judge_text(self, e: Episode) -> str:
+        from rlhub.judge import judge_inputs
+
+        last = e.history[-1]["content"] if e.history else self.tokenizer.decode(e.ids, skip_special_tokens=True)
+        prompt = e.history if e.history else self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
+        return judge_inputs(self.judge_cfg.template, prompt, last, e.row)
+
+    def _judged(self, wait: bool) -> None:
+        """Finish the groups whose judge scores came back (all of them, waiting, with `wait`)."""
+        while self.judging and (wait or self.judge.ready(self.judging[0][1])):
+            groups, handle = self.judging.pop(0)
+            try:
+                scores = self.judge.result(handle) if handle != [] else []
+            except Exception as e:  # noqa: BLE001 - a failed judge loses these groups, not the run
+                self.failures.record("judge", "score", None, e)
+                for g in groups:
+                    self._drop(g.group_id, g.row_index, "judge_error", len(g.episodes))
+                continue
+            per_group, lo = [], 0
+            for g in groups:
+                n = sum(1 for e in g.episodes if not e.dropped)
+                per_group.append(scores[lo : lo + n])
+                lo += n
+            self.stats.judged += lo
+            self._finish(groups, per_group)
+
+    def _finish(self, complete: list["OpenGroup"], judge_scores: list[list[float] | None]) -> None:
+        """Groups whose episodes all ended: scored, their advantages computed, put in the store."""
         finished = []
-        for gid in [g for g, group in self.open.items() if group.complete]:
-            group = self.open.pop(gid)
-            out = self._finish_group(group)
+        for group, scores in zip(complete, judge_scores):
+            out = self._finish_group(group, scores)
             if out is not None:
                 finished.append(out)
         if not finished:
@@ -449,16 +498,19 @@ class RolloutWorker:
     def _advantages(self, t: GroupTensors) -> None:
         t.advantages, t.returns = advantages(self.data_side, t.rewards, t.completion_mask, t.old_logprobs, t.ref_logprobs, t.values)
 
-    def _finish_group(self, group: "OpenGroup") -> tuple[GroupMeta, GroupTensors] | None:
-        """The scored group (advantages still to compute), or None when it was dropped (and counted)."""
+    def _finish_group(self, group: "OpenGroup", judge_scores: list[float] | None = None) -> tuple[GroupMeta, GroupTensors] | None:
+        """The scored group (advantages still to compute), or None when it was dropped (and counted).
+        `judge_scores`: the judge's score of each episode that was not dropped, added with its weight."""
         samples: list[Sample] = []
         sample_drops: Counter[str] = Counter()
+        scores = iter(judge_scores or ())
         for e in group.episodes:
             if e.dropped:
                 sample_drops[e.ended] += 1
                 continue
             routes = torch.cat(e.routes) if e.routes and len(e.routes) == e.turns else None
-            samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, float(e.result.reward), e.result.success,
+            reward = float(e.result.reward) + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
+            samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
                                   e.finish_reason, routes, None if e.turns == 1 else e.loss_mask))
         gid, row_idx = group.group_id, group.row_index
         for reason, n in sample_drops.items():

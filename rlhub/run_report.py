@@ -23,6 +23,10 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
     return {
         "rollout/success_rate": sum(m.success_mean * m.num_samples for m in metas) / n,
         "rollout/response_len": sum(m.response_len_mean * m.num_samples for m in metas) / n,
+        "judge/samples": float(sum(s.get("judged", 0) for s in [*rollout_stats, *retired])),
+        "rollout/turns": sum(m.extra.get("turns_mean", 1.0) * m.num_samples for m in metas) / n,
+        **{f"rollout/truncated/{why}": float(sum(s.get("truncated", {}).get(why, 0) for s in [*rollout_stats, *retired]))
+           for why in ("max_turns", "max_tokens")},
         "time/step_s": step_s,
         "time/wait_s": waited,
         "time/generate_s": sum(m.generate_seconds for m in metas),

@@ -253,3 +253,37 @@ def test_evaluation_counts_rows_solved_and_failures(tokenizer):
     assert len(greedy_call[1]) == 5 and len(sampled_call[1]) == 15  # one greedy episode per row that started, then k each
     assert greedy_call[3] == 0.0 and sampled_call[3] == worker.sampling.temperature == 1.0
     assert store.stats()["produced"] == 0  # evaluation puts nothing in the store
+
+
+def test_a_model_judge_adds_its_yes_no_score_to_the_reward(tokenizer, tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhub.judge import Judge, JudgeConfig, LocalJudgeClient
+
+    class Plain:
+        def dataset(self, split):
+            return [{"p": "2+2=", "answer": "4"}, {"p": "3+3=", "answer": "6"}]
+
+        def reset(self, row):
+            return row["p"], row["answer"]
+
+        def step(self, state, message):
+            return StepResult(float(message == state))
+
+    cfg = JudgeConfig(model=tiny_model_path, template="Q {prompt} A {completion} ({answer}) ok?", weight=0.5)
+    a = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
+    worker, store = make_worker(tokenizer, Plain(), ScriptedEngine([a], tokenizer.eos_token_id))
+    worker.judge, worker.judge_cfg = LocalJudgeClient(Judge(cfg)), cfg
+    worker.generate_groups([0, 1])
+    groups = {m.prompt_index: t for m, t in store.get_batch(2, 10)}
+    # the score recomputed by an independent route: one unpadded forward of the plain model per text
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    yes, no = tokenizer.encode("yes", add_special_tokens=False)[0], tokenizer.encode("no", add_special_tokens=False)[0]
+    for index, row in enumerate(Plain().dataset("train")):
+        text = f"Q {row['p']} A 4 ({row['answer']}) ok?"
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenizer.encode(text, add_special_tokens=False)])).logits[0, -1]
+        p_yes = float(torch.softmax(logits[[yes, no]], -1)[0])
+        env_reward = float(row["answer"] == "4")
+        assert groups[index].rewards.tolist() == pytest.approx([env_reward + 0.5 * p_yes] * 2, abs=1e-5)
+    assert worker.stats.judged == 4

@@ -101,3 +101,33 @@ def test_envs_list_and_show(capsys):
     assert "max_tool_calls = 2" in out and "sample row:" in out and '"calc"' in out
     row = json.loads(out.split("sample row: ")[1].splitlines()[0])
     assert set(row) >= {"question", "answer"}
+
+
+def test_a_verifiers_style_environment_through_the_adapter(tmp_path, monkeypatch):
+    import asyncio
+
+    (tmp_path / "vf_style_task.py").write_text('''
+from types import SimpleNamespace
+
+def exact(completion, answer):
+    return 1.0 if completion[-1]["content"].strip() == answer else 0.0
+
+async def short(completion, **kwargs):  # async, and takes everything by **kwargs
+    return 1.0 if len(completion[-1]["content"]) <= 3 else 0.0
+
+def load_environment(n=4):
+    rows = [{"question": f"{i}+{i}?", "answer": str(2 * i)} for i in range(n)]
+    return SimpleNamespace(dataset=rows, eval_dataset=rows[:1], system_prompt="Answer briefly.",
+                           rubric=SimpleNamespace(funcs=[exact, short], weights=[1.0, 0.2]))
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(["env=verifiers", "env.kwargs.module=vf_style_task", "env.kwargs.args.n=6"])
+    env = build_env(cfg.env)
+    assert len(env.dataset("train")) == 6 and len(env.dataset("test")) == 1
+    prompt, state = env.reset(env.dataset("train")[3])
+    assert prompt == [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "3+3?"}]
+    right = asyncio.run(env.step(state, ModelMessage("6", "stop")))
+    long_wrong = asyncio.run(env.step(state, ModelMessage("seven", "stop")))
+    assert right.reward == pytest.approx(1.2) and long_wrong.reward == 0.0
+    with pytest.raises(ValueError, match="env.kwargs.module='no_such_module'"):
+        build_env(load_config(["env=verifiers", "env.kwargs.module=no_such_module"]).env)
