@@ -54,6 +54,7 @@ class Pipeline:
         self._last_tokens, self._last_time = 0, time.perf_counter()
         self.eval_rows = 0  # how many eval rows the environment has (set by the controller)
         self.evals_pending = 0
+        self.eval_requested = -1
         self.last_eval: dict[str, float] | None = None
 
     # ---- 1. rollout -> store ---------------------------------------------------------
@@ -175,6 +176,7 @@ class Pipeline:
         if every and version % every == 0 and self.eval_rows:
             self.fleet.request_eval(version, self.cfg.eval.rows, self.cfg.eval.k)
             self.evals_pending += 1
+            self.eval_requested = version
         out: dict[str, float] = {}
         if self.evals_pending:
             for result in self.fleet.eval_results():
@@ -184,15 +186,16 @@ class Pipeline:
         return out
 
     def final_eval(self, version: int, timeout_s: float = 600.0) -> dict[str, float] | None:
-        """The final policy's evaluation (eval.final), waited for; None without eval rows."""
+        """The final policy's evaluation (eval.final), waited for; None without eval rows. It goes to
+        the summary (and W&B's), not to metrics.jsonl, whose rows are the steps."""
         if not (self.cfg.eval.final and self.eval_rows):
             return self.last_eval
-        self.fleet.request_eval(version, self.cfg.eval.rows, self.cfg.eval.k)
+        if self.eval_requested != version:  # the last step's own evaluation, when due, is the final one
+            self.fleet.request_eval(version, self.cfg.eval.rows, self.cfg.eval.k)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for result in self.fleet.eval_results():
+            for result in self.fleet.eval_results():  # an earlier step's, still on its way, is left out
                 if int(result["eval/step"]) == version:
-                    self.tracker.log(version, result)
                     log.info("final eval: %s", _eval_line(result))
                     return result
             time.sleep(0.2)

@@ -133,10 +133,6 @@ def _print_config(overrides: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _envs_list() -> int:
     from rlhub.envs.registry import available_envs, describe
 
@@ -185,3 +181,7 @@ def _envs_show(name: str, kwargs: list[str]) -> int:
     print(f"\nrow fields: {list(getattr(env, 'row_fields', ()))}\nsample row: {json.dumps(dict(row), default=str)[:1000]}")
     print(f"prompt: {json.dumps(prompt, default=str)[:1000]}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
