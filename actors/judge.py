@@ -73,5 +73,5 @@ class RayJudgeClient:
     def ready(self, handle: Any) -> bool:
         return bool(ray.wait([handle], timeout=0)[0])
 
-    def result(self, handle: Any) -> list[float]:
-        return ray.get(handle)
+    def result(self, handle: Any, timeout_s: float = 600.0) -> list[float]:
+        return ray.get(handle, timeout=timeout_s)  # a hung judge fails these groups (judge_error), not the loop

@@ -72,6 +72,11 @@ class RolloutActor:
         return asdict(self.worker.run())
 
     def stats(self) -> dict[str, Any]:
+        for _ in range(5):  # the loop's thread may add a key to one of the counters' dicts meanwhile
+            try:
+                return asdict(self.worker.stats)
+            except RuntimeError:
+                time.sleep(0.001)
         return asdict(self.worker.stats)
 
     def request_eval(self, step: int, rows: int, k: int) -> None:
@@ -173,7 +178,7 @@ class RolloutFleet:
         """Actor 0 evaluates between its rounds; results come from eval_results()."""
         self.actors[0].request_eval.remote(step, rows, k)
 
-    def eval_results(self, timeout_s: float = 10.0) -> list[dict[str, float]]:
+    def eval_results(self, timeout_s: float = 120.0) -> list[dict[str, float]]:
         try:
             return ray.get(self.actors[0].eval_results.remote(), timeout=timeout_s)
         except ray.exceptions.RayError:  # a crashed actor 0 took its evaluation with it; the next one comes

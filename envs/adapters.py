@@ -17,6 +17,7 @@ imported: the adapter reads the object's attributes.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 from typing import Any, Mapping, Sequence
@@ -68,8 +69,13 @@ class RubricEnv:
         for fn in self.funcs:
             params = inspect.signature(fn).parameters
             takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-            value = fn(**(offered if takes_all else {k: v for k, v in offered.items() if k in params}))
-            values.append(float(await value if inspect.isawaitable(value) else value))
+            kwargs = offered if takes_all else {k: v for k, v in offered.items() if k in params}
+            if inspect.iscoroutinefunction(fn):
+                value = await fn(**kwargs)
+            else:  # a plain function on a thread: it must not hold up the event loop other calls share
+                value = await asyncio.to_thread(fn, **kwargs)
+                value = await value if inspect.isawaitable(value) else value
+            values.append(float(value))
         reward = sum(w * v for w, v in zip(self.weights, values))
         return StepResult(reward, done=True, info={f"reward_{getattr(f, '__name__', i)}": v for i, (f, v) in enumerate(zip(self.funcs, values))})
 

@@ -98,7 +98,10 @@ class RewardFunctionEnv:
 
     def step(self, row: Mapping[str, Any], message: str) -> StepResult:
         reward = self.fn(row["prompt"], message, row)
-        value = float(reward) if isinstance(reward, (int, float)) else reward
+        try:  # numpy scalars and bools count as numbers; anything else goes to the platform's check as it is
+            value = float(reward) if not isinstance(reward, (str, bytes)) else reward
+        except (TypeError, ValueError):
+            value = reward
         return StepResult(value, done=True, success=isinstance(value, float) and value >= self.success_threshold)
 
 

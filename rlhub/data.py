@@ -46,11 +46,22 @@ class DatasetConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """The environment's row field -> the dataset's column, for columns named otherwise."""
     limit: int = 0
-    """Use only the first N training rows (0: all)."""
+    """Use only the first N training rows, after any held-out rows are taken (0: all)."""
 
 
-def _files(path: str) -> tuple[str, list[str]] | None:
-    """(datasets builder name, files) for local data files, None when `path` is not one."""
+SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
+
+
+def _split_of(name: str) -> str | None:
+    """The split a data file's name says it holds (train.jsonl, test-00000-of-00001.parquet), or None."""
+    stem = Path(name).name.split(".")[0]
+    return next((s for s in SPLIT_NAMES if stem == s or stem.startswith((f"{s}-", f"{s}_"))), None)
+
+
+def _files(path: str, split: str) -> tuple[str, list[str]] | None:
+    """(datasets builder name, files of `split`) for local data files, None when `path` is not one.
+    A directory whose files are named by split (train.jsonl, test.jsonl) holds those splits; any
+    other file, glob or directory is one split, 'train'."""
     p = Path(path).expanduser()
     if p.is_dir():
         found = sorted(str(f) for f in p.iterdir() if f.suffix in FORMATS and f.suffix != ".arrow")
@@ -61,6 +72,15 @@ def _files(path: str) -> tuple[str, list[str]] | None:
     kinds = {FORMATS.get(Path(f).suffix) for f in found}
     if None in kinds or len(kinds) > 1:
         raise DataError(f"env.dataset.path={path!r}: files must all be one of {sorted(FORMATS)} (found {sorted(Path(f).name for f in found)[:5]})")
+    splits = {f: _split_of(f) for f in found} if p.is_dir() else {}
+    if any(splits.values()):
+        chosen = [f for f, s in splits.items() if s == split]
+        if not chosen:
+            raise DataError(f"env.dataset.path={path!r} has splits {sorted({s for s in splits.values() if s})}, not {split!r}")
+        return kinds.pop(), chosen
+    if split != "train":
+        raise DataError(f"env.dataset.path={path!r}: local files hold one split ('train'); name them by split in a "
+                        f"directory (train.jsonl, test.jsonl), or use env.dataset.eval_size")
     return kinds.pop(), found
 
 
@@ -80,16 +100,13 @@ def _load(path: str, split: str) -> Any:
         if split != "train":
             raise DataError(f"env.dataset.path={path!r} is a single dataset (split 'train'), not {split!r}")
         return loaded
-    local = _files(path)
+    local = _files(path, split)
     if local is not None:
         builder, files = local
-        if split != "train":
-            raise DataError(f"env.dataset.path={path!r}: local files hold one split ('train'); "
-                            f"give the held-out rows their own path or use env.dataset.eval_size")
         if all(Path(f).stat().st_size == 0 for f in files):
             raise DataError(f"env.dataset.path={path!r}: split {split!r} is empty")
         try:
-            return datasets.load_dataset(builder, data_files=files, split="train")
+            return datasets.load_dataset(builder, data_files=files, split="train")  # datasets' name for one split
         except Exception as e:  # noqa: BLE001 - a malformed file, said with its name
             raise DataError(f"env.dataset.path={path!r}: cannot be read as {builder} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if p.is_absolute() or path.startswith((".", "~")) or p.suffix in FORMATS or "*" in path:
@@ -108,8 +125,6 @@ def load_rows(cfg: DatasetConfig, required: Sequence[str] = (), seed: int = 0) -
     train = _load(cfg.path, cfg.split)
     test = _load(cfg.path, cfg.eval_split) if cfg.eval_split else None
     train, test = (_mapped(d, cfg, required, name) if d is not None else None for d, name in ((train, cfg.split), (test, cfg.eval_split)))
-    if cfg.limit:
-        train = train.select(range(min(cfg.limit, len(train))))
     if test is None and cfg.eval_size:
         if cfg.eval_size >= len(train):
             raise DataError(f"env.dataset.eval_size={cfg.eval_size} leaves no training rows (the split has {len(train)})")
@@ -118,6 +133,8 @@ def load_rows(cfg: DatasetConfig, required: Sequence[str] = (), seed: int = 0) -
         held = set(random.Random(seed).sample(range(len(train)), cfg.eval_size))
         test = train.select(sorted(held))
         train = train.select([i for i in range(len(train)) if i not in held])
+    if cfg.limit:  # after the held-out rows are taken: the training rows used
+        train = train.select(range(min(cfg.limit, len(train))))
     if len(train) == 0:
         raise DataError(f"env.dataset.path={cfg.path!r}: split {cfg.split!r} is empty")
     return {"train": train, "test": test if test is not None else train.select([])}

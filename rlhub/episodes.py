@@ -186,13 +186,17 @@ class EnvRunner:
         return concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=f"rlhub-env-{lane}")
 
     def submit(self, fn: Callable[..., Any], *args: Any, lane: str = "step") -> "Call":
-        if inspect.iscoroutinefunction(fn):
-            future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
+        now = time.monotonic()
+        call = Call(None, now, self.timeout_s, lane)  # type: ignore[arg-type]
+        if inspect.iscoroutinefunction(fn):  # an event loop runs them all at once: each starts now
+            call.started = now
+            call.future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
         else:
-            future = self._pools[lane].submit(self._call, fn, args)
-        return Call(future, time.monotonic() + self.timeout_s, lane)
+            call.future = self._pools[lane].submit(self._call, call, fn, args)
+        return call
 
-    def _call(self, fn: Callable[..., Any], args: tuple) -> Any:
+    def _call(self, call: "Call", fn: Callable[..., Any], args: tuple) -> Any:
+        call.started = time.monotonic()  # the deadline counts from here, not from the time spent queued
         out = fn(*args)
         if inspect.isawaitable(out):  # a plain method that returned a coroutine
             out = asyncio.run_coroutine_threadsafe(_awaited(out), self._loop).result()
@@ -200,9 +204,13 @@ class EnvRunner:
 
     def result(self, call: "Call") -> Any:
         """The call's value or its exception; EnvTimeout once its deadline has passed."""
-        try:
-            return call.future.result(timeout=max(0.0, call.deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
+        while True:
+            remaining = call.deadline - time.monotonic()
+            try:  # while queued the deadline may still move (to start + timeout): look again shortly
+                return call.future.result(timeout=max(0.0, remaining if call.started is not None else min(remaining, 0.05)))
+            except concurrent.futures.TimeoutError:
+                if call.deadline - time.monotonic() > 0:
+                    continue
             if not call.future.cancel():  # a plain call already running: its thread stays busy
                 self._stuck[call.lane] += 1
                 if self._stuck[call.lane] >= self.workers:
@@ -221,11 +229,23 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+QUEUED_FOR = 10
+"""A plain call may wait in its pool's queue this many times env.timeout_s before it counts as timed out."""
+
+
 @dataclass
 class Call:
+    """One environment call: `timeout_s` from when it starts running (queued calls wait their turn)."""
+
     future: concurrent.futures.Future
-    deadline: float
+    submitted: float
+    timeout_s: float
     lane: str = "step"
+    started: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout_s if self.started is not None else self.submitted + QUEUED_FOR * self.timeout_s
 
     def done(self) -> bool:
         return self.future.done() or time.monotonic() >= self.deadline

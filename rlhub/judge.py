@@ -66,6 +66,7 @@ class Judge:
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(self.device).eval()
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.yes, self.no = self._token("yes"), self._token("no")
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048) - 8  # room for a number
 
     def _token(self, word: str) -> int:
         ids = self.tokenizer.encode(word, add_special_tokens=False)
@@ -81,7 +82,8 @@ class Judge:
     def _batch(self, texts: list[str]) -> tuple[Any, Any]:
         import torch
 
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) or [self.pad] for t in texts]
+        # a text longer than the judge's context keeps its end, where the template puts the question
+        ids = [self.tokenizer.encode(t, add_special_tokens=False)[-self.max_len:] or [self.pad] for t in texts]
         width = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -235,10 +235,12 @@ class RolloutWorker:
         start = time.perf_counter()
         self.sync_weights()
         self._holding = True
+        kept = (self.stats.generated_tokens, self.stats.generate_seconds, dict(self.stats.truncated))
         try:
             result = evaluate(self, eval_rows(self.env, rows), k)
-        finally:
+        finally:  # the training throughput and truncation counters leave evaluation out
             self._holding = False
+            self.stats.generated_tokens, self.stats.generate_seconds, self.stats.truncated = kept
         result.update({"eval/step": float(step), "eval/seconds": time.perf_counter() - start})
         self.eval_results.append(result)
 
@@ -333,9 +335,10 @@ class RolloutWorker:
             out.append(OpenGroup(gid, -1, episodes, time.perf_counter()))
         return out
 
-    def _budget(self, e: Episode) -> int:
-        """Tokens the episode's next turn may generate: the per-turn limit, the episode's and the context's."""
-        left = min(self.cfg.max_new_tokens, self.cfg.max_model_len - len(e.context))
+    def _budget(self, e: Episode, extra: int = 0) -> int:
+        """Tokens the episode's next turn may generate (after `extra` more context tokens): the per-turn
+        limit, the episode's and the context's."""
+        left = min(self.cfg.max_new_tokens, self.cfg.max_model_len - len(e.context) - extra)
         if self.cfg.max_episode_tokens:
             left = min(left, self.cfg.max_episode_tokens - e.generated)
         return left
@@ -387,7 +390,9 @@ class RolloutWorker:
             return self._finish(complete, [None] * len(complete))
         # the judge scores them while generation goes on; _judged finishes them when the scores are back
         texts = [self.judge_text(e) for g in complete for e in g.episodes if not e.dropped]
-        self.judging.append((complete, self.judge.submit(texts) if texts else []))
+        if not texts:  # every sample was dropped: nothing to judge, the groups go (and are counted) now
+            return self._finish(complete, [[] for _ in complete])
+        self.judging.append((complete, self.judge.submit(texts)))
 
     def judge_text(self, e: Episode) -> str:
         from rlhub.judge import judge_inputs
@@ -401,7 +406,7 @@ class RolloutWorker:
         while self.judging and (wait or self.judge.ready(self.judging[0][1])):
             groups, handle = self.judging.pop(0)
             try:
-                scores = self.judge.result(handle) if handle != [] else []
+                scores = self.judge.result(handle)
             except Exception as e:  # noqa: BLE001 - a failed judge loses these groups, not the run
                 self.failures.record("judge", "score", None, e)
                 for g in groups:
@@ -468,11 +473,11 @@ class RolloutWorker:
             self.failures.record(self.env_name, "observation", e.row, bad)
             e.ended, e.dropped = "env_error", True
             return
+        if self._budget(e, extra=len(ids)) < 1:  # no room for another turn after it: the episode ends before it
+            return self._cut(e, "max_tokens")
         e.add_observation(ids)
         if e.history is not None:
             e.history += new
-        if self._budget(e) < 1:
-            self._cut(e, "max_tokens")
 
     def _cut(self, e: Episode, why: str) -> None:
         """An episode over a limit ends with the reward of its last step (the environment's reward for an unfinished episode)."""
@@ -511,7 +516,7 @@ class RolloutWorker:
             routes = torch.cat(e.routes) if e.routes and len(e.routes) == e.turns else None
             reward = float(e.result.reward) + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
             samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
-                                  e.finish_reason, routes, None if e.turns == 1 else e.loss_mask))
+                                  e.finish_reason, routes, e.loss_mask if 0 in e.loss_mask else None))
         gid, row_idx = group.group_id, group.row_index
         for reason, n in sample_drops.items():
             self._count(reason, n)
@@ -519,8 +524,9 @@ class RolloutWorker:
             reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
             self.store.drop(gid, reason, len(group.episodes), row_idx)
             return None
-        for s in samples:
-            s.reward += overlong_penalty(s.generated, self.cfg.max_new_tokens, self.data_side.overlong_window, self.data_side.overlong_penalty)
+        for s in samples:  # a multi-turn episode's length is measured against the episode's budget
+            budget = self.cfg.max_new_tokens if s.loss_mask is None else self.cfg.max_episode_tokens or self.cfg.max_turns * self.cfg.max_new_tokens
+            s.reward += overlong_penalty(s.generated, budget, self.data_side.overlong_window, self.data_side.overlong_penalty)
         rewards = torch.tensor([s.reward for s in samples])
         reason = drop_reason(self.data_side, rewards)
         if reason is not None:  # a filter (DAPO's dynamic sampling): admission starts another prompt instead

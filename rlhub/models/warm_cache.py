@@ -4,8 +4,9 @@ The warm start is a pure function of the model's starting weights, the examples,
 step count, batch size, learning rate and seed, so its weights can be reused the way
 the built model is: `RLHUB_CACHE/warm_start/<key>/` holds `model.safetensors` (the
 policy's state dict, bit for bit) and `metrics.json` (what the computing run measured).
-The key hashes those inputs; a model directory enters it by its path, its config and
-its weight files' sizes and modification times, so rebuilding or replacing it misses.
+The key hashes those inputs and the learner's dtype; a model directory enters it by
+its path, its config and its weight files' sizes and modification times, so rebuilding
+or replacing it misses.
 `warm_start.cache=false` computes it every time.
 """
 
@@ -22,11 +23,11 @@ from rlhub.models.build import cache_dir
 
 
 def warm_start_key(model_path: str, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float,
-                   seed: int) -> str:
+                   seed: int, dtype: str = "") -> str:
     root = Path(model_path)
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.glob("*.safetensors"))
     h = hashlib.sha256()
-    h.update(json.dumps([str(root.resolve()), (root / "config.json").read_text(), weights, steps, batch_size, lr, seed]).encode())
+    h.update(json.dumps([str(root.resolve()), (root / "config.json").read_text(), weights, steps, batch_size, lr, seed, dtype]).encode())
     h.update(json.dumps(examples).encode())
     return h.hexdigest()[:16]
 
@@ -61,7 +62,8 @@ def cached_warm_start(learner: Any, model_path: str, examples: list[tuple[list[i
                       lr: float, seed: int, cache: bool = True) -> dict[str, float]:
     """`learner.warm_start(...)`, or its kept result loaded into `learner.model`; the metrics say which
     ("warm_start/cached" 1 or 0)."""
-    key = warm_start_key(model_path, examples, steps, batch_size, lr, seed) if cache else None
+    dtype = str(next(learner.model.parameters()).dtype)  # the learner's, which may differ from the directory's
+    key = warm_start_key(model_path, examples, steps, batch_size, lr, seed, dtype) if cache else None
     kept = load_warm_start(key) if key else None
     if kept is not None:
         state, metrics = kept

@@ -65,6 +65,18 @@ def test_every_builtin_environment_trains_and_evaluates(ray_local, run_pipeline,
         assert max(m["rollout/turns"] for m in metrics) > 1
 
 
+@pytest.mark.vllm
+def test_multi_turn_tool_episodes_on_the_vllm_engine(ray_local, run_pipeline, tmp_path):
+    """Per-prompt token budgets and contexts that grow by tool messages, through vLLM."""
+    pytest.importorskip("vllm")
+    summary, metrics = run_pipeline(tmp_path, "env=calculator_tools", "rollout.engine=vllm", "experiment.total_steps=3",
+                                    "env.kwargs.system_prompt=", "rollout.max_new_tokens=18", "rollout.max_turns=3",
+                                    "rollout.max_episode_tokens=30", "warm_start.steps=20", "rollout.log_samples=4", *EVAL)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and max(m["rollout/turns"] for m in metrics) > 1
+    generated = [len(s["logprobs"]) for s in read_jsonl(tmp_path / "samples.jsonl")]  # the assistant's tokens per episode
+    assert len(generated) == 3 * 4 * 4 and max(generated) <= 30  # no episode past its token budget
+
+
 def test_rows_from_jsonl_and_parquet_are_the_same_and_resume_continues_at_the_saved_row(ray_local, run_pipeline, tmp_path):
     import datasets
 

@@ -287,3 +287,46 @@ def test_a_model_judge_adds_its_yes_no_score_to_the_reward(tokenizer, tiny_model
         env_reward = float(row["answer"] == "4")
         assert groups[index].rewards.tolist() == pytest.approx([env_reward + 0.5 * p_yes] * 2, abs=1e-5)
     assert worker.stats.judged == 4
+
+
+def test_an_episode_out_of_budget_ends_before_the_observation_it_could_not_answer(tokenizer):
+    a = tokenizer.encode("abc", add_special_tokens=False) + [tokenizer.eos_token_id]
+    worker, store = make_worker(tokenizer, ToolTask(turns_to_finish=99), ScriptedEngine([a], tokenizer.eos_token_id),
+                                max_new_tokens=4, max_episode_tokens=4)
+    worker.generate_groups([0])
+    (meta, t), = store.get_batch(1, 10)
+    # only the assistant's four tokens follow the prompt, all of them with the loss: no tool message was added
+    assert meta.num_tokens == 2 * 4 and t.completion_mask.sum() == 2 * 4 and (t.versions[t.completion_mask == 1] == 0).all()
+    assert worker.stats.truncated == {"max_tokens": 2}
+
+
+def test_groups_whose_samples_all_failed_skip_the_judge(tokenizer):
+    class Broken(ToolTask):
+        def step(self, state, message):
+            raise ValueError("no")
+
+    class NeverReady:
+        def __init__(self):
+            self.sent, self.handles = [], []
+
+        def submit(self, texts):
+            self.sent.append(texts)
+            self.handles.append(object())
+            return self.handles[-1]
+
+        def ready(self, handle):  # as Ray's wait: only for something it handed out
+            assert handle in self.handles, f"asked about {handle!r}, which was never sent"
+            return False
+
+        def result(self, handle):
+            raise AssertionError("nothing was sent to the judge")
+
+    a = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
+    worker, store = make_worker(tokenizer, Broken(), ScriptedEngine([a], tokenizer.eos_token_id))
+    worker.judge, worker.judge_cfg = NeverReady(), None
+    for _ in range(4):  # each round polls the judge first
+        worker.step(drain=False)
+    worker.drain()
+    assert worker.judge.sent == [] and not worker.judging
+    dropped = store.stats()["dropped"]
+    assert list(dropped) == ["env_error"] and dropped["env_error"] >= 2

@@ -40,6 +40,15 @@ def test_the_same_rows_from_jsonl_parquet_csv_and_save_to_disk(files):
     assert as_list(saved["train"]) == ROWS[:30] and as_list(saved["test"]) == ROWS[30:]
 
 
+def test_a_directory_of_files_named_by_split_holds_those_splits(tmp_path):
+    write_jsonl(ROWS[:30], tmp_path / "d" / "train.jsonl")
+    write_jsonl(ROWS[30:], tmp_path / "d" / "test.jsonl")
+    rows = load_rows(DatasetConfig(path=str(tmp_path / "d"), eval_split="test"))
+    assert as_list(rows["train"]) == ROWS[:30] and as_list(rows["test"]) == ROWS[30:]  # held-out rows are not trained on
+    with pytest.raises(DataError, match=r"has splits \['test', 'train'\], not 'validation'"):
+        load_rows(DatasetConfig(path=str(tmp_path / "d"), eval_split="validation"))
+
+
 def test_columns_eval_rows_and_limit(files):
     rows = load_rows(DatasetConfig(path=str(files / "rows.jsonl"), columns={"prompt": "question"}, eval_size=8), required=["prompt"], seed=3)
     train, test = as_list(rows["train"]), as_list(rows["test"])
