@@ -166,7 +166,13 @@ def _envs_show(name: str, kwargs: list[str]) -> int:
     factory = available_envs()[name].load()
     print(f"{d['name']}  ({d['package']} {d['version']}, {d['entry_point']})\n  {d['description']}\n\narguments (env.kwargs.*):")
     args = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in kwargs)}
-    env = make_env(name, **args)
+    try:
+        env = make_env(name, **args)
+    except (ValueError, TypeError, KeyError) as e:  # it needs arguments: say which, and what it said
+        for p in inspect.signature(factory).parameters.values():
+            print(f"  {p.name}" + ("" if p.default is inspect.Parameter.empty else f" = {p.default!r}"))
+        print(f"\nrlhub: {name} cannot be built with {args or 'no arguments'}: {e}", file=sys.stderr)
+        return 2
     params = [p for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD]
     if not params and dataclasses.is_dataclass(env):  # load_environment(**kwargs) -> SomeEnv(**kwargs)
         params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in dataclasses.fields(env) if f.init]
