@@ -235,12 +235,13 @@ class RolloutWorker:
         start = time.perf_counter()
         self.sync_weights()
         self._holding = True
-        kept = (self.stats.generated_tokens, self.stats.generate_seconds, dict(self.stats.truncated))
+        kept = (self.stats.generated_tokens, self.stats.generate_seconds, dict(self.stats.truncated), self.failures)
+        self.failures = FailureLog({}, [])  # the environment's failures on eval rows are eval/failed, not the run's counters
         try:
             result = evaluate(self, eval_rows(self.env, rows), k)
-        finally:  # the training throughput and truncation counters leave evaluation out
+        finally:  # the training throughput, truncation and failure counters leave evaluation out
             self._holding = False
-            self.stats.generated_tokens, self.stats.generate_seconds, self.stats.truncated = kept
+            self.stats.generated_tokens, self.stats.generate_seconds, self.stats.truncated, self.failures = kept
         result.update({"eval/step": float(step), "eval/seconds": time.perf_counter() - start})
         self.eval_results.append(result)
 

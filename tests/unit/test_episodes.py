@@ -253,6 +253,11 @@ def test_evaluation_counts_rows_solved_and_failures(tokenizer):
     assert len(greedy_call[1]) == 5 and len(sampled_call[1]) == 15  # one greedy episode per row that started, then k each
     assert greedy_call[3] == 0.0 and sampled_call[3] == worker.sampling.temperature == 1.0
     assert store.stats()["produced"] == 0  # evaluation puts nothing in the store
+    # in a run, an evaluation's environment failures are eval/failed, not the training counters
+    errors, generated = dict(worker.stats.env_errors), worker.stats.generated_tokens
+    worker._evaluate(step=1, rows=0, k=3)
+    assert worker.eval_results[-1]["eval/failed"] == 4 and worker.stats.env_errors == errors
+    assert worker.stats.generated_tokens == generated
 
 
 def test_a_model_judge_adds_its_yes_no_score_to_the_reward(tokenizer, tiny_model_path):
