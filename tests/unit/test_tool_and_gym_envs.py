@@ -11,16 +11,15 @@ import re
 import threading
 
 import pytest
-import torch
 
 from rlhub.datastore import InMemoryDataStore
-from rlhub.engines.base import Completion
 from rlhub.envs import calculator_tools, reasoning_gym_env
 from rlhub.envs.base import ModelMessage
 from rlhub.envs.calculator_tools import DATA, CalcError, evaluate, write_data
 from rlhub.envs.registry import WithRows
 from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
 from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+from scripted import ScriptedEngine
 
 
 @pytest.fixture(scope="module")
@@ -114,29 +113,6 @@ def test_format_examples_have_both_shapes_and_never_the_prompts_own_values(calc)
     assert first > 100 and final > 100
 
 
-class ScriptedEngine:
-    """As in test_episodes: each call answers every prompt with the given turn's tokens."""
-
-    def __init__(self, turns: list[list[int]], eos: int) -> None:
-        self.turns, self.eos, self.version, self.calls = turns, eos, 0, []
-
-    def generate(self, prompts, sampling, weight_source=None, max_tokens=None):
-        self.calls.append([list(p) for p in prompts])
-        tokens = self.turns[min(len(self.calls) - 1, len(self.turns) - 1)]
-        out = []
-        for cap in max_tokens or [sampling.max_new_tokens] * len(prompts):
-            ids = tokens[:cap]
-            out.append(Completion(ids, [-0.5] * len(ids), [self.version] * len(ids), "stop" if ids and ids[-1] == self.eos else "length"))
-        self.version += 1
-        return out
-
-    def prompt_logprobs(self, ids):
-        return torch.zeros(len(ids) - 1)
-
-    def load_weights(self, state, version):
-        self.version = version
-
-
 def test_calculator_episode_through_the_rollout_worker(tokenizer, calc):
     row = calc.dataset("train")[0]
     env = WithRows(calc, {"train": [row], "test": []})
@@ -158,7 +134,7 @@ def test_calculator_episode_through_the_rollout_worker(tokenizer, calc):
     between = ids[first_end + 1 : first_end + 1 + weight[first_end:].index(1.0)]
     assert all(w == 0.0 for w in weight[first_end : first_end + len(between)])
     assert tokenizer.decode(between) == f"\n<|im_start|>tool\n{row['answer']}<|im_end|>\n<|im_start|>assistant\n"
-    assert engine.calls[1][0][-len(between):] == between  # the second turn saw the tool's answer
+    assert engine.calls[1][1][0][-len(between):] == between  # the second turn saw the tool's answer
 
 
 # ---- reasoning_gym ------------------------------------------------------------------------------
