@@ -60,6 +60,16 @@ def check_env(cfg: RunConfig) -> Any:
         raise ConfigError(str(e).strip("'\"")) from None
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
+    if cfg.eval.every and not eval_rows(env, 1):
+        raise ConfigError(f"eval.every={cfg.eval.every}: env.name={cfg.env.name!r} has no eval rows (its test split is empty; "
+                          "set env.dataset.eval_split or env.dataset.eval_size)")
+    if cfg.warm_start.steps and not callable(getattr(env, "format_examples", None)):
+        raise ConfigError(f"warm_start.steps={cfg.warm_start.steps}: env.name={cfg.env.name!r} has no format_examples(); set warm_start.steps=0")
+    return env
+
+
+def check_judge(cfg: RunConfig) -> None:
+    """The model judge's directory and template, checked before Ray starts."""
     judge = cfg.reward.judge
     if judge.model and not (Path(judge.model).expanduser() / "config.json").is_file():
         raise ConfigError(f"reward.judge.model={judge.model!r}: no Hugging Face model directory there (config.json missing)")
@@ -67,12 +77,6 @@ def check_env(cfg: RunConfig) -> Any:
         judge.template.format(prompt="", completion="", answer="")
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"reward.judge.template: {type(e).__name__} {e}; it may use {{prompt}}, {{completion}} and {{answer}}") from None
-    if cfg.eval.every and not eval_rows(env, 1):
-        raise ConfigError(f"eval.every={cfg.eval.every}: env.name={cfg.env.name!r} has no eval rows (its test split is empty; "
-                          "set env.dataset.eval_split or env.dataset.eval_size)")
-    if cfg.warm_start.steps and not callable(getattr(env, "format_examples", None)):
-        raise ConfigError(f"warm_start.steps={cfg.warm_start.steps}: env.name={cfg.env.name!r} has no format_examples(); set warm_start.steps=0")
-    return env
 
 
 def load_tokenizer(model_path: Path) -> Any:
@@ -133,6 +137,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     t0 = psutil.Process().create_time()  # the phases below are timed from the command's start
     run_dir, resume_from = prepare_run_dir(cfg)
     env = check_env(cfg)
+    check_judge(cfg)
     model_path = resolve_model_path(cfg.model)
     if cfg.cluster.address:
         check_reachable(cfg.cluster.address)

@@ -140,3 +140,13 @@ def load_environment(n=4):
     assert right.reward == pytest.approx(1.2) and long_wrong.reward == 0.0
     with pytest.raises(ValueError, match="env.kwargs.module='no_such_module'"):
         build_env(load_config(["env=verifiers", "env.kwargs.module=no_such_module"]).env)
+
+
+def test_a_judge_without_a_model_directory_or_with_a_bad_template_is_refused(tmp_path, tiny_model_path):
+    from rlhub.actors.controller import check_judge
+
+    with pytest.raises(ConfigError, match="reward.judge.model=.*config.json missing"):
+        check_judge(load_config([f"reward.judge.model={tmp_path}"]))
+    with pytest.raises(ConfigError, match="reward.judge.template: KeyError 'question'"):
+        check_judge(load_config([f"reward.judge.model={tiny_model_path}", "reward.judge.template='{question} {completion}'"]))
+    check_judge(load_config([f"reward.judge.model={tiny_model_path}"]))  # the default template fits
