@@ -27,12 +27,14 @@ class LearnerActor:
 
         from rlhub.learner import Learner
         from rlhub.models.logprobs import SamplingPolicy
+        from rlhub.moe import replay_enabled
 
         if core is not None:
             os.sched_setaffinity(0, {core})
         torch.set_num_threads(run.cluster.torch_threads)
         policy = SamplingPolicy(run.rollout.temperature, run.rollout.top_p)
-        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed, generation_budget=run.rollout.max_new_tokens, policy=policy)
+        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed, generation_budget=run.rollout.max_new_tokens,
+                               policy=policy, moe=run.moe, replay=replay_enabled(run.moe, run.rollout.engine))
         self.model_path = model_path
         self.weight_sync: Any = None
         self.store: Any = None

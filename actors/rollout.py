@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from rlhub.engines import make_engine
+from rlhub.moe_config import replay_enabled
 from rlhub.rollout_config import RolloutConfig
 
 # torch, the engine and the worker are imported inside the actor: the controller's process, which
@@ -33,7 +34,8 @@ class RolloutActor:
         seed = run.seed * 1000 + actor_id
         torch.manual_seed(seed)
         self.actor_id, self.core, self.run_cfg, self.probe_ids = actor_id, core, run, probe_ids
-        self.engine = make_engine(cfg, model_path, run.model.dtype, seed, core, run.cluster.torch_threads)
+        self.engine = make_engine(cfg, model_path, run.model.dtype, seed, core, run.cluster.torch_threads,
+                                  routing=replay_enabled(run.moe, cfg.engine), selection_bias=run.moe.balance == "aux_free")
         self.env = build_env(run.env, run.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.worker: Any = None

@@ -34,7 +34,7 @@ class CriticActor:
         from rlhub.scorers import Critic
 
         _pin(run, cores)
-        self.critic = Critic(model_path, run.model, run.algorithm, seed=run.seed + 17)
+        self.critic = Critic(model_path, run.model, run.algorithm, seed=run.seed + 17, moe=run.moe)
         self.pad_id = self.critic.model.backbone.config.pad_token_id or 0
 
     def load_published(self, weight_sync: Any) -> int:

@@ -36,6 +36,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     from rlhub.learner import Learner
     from rlhub.models.logprobs import SamplingPolicy
     from rlhub.models.build import resolve_model_path
+    from rlhub.moe import replay_enabled
     from rlhub.rollout import DataSide, RolloutWorker
     from rlhub.types import collate
     from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
@@ -46,10 +47,12 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     tok = AutoTokenizer.from_pretrained(path)
     probe = probe_sequence(len(tok))
     policy = SamplingPolicy(cfg.rollout.temperature, cfg.rollout.top_p)
-    learner = Learner(path, cfg.model, cfg.algorithm, probe, seed=cfg.seed, generation_budget=cfg.rollout.max_new_tokens, policy=policy)
+    learner = Learner(path, cfg.model, cfg.algorithm, probe, seed=cfg.seed, generation_budget=cfg.rollout.max_new_tokens, policy=policy,
+                      moe=cfg.moe, replay=replay_enabled(cfg.moe, cfg.rollout.engine))
     sync = InMemoryWeightSync()
     store = InMemoryDataStore(cfg.prompts_per_step, max_staleness=10**9)
-    engine = make_engine(cfg.rollout, path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)
+    engine = make_engine(cfg.rollout, path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads,
+                         routing=replay_enabled(cfg.moe, cfg.rollout.engine), selection_bias=cfg.moe.balance == "aux_free")
     worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, build_env(cfg.env, cfg.seed),
                            tok, store, sync, DataSide.of(cfg.algorithm), probe, cfg.seed)
     worker.batch_prompts = cfg.prompts_per_step  # one generation call per learner step, as one actor would

@@ -19,6 +19,7 @@ from rlhub.data import DatasetConfig
 from rlhub.evaluation import EvalConfig
 from rlhub.judge import JudgeConfig
 from rlhub.models.config import ModelConfig
+from rlhub.moe_config import MoEConfig, model_is_moe, replay_enabled
 from rlhub.rollout_config import RolloutConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -146,6 +147,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """MoE training: routing replay, load balancing, expert-load metrics (rlhub.moe)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     max_staleness: int = 1
     """How many policy versions a trained token may lag the learner (0: synchronous on-policy)."""
@@ -257,6 +260,12 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        cfg.moe.check()
+        if model_is_moe(cfg.model):
+            replay_enabled(cfg.moe, cfg.rollout.engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     from rlhub.envs.registry import available_envs
 
     if cfg.env.name not in available_envs():

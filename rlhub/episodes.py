@@ -112,8 +112,9 @@ class Episode:
     loss_mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
-    routes: list[Any] = field(default_factory=list)
-    """Per assistant turn, the routed experts of its tokens (where the engine records them)."""
+    routes: Any = None
+    """[len(context) - 1, layers, top_k] the experts each position was routed to, from the last turn's
+    completion (None where the engine records no routing)."""
     turns: int = 0
     generated: int = 0
     finish_reason: str = "stop"
@@ -138,8 +139,9 @@ class Episode:
         self.loss_mask += [1] * n
         self.logprobs += completion.logprobs
         self.versions += completion.versions
-        if completion.routed_experts is not None:
-            self.routes.append(completion.routed_experts)
+        # the turn's prompt was the whole context, so its record covers every position so far
+        # (earlier turns' positions as this turn's prefill routed them)
+        self.routes = completion.routed_experts
         self.turns += 1
         self.generated += n
         self.finish_reason = completion.finish_reason

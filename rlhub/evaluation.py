@@ -111,7 +111,7 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
 
         model_for_tokenizer = str(resolve_model_path(cfg.model))
     tokenizer = AutoTokenizer.from_pretrained(model if has_tokenizer else model_for_tokenizer)
-    engine = make_engine(cfg.rollout, model, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads)
+    engine = make_engine(cfg.rollout, model, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads, selection_bias=cfg.moe.balance == "aux_free")
     worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, env, tokenizer,
                            InMemoryDataStore(cfg.prompts_per_step, 0), InMemoryWeightSync(), DataSide.of(cfg.algorithm),
                            probe_sequence(len(tokenizer)), cfg.seed, env_name=cfg.env.name, env_timeout_s=cfg.env.timeout_s)

@@ -3,9 +3,11 @@
 Algorithm-blind: advantages (per token), behaviour log-probs and, with a
 reference actor, reference log-probs arrive with the batch; the loss is looked
 up by name. The critic, when there is one, trains beside it (`rlhub.scorers`).
-Each optimizer step bumps the policy version by one. The MoE router's
-load-balancing loss is added here and the expert load is measured from the
-same forward pass.
+Each optimizer step bumps the policy version by one. For an MoE policy the
+routers are under `rlhub.moe`: the learner replays the engine's routing
+(`moe.routing_replay`), adds the load-balancing and z-loss terms
+(`moe.balance`), measures the expert load from the same forward pass, and
+measures how far its own routing and log-probs are from the engine's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked, masked_mean
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, probe_logprobs, token_logprobs
+from rlhub.moe import BIAS_NAME, Balancer, MoEConfig, set_differs
 from rlhub.types import GroupTensors
 
 
@@ -38,7 +42,11 @@ class Learner:
         seed: int = 0,
         generation_budget: int = 16,
         policy: SamplingPolicy = RAW,
+        moe: MoEConfig | None = None,
+        replay: bool = False,
     ) -> None:
+        """`replay`: route every recorded position to the experts the engine used (R3), as
+        `rlhub.moe.replay_enabled` decided for the run's engine."""
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
@@ -47,8 +55,8 @@ class Learner:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype)).to(self.device)
         self.model.train()
-        self.moe = bool(is_moe(self.model))
-        self.aux_coef = model_cfg.router_aux_loss_coef if self.moe else 0.0
+        self.moe_cfg = moe or MoEConfig()
+        self.balancer = Balancer(self.model, self.moe_cfg, replay) if is_moe(self.model) else None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=algo.lr, betas=tuple(algo.adam_betas), weight_decay=algo.weight_decay
         )
@@ -73,25 +81,27 @@ class Learner:
             advantages = normalize_over_batch(advantages, mask)
         n = batch.input_ids.shape[0]
         norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n), constant=algo.loss_constant or self.generation_budget)
+        slices = [slice(lo, min(n, lo + algo.micro_batch_size)) for lo in range(0, n, algo.micro_batch_size)]
+        measure = self.balancer is not None and self.moe_cfg.mismatch_every > 0 and self.version % self.moe_cfg.mismatch_every == 0
+        if self.balancer is not None:
+            self.balancer.begin(batch.attention_mask, batch.routes, self._routing_pass(batch, slices) if len(slices) > 1 else None)
         sums: dict[str, float] = {}
-        load: torch.Tensor | None = None  # [layers, experts] token counts
+        agreement: dict[str, float] = {}  # sums behind the mismatch metrics
         self.optimizer.zero_grad(set_to_none=True)
-        for lo in range(0, n, algo.micro_batch_size):
-            mb = slice(lo, min(n, lo + algo.micro_batch_size))
-            parts, out = self._micro_batch_loss(batch, advantages, mb, norms)
+        for mb in slices:
+            parts, logprobs, capture = self._micro_batch_loss(batch, advantages, mb, norms)
             parts["loss"].backward()
             share = float(mask[mb].sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
             for k, v in parts.items():
                 value = float(v.detach())
                 if k.endswith("_max"):
                     sums[k] = max(sums.get(k, value), value)
-                elif k in ("loss", "pg_loss", "kl_ref", "aux_loss_share"):
+                elif k in ("loss", "pg_loss", "kl_ref", "aux_loss", "z_loss"):
                     sums[k] = sums.get(k, 0.0) + value  # already this micro-batch's share of the batch value
                 else:
                     sums[k] = sums.get(k, 0.0) + value * share
-            if self.moe:
-                counts = expert_counts(out.router_logits, batch.attention_mask[mb], self.model.config.num_experts_per_tok)
-                load = counts if load is None else load + counts
+            for k, v in self._agreement(batch, mb, logprobs.detach(), capture, measure).items():
+                agreement[k] = max(agreement.get(k, v), v) if k.endswith("_max") else agreement.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.grad_clip)
         finite = math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))
         # a non-finite loss or gradient would poison the weights: skip the update, keep the version moving
@@ -104,12 +114,12 @@ class Learner:
         metrics["train/policy_updated"] = float(update)
         metrics["train/nonfinite_skipped"] = float(not finite)
         metrics["train/nonfinite_in_row"] = float(self.nonfinite_in_row)
-        if "train/aux_loss_share" in metrics:
-            metrics["train/aux_loss"] = metrics.pop("train/aux_loss_share") / max(self.aux_coef, 1e-12)
         metrics["train/grad_norm"] = float(grad_norm)
+        metrics.update(agreement_metrics(agreement))
         metrics.update(staleness_metrics(batch, self.version))
-        if load is not None:
-            metrics.update(expert_load_metrics(load))
+        if self.balancer is not None:
+            metrics.update(self.balancer.end(update))
+            metrics["moe/routing_replay"] = float(self.balancer.replay and batch.routes is not None)
         metrics["train/tokens"] = norms.num_tokens
         metrics["rollout/reward_mean"] = float(batch.rewards.mean())
         metrics["rollout/reward_std"] = float(batch.rewards.std(unbiased=False))
@@ -117,18 +127,66 @@ class Learner:
         self.version += 1
         return metrics
 
-    def skip_step(self) -> dict[str, float]:
-        """A step with nothing to train on (its data was lost): the weights stay, the version advances."""
-        self.version += 1
-        return {"train/policy_updated": 0.0, "train/tokens": 0.0}
+    def _routing_pass(self, batch: GroupTensors, slices: list[slice]):
+        """The global-batch balance's routing pass: a forward per micro-batch, no gradients (run only
+        when replayed routes do not already say where every position goes)."""
 
-    def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, mb: slice, norms: BatchNorms) -> tuple[dict[str, torch.Tensor], Any]:
-        """This micro-batch's share of the batch loss, and its parts for logging."""
+        def run():
+            for mb in slices:
+                routes = None if batch.routes is None else batch.routes[mb]
+                with self.balancer.micro_batch(batch.attention_mask[mb], routes) as capture:
+                    token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
+                yield capture
+
+        return run
+
+    def _agreement(self, batch: GroupTensors, mb: slice, logprobs: torch.Tensor, capture: Any, measure: bool) -> dict[str, float]:
+        """Sums for how far the learner is from the engine. On tokens the engine sampled with these very
+        weights (version == the learner's) the log-prob gap is numerical mismatch alone; on all
+        generated tokens it also holds the policy's change since. On measuring steps of an MoE policy
+        with recorded routing: the gap of the other forward too (fresh routing under replay, replayed
+        without), and the share of (position, layer) pairs whose top-k sets differ between the
+        engine's record and the learner's own routing."""
+        mask = batch.completion_mask[mb]
+        same = mask * (batch.versions[mb] == self.version)
+        gap = (logprobs - batch.old_logprobs[mb]).abs()
+        out = {"tokens": float(mask.sum()), "gap_all": float((gap * mask).sum()), "same_tokens": float(same.sum())}
+        if out["same_tokens"] > 0:
+            out["gap_same"] = float((gap * same).sum())
+            out["gap_same_max"] = float((gap * same).max())
+        routes = None if batch.routes is None else batch.routes[mb]
+        if not measure or routes is None:
+            return out
+        replayed = self.balancer.replay
+        with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask[mb], routes, replay=not replayed) as other_capture:
+            other, _, _ = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
+        other_gap = (other - batch.old_logprobs[mb]).abs()
+        this, that = ("replay", "fresh") if replayed else ("fresh", "replay")
+        out[f"gap_all_{this}"], out[f"gap_all_{that}"] = out["gap_all"], float((other_gap * mask).sum())
+        if out["same_tokens"] > 0:
+            out[f"gap_same_{this}"], out[f"gap_same_{that}"] = out["gap_same"], float((other_gap * same).sum())
+        own = other_capture if replayed else capture  # the learner's own routing: the forward without replay
+        b, width = batch.input_ids[mb].shape
+        fresh = torch.stack([rec.fresh.view(b, width, -1)[:, :-1] for rec in own.layers], dim=2)  # [b, T-1, L, K]
+        recorded = (routes >= 0).all(-1).all(-1)  # [b, T-1]
+        differs = set_differs(fresh, routes.long())  # [b, T-1, L]
+        layers = differs.shape[-1]
+        for key, where in (("", recorded & mask.bool()), ("_same", recorded & same.bool())):
+            out[f"route_diff{key}"] = float(differs[where].sum())
+            out[f"route_pairs{key}"] = float(where.sum()) * layers
+        return out
+
+    def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, mb: slice, norms: BatchNorms) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+        """This micro-batch's share of the batch loss and its parts for logging, its log-probs, and
+        its routing capture (None for a dense policy)."""
         algo = self.algo
         mask = batch.completion_mask[mb]
         behaviour = batch.old_logprobs[mb]
-        kwargs = {"output_router_logits": True} if self.moe else {}
-        logprobs, entropy, out = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, policy=self.policy, **kwargs)
+        routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(
+            batch.attention_mask[mb], None if batch.routes is None else batch.routes[mb]
+        )
+        with routing as capture:
+            logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, policy=self.policy)
         corr = correct(logprobs, behaviour, mask, algo.correction, algo.tis_cap, (algo.icepop_low, algo.icepop_high))
         per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages[mb], corr.mask), self.loss_cfg)
         pg_loss = aggregate(per_token * corr.weights, corr.mask, algo.loss_agg, norms)
@@ -139,11 +197,6 @@ class Learner:
         with torch.no_grad():
             log_r = logprobs - behaviour
             parts["kl_behaviour"] = masked_mean(torch.exp(log_r) - 1.0 - log_r, mask)  # k3 of KL(behaviour || policy)
-            same = mask * (batch.versions[mb] == self.version)  # tokens sampled by these very weights
-            if same.sum() > 0:  # engine and learner compute the same distribution: ~0 unless the weights differ
-                gap = torch.where(same.bool(), (logprobs - behaviour).abs(), torch.zeros_like(logprobs))
-                parts["logprob_mismatch"] = gap.sum() / same.sum()
-                parts["logprob_mismatch_max"] = gap.max()
         if algo.kl_coef > 0:
             if batch.ref_logprobs is not None:  # computed by the reference actor on the data side
                 ref_lp = batch.ref_logprobs[mb]
@@ -154,12 +207,12 @@ class Learner:
             if algo.kl_penalty == "loss":
                 loss = loss + algo.kl_coef * kl
             parts["kl_ref"] = kl  # with kl_penalty=reward: logged only, the data side already subtracted it
-        if self.moe:
-            aux = self.aux_coef * out.aux_loss * (mask.shape[0] / norms.num_seqs)
-            loss = loss + aux
-            parts["aux_loss_share"] = aux
+        if self.balancer is not None:
+            aux, z = self.balancer.loss(capture)
+            loss = loss + self.balancer.weighted(aux, z)
+            parts["aux_loss"], parts["z_loss"] = aux, z
         parts["loss"] = loss
-        return parts, out
+        return parts, logprobs, capture
 
     def reference(self) -> torch.nn.Module:
         """The frozen reference policy for the KL term: the policy as RL started (after any warm start)."""
@@ -222,7 +275,9 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         trained = AutoModelForCausalLM.from_pretrained(str(directory / "policy"), dtype=self.model.dtype)
-        self.model.load_state_dict(trained.state_dict())
+        state = trained.state_dict()
+        state.update(_selection_biases(directory / "policy"))  # buffers transformers does not know about
+        self.model.load_state_dict(state)
         meta = json.loads((directory / "optimizer.json").read_text())
         self.optimizer.load_state_dict(unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta))
         self.version = version
@@ -239,24 +294,24 @@ def _supervised_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> 
     return GroupTensors.from_samples(samples, torch.zeros(len(samples)), pad_id)
 
 
-def expert_counts(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[layers, experts] number of real (unpadded) tokens routed to each expert."""
-    valid = attention_mask.reshape(-1).bool()
-    rows = []
-    for logits in router_logits:  # [B*T, E] per MoE layer
-        chosen = logits[valid].topk(top_k, dim=-1).indices
-        rows.append(torch.bincount(chosen.flatten(), minlength=logits.shape[-1]).float())
-    return torch.stack(rows).detach()
-
-
-def expert_load_metrics(counts: torch.Tensor) -> dict[str, float]:
-    frac = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)  # [layers, experts]
+def agreement_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Learner-engine agreement (see `Learner._agreement`). `train/logprob_mismatch` and the
+    `*_same_version` keys: tokens sampled at the learner's version (numerical mismatch only; absent on
+    steps without such tokens). `moe/logprob_gap_*` and `moe/routing_mismatch`: all generated tokens."""
     out: dict[str, float] = {}
-    for layer, row in enumerate(frac):
-        out[f"moe/layer{layer}/max_over_mean"] = float(row.max() / row.mean().clamp(min=1e-9))
-        for e, f in enumerate(row.tolist()):
-            out[f"moe/layer{layer}/expert{e}"] = f
-    out["moe/max_over_mean"] = max(v for k, v in out.items() if k.endswith("max_over_mean"))
+    tokens, same = sums.get("tokens", 0.0), sums.get("same_tokens", 0.0)
+    if same > 0:
+        out["train/logprob_mismatch"] = sums["gap_same"] / same
+        out["train/logprob_mismatch_max"] = sums["gap_same_max"]
+    for mode in ("replay", "fresh"):
+        if tokens > 0 and f"gap_all_{mode}" in sums:
+            out[f"moe/logprob_gap_{mode}"] = sums[f"gap_all_{mode}"] / tokens
+        if same > 0 and f"gap_same_{mode}" in sums:
+            out[f"moe/logprob_mismatch_{mode}"] = sums[f"gap_same_{mode}"] / same
+    if sums.get("route_pairs", 0.0) > 0:
+        out["moe/routing_mismatch"] = sums["route_diff"] / sums["route_pairs"]
+    if sums.get("route_pairs_same", 0.0) > 0:
+        out["moe/routing_mismatch_same_version"] = sums["route_diff_same"] / sums["route_pairs_same"]
     return out
 
 
@@ -292,6 +347,17 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _selection_biases(policy_dir: Path) -> dict[str, torch.Tensor]:
+    """The routers' selection biases (moe.balance=aux_free) saved with the policy's weights."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(policy_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as tensors:
+            out.update({k: tensors.get_tensor(k) for k in tensors.keys() if k.endswith(BIAS_NAME)})
+    return out
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:

@@ -514,7 +514,7 @@ class RolloutWorker:
             if e.dropped:
                 sample_drops[e.ended] += 1
                 continue
-            routes = torch.cat(e.routes) if e.routes and len(e.routes) == e.turns else None
+            routes = _positions(e.routes, len(e.prompt_ids) + len(e.ids) - 1)
             reward = float(e.result.reward) + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
             samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
                                   e.finish_reason, routes, e.loss_mask if 0 in e.loss_mask else None))
@@ -571,3 +571,13 @@ def _own_copy(state: Any) -> Any:
         return copy.deepcopy(state)
     except Exception:  # noqa: BLE001 - locks, handles, sockets
         return state
+
+
+def _positions(routes: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """An episode's routes for its n routed positions: an observation appended after the last turn
+    was never routed by the engine, so its positions are -1 (the learner routes them freshly)."""
+    if routes is None or routes.shape[0] > n:
+        return None
+    if routes.shape[0] < n:
+        routes = torch.cat([routes, routes.new_full((n - routes.shape[0], *routes.shape[1:]), -1)])
+    return routes

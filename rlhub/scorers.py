@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.losses import BatchNorms, aggregate, value_loss
 from rlhub.models.build import ModelConfig
 from rlhub.models.logprobs import RAW, SamplingPolicy, positions_from_mask, token_logprobs
+from rlhub.moe import Balancer, MoEConfig, find_routers
 from rlhub.types import GroupTensors
 
 
@@ -76,11 +78,14 @@ def trunk_state(policy_state: dict[str, torch.Tensor], prefix: str = "model") ->
 class Critic:
     """PPO's value function, trained asynchronously beside the policy; each optimizer step is a critic version."""
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, seed: int = 0) -> None:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, seed: int = 0, moe: MoEConfig | None = None) -> None:
+        """An MoE critic's routers are balanced as the policy's are (`moe.balance`, rlhub.moe); it
+        never replays the engine's routing, which belongs to the policy's routers."""
         torch.manual_seed(seed)
         self.algo = algo
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = ValueModel(model_path, getattr(torch, model_cfg.dtype)).to(self.device)
+        self.balancer = Balancer(self.model.backbone, moe or MoEConfig()) if find_routers(self.model.backbone) else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo.critic_lr, betas=tuple(algo.adam_betas), weight_decay=algo.weight_decay)
         self.version = 0
         self._lock = threading.Lock()  # scoring may run in another thread than training: never mid-update
@@ -129,26 +134,49 @@ class Critic:
         n = batch.input_ids.shape[0]
         norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n))
         sums: dict[str, float] = {}
+        slices = [slice(lo, min(n, lo + self.algo.micro_batch_size)) for lo in range(0, n, self.algo.micro_batch_size)]
+        if self.balancer is not None:
+            self.balancer.begin(batch.attention_mask, None, self._routing_pass(batch, slices) if len(slices) > 1 else None)
         self.optimizer.zero_grad(set_to_none=True)
-        for lo in range(0, n, self.algo.micro_batch_size):
-            mb = slice(lo, min(n, lo + self.algo.micro_batch_size))
-            values = self.model(batch.input_ids[mb], batch.attention_mask[mb])
+        for mb in slices:
+            routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(batch.attention_mask[mb], None)
+            with routing as capture:
+                values = self.model(batch.input_ids[mb], batch.attention_mask[mb])
             per_token, metrics = value_loss(values, batch.values[mb], batch.returns[mb], mask[mb], self.algo.value_clip)
             loss = aggregate(per_token, mask[mb], "token_mean", norms)
+            sums["value_loss"] = sums.get("value_loss", 0.0) + float(loss.detach())
+            if self.balancer is not None:
+                aux, z = self.balancer.loss(capture)
+                loss = loss + self.balancer.weighted(aux, z)
+                sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach())
+                sums["z_loss"] = sums.get("z_loss", 0.0) + float(z.detach())
             loss.backward()
             share = float(mask[mb].sum()) / max(norms.num_tokens, 1.0)
-            sums["value_loss"] = sums.get("value_loss", 0.0) + float(loss.detach())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * share
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
         with self._lock:
             self.optimizer.step()
             self.version += 1
+        if self.balancer is not None:
+            load = self.balancer.end(True)
+            sums.update({k: load[k] for k in ("moe/max_over_mean", "moe/dead_experts", "moe/router_entropy")})
         out = {f"critic/{k}": v for k, v in sums.items()}
         out["critic/grad_norm"] = float(grad_norm)
         out["critic/version"] = self.version
         out["time/critic_train_s"] = time.perf_counter() - start
         return out
+
+    def _routing_pass(self, batch: GroupTensors, slices: list[slice]):
+        """The global-batch balance's routing pass over the micro-batches (no gradients)."""
+
+        def run():
+            for mb in slices:
+                with self.balancer.micro_batch(batch.attention_mask[mb], None) as capture:
+                    self.model(batch.input_ids[mb], batch.attention_mask[mb])
+                yield capture
+
+        return run
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file, save_model

@@ -24,7 +24,9 @@ class Sample:
     reward: float
     success: bool | None
     finish_reason: str
-    routed_experts: torch.Tensor | None = None  # [n_generated, layers, top_k]
+    routed_experts: torch.Tensor | None = None
+    """[len(prompt_ids) + len(completion_ids) - 1, moe layers, top_k] expert ids of each position of
+    prompt + completion, as the engine routed it (`Completion.routed_experts`); None: not recorded."""
     loss_mask: list[int] | None = None
     """Per completion token: 1 where the policy generated it (it carries the loss), 0 for environment
     and tool tokens between a multi-turn episode's turns (their log-prob 0, version -1). None: all 1."""
@@ -49,8 +51,11 @@ class GroupTensors:
     values: torch.Tensor | None = None  # [G, T-1] the critic's V(s) before each generated target (PPO)
     returns: torch.Tensor | None = None  # [G, T-1] the critic's regression targets (PPO)
     ref_logprobs: torch.Tensor | None = None  # [G, T-1] the reference policy's log-probs (reference actor)
+    routes: torch.Tensor | None = None
+    """[G, T-1, moe layers, top_k] small integers: the experts the engine routed position t to (the
+    computation that predicts target t+1), -1 where not recorded; for routing replay (rlhub.moe)."""
 
-    OPTIONAL = ("values", "returns", "ref_logprobs")
+    OPTIONAL = ("values", "returns", "ref_logprobs", "routes")
 
     def __getstate__(self) -> dict:
         # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
@@ -84,7 +89,41 @@ class GroupTensors:
             ver[i, p - 1 : p - 1 + c] = torch.tensor(s.versions, dtype=torch.long)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         adv = advantages.float().unsqueeze(-1) * cmask if advantages.dim() == 1 else advantages.float() * cmask
-        return GroupTensors(ids, attn, cmask, old, ver, adv, rewards)
+        return GroupTensors(ids, attn, cmask, old, ver, adv, rewards, routes=_routes_of(samples, width))
+
+
+def _routes_of(samples: list[Sample], width: int) -> torch.Tensor | None:
+    """[G, width-1, L, K] the samples' recorded routes, -1 where a sample has none."""
+    recorded = [s.routed_experts for s in samples if s.routed_experts is not None]
+    if not recorded:
+        return None
+    first = recorded[0]
+    routes = torch.full((len(samples), width - 1, *first.shape[1:]), -1, dtype=first.dtype)
+    for i, s in enumerate(samples):
+        r = s.routed_experts
+        if r is None:
+            continue
+        if r.shape[0] != len(s.prompt_ids) + len(s.completion_ids) - 1 or r.shape[1:] != first.shape[1:]:
+            raise ValueError(f"sample {i}: routes of shape {tuple(r.shape)} for {len(s.prompt_ids)} prompt + {len(s.completion_ids)} completion tokens")
+        routes[i, : r.shape[0]] = r
+    return routes
+
+
+def _pad_routes(groups: list[GroupTensors], width: int) -> torch.Tensor | None:
+    """The groups' routes stacked and padded with -1 to width-1 positions; groups without routes
+    (another engine) are all -1."""
+    shapes = [g.routes.shape for g in groups if g.routes is not None]
+    if not shapes:
+        return None
+    (_, _, layers, k), dtype = shapes[0], next(g.routes.dtype for g in groups if g.routes is not None)
+    out = torch.full((sum(g.input_ids.shape[0] for g in groups), width - 1, layers, k), -1, dtype=dtype)
+    lo = 0
+    for g in groups:
+        n = g.input_ids.shape[0]
+        if g.routes is not None:
+            out[lo : lo + n, : g.routes.shape[1]] = g.routes
+        lo += n
+    return out
 
 
 def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
@@ -110,5 +149,6 @@ def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
         versions=torch.cat([pad(g.versions, width - 1, -1) for g in groups]),
         advantages=torch.cat([pad(g.advantages, width - 1, 0.0) for g in groups]),
         rewards=torch.cat([g.rewards for g in groups]),
-        **{name: optional(name) for name in GroupTensors.OPTIONAL},
+        routes=_pad_routes(groups, width),
+        **{name: optional(name) for name in GroupTensors.OPTIONAL if name != "routes"},
     )

@@ -3,7 +3,7 @@
 Rollout actors own one engine each. Every engine returns, per generated token,
 the id, the sampling log-prob under the weights that produced it, and that
 policy version, so the learner can correct for staleness. MoE engines that can
-record routing also return the routed expert ids per token.
+record routing also return the routed expert ids per position, for routing replay.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ class Completion:
     """Policy version of the weights that produced each token."""
     finish_reason: str  # "stop" | "length"
     routed_experts: torch.Tensor | None = None
-    """[num_tokens, num_moe_layers, top_k] expert ids chosen for each generated token, where recorded."""
+    """[len(prompt) + len(token_ids) - 1, num_moe_layers, top_k] small-integer expert ids that each
+    position of prompt + completion was routed to (the last token is never an input), where the
+    engine records routing (`rlhub.moe`)."""
 
 
 WeightSource = Callable[[], bool]

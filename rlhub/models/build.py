@@ -39,7 +39,7 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
 
 def _arch_fields(cfg: ModelConfig) -> dict:
     d = asdict(cfg)
-    for k in ("name", "path", "router_aux_loss_coef"):
+    for k in ("name", "path"):
         d.pop(k)
     return d
 
@@ -76,7 +76,6 @@ def build_tiny_moe(cfg: ModelConfig, root: Path | None = None) -> Path:
         eos_token_id=258,
         pad_token_id=256,
         decoder_sparse_step=1,
-        router_aux_loss_coef=cfg.router_aux_loss_coef,
         dtype=cfg.dtype,
     )
     torch.manual_seed(cfg.init_seed)

@@ -26,6 +26,6 @@ class ModelConfig:
     init_seed: int = 0
     """Seed of the random init of the built model."""
     dtype: str = "float32"
-    """Parameter dtype on the learner and the engines: float32 or bfloat16."""
-    router_aux_loss_coef: float = 0.01
-    """Weight of the router load-balancing loss added by the learner (MoE models only)."""
+    """Parameter dtype on the learner and the engines: float32 or bfloat16.
+
+    MoE training (routing replay, load balancing) is configured under `moe.*` (`rlhub.moe.MoEConfig`)."""

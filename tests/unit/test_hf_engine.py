@@ -23,7 +23,7 @@ def test_engine_logprobs_match_a_full_forward(tiny_model_path):
     outs = eng.generate(prompts, SamplingConfig(max_new_tokens=6, stop_token_ids=(258,), seed=3))
     for p, c in zip(prompts, outs):
         assert len(c.token_ids) == len(c.logprobs) == len(c.versions) <= 6
-        assert c.routed_experts.shape == (len(c.token_ids), 2, 2)
+        assert c.routed_experts.shape == (len(p) + len(c.token_ids) - 1, 2, 2)  # every position but the last
         ids = torch.tensor([p + c.token_ids])
         ref, _, _ = token_logprobs(eng.model, ids, torch.ones_like(ids))
         assert torch.allclose(ref[0, len(p) - 1 :], torch.tensor(c.logprobs), atol=1e-5)

@@ -12,6 +12,7 @@ from rlhub.envs import make_env
 from rlhub.envs.base import StepResult
 from rlhub.learner import Learner
 from rlhub.models.build import ModelConfig
+from rlhub.moe import MoEConfig
 from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker, prompt_index
 from rlhub.types import collate
 from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
@@ -141,8 +142,8 @@ def test_learner_step_changes_weights_and_logs_moe_load(tiny_model_path, tokeniz
 def test_micro_batching_gives_the_same_gradient(tiny_model_path, tokenizer):
     store = InMemoryDataStore(2, 0)
     sync = InMemoryWeightSync()
-    whole = Learner(tiny_model_path, ModelConfig(router_aux_loss_coef=0.0), AlgorithmConfig(micro_batch_size=64, grad_clip=1e9), PROBE)
-    split = Learner(tiny_model_path, ModelConfig(router_aux_loss_coef=0.0), AlgorithmConfig(micro_batch_size=3, grad_clip=1e9), PROBE)
+    whole = Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=64, grad_clip=1e9), PROBE, moe=MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0))
+    split = Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=3, grad_clip=1e9), PROBE, moe=MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0))
     sync.push(whole.state_dict(), 0, whole.probe())
     worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), store, sync, prompts_per_batch=2)
     worker.step()
@@ -164,7 +165,7 @@ def test_staleness_zero_without_correction_equals_plain_on_policy_gradient(tiny_
 
     store = InMemoryDataStore(2, 0)
     sync = InMemoryWeightSync()
-    learner = Learner(tiny_model_path, ModelConfig(router_aux_loss_coef=0.0), AlgorithmConfig(micro_batch_size=4), PROBE)
+    learner = Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=4), PROBE, moe=MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0))
     sync.push(learner.state_dict(), 0, learner.probe())
     worker = make_worker(tiny_model_path, tokenizer, make_env("arithmetic"), store, sync, prompts_per_batch=2)
     worker.step()
@@ -179,7 +180,7 @@ def test_staleness_zero_without_correction_equals_plain_on_policy_gradient(tiny_
     norms = BatchNorms(float(batch.completion_mask.sum()), float(batch.input_ids.shape[0]))
     total = 0.0
     for lo in range(0, batch.input_ids.shape[0], 4):
-        parts, _ = learner._micro_batch_loss(batch, adv, slice(lo, lo + 4), norms)
+        parts, _, _ = learner._micro_batch_loss(batch, adv, slice(lo, lo + 4), norms)
         parts["loss"].backward()
         total += float(parts["loss"])
     grads = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
