@@ -32,6 +32,16 @@ def render(a: int, op: str, b: int) -> str:
     return f"{a}{op}{b}=" if len(op) == 1 else f"{op}({a},{b})="
 
 
+_WORDS = {"+": "{a} + {b}", "-": "{a} - {b}", "*": "{a} * {b}", "max": "the larger of {a} and {b}", "min": "the smaller of {a} and {b}"}
+
+
+def question(a: int, op: str, b: int, modulus: int | None) -> str:
+    """The task in words, for a chat prompt."""
+    task = _WORDS[op].format(a=a, b=b)
+    mod = f" modulo {modulus}" if modulus else ""
+    return f"What is {task}{mod}? Reply with the number only."
+
+
 @dataclass
 class ArithmeticEnv:
     ops: tuple[str, ...] | list[str] | str = ("max",)
@@ -42,6 +52,9 @@ class ArithmeticEnv:
     """When set, answers are taken modulo this (modulus 10 keeps answers one digit)."""
     test_fraction: float = 0.2
     seed: int = 0
+    chat: bool = False
+    """Ask in words as a chat message ("What is 3 + 4? Reply with the number only.") instead of the raw
+    `3+4=`: for pretrained chat models (the model's chat template renders it)."""
 
     def __post_init__(self) -> None:
         self.ops = tuple(self.ops) if not isinstance(self.ops, str) else ((self.ops,) if self.ops in _OPS else tuple(self.ops))
@@ -51,7 +64,7 @@ class ArithmeticEnv:
         if self.max_operand < 1:
             raise ValueError("env.kwargs.max_operand must be at least 1")
         rows = [
-            {"prompt": render(a, op, b), "answer": str(self._answer(a, op, b))}
+            {"prompt": render(a, op, b), "question": question(a, op, b, self.modulus), "answer": str(self._answer(a, op, b))}
             for op in self.ops
             for a in range(self.max_operand + 1)
             for b in range(self.max_operand + 1)
@@ -70,7 +83,9 @@ class ArithmeticEnv:
             raise KeyError(f"arithmetic has splits {sorted(self._splits)}, not {split!r}")
         return self._splits[split]
 
-    def reset(self, row: Mapping[str, Any]) -> tuple[str, Any]:
+    def reset(self, row: Mapping[str, Any]) -> tuple[Any, Any]:
+        if self.chat:
+            return [{"role": "user", "content": row["question"]}], row["answer"]
         return row["prompt"], row["answer"]
 
     def step(self, state: Any, message: str) -> StepResult:

@@ -58,3 +58,15 @@ def test_arithmetic_splits_are_disjoint_and_answers_right():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     for r in train[:20]:
         assert str(eval(r["prompt"][:-1])) == r["answer"]
+
+
+def test_arithmetic_chat_prompt_asks_the_same_question_in_words():
+    raw, chat = make_env("arithmetic", ops="+*", modulus=10), make_env("arithmetic", ops="+*", modulus=10, chat=True)
+    row = chat.dataset("train")[0]
+    assert raw.dataset("train")[0] == row  # the same rows either way
+    messages, answer = chat.reset(row)
+    a, op, b = row["prompt"][0], row["prompt"][1], row["prompt"][2]
+    word = {"+": "+", "*": "*"}[op]
+    assert messages == [{"role": "user", "content": f"What is {a} {word} {b} modulo 10? Reply with the number only."}]
+    assert answer == str(eval(row["prompt"][:-1]) % 10)
+    assert chat.step(answer, answer).reward == 1.0 and chat.step(answer, "The answer is " + answer).reward == 0.0
