@@ -2,8 +2,9 @@
 
 `train` reads top to bottom: check the inputs (before Ray starts, failing in
 one line that names the cause), start Ray and the actors, run the loop, then
-close the run: the ledger reconciled, the summary, the pictures. The loop
-itself is `run_loop`; each of its stages is a method of `Pipeline`.
+close the run: the ledger reconciled, the summary, the pictures (the
+expert-load heatmaps are also drawn and sent to W&B at every evaluation). The
+loop itself is `run_loop`; each of its stages is a method of `Pipeline`.
 """
 
 from __future__ import annotations
@@ -198,9 +199,25 @@ def run_loop(p: Any, version: int, total: int) -> int:
         step = steps.popleft()
         metrics = p.wait(step)  # 3. the learner publishes the new weights (sync) before answering
         version = p.record(step, metrics)  # 4. ledger, metrics, samples
+        if p.cfg.eval.every and version % p.cfg.eval.every == 0:
+            draw_expert_load(p.run_dir, p.tracker, version)  # pictures for W&B beside each evaluation
         if p.checkpoint_due(version):
             p.checkpoint(version)
     return version
+
+
+def draw_expert_load(run_dir: Path, tracker: Any, step: int) -> list[Path]:
+    """The expert-load heatmaps (`rlhub.plots.expert_heatmaps`, none for a dense policy) drawn from
+    metrics.jsonl so far and logged to W&B at `step`. A failure is a warning: it never ends a run."""
+    from rlhub.plots import expert_heatmaps
+
+    try:
+        paths = expert_heatmaps(run_dir)
+        tracker.log_images(paths, step)
+    except Exception as e:  # noqa: BLE001 (pictures are a convenience)
+        log.warning("expert-load pictures not drawn at step %d: %s: %s", step, type(e).__name__, e)
+        return []
+    return paths
 
 
 @dataclass
@@ -324,7 +341,7 @@ def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     try:
-        plots = plot_run(run_dir)
+        plots = plot_run(run_dir)  # the expert-load heatmaps among them, for an MoE policy
     except Exception as e:  # noqa: BLE001 (pictures are a convenience: never fail a run over them)
         log.warning("plots not drawn: %s", e)
         plots = []

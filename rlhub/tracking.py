@@ -105,11 +105,13 @@ class Tracker:
             columns = ["step", "group", "actor", "prompt", "completion", "reward", "finish_reason"]
             self.wandb_run.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])}, step=step)
 
-    def log_images(self, paths: list[Path]) -> None:
+    def log_images(self, paths: list[Path], step: int | None = None) -> None:
+        """PNG files as W&B images under `plots/<file stem>`, at `step` (default: W&B's current step),
+        so a picture drawn again later gets a step slider; nothing without W&B."""
         if self.wandb_run is not None and paths:
             import wandb
 
-            self.wandb_run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in paths})
+            self.wandb_run.log({f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:

@@ -29,7 +29,8 @@ def test_staleness_zero_is_on_policy(ray_local, run_pipeline, tmp_path):
     assert_accounted(summary["store"])
     assert summary["store"]["consumed"] == 4 * 4
     assert (tmp_path / "config.yaml").is_file() and latest_checkpoint(tmp_path) is not None
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["staleness.png", "step_time.png", "success_reward.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "expert_load.png", "expert_load_steps.png", "staleness.png", "step_time.png", "success_reward.png"]
 
 
 def test_stale_tokens_occur_and_none_exceeds_the_bound(ray_local, run_pipeline, tmp_path):
