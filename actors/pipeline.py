@@ -60,6 +60,10 @@ class Pipeline:
     # ---- 1. rollout -> store ---------------------------------------------------------
     def fetch(self, version: int) -> Step:
         """The step training at `version`: prompts_per_step groups no more than max_staleness behind it, oldest first."""
+        if self.cfg.eval.before and version == 0 and self.eval_requested < 0 and self.eval_rows:
+            self.fleet.request_eval(0, self.cfg.eval.rows, self.cfg.eval.k)  # actor 0 still holds version 0
+            self.evals_pending += 1
+            self.eval_requested = 0
         start = time.perf_counter()
         groups = self.store.get_batch(self.cfg.prompts_per_step, version, self.cfg.datastore.batch_timeout_s, on_wait=self._watch)
         return Step(groups, version, time.perf_counter() - start)

@@ -246,6 +246,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.algorithm.micro_batch_size >= 1, "algorithm.micro_batch_size must be >= 1"),
         (cfg.algorithm.lr > 0, "algorithm.lr must be > 0"),
         (cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, not {cfg.model.dtype!r}"),
+        (cfg.model.source in ("tiny_moe", "smollm2", "smollm2_moe"), f"model.source={cfg.model.source!r}: use tiny_moe, smollm2 or smollm2_moe"),
         (cfg.wandb.mode in ("offline", "online", "disabled"), f"wandb.mode must be offline, online or disabled, not {cfg.wandb.mode!r}"),
         (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
         (cfg.warm_start.steps >= 0, "warm_start.steps must be >= 0"),

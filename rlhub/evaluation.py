@@ -30,6 +30,9 @@ class EvalConfig:
     """Sampled episodes per row for mean reward and pass@k (0: greedy pass@1 only)."""
     final: bool = True
     """Evaluate the final policy at the end of the run (in the summary), when the environment has eval rows."""
+    before: bool = False
+    """Also evaluate the starting policy (version 0), asked for as the run starts: the "before" of a
+    before-and-after comparison (metrics at eval/step 0)."""
 
 
 def succeeded(episode: Any) -> bool:

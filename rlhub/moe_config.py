@@ -78,7 +78,7 @@ def model_is_moe(model_cfg: Any) -> bool:
     """Whether the configured policy routes tokens to experts (read from its config.json; the built
     tiny model always does)."""
     if not model_cfg.path:
-        return True
+        return model_cfg.source != "smollm2"
     config = Path(model_cfg.path).expanduser() / "config.json"
     try:
         data = json.loads(config.read_text())

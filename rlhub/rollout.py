@@ -229,11 +229,13 @@ class RolloutWorker:
         return True
 
     def _evaluate(self, step: int, rows: int, k: int) -> None:
-        """An evaluation (rlhub.evaluation) with the newest weights, held for its whole length."""
+        """An evaluation (rlhub.evaluation) with the newest weights, held for its whole length; the
+        starting policy's (step 0, eval.before) with the weights the engine started with."""
         from rlhub.evaluation import eval_rows, evaluate
 
         start = time.perf_counter()
-        self.sync_weights()
+        if step > 0:
+            self.sync_weights()
         self._holding = True
         kept = (self.stats.generated_tokens, self.stats.generate_seconds, dict(self.stats.truncated), self.failures)
         self.failures = FailureLog({}, [])  # the environment's failures on eval rows are eval/failed, not the run's counters

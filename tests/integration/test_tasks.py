@@ -115,10 +115,12 @@ def test_a_model_judge_scores_every_trained_sample(ray_local, run_pipeline, tmp_
 
 
 def test_evaluation_during_the_run_and_from_the_checkpoint_agree(ray_local, run_pipeline, tmp_path):
-    summary, metrics = run_pipeline(tmp_path, "experiment.total_steps=8", "eval.every=2", "eval.rows=0", "eval.k=2")
+    summary, metrics = run_pipeline(tmp_path, "experiment.total_steps=8", "eval.every=2", "eval.rows=0", "eval.k=2", "eval.before=true")
     evaluated = [m for m in metrics if "eval/pass@1" in m]  # results join the metrics of the step at which they come back
-    assert evaluated and {int(m["eval/step"]) for m in evaluated} <= {2, 4, 6}
+    assert evaluated and {int(m["eval/step"]) for m in evaluated} <= {0, 2, 4, 6}
     assert all(int(m["eval/step"]) < m["step"] for m in evaluated)
+    before = [m for m in evaluated if m["eval/step"] == 0]
+    assert before and before[0]["eval/version"] == 0  # the starting policy, not a version trained since
     final = summary["eval"]
     assert final["eval/step"] == 8 and final["eval/rows"] == 20  # every row of arithmetic's test split
     out = subprocess.run([sys.executable, "-m", "rlhub.cli", "eval", str(tmp_path), "eval.rows=0", "eval.k=0"],

@@ -310,3 +310,17 @@ def test_vllm_routed_experts_become_position_aligned_small_integers():
 def test_routing_refuses_a_model_without_routers():
     with pytest.raises(ValueError, match="no top-k MoE routers"):
         Routing(torch.nn.Linear(2, 2))
+
+
+def test_the_smollm2_moe_experiment_composes_with_replay_on_an_moe():
+    from rlhub.config import ConfigError, load_config
+    from rlhub.moe import model_is_moe
+
+    cfg = load_config(["experiment=smollm2_moe"])
+    assert (cfg.model.source, cfg.model.num_experts, cfg.model.experts_per_token) == ("smollm2_moe", 4, 2)
+    assert cfg.moe.routing_replay == "rollout" and cfg.rollout.engine == "hf" and cfg.eval.before
+    assert cfg.env.kwargs["chat"] is True and model_is_moe(cfg.model)
+    dense = load_config(["experiment=smollm2_moe", "model.source=smollm2", "moe.routing_replay=rollout", "rollout.engine=vllm"])
+    assert not model_is_moe(dense.model)  # a dense model has no routing to replay: nothing to refuse
+    with pytest.raises(ConfigError, match="model.source='gpt'"):
+        load_config(["model.source=gpt"])
