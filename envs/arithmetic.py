@@ -14,6 +14,7 @@ afterwards is learned by RL.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +33,7 @@ def render(a: int, op: str, b: int) -> str:
     return f"{a}{op}{b}=" if len(op) == 1 else f"{op}({a},{b})="
 
 
+_INTEGER = re.compile(r"-?\d+")
 _WORDS = {"+": "{a} + {b}", "-": "{a} - {b}", "*": "{a} * {b}", "max": "the larger of {a} and {b}", "min": "the smaller of {a} and {b}"}
 
 
@@ -55,12 +57,19 @@ class ArithmeticEnv:
     chat: bool = False
     """Ask in words as a chat message ("What is 3 + 4? Reply with the number only.") instead of the raw
     `3+4=`: for pretrained chat models (the model's chat template renders it)."""
+    system_prompt: str | None = None
+    """chat only: a system message first (None: none, and the template may add its own default)."""
+    match: str = "exact"
+    """exact: the reply is the number itself; last_number: the last integer in the reply is the answer
+    ("3 + 4 = 7"), for chat models that state the sum. Either way the reply must end its turn."""
 
     def __post_init__(self) -> None:
         self.ops = tuple(self.ops) if not isinstance(self.ops, str) else ((self.ops,) if self.ops in _OPS else tuple(self.ops))
         unknown = [op for op in self.ops if op not in _OPS]
         if unknown or not self.ops:
             raise ValueError(f"env.kwargs.ops: unknown operations {unknown}; use some of {sorted(_OPS)}")
+        if self.match not in ("exact", "last_number"):
+            raise ValueError(f"env.kwargs.match={self.match!r}: use exact or last_number")
         if self.max_operand < 1:
             raise ValueError("env.kwargs.max_operand must be at least 1")
         rows = [
@@ -85,13 +94,18 @@ class ArithmeticEnv:
 
     def reset(self, row: Mapping[str, Any]) -> tuple[Any, Any]:
         if self.chat:
-            return [{"role": "user", "content": row["question"]}], row["answer"]
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+            return [*system, {"role": "user", "content": row["question"]}], row["answer"]
         return row["prompt"], row["answer"]
 
     def step(self, state: Any, message: str) -> StepResult:
         """1 for the exact answer followed by the end-of-turn token; a completion cut off at the
         length limit scores 0 even when its text is the answer."""
-        correct = ended_turn(message) and message.strip() == state
+        if self.match == "last_number":
+            numbers = _INTEGER.findall(message)
+            correct = ended_turn(message) and bool(numbers) and numbers[-1] == state
+        else:
+            correct = ended_turn(message) and message.strip() == state
         return StepResult(reward=1.0 if correct else 0.0, done=True, success=correct)
 
     def format_examples(self, n: int, rng: random.Random) -> list[tuple[str, str]]:

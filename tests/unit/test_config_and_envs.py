@@ -70,3 +70,9 @@ def test_arithmetic_chat_prompt_asks_the_same_question_in_words():
     assert messages == [{"role": "user", "content": f"What is {a} {word} {b} modulo 10? Reply with the number only."}]
     assert answer == str(eval(row["prompt"][:-1]) % 10)
     assert chat.step(answer, answer).reward == 1.0 and chat.step(answer, "The answer is " + answer).reward == 0.0
+    lenient = make_env("arithmetic", ops="-", chat=True, match="last_number", system_prompt="Be brief.")
+    assert lenient.reset(lenient.dataset("train")[0])[0][0] == {"role": "system", "content": "Be brief."}
+    assert lenient.step("-3", "2 - 5 = -3.").reward == 1.0 and lenient.step("-3", "2 - 5 = 3").reward == 0.0
+    assert lenient.step("7", "The answer is 7, not 8").reward == 0.0 and lenient.step("7", "no number").reward == 0.0
+    with pytest.raises(ValueError, match="match='first'"):
+        make_env("arithmetic", match="first")
