@@ -127,6 +127,11 @@ class Learner:
         self.version += 1
         return metrics
 
+    def skip_step(self) -> dict[str, float]:
+        """A step with nothing to train on (its data was lost): the weights stay, the version advances."""
+        self.version += 1
+        return {"train/policy_updated": 0.0, "train/tokens": 0.0}
+
     def _routing_pass(self, batch: GroupTensors, slices: list[slice]):
         """The global-batch balance's routing pass: a forward per micro-batch, no gradients (run only
         when replayed routes do not already say where every position goes)."""
