@@ -75,7 +75,7 @@ class HFEngine:
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logps: list[list[float]] = [[] for _ in range(batch)]
         versions: list[list[int]] = [[] for _ in range(batch)]
-        routes: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # position-aligned, prompt first
+        steps_routes: list[torch.Tensor] = []  # per forward: [B, T, layers, k], the prefill's first
         caps = [sampling.max_new_tokens] * batch if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
         done = torch.tensor([c <= 0 for c in caps], dtype=torch.bool)
         cache = None
@@ -86,9 +86,7 @@ class HFEngine:
                 out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             if capture is not None:
-                step_routes = self._step_routes(capture, batch)
-                for i in live:  # the prefill's real positions are the row's last len(prompt) columns
-                    routes[i].append(step_routes[i, width - len(prompts[i]) :] if step == 0 else step_routes[i])
+                steps_routes.append(self._step_routes(capture, batch))
             next_ids, next_logp = self._sample(out.logits[:, -1].float(), sampling)
             for i in live:
                 tokens[i].append(int(next_ids[i]))
@@ -107,16 +105,29 @@ class HFEngine:
         self.stats.generate_seconds += elapsed
         self.stats.generated_tokens += sum(len(t) for t in tokens)
         stop_set = set(sampling.stop_token_ids)
+        # a row's positions: the prefill's real columns (its last len(prompt)), then the decode steps that
+        # fed back its tokens but the last (rows that finished early were fed on: those steps are cut off)
+        routes = None
+        if steps_routes:
+            prefill = steps_routes[0]
+            decoded = torch.cat(steps_routes[1:], dim=1) if len(steps_routes) > 1 else prefill[:, :0]
+            routes = (prefill, decoded)
         return [
             Completion(
                 token_ids=tokens[i],
                 logprobs=logps[i],
                 versions=versions[i],
                 finish_reason="stop" if tokens[i] and tokens[i][-1] in stop_set else "length",
-                routed_experts=torch.cat(routes[i])[: len(prompts[i]) + len(tokens[i]) - 1] if routes[i] else None,
+                routed_experts=None if routes is None else self._row_routes(routes, i, width - len(prompts[i]), len(tokens[i])),
             )
             for i in range(batch)
         ]
+
+    @staticmethod
+    def _row_routes(routes: tuple[torch.Tensor, torch.Tensor], row: int, pad: int, generated: int) -> torch.Tensor:
+        """[prompt + generated - 1, layers, k]: the row's prefill columns after its padding, then its fed-back tokens."""
+        prefill, decoded = routes
+        return torch.cat([prefill[row, pad:], decoded[row, : max(generated - 1, 0)]])[: prefill.shape[1] - pad + generated - 1]
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids [B], their log-probs [B] under the sampling distribution: temperature, then the top-p nucleus).
