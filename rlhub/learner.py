@@ -84,7 +84,11 @@ class Learner:
         slices = [slice(lo, min(n, lo + algo.micro_batch_size)) for lo in range(0, n, algo.micro_batch_size)]
         measure = self.balancer is not None and self.moe_cfg.mismatch_every > 0 and self.version % self.moe_cfg.mismatch_every == 0
         if self.balancer is not None:
-            self.balancer.begin(batch.attention_mask, batch.routes, self._routing_pass(batch, slices) if len(slices) > 1 else None)
+            def forward(mb: slice) -> None:  # the routers' choices are all the global-batch balance needs
+                token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
+
+            prepass = self.balancer.routing_pass(batch.attention_mask, batch.routes, slices, forward) if len(slices) > 1 else None
+            self.balancer.begin(batch.attention_mask, batch.routes, prepass)
         sums: dict[str, float] = {}
         agreement: dict[str, float] = {}  # sums behind the mismatch metrics
         self.optimizer.zero_grad(set_to_none=True)
@@ -131,19 +135,6 @@ class Learner:
         """A step with nothing to train on (its data was lost): the weights stay, the version advances."""
         self.version += 1
         return {"train/policy_updated": 0.0, "train/tokens": 0.0}
-
-    def _routing_pass(self, batch: GroupTensors, slices: list[slice]):
-        """The global-batch balance's routing pass: a forward per micro-batch, no gradients (run only
-        when replayed routes do not already say where every position goes)."""
-
-        def run():
-            for mb in slices:
-                routes = None if batch.routes is None else batch.routes[mb]
-                with self.balancer.micro_batch(batch.attention_mask[mb], routes) as capture:
-                    token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
-                yield capture
-
-        return run
 
     def _agreement(self, batch: GroupTensors, mb: slice, logprobs: torch.Tensor, capture: Any, measure: bool) -> dict[str, float]:
         """Sums for how far the learner is from the engine. On tokens the engine sampled with these very

@@ -218,7 +218,6 @@ class ExpertLoad:
 
     def __init__(self, num_layers: int, num_experts: int, window: int) -> None:
         self.history: deque[torch.Tensor] = deque(maxlen=window)
-        self.shape = (num_layers, num_experts)
 
     def metrics(self, counts: torch.Tensor, entropy: torch.Tensor) -> dict[str, float]:
         """`counts` [L, E] this step's (position, choice) pairs per expert; `entropy` [L] mean router entropy."""
@@ -292,8 +291,9 @@ class Balancer:
         self._freq = None
         if self.cfg.balance != "global_batch":
             return
-        if self.replay and routes is not None and bool((routes >= 0).all(-1).all(-1)[valid[:, : routes.shape[1]]].all()):
-            used = routes[valid[:, : routes.shape[1]]]  # [n, L, K]
+        routed = None if routes is None else valid[:, : routes.shape[1]]
+        if self.replay and routes is not None and bool((routes >= 0).all(-1).all(-1)[routed].all()):
+            used = routes[routed]  # [n, L, K]
             counts = torch.stack([expert_counts(used[:, layer], self.routing.num_experts) for layer in range(self.routing.num_layers)])
         elif prepass is not None:
             counts = torch.zeros(self.routing.num_layers, self.routing.num_experts)
@@ -303,6 +303,17 @@ class Balancer:
         else:
             return  # one micro-batch: its own forward gives the batch's frequencies
         self._freq = self._normalise(all_reduce_(counts))
+
+    def routing_pass(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, slices: list[slice], forward):
+        """`begin`'s `prepass` for a batch in micro-batches `slices`: `forward(mb)` runs the model on one."""
+
+        def run():
+            for mb in slices:
+                with self.micro_batch(attention_mask[mb], None if routes is None else routes[mb]) as capture:
+                    forward(mb)
+                yield capture
+
+        return run
 
     @staticmethod
     def _normalise(counts: torch.Tensor) -> torch.Tensor:

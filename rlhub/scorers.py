@@ -136,7 +136,9 @@ class Critic:
         sums: dict[str, float] = {}
         slices = [slice(lo, min(n, lo + self.algo.micro_batch_size)) for lo in range(0, n, self.algo.micro_batch_size)]
         if self.balancer is not None:
-            self.balancer.begin(batch.attention_mask, None, self._routing_pass(batch, slices) if len(slices) > 1 else None)
+            forward = lambda mb: self.model(batch.input_ids[mb], batch.attention_mask[mb])  # noqa: E731
+            prepass = self.balancer.routing_pass(batch.attention_mask, None, slices, forward) if len(slices) > 1 else None
+            self.balancer.begin(batch.attention_mask, None, prepass)
         self.optimizer.zero_grad(set_to_none=True)
         for mb in slices:
             routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(batch.attention_mask[mb], None)
@@ -166,17 +168,6 @@ class Critic:
         out["critic/version"] = self.version
         out["time/critic_train_s"] = time.perf_counter() - start
         return out
-
-    def _routing_pass(self, batch: GroupTensors, slices: list[slice]):
-        """The global-batch balance's routing pass over the micro-batches (no gradients)."""
-
-        def run():
-            for mb in slices:
-                with self.balancer.micro_batch(batch.attention_mask[mb], None) as capture:
-                    self.model(batch.input_ids[mb], batch.attention_mask[mb])
-                yield capture
-
-        return run
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file, save_model
