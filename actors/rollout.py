@@ -53,6 +53,7 @@ class RolloutActor:
             cfg=run.rollout,
             group_size=run.group_size,
             prompts_per_step=run.prompts_per_step,
+            max_groups=-(-(run.max_staleness + 1) * run.prompts_per_step // run.rollout.num_actors),
             engine=self.engine,
             env=self.env,
             tokenizer=self.tokenizer,

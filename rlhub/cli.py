@@ -18,9 +18,17 @@ commands:
                  once); exit 1 when it does not reconcile
   plot RUN_DIR   draw RUN_DIR/plots/*.png (success and reward, staleness, step time; for an MoE
                  policy the expert load: layers x experts, and each layer over the steps)
-  bench e2e      measure sync vs async throughput and pipeline efficiency (JSON)
-  bench presets  a short run of every algorithm preset, and GRPO at max_staleness=4
-                 without and with TIS: reward before/after, correction metrics (JSON)
+  bench NAME     a benchmark; prints JSON and appends it to bench/results.jsonl
+                 ($RLHUB_BENCH_RESULTS), with the command, commit and machine:
+    peer         rlhub against TRL's GRPOTrainer (installed by the bench in its own venv)
+    e2e          samples/s, tokens/s, time to success at max_staleness 0,1,2,4; efficiency
+    engine       tokens/s of each engine at batch 1..256 against standalone vLLM and generate
+    sync         weight-sync time per version against a memcpy of the same bytes
+    store        groups/s and latency per group through the data store, 1/2/4 shards
+    scale        throughput with 1/2/4 rollout actors, one node and two, against a model
+    presets      a short run of every algorithm preset, and GRPO at max_staleness=4
+                 without and with TIS: reward before/after, correction metrics
+  bench report   write the README's performance section from the results file
   config         print the resolved configuration
   envs list      every environment, built-in or installed: package, version, description
   envs show NAME an environment's arguments, a sample row and its prompt
@@ -74,16 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             return _export(rest)
         if command in ("check", "plot") and len(rest) == 1:
             return _check(rest[0]) if command == "check" else _plot(rest[0])
-        if command == "bench" and rest[:1] == ["e2e"]:
-            from rlhub.bench import bench_e2e
+        if command == "bench" and rest[:1] == ["report"]:
+            from rlhub.benches.report import main as report
 
-            print(json.dumps(bench_e2e(rest[1:]), indent=1))
-            return 0
-        if command == "bench" and rest[:1] == ["presets"]:
-            from rlhub.bench import bench_presets
+            return report(rest[1:])
+        if command == "bench" and rest:
+            from rlhub.benches import BENCHES, run
 
-            print(json.dumps(bench_presets(rest[1:]), indent=1))
-            return 0
+            if rest[0] in BENCHES:
+                print(json.dumps(run(rest[0], rest[1:]), indent=1))
+                return 0
         if command == "convert" and rest[:1] in (["gguf"], ["upcycle"]):
             return _convert(rest[0], rest[1:])
     except ConfigError as e:

@@ -126,6 +126,8 @@ class Episode:
     dropped: bool = False
     in_env: bool = False
     """Its last turn is with the environment."""
+    in_engine: bool = False
+    """Its next turn is being generated in a continuous engine's running batch."""
     row: Any = None
     """The dataset row it started from (for failure reports)."""
 

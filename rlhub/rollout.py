@@ -145,12 +145,17 @@ class RolloutWorker:
         env_workers: int = 4,
         judge: Any = None,
         judge_cfg: Any = None,
+        max_groups: int = 0,
     ) -> None:
+        """`max_groups`: the groups admission lets this actor hold at once, all generating together
+        in a continuous engine (0: twice `prompts_per_batch`)."""
         self.actor_id = actor_id
         self.cfg = cfg
         self.group_size = group_size
         self.batch_prompts = cfg.prompts_per_batch or max(1, prompts_per_step // cfg.num_actors)
         self.engine = engine
+        self.continuous = cfg.continuous and hasattr(engine, "submit")
+        self.max_groups = max_groups or 2 * self.batch_prompts
         self.env = env
         self.rows: Sequence[Any] = env.dataset("train")
         self.tokenizer = tokenizer
@@ -208,7 +213,7 @@ class RolloutWorker:
             self._evaluate(*self.eval_requests.pop(0))
         waiting = sum(1 for g in self.open.values() if g.waiting)
         busy = len(self.open) + sum(len(groups) for groups, _ in self.judging)
-        room = min(self.batch_prompts - waiting, 2 * self.batch_prompts - busy)
+        room = self.max_groups - busy if self.continuous else min(self.batch_prompts - waiting, 2 * self.batch_prompts - busy)
         if room > 0:
             start = time.perf_counter()
             group_ids = self.store.admit(self.actor_id, room, 0.0 if busy else self.cfg.admission_wait_s)
@@ -351,6 +356,8 @@ class RolloutWorker:
         """One generate call for every episode of `groups` (the training groups) waiting for a turn
         (first turns and later ones interleaved); their environment steps go to the runner and the
         batch to `queue`. False when none was waiting."""
+        if groups is None and self.continuous:
+            return self._stream_turns()
         groups = self.open if groups is None else groups
         episodes = [e for g in groups.values() for e in g.episodes if e.ended is None and not e.in_env]
         if not episodes:
@@ -360,6 +367,38 @@ class RolloutWorker:
         completions = self.engine.generate([e.context for e in episodes], sampling or self.sampling, self._inflight_source(),
                                            [self._budget(e) for e in episodes])
         elapsed = self.last_generate_s = time.perf_counter() - start
+        for gid in {e.group_id for e in episodes}:
+            groups[gid].generate_seconds += elapsed * sum(e.group_id == gid for e in episodes) / len(episodes)
+        self._to_env(episodes, completions, elapsed, queue)
+        return True
+
+    def _stream_turns(self) -> bool:
+        """Continuous batching: every training episode waiting for a turn joins the engine's running
+        batch, the engine runs until some finish, and those turns go to the environment. New weights
+        are taken first (in flight for the episodes already running). False when nothing is generating."""
+        for g in self.open.values():
+            for e in g.episodes:
+                if e.ended is None and not e.in_env and not e.in_engine:
+                    self.engine.submit(e, e.context, self.sampling, self._budget(e))
+                    e.in_engine = True
+        running = Counter(e.group_id for g in self.open.values() for e in g.episodes if e.in_engine)
+        if not running:
+            return False
+        self.sync_weights()
+        start = time.perf_counter()
+        finished = self.engine.poll()
+        elapsed = self.last_generate_s = time.perf_counter() - start
+        total = sum(running.values())
+        for gid, n in running.items():  # the poll's time, shared by the episodes it ran
+            self.open[gid].generate_seconds += elapsed * n / total
+        episodes = [e for e, _ in finished]
+        for e in episodes:
+            e.in_engine = False
+        self._to_env(episodes, [c for _, c in finished], elapsed, None)
+        return True
+
+    def _to_env(self, episodes: list[Episode], completions: list, elapsed: float, queue: deque | None) -> None:
+        """Each episode's new turn goes to the environment; the batch of steps to `queue` (the run's by default)."""
         self.stats.generate_seconds += elapsed
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
         calls = []
@@ -370,10 +409,7 @@ class RolloutWorker:
             if e.history is not None:
                 e.history.append({"role": "assistant", "content": text})
             calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, c.token_ids)))
-        for gid in {e.group_id for e in episodes}:
-            groups[gid].generate_seconds += elapsed * sum(e.group_id == gid for e in episodes) / len(episodes)
         (self.in_env if queue is None else queue).append(TurnBatch(episodes, calls))
-        return True
 
     def _answer(self, batch: "TurnBatch") -> None:
         """The environment's answers to one generate call: each episode ends or gets its next observation."""

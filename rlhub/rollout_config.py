@@ -14,7 +14,12 @@ class RolloutConfig:
     """hf (built-in transformers engine with KV cache and routing record) or vllm."""
     num_actors: int = 1
     prompts_per_batch: int = 0
-    """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors."""
+    """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors (per-call engines)."""
+    continuous: bool = True
+    """Continuous batching on engines that have it (vllm): every prompt admission allows this actor
+    ((max_staleness + 1) x prompts_per_step / num_actors groups) runs in one batch, new prompts joining
+    as others finish, and new weights are taken between decode steps (in flight), whatever
+    `weight_update` says. The hf engine generates per call (`prompts_per_batch` prompts at a time)."""
     max_new_tokens: int = 8
     """Tokens one assistant turn may generate."""
     max_turns: int = 8

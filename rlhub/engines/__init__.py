@@ -22,6 +22,7 @@ def make_engine(
             kv_cache_gib=cfg.vllm_kv_cache_gib,
             cpu_bind=None if core is None else str(core),
             return_routing=routing,
+            continuous=cfg.continuous,
         )
     from rlhub.engines.hf import HFEngine
 

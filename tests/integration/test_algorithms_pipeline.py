@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rlhub.bench import PRESETS
+from rlhub.benches.e2e import PRESETS
 from rlhub.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.integration

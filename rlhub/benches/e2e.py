@@ -1,4 +1,4 @@
-"""`rlhub bench e2e`: synchronous against asynchronous throughput on one config.
+"""`rlhub bench e2e` and `rlhub bench presets`: the pipeline's throughput, and every algorithm preset.
 
 In one invocation: generation alone (admission, weight pick-up with its probe
 check, generation, scoring) and training alone (the optimizer step and the
@@ -202,3 +202,6 @@ def bench_presets(overrides: list[str]) -> dict[str, Any]:
         for label, extra in STALENESS_RUNS.items():
             results[label] = _preset_run([*extra, *overrides])
     return results
+
+
+run = bench_e2e

@@ -1,0 +1,96 @@
+"""`rlhub bench NAME [args...]`: benchmarks that print JSON and append it to a results file.
+
+Every benchmark is a function `run(args: list[str]) -> dict` in `rlhub.benches.<module>`.
+Its result is printed and appended, as one line, to the results file
+(`bench/results.jsonl` in the working directory, or `$RLHUB_BENCH_RESULTS`), with the
+command that reproduces it, the commit and the machine. `rlhub bench report` turns the
+newest record of each benchmark into the README's performance section.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+BENCHES = {
+    "peer": "rlhub.benches.peer",
+    "e2e": "rlhub.benches.e2e",
+    "engine": "rlhub.benches.engine",
+    "sync": "rlhub.benches.sync",
+    "store": "rlhub.benches.store",
+    "scale": "rlhub.benches.scale",
+    "presets": "rlhub.benches.e2e",
+}
+"""Each benchmark's module; `presets` is `bench_presets` in the e2e module."""
+
+
+def results_path() -> Path:
+    return Path(os.environ.get("RLHUB_BENCH_RESULTS", "bench/results.jsonl"))
+
+
+def _commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(), "python": platform.python_version()}
+
+
+def record(name: str, args: list[str], result: dict[str, Any], path: Path | None = None) -> dict[str, Any]:
+    """Append one benchmark's result to the results file; returns the record written."""
+    entry = {
+        "bench": name,
+        "command": " ".join(["rlhub", "bench", name, *args]),
+        "args": list(args),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "machine": machine(),
+        "result": result,
+    }
+    path = path or results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def read_results(path: Path | None = None) -> list[dict[str, Any]]:
+    """Every record of the results file, oldest first (none when it does not exist)."""
+    path = path or results_path()
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The newest record of each benchmark."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        out[r["bench"]] = r
+    return out
+
+
+def run(name: str, args: list[str]) -> dict[str, Any]:
+    """Run benchmark `name`, append its record, return the result."""
+    import importlib
+
+    if name not in BENCHES:
+        raise KeyError(f"unknown benchmark {name!r}; one of: {', '.join(BENCHES)}, report")
+    module = importlib.import_module(BENCHES[name])
+    result = (module.bench_presets if name == "presets" else module.run)(args)
+    record(name, args, result)
+    return result
