@@ -61,5 +61,9 @@ class AlgorithmConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
-    micro_batch_size: int = 64
-    """Samples per forward/backward; gradients accumulate to one optimizer step per batch."""
+    micro_batch_size: int = 256
+    """Most samples per forward/backward; gradients accumulate to one optimizer step per batch."""
+    micro_batch_tokens: int = 4096
+    """Most tokens per forward/backward, padding counted (0: no limit). The learner sorts a batch's
+    samples by length and cuts each micro-batch to its longest sample, so short samples are not
+    padded to the batch's longest (rlhub.types.micro_batches)."""

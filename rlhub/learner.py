@@ -29,7 +29,7 @@ from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, agg
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, probe_logprobs, token_logprobs
 from rlhub.moe import BIAS_NAME, Balancer, MoEConfig, set_differs
-from rlhub.types import GroupTensors
+from rlhub.types import GroupTensors, micro_batches
 
 
 class Learner:
@@ -81,22 +81,25 @@ class Learner:
             advantages = normalize_over_batch(advantages, mask)
         n = batch.input_ids.shape[0]
         norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n), constant=algo.loss_constant or self.generation_budget)
-        slices = [slice(lo, min(n, lo + algo.micro_batch_size)) for lo in range(0, n, algo.micro_batch_size)]
+        parts = [(batch.rows(idx, width), advantages.index_select(0, idx)[:, : width - 1])
+                 for idx, width in micro_batches(batch.attention_mask.sum(-1), algo.micro_batch_size, algo.micro_batch_tokens)]
+        everything = slice(None)
         measure = self.balancer is not None and self.moe_cfg.mismatch_every > 0 and self.version % self.moe_cfg.mismatch_every == 0
         if self.balancer is not None:
-            def forward(mb: slice) -> None:  # the routers' choices are all the global-batch balance needs
-                token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
+            def forward(i: int) -> None:  # the routers' choices are all the global-batch balance needs
+                token_logprobs(self.model, parts[i][0].input_ids, parts[i][0].attention_mask, policy=self.policy)
 
-            prepass = self.balancer.routing_pass(batch.attention_mask, batch.routes, slices, forward) if len(slices) > 1 else None
+            prepass = self.balancer.routing_pass([(p.attention_mask, p.routes) for p, _ in parts], forward) if len(parts) > 1 else None
             self.balancer.begin(batch.attention_mask, batch.routes, prepass)
         sums: dict[str, float] = {}
         agreement: dict[str, float] = {}  # sums behind the mismatch metrics
         self.optimizer.zero_grad(set_to_none=True)
-        for mb in slices:
-            parts, logprobs, capture = self._micro_batch_loss(batch, advantages, mb, norms)
-            parts["loss"].backward()
-            share = float(mask[mb].sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
-            for k, v in parts.items():
+        for part, part_advantages in parts:
+            mask_mb = part.completion_mask
+            parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, everything, norms)
+            parts_loss["loss"].backward()
+            share = float(mask_mb.sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
+            for k, v in parts_loss.items():
                 value = float(v.detach())
                 if k.endswith("_max"):
                     sums[k] = max(sums.get(k, value), value)
@@ -104,7 +107,7 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + value  # already this micro-batch's share of the batch value
                 else:
                     sums[k] = sums.get(k, 0.0) + value * share
-            for k, v in self._agreement(batch, mb, logprobs.detach(), capture, measure).items():
+            for k, v in self._agreement(part, everything, logprobs.detach(), capture, measure).items():
                 agreement[k] = max(agreement.get(k, v), v) if k.endswith("_max") else agreement.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.grad_clip)
         finite = math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))

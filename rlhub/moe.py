@@ -304,13 +304,14 @@ class Balancer:
             return  # one micro-batch: its own forward gives the batch's frequencies
         self._freq = self._normalise(all_reduce_(counts))
 
-    def routing_pass(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, slices: list[slice], forward):
-        """`begin`'s `prepass` for a batch in micro-batches `slices`: `forward(mb)` runs the model on one."""
+    def routing_pass(self, parts: list[tuple[torch.Tensor, torch.Tensor | None]], forward):
+        """`begin`'s `prepass` for a batch in micro-batches, given as (attention mask, routes) each:
+        `forward(i)` runs the model on the i-th."""
 
         def run():
-            for mb in slices:
-                with self.micro_batch(attention_mask[mb], None if routes is None else routes[mb]) as capture:
-                    forward(mb)
+            for i, (attention_mask, routes) in enumerate(parts):
+                with self.micro_batch(attention_mask, routes) as capture:
+                    forward(i)
                 yield capture
 
         return run

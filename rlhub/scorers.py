@@ -137,7 +137,8 @@ class Critic:
         slices = [slice(lo, min(n, lo + self.algo.micro_batch_size)) for lo in range(0, n, self.algo.micro_batch_size)]
         if self.balancer is not None:
             forward = lambda mb: self.model(batch.input_ids[mb], batch.attention_mask[mb])  # noqa: E731
-            prepass = self.balancer.routing_pass(batch.attention_mask, None, slices, forward) if len(slices) > 1 else None
+            parts = [(batch.attention_mask[mb], None) for mb in slices]
+            prepass = self.balancer.routing_pass(parts, lambda i: forward(slices[i])) if len(slices) > 1 else None
             self.balancer.begin(batch.attention_mask, None, prepass)
         self.optimizer.zero_grad(set_to_none=True)
         for mb in slices:

@@ -67,6 +67,13 @@ class GroupTensors:
         for k, v in state.items():  # arrays from Ray's object store are read-only
             setattr(self, k, torch.from_numpy(v if v.flags.writeable else v.copy()))
 
+    def rows(self, index: torch.Tensor, width: int) -> "GroupTensors":
+        """The rows `index`, cut to their first `width` positions (what lies beyond is right padding)."""
+        def take(t: torch.Tensor | None, w: int) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, index)[:, :w] if t.dim() > 1 else t.index_select(0, index)
+
+        return GroupTensors(**{k: take(t, width if k in ("input_ids", "attention_mask") else width - 1) for k, t in vars(self).items()})
+
     def to(self, device: torch.device | str) -> "GroupTensors":
         return GroupTensors(**{k: None if t is None else t.to(device) for k, t in vars(self).items()})
 
@@ -90,6 +97,25 @@ class GroupTensors:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         adv = advantages.float().unsqueeze(-1) * cmask if advantages.dim() == 1 else advantages.float() * cmask
         return GroupTensors(ids, attn, cmask, old, ver, adv, rewards, routes=_routes_of(samples, width))
+
+
+def micro_batches(lengths: torch.Tensor, max_seqs: int, max_tokens: int) -> list[tuple[torch.Tensor, int]]:
+    """(row indices, width) of each micro-batch of a right-padded batch whose rows hold `lengths`
+    real tokens: rows sorted longest first, cut so that a micro-batch holds at most `max_seqs` rows
+    and at most `max_tokens` tokens counted with its padding (rows x its longest row; 0: no token
+    limit; a row longer than that goes alone). Each is cut to its own longest row, so short rows
+    are not padded to the batch's longest."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out: list[tuple[torch.Tensor, int]] = []
+    lo, n = 0, len(order)
+    while lo < n:
+        width = int(lengths[order[lo]])  # the longest row of this micro-batch: its first
+        rows = min(max_seqs, n - lo)
+        if max_tokens:
+            rows = max(1, min(rows, max_tokens // max(width, 1)))
+        out.append((order[lo : lo + rows], width))
+        lo += rows
+    return out
 
 
 def _routes_of(samples: list[Sample], width: int) -> torch.Tensor | None:

@@ -51,7 +51,7 @@ def test_behaviour_policy_is_the_sampling_distribution(ray_local, run_pipeline, 
         pytest.importorskip("vllm")
     # on-policy at temperature 0.7 and top-p 0.9: the learner recomputes exactly what the engine reported
     _, metrics = run_pipeline(tmp_path, f"rollout.engine={engine}", "rollout.temperature=0.7", "rollout.top_p=0.9",
-                              "max_staleness=0", "experiment.total_steps=3", "warm_start.steps=10")
+                              "max_staleness=0", "experiment.total_steps=3", "warm_start.steps=10", "moe.mismatch_every=1")
     for m in metrics:
         assert m["train/logprob_mismatch_max"] <= 1e-4
         assert m["train/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4) and m["train/is_ratio_max"] <= 1.0 + 1e-4
