@@ -197,8 +197,27 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
         cfg: RunConfig = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
+    cfg.rollout.engine = resolve_engine(cfg)
     validate(cfg)
     return cfg
+
+
+AUTO_VLLM_MIN_TOKENS = 64
+"""`rollout.engine=auto` picks vLLM from this many new tokens per turn on (`rlhub bench engine`,
+`rlhub bench peer`: below it the hf engine's lower per-call cost wins, above it vLLM's batching)."""
+
+
+def resolve_engine(cfg: RunConfig) -> str:
+    """The engine `rollout.engine` names; for `auto`, vLLM when it is installed, the turns are long
+    enough to be generation-bound and the MoE settings need nothing only the hf engine has (routing
+    recorded at rollout on a CPU, the auxiliary-loss-free selection bias); else hf."""
+    if cfg.rollout.engine != "auto":
+        return cfg.rollout.engine
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None or cfg.moe.balance == "aux_free" or cfg.moe.routing_replay == "rollout":
+        return "hf"
+    return "vllm" if cfg.rollout.max_new_tokens >= AUTO_VLLM_MIN_TOKENS else "hf"
 
 
 def _env_by_name(override: str, config_dir: Path) -> str:
@@ -237,7 +256,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.experiment.total_steps >= 1, "experiment.total_steps must be >= 1"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
         (cfg.rollout.log_samples >= 0, "rollout.log_samples must be >= 0"),
-        (cfg.rollout.engine in ("hf", "vllm"), f"rollout.engine must be hf or vllm, not {cfg.rollout.engine!r}"),
+        (cfg.rollout.engine in ("hf", "vllm"), f"rollout.engine must be hf, vllm or auto, not {cfg.rollout.engine!r}"),
         (cfg.rollout.weight_update in ("batch", "inflight"), f"rollout.weight_update must be batch or inflight, not {cfg.rollout.weight_update!r}"),
         (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (training needs a sampling distribution; greedy has none)"),

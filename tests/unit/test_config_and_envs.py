@@ -19,6 +19,23 @@ def test_overrides_apply():
     assert cfg.env.kwargs == {"max_operand": 4}
 
 
+def test_engine_auto_picks_by_completion_length_and_what_only_the_hf_engine_has(monkeypatch):
+    import importlib.util
+
+    from rlhub.config import AUTO_VLLM_MIN_TOKENS
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    long_turns = f"rollout.max_new_tokens={AUTO_VLLM_MIN_TOKENS}"
+    assert load_config([]).rollout.engine == "hf"  # the default task's 8-token answers
+    assert load_config([long_turns]).rollout.engine == "vllm"
+    assert load_config([long_turns, "moe.balance=aux_free"]).rollout.engine == "hf"
+    assert load_config([long_turns, "moe.routing_replay=rollout"]).rollout.engine == "hf"
+    assert load_config([long_turns, "rollout.engine=hf"]).rollout.engine == "hf"  # a named engine stays
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert load_config([long_turns]).rollout.engine == "hf"  # not installed
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
