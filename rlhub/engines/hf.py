@@ -142,10 +142,27 @@ class HFEngine:
 
     # ---- weights ----------------------------------------------------------
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Copy new weights into the live model (the fast path, used between and within batches)."""
-        self._assign(self.model, state)
+        """Copy new weights into the live model (the fast path, used between and within batches): one
+        `_foreach_copy_` into the model's own tensors, checked by name and shape first."""
+        targets = self._targets()
+        if state.keys() != targets.keys():
+            missing, unexpected = sorted(targets.keys() - state.keys()), sorted(state.keys() - targets.keys())
+            raise KeyError(f"weights do not fit the engine's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        sources = [state[k] for k in targets]
+        wrong = [k for (k, t), src in zip(targets.items(), sources) if t.shape != src.shape]
+        if wrong:
+            raise ValueError(f"weights do not fit the engine's model: shapes differ at {wrong[:3]}")
+        with torch.no_grad(), warnings.catch_warnings():  # tensors from Ray's object store are read-only; they are copied
+            warnings.simplefilter("ignore", UserWarning)
+            torch._foreach_copy_(list(targets.values()), sources)
         self.version = version
         self.stats.weight_loads += 1
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """The live model's parameters and persistent buffers by state-dict name (taken again after a rebuild)."""
+        if getattr(self, "_targets_of", None) is not self.model:
+            self._target_tensors, self._targets_of = self.model.state_dict(keep_vars=True), self.model
+        return self._target_tensors
 
     def rebuild(self, state: dict[str, torch.Tensor], version: int) -> None:
         """A fresh model object from the config, then the weights: nothing of the old one survives."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +40,8 @@ def generate_batch(engine, prompts=PROMPTS, weight_source=None, tokens=10, seed=
 
 def learner_for(path, replay, moe=None, **algo) -> Learner:
     algo = AlgorithmConfig(**{"micro_batch_size": 2, "lr": 1e-6, **algo})
-    return Learner(str(path), ModelConfig(), algo, PROBE, moe=moe or MoEConfig(), replay=replay)
+    moe = dataclasses.replace(moe or MoEConfig(), mismatch_every=1)  # the mismatch metrics on every step
+    return Learner(str(path), ModelConfig(), algo, PROBE, moe=moe, replay=replay)
 
 
 def own_routes(model, input_ids: torch.Tensor) -> torch.Tensor:
