@@ -90,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             from rlhub.benches import BENCHES, run
 
             if rest[0] in BENCHES:
-                print(json.dumps(run(rest[0], rest[1:]), indent=1))
+                try:
+                    result = run(rest[0], rest[1:])
+                except ValueError as e:  # a bad benchmark argument: named in the message
+                    print(f"rlhub: bench {rest[0]}: {e}", file=sys.stderr)
+                    return 2
+                print(json.dumps(result, indent=1))
                 return 0
         if command == "convert" and rest[:1] in (["gguf"], ["upcycle"]):
             return _convert(rest[0], rest[1:])

@@ -1,0 +1,411 @@
+"""`rlhub bench report`: the README's performance section, from the newest record of each benchmark.
+
+Reads the results file that `rlhub bench NAME` appends to (`rlhub.benches.read_results`),
+renders a table of the targets (the measured figure and whether it meets the target, computed
+from the numbers), then one table per benchmark with the command that reproduces it and its
+commit, and puts them between the README's `<!-- bench:start -->` and `<!-- bench:end -->`
+lines. The peer benchmark's success curves are drawn to `success_vs_wallclock.png` beside the
+results file and embedded. `--check` writes nothing and exits 1 when the README is out of date.
+
+Records come from benchmarks written separately, so every renderer reads them defensively: a
+missing figure shows as "—", a benchmark without a record as "not measured yet".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhub.benches import latest, read_results, results_path
+
+START = "<!-- bench:start -->"
+END = "<!-- bench:end -->"
+PLOT_NAME = "success_vs_wallclock.png"
+MISSING = "not measured yet"
+
+
+# ---- formatting --------------------------------------------------------------------------
+
+def num(x: Any, digits: int = 2) -> str:
+    """A number for a table: thousands separated, `digits` decimals; "—" when absent or not a number."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+        return "—"
+    if math.isinf(x):
+        return "∞"
+    return f"{x:,.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _ms(seconds: Any) -> str:
+    return num(seconds * 1e3, 3) if isinstance(seconds, (int, float)) else "—"
+
+
+# ---- targets -----------------------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    target: str
+    measured: str
+    met: bool | None  # None: nothing to judge (not measured)
+
+    def row(self) -> list[str]:
+        if self.met is None:
+            return [self.target, self.measured, MISSING if self.measured == MISSING else "—"]
+        return [self.target, self.measured, "met" if self.met else "not met"]
+
+
+def _result(records: dict[str, dict], name: str) -> dict[str, Any] | None:
+    record = records.get(name)
+    return record.get("result") if isinstance(record, dict) else None
+
+
+def _configs(peer: dict[str, Any], bound: str) -> dict[str, dict]:
+    return {name: c for name, c in (peer.get("configs") or {}).items() if isinstance(c, dict) and c.get("bound") == bound}
+
+
+def _time_to_ratios(config: dict[str, Any]) -> dict[str, float]:
+    """TRL's time over rlhub's to each success threshold that rlhub reached (infinite if TRL never did)."""
+    out = {}
+    given = config.get("time_to_ratio") or {}
+    for threshold, rlhub_s in ((config.get("rlhub") or {}).get("time_to") or {}).items():
+        trl_s = ((config.get("trl") or {}).get("time_to") or {}).get(threshold)
+        if given.get(threshold) is not None:
+            out[threshold] = float(given[threshold])
+        elif rlhub_s is not None and trl_s is None:
+            out[threshold] = math.inf
+        elif rlhub_s is None and trl_s is not None:
+            out[threshold] = 0.0  # TRL got there and rlhub did not
+    return out
+
+
+def _at_least(name: str, values: dict[str, float], minimum: float, none_text: str) -> Verdict:
+    """Met when every labelled value is at least `minimum`."""
+    if not values:
+        return Verdict(name, none_text, None)
+    return Verdict(name, ", ".join(f"{num(v)} ({label})" for label, v in values.items()), all(v >= minimum for v in values.values()))
+
+
+def peer_targets(peer: dict[str, Any] | None) -> list[Verdict]:
+    names = ("generation-bound peer: rlhub / TRL samples/s ≥ 3", "generation-bound peer: TRL / rlhub time to success ≥ 2",
+             "overhead-bound peer: rlhub / TRL samples/s ≥ 1")
+    if peer is None:
+        return [Verdict(n, MISSING, None) for n in names]
+
+    def samples_ratios(bound: str) -> dict[str, float]:
+        return {c: cfg["samples_per_s_ratio"] for c, cfg in _configs(peer, bound).items() if isinstance(cfg.get("samples_per_s_ratio"), (int, float))}
+
+    times = {f"{c}, to {t}": r for c, cfg in _configs(peer, "generation").items() for t, r in _time_to_ratios(cfg).items()}
+    return [_at_least(names[0], samples_ratios("generation"), 3.0, "no generation-bound config measured"),
+            _at_least(names[1], times, 2.0, "no success threshold reached"),
+            _at_least(names[2], samples_ratios("overhead"), 1.0, "no overhead-bound config measured")]
+
+
+def engine_targets(engine: dict[str, Any] | None) -> list[Verdict]:
+    """`vllm_inside_over_standalone` holds, per batch, standalone vLLM's tokens/s over rlhub's vllm
+    engine's (as `rlhub.benches.engine.inside_over_standalone` computes it, whatever the key says)."""
+    name = "vLLM inside rlhub within 1.25x of standalone (standalone / inside tokens/s ≤ 1.25, admission batch)"
+    ratios = (engine or {}).get("vllm_inside_over_standalone") or {}
+    ratios = {int(b): r for b, r in ratios.items() if isinstance(r, (int, float))}
+    if not ratios:
+        return [Verdict(name, MISSING, None)]
+    given = engine.get("admission_batch")
+    batch = int(given) if given else max(ratios)
+    if batch not in ratios:
+        return [Verdict(name, f"batch {batch} not measured", None)]
+    which = "" if given else " (the largest measured)"
+    return [Verdict(name, f"{num(ratios[batch])} at batch {batch}{which}", ratios[batch] <= 1.25)]
+
+
+def e2e_targets(e2e: dict[str, Any] | None) -> list[Verdict]:
+    out = []
+    for name, key, minimum in (("async / sync samples/s ≥ 1.5", "async_over_sync_samples_per_s", 1.5),
+                               ("pipeline efficiency ≥ 0.9", "pipeline_efficiency", 0.9)):
+        value = (e2e or {}).get(key)
+        if not isinstance(value, (int, float)):
+            out.append(Verdict(name, MISSING, None))
+        else:
+            out.append(Verdict(name, num(value), value >= minimum))
+    return out
+
+
+def sync_targets(sync: dict[str, Any] | None) -> list[Verdict]:
+    name = "weight sync ≤ 3x a memcpy of the same bytes (hf engine, load_weights)"
+    ratios = (sync or {}).get("ratio_to_memcpy") or {}
+    load = ratios.get("hf_load")
+    if not isinstance(load, (int, float)):
+        return [Verdict(name, MISSING, None)]
+    checked = ratios.get("hf_load_probe")
+    return [Verdict(name, f"{num(load)}x (with the probe check: {num(checked)}x)", load <= 3.0)]
+
+
+def _shards(n: int) -> str:
+    return f"{n} shard" + ("" if n == 1 else "s")
+
+
+def store_targets(store: dict[str, Any] | None) -> list[Verdict]:
+    names = ("store: < 1 ms added per group", "store: throughput grows with shards")
+    rows = [r for r in (store or {}).get("rows") or [] if isinstance(r, dict)]
+    added = sorted((r["shards"], r["added_ms_per_group"]) for r in rows if isinstance(r.get("added_ms_per_group"), (int, float)))
+    if added:
+        out = [Verdict(names[0], ", ".join(f"{_shards(s)}: {num(ms, 3)}" for s, ms in added) + " ms", all(ms < 1.0 for _, ms in added))]
+    else:
+        out = [Verdict(names[0], MISSING, None)]
+    rates = sorted((r["shards"], r["groups_per_s"]) for r in rows if isinstance(r.get("groups_per_s"), (int, float)))
+    if len(rates) < 2:
+        out.append(Verdict(names[1], MISSING if not rates else "one shard count measured", None))
+    else:
+        grows = all(b > a for (_, a), (_, b) in zip(rates, rates[1:]))
+        out.append(Verdict(names[1], ", ".join(f"{_shards(s)}: {num(g, 0)}" for s, g in rates) + " groups/s", grows))
+    return out
+
+
+RECORD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError)
+"""What reading a record of an unexpected shape raises: reported in the section, never raised."""
+
+TARGETS: tuple[tuple[str, Callable[[dict[str, Any] | None], list[Verdict]]], ...] = (
+    ("peer", peer_targets), ("engine", engine_targets), ("e2e", e2e_targets), ("sync", sync_targets), ("store", store_targets))
+
+
+def targets(records: dict[str, dict]) -> list[Verdict]:
+    out: list[Verdict] = []
+    for bench, judge in TARGETS:
+        try:
+            out += judge(_result(records, bench))
+        except RECORD_ERRORS as e:
+            out.append(Verdict(f"{bench}: its targets", f"the newest record could not be read ({type(e).__name__}: {e})", None))
+    return out
+
+
+# ---- one table per benchmark ----------------------------------------------------------------
+
+def render_peer(r: dict[str, Any]) -> list[str]:
+    configs = {n: c for n, c in (r.get("configs") or {}).items() if isinstance(c, dict)}
+    thresholds = sorted({t for c in configs.values() for side in ("rlhub", "trl") for t in ((c.get(side) or {}).get("time_to") or {})})
+    header = ["config", "bound", "TRL samples/s", "rlhub samples/s", "ratio", "TRL step s", "rlhub step s"]
+    header += [f"time to {t}: TRL / rlhub s (ratio)" for t in thresholds]
+    rows = []
+    for name, c in configs.items():
+        if c.get("skipped"):
+            rows.append([name, str(c.get("bound", "—")), f"skipped: {c['skipped']}"] + ["—"] * (len(header) - 3))
+            continue
+        trl, ours = c.get("trl") or {}, c.get("rlhub") or {}
+        row = [name, str(c.get("bound", "—")), num(trl.get("samples_per_s"), 1), num(ours.get("samples_per_s"), 1),
+               num(c.get("samples_per_s_ratio")), num(trl.get("step_s"), 3), num(ours.get("step_s"), 3)]
+        ratios = c.get("time_to_ratio") or {}
+        for t in thresholds:
+            trl_t, ours_t = (trl.get("time_to") or {}).get(t), (ours.get("time_to") or {}).get(t)
+            row.append(f"{num(trl_t, 1)} / {num(ours_t, 1)} ({num(ratios.get(t))})")
+        rows.append(row)
+    notes = [f"- **{n}**: {c['description']}" for n, c in configs.items() if c.get("description")]
+    return table(header, rows) + ([""] + notes if notes else [])
+
+
+def render_e2e(r: dict[str, Any]) -> list[str]:
+    lines = table(["", "value"], [["generation-only step", f"{num(r.get('generation_only_step_s'), 3)} s"],
+                                  ["training-only step", f"{num(r.get('training_only_step_s'), 3)} s"],
+                                  ["async / sync samples/s", num(r.get("async_over_sync_samples_per_s"))],
+                                  ["pipeline efficiency", num(r.get("pipeline_efficiency"))]])
+    runs = r.get("runs") or {}
+    rows = []
+    for staleness, run in sorted(runs.items(), key=lambda kv: float(kv[0]) if str(kv[0]).lstrip("-").isdigit() else math.inf):
+        run = run if isinstance(run, dict) else {}
+        reached = run.get("time_to_success") or {}
+        rows.append([str(staleness), num(run.get("step_s"), 3), num(run.get("samples_per_s"), 1), num(run.get("trained_tokens_per_s"), 0),
+                     ", ".join(f"{t}: {num(s, 1)} s" for t, s in reached.items()) or "—"])
+    if rows:
+        lines += [""] + table(["max_staleness", "step s", "samples/s", "trained tokens/s", "time to success"], rows)
+    return lines
+
+
+def render_engine(r: dict[str, Any]) -> list[str]:
+    rows = [x for x in r.get("rows") or [] if isinstance(x, dict)]
+    rows.sort(key=lambda x: (str(x.get("engine")), str(x.get("threads")), x.get("batch") if isinstance(x.get("batch"), int) else 0))
+    lines = [f"Model: {r['model']}.", ""] if r.get("model") else []
+    lines += table(["engine", "threads", "batch", "tokens/s"],
+                   [[str(x.get("engine", "—")), str(x.get("threads", "—")), str(x.get("batch", "—")), num(x.get("tokens_per_s"), 0)] for x in rows])
+    ratios = r.get("vllm_inside_over_standalone") or {}
+    if ratios:
+        lines += ["", *table(["batch", "standalone vLLM / vLLM inside rlhub, tokens/s"], [[str(b), num(v)] for b, v in ratios.items()])]
+    return lines
+
+
+SYNC_ROWS = (
+    ("memcpy_s", "memcpy of the same bytes (one flat buffer)"),
+    ("copy_per_tensor_s", "copy_ of each tensor into a preallocated one"),
+    ("hf_load_s", "hf engine: load_weights"),
+    ("hf_load_probe_s", "hf engine: load + probe check (the worker's per-version sync)"),
+    ("state_dict_s", "learner: state_dict()"),
+    ("learner_probe_s", "learner: probe log-probs"),
+    ("inmemory_push_s", "in-memory weight sync: push"),
+    ("version_inmemory_s", "one version in one process: state dict, probe, push, pull, load, probe check"),
+    ("ray_push_s", "Ray object store: push"),
+    ("ray_pull_s", "Ray object store: pull"),
+    ("ray_load_s", "hf engine: load_weights of the state pulled from Ray"),
+    ("vllm_load_s", "vLLM engine: load_weights"),
+    ("vllm_load_probe_s", "vLLM engine: load + probe check"),
+)
+
+
+def render_sync(r: dict[str, Any]) -> list[str]:
+    base = r.get("memcpy_s")
+    rows = [[label, _ms(r[key]), num(r[key] / base) if isinstance(base, (int, float)) and base > 0 else "—"]
+            for key, label in SYNC_ROWS if isinstance(r.get(key), (int, float))]
+    head = (f"Model: {r.get('model', '—')} ({r.get('dtype', '—')}), {num(r.get('bytes', 0) / 1e6)} MB in {r.get('tensors', '—')} tensors; "
+            f"median of {r.get('reps', '—')} repetitions.{_load(r)}")
+    lines = [head, ""] + table(["", "ms", "x memcpy"], rows)
+    if r.get("vllm_skipped"):
+        lines += ["", f"vLLM not measured: {r['vllm_skipped']}."]
+    elif isinstance(r.get("vllm_load_s"), (int, float)):
+        lines += ["", "On a CPU, the vLLM engine's load builds a fresh model object, loads and repacks it, and swaps it in "
+                  "(`rlhub.engines.vllm_engine`); on CUDA it reloads in place."]
+    return lines
+
+
+def render_store(r: dict[str, Any]) -> list[str]:
+    rows = [x for x in r.get("rows") or [] if isinstance(x, dict)]
+    lines = [f"{r.get('store', 'ray')} store, {r.get('bytes_per_group', '—')} bytes per group.{_load(r)}", ""]
+    lines += table(["shards", "groups/s", "raw Ray groups/s", "store ms/group", "raw ms/group", "added ms/group"],
+                   [[str(x.get("shards", "—")), num(x.get("groups_per_s"), 0), num(x.get("raw_groups_per_s"), 0),
+                     num(x.get("store_ms_per_group"), 3), num(x.get("raw_ms_per_group"), 3), num(x.get("added_ms_per_group"), 3)] for x in rows])
+    for key in ("latency_includes", "note"):
+        if r.get(key):
+            lines += ["", f"{key.replace('_', ' ').capitalize()}: {r[key]}"]
+    return lines
+
+
+def render_scale(r: dict[str, Any]) -> list[str]:
+    rows = [x for x in r.get("rows") or [] if isinstance(x, dict)]
+    lines = [f"Model: {r['model']}.", ""] if r.get("model") else []
+    return lines + table(["actors", "nodes", "samples/s", "model samples/s"],
+                         [[str(x.get("actors", "—")), str(x.get("nodes", "—")), num(x.get("samples_per_s"), 1), num(x.get("model_samples_per_s"), 1)]
+                          for x in rows])
+
+
+BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
+    "peer": ("rlhub against TRL's GRPOTrainer", render_peer),
+    "e2e": ("the pipeline, synchronous and asynchronous", render_e2e),
+    "engine": ("generation engines", render_engine),
+    "sync": ("weight sync", render_sync),
+    "store": ("data store", render_store),
+    "scale": ("rollout actors and nodes", render_scale),
+}
+
+
+def _load(r: dict[str, Any]) -> str:
+    """The machine's 1-minute load average around the run, when the benchmark recorded it."""
+    load = r.get("load_average")
+    return f" Load average {num(load[0])} before, {num(load[-1])} after." if isinstance(load, list) and load else ""
+
+
+def render_bench(name: str, record: dict[str, Any] | None, plot: str | None = None) -> list[str]:
+    title, render = BENCHES[name]
+    lines = [f"### {name}: {title}", ""]
+    if record is None:
+        return lines + [f"{MISSING} (`rlhub bench {name}`)."]
+    machine = record.get("machine") or {}
+    lines += [f"`{record.get('command', 'rlhub bench ' + name)}` at commit `{record.get('commit', '?')}`, "
+              f"{record.get('time', '?')}, {machine.get('cpus', '?')} CPUs" + (", CUDA" if machine.get("cuda") else "") + ".", ""]
+    try:
+        lines += render(record.get("result") or {})
+    except RECORD_ERRORS as e:
+        lines += [f"The newest record could not be rendered ({type(e).__name__}: {e})."]
+    if plot:
+        lines += ["", f"![rolling success against wall-clock seconds, rlhub and TRL]({plot})"]
+    return lines
+
+
+def render(records: dict[str, dict], plot: str | None = None) -> str:
+    """The section between the markers (without them): the targets, then one part per benchmark."""
+    lines = ["_Written by `rlhub bench report` from the newest record of each benchmark; do not edit by hand._", "",
+             "### Targets", "", *table(["target", "measured", "verdict"], [v.row() for v in targets(records)])]
+    for name in BENCHES:
+        lines += [""] + render_bench(name, records.get(name), plot if name == "peer" else None)
+    return "\n".join(lines)
+
+
+def replace_section(readme: str, section: str) -> str:
+    """The README with everything between the marker lines replaced by `section`."""
+    lines = readme.split("\n")
+    if START not in lines or END not in lines or lines.index(START) > lines.index(END):
+        raise ValueError(f"the README has no {START} line followed by an {END} line: add them where the section goes")
+    start, end = lines.index(START), lines.index(END)
+    return "\n".join(lines[: start + 1] + ["", section, ""] + lines[end:])
+
+
+# ---- the picture -----------------------------------------------------------------------------
+
+def plot_peer(peer: dict[str, Any], path: Path) -> Path | None:
+    """Rolling success against wall-clock seconds, rlhub and TRL on the same axes, one panel per config;
+    None when no config carries a curve."""
+    configs = {n: c for n, c in (peer.get("configs") or {}).items()
+               if isinstance(c, dict) and any((c.get(side) or {}).get("curve") for side in ("rlhub", "trl"))}
+    if not configs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.0 * len(configs), 3.8), squeeze=False)
+    for ax, (name, c) in zip(axes[0], configs.items()):
+        for side, label in (("rlhub", "rlhub"), ("trl", "TRL")):
+            curve = [p for p in (c.get(side) or {}).get("curve") or [] if isinstance(p, (list, tuple)) and len(p) == 2]
+            if curve:
+                ax.plot([p[0] for p in curve], [p[1] for p in curve], label=label)
+        ax.set_title(name)
+        ax.set_xlabel("wall-clock s")
+        ax.set_ylabel("rolling success")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_link(peer: dict[str, Any] | None, png: Path, readme: Path) -> str | None:
+    """The picture's path as the README links it, when the peer record has curves to draw."""
+    has_curves = any(isinstance(c, dict) and any((c.get(s) or {}).get("curve") for s in ("rlhub", "trl"))
+                     for c in ((peer or {}).get("configs") or {}).values())
+    return Path(os.path.relpath(png.resolve(), readme.resolve().parent)).as_posix() if has_curves else None
+
+
+def main(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlhub bench report", description="write the README's performance section from the results file")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--results", type=Path, default=None, help="default: bench/results.jsonl or $RLHUB_BENCH_RESULTS")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when the README is out of date")
+    a = parser.parse_args(args)
+    results = a.results or results_path()
+    records = latest(read_results(results))
+    png = results.parent / PLOT_NAME
+    peer = _result(records, "peer")
+    text = a.readme.read_text()
+    try:
+        updated = replace_section(text, render(records, _plot_link(peer, png, a.readme)))
+    except ValueError as e:
+        print(f"rlhub bench report: {a.readme}: {e}", file=sys.stderr)
+        return 2
+    if a.check:
+        if updated != text:
+            print(f"{a.readme} is out of date with {results}: run `rlhub bench report`", file=sys.stderr)
+            return 1
+        print(f"{a.readme} is up to date with {results}")
+        return 0
+    if peer is not None:
+        plot_peer(peer, png)
+    if updated != text:
+        a.readme.write_text(updated)
+    print(f"wrote the performance section of {a.readme} from {len(records)} benchmarks in {results}")
+    return 0
