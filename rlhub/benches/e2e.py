@@ -1,12 +1,15 @@
 """`rlhub bench e2e` and `rlhub bench presets`: the pipeline's throughput, and every algorithm preset.
 
-In one invocation: generation alone (admission, weight pick-up with its probe
-check, generation, scoring) and training alone (the optimizer step and the
-weight publish with its probe), with the same engine and learner code in a
-child process, one thread each as in the actors; then the
-full pipeline at `max_staleness=0` and at `max_staleness=2`. Pipeline
-efficiency = max(generation-only, training-only step time) / async step time:
-1.0 means the pipeline hides the shorter phase completely.
+`rlhub bench e2e [staleness=0,1,2,4] [success=0.5] [overrides...]`, in one invocation:
+generation alone (admission, weight pick-up with its probe check, generation, scoring) and
+training alone (the optimizer step and the weight publish with its probe), with the same engine
+and learner code in a child process, one thread each as in the actors; then the full pipeline at
+each `max_staleness`. Per run: samples/s and trained tokens/s over the steady state (from the
+first tenth of the steps on), the step-time split, and the wall-clock from the first step's start
+to the first step where the success rate averaged over the last 10 steps reaches `success`
+(start-up excluded; null when the run never reaches it; the curve of `rlhub bench peer`). Pipeline efficiency = max(generation-only,
+training-only step time) / the asynchronous step time, at the config's `max_staleness` (1 by
+default): 1.0 means the pipeline hides the shorter phase completely.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "experiment.total_steps=30"]
+from rlhub.benches.peer import rolling_curve, time_to
+
+BENCH_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "eval.every=0", "eval.before=false", "eval.final=false",
+                  "experiment.total_steps=100"]
 
 
 def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
@@ -55,7 +61,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
                          routing=replay_enabled(cfg.moe, cfg.rollout.engine), selection_bias=cfg.moe.balance == "aux_free")
     worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, build_env(cfg.env, cfg.seed),
                            tok, store, sync, DataSide.of(cfg.algorithm), probe, cfg.seed)
-    worker.batch_prompts = cfg.prompts_per_step  # one generation call per learner step, as one actor would
+    worker.batch_prompts = worker.max_groups = cfg.prompts_per_step  # one learner step's groups at a time
     gen_times, train_times, tokens = [], [], 0
     for step in range(steps + 1):  # the first step of each phase warms up
         start = time.perf_counter()
@@ -81,7 +87,7 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
     }
 
 
-def _pipeline(overrides: list[str], staleness: int, skip: int) -> dict[str, float]:
+def _pipeline(overrides: list[str], staleness: int, skip: int, threshold: float) -> dict[str, Any]:
     import json
 
     from rlhub.actors.controller import train
@@ -90,46 +96,62 @@ def _pipeline(overrides: list[str], staleness: int, skip: int) -> dict[str, floa
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*overrides, f"max_staleness={staleness}", f"run_dir={tmp}"])
         summary = train(cfg)
-        rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][skip:]
+        every = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    rows = every[skip:]
     seconds = sum(r["time/step_s"] for r in rows)
     samples = cfg.prompts_per_step * cfg.group_size * len(rows)
+
+    def per_step(key: str) -> float:
+        return sum(r.get(key, 0.0) for r in rows) / len(rows)
+
     return {
         "step_s": seconds / len(rows),
         "samples_per_s": samples / seconds,
         "trained_tokens_per_s": sum(r["train/tokens"] for r in rows) / seconds,
-        "staleness_mean": sum(r["staleness/mean"] for r in rows) / len(rows),
-        "reward_last_tenth": summary["reward_last_tenth"],
+        "split_s": {k: per_step(f"time/{k}_s") for k in ("train", "publish", "wait", "collate", "learner_idle")},
+        "staleness_mean": per_step("staleness/mean"),
+        "time_to_success": {str(threshold): time_to(rolling_curve([r["time/step_s"] for r in every], [r["rollout/success_rate"] for r in every]), threshold)},
+        "success_last_tenth": summary["success_last_tenth"],
     }
 
 
-def bench_e2e(overrides: list[str]) -> dict[str, Any]:
-    from rlhub.config import load_config
+def bench_e2e(args: list[str]) -> dict[str, Any]:
+    from rlhub.config import ConfigError, load_config
 
+    stalenesses, threshold, overrides = [0, 1, 2, 4], 0.5, []
+    for a in args:
+        if a.startswith("staleness="):
+            stalenesses = [int(x) for x in a.split("=", 1)[1].split(",")]
+        elif a.startswith("success="):
+            threshold = float(a.split("=", 1)[1])
+        else:
+            overrides.append(a)
     overrides = [*BENCH_DEFAULTS, *overrides]
     cfg = load_config(overrides)
     from rlhub.algorithms import advantage_needs
-    from rlhub.config import ConfigError
 
     algo = cfg.algorithm
     if advantage_needs(algo.advantage).critic or (algo.kl_coef > 0 and algo.reference == "actor"):
         raise ConfigError("bench e2e measures algorithms without scorer actors (no critic, reference=learner); use rlhub bench presets")
+    if 0 not in stalenesses:
+        raise ConfigError("bench e2e: staleness= must include 0 (the synchronous baseline)")
     skip = max(2, cfg.experiment.total_steps // 10)  # start-up steps are not steady state
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         phases = pool.submit(_isolated_phases, overrides, min(10, cfg.experiment.total_steps)).result()
-    sync = _pipeline(overrides, 0, skip)
-    async_ = _pipeline(overrides, 2, skip)
+    runs = {str(s): _pipeline(overrides, s, skip, threshold) for s in stalenesses}
+    headline = str(cfg.max_staleness if cfg.max_staleness in stalenesses and cfg.max_staleness > 0 else max(stalenesses))
     bound = max(phases["generation_only_step_s"], phases["training_only_step_s"])
     return {
         "config": {"engine": cfg.rollout.engine, "num_actors": cfg.rollout.num_actors, "prompts_per_step": cfg.prompts_per_step,
-                   "group_size": cfg.group_size, "steps": cfg.experiment.total_steps, "steady_state_from_step": skip + 1},
+                   "group_size": cfg.group_size, "max_new_tokens": cfg.rollout.max_new_tokens, "steps": cfg.experiment.total_steps,
+                   "steady_state_from_step": skip + 1, "success_threshold": threshold, "async_staleness": int(headline)},
         **phases,
-        "sync": sync,
-        "async": async_,
-        "async_over_sync_samples_per_s": async_["samples_per_s"] / sync["samples_per_s"],
-        "pipeline_efficiency": bound / async_["step_s"],
+        "runs": runs,
+        "async_over_sync_samples_per_s": runs[headline]["samples_per_s"] / runs["0"]["samples_per_s"],
+        "pipeline_efficiency": bound / runs[headline]["step_s"],
     }
 
 
