@@ -237,6 +237,9 @@ class VLLMEngine:
             # callers list EOS in stop_token_ids when they want it.
             ignore_eos=True,
             seed=seed,
+            # Completions leave as token ids (the worker decodes them itself): without this vLLM
+            # detokenizes every token, and each log-prob's token again, in Python at every step.
+            detokenize=False,
         )
 
     def _completion(self, out: Any, greedy: bool, prompt_len: int = 0, versions: list[tuple[int, int]] | None = None) -> Completion:
