@@ -72,27 +72,29 @@ class HFEngine:
             mask[i, width - len(p) :] = 1
         stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1])
 
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        logps: list[list[float]] = [[] for _ in range(batch)]
-        versions: list[list[int]] = [[] for _ in range(batch)]
-        steps_routes: list[torch.Tensor] = []  # per forward: [B, T, layers, k], the prefill's first
         caps = [sampling.max_new_tokens] * batch if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
-        done = torch.tensor([c <= 0 for c in caps], dtype=torch.bool)
+        cap = torch.tensor(caps)  # [B]
+        produced = torch.zeros(batch, dtype=torch.long)  # [B] tokens each row has sampled so far
+        done = cap <= 0  # [B]
+        # per step: [B] sampled ids and log-probs (rows already done sample too: cut off at the end), the version
+        sampled: list[torch.Tensor] = []
+        sampled_logps: list[torch.Tensor] = []
+        step_versions: list[int] = []
+        steps_routes: list[torch.Tensor] = []  # per forward: [B, T, layers, k], the prefill's first
         cache = None
         step_ids, positions = input_ids, positions_from_mask(mask)
         for step in range(max(caps)):
-            live = torch.nonzero(~done).flatten().tolist()  # rows whose input this step is part of their sequence
             with self._capture() as capture:
                 out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             if capture is not None:
                 steps_routes.append(self._step_routes(capture, batch))
             next_ids, next_logp = self._sample(out.logits[:, -1].float(), sampling)
-            for i in live:
-                tokens[i].append(int(next_ids[i]))
-                logps[i].append(float(next_logp[i]))
-                versions[i].append(self.version)
-            done |= torch.isin(next_ids, stop) | torch.tensor([len(t) >= c for t, c in zip(tokens, caps)])
+            sampled.append(next_ids)
+            sampled_logps.append(next_logp)
+            step_versions.append(self.version)
+            produced += ~done  # a row's tokens are its first `produced` samples: once done, it stays done
+            done = done | torch.isin(next_ids, stop) | (produced >= cap)
             if bool(done.all()):
                 break
             if weight_source is not None and weight_source():
@@ -101,9 +103,16 @@ class HFEngine:
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
 
+        # rows become Python lists once, here, not element by element at every step
+        lengths = produced.tolist()
+        all_ids = torch.stack(sampled, dim=1).tolist() if sampled else [[] for _ in range(batch)]  # [B, steps]
+        all_logps = torch.stack(sampled_logps, dim=1).tolist() if sampled else [[] for _ in range(batch)]
+        tokens = [row[:n] for row, n in zip(all_ids, lengths)]
+        logps = [row[:n] for row, n in zip(all_logps, lengths)]
+        versions = [step_versions[:n] for n in lengths]
         elapsed = time.perf_counter() - start
         self.stats.generate_seconds += elapsed
-        self.stats.generated_tokens += sum(len(t) for t in tokens)
+        self.stats.generated_tokens += sum(lengths)
         stop_set = set(sampling.stop_token_ids)
         # a row's positions: the prefill's real columns (its last len(prompt)), then the decode steps that
         # fed back its tokens but the last (rows that finished early were fed on: those steps are cut off)
