@@ -240,3 +240,50 @@ def test_warm_start_cache_gives_the_computed_weights_and_misses_on_other_inputs(
     for args, kwargs in [((examples, 4, 8, 1e-3), {"seed": 1}), ((examples, 5, 8, 1e-3), {"seed": 0}),
                          ((examples[:-1], 4, 8, 1e-3), {"seed": 0}), ((examples, 4, 8, 1e-3), {"seed": 0, "cache": False})]:
         assert cached_warm_start(new(), tiny_model_path, *args, **kwargs)["warm_start/cached"] == 0.0
+
+
+class StreamingHF:
+    """A continuous engine for the worker's seam, over the hf engine: each poll finishes the newest
+    half of what runs (at least one), so completions come back out of submission order while other
+    episodes keep running and new ones join."""
+
+    def __init__(self, engine):
+        self.engine, self.running, self.returned, self.most_running = engine, [], [], 0
+
+    version = property(lambda self: self.engine.version)
+
+    def __getattr__(self, name):  # load_weights, prompt_logprobs, rebuild, generate, close
+        return getattr(self.engine, name)
+
+    def submit(self, key, prompt, sampling, max_tokens):
+        self.running.append((key, list(prompt), sampling, max_tokens))
+        self.most_running = max(self.most_running, len(self.running))
+
+    def pending(self):
+        return len(self.running)
+
+    def poll(self):
+        cut = len(self.running) - max(1, len(self.running) // 2)
+        done, self.running = self.running[cut:], self.running[:cut]
+        outs = self.engine.generate([p for _, p, _, _ in done], done[0][2], None, [m for *_, m in done])
+        self.returned += [(key.group_id, c.token_ids) for (key, *_), c in zip(done, outs)]
+        return [(key, c) for (key, *_), c in zip(done, outs)]
+
+
+def test_a_continuous_engine_holds_every_group_admission_allows_and_each_turn_returns_to_its_episode(tiny_model_path, tokenizer, learner):
+    store = InMemoryDataStore(prompts_per_step=2, max_staleness=2)  # 3 steps of 2 prompts in flight
+    sync = InMemoryWeightSync()
+    sync.push(learner.state_dict(), 0, learner.probe())
+    cfg = RolloutConfig(max_new_tokens=4, max_model_len=64, continuous=True)
+    engine = StreamingHF(HFEngine(tiny_model_path, seed=0))
+    worker = RolloutWorker(0, cfg, 4, 2, engine, make_env("arithmetic", max_operand=3), tokenizer, store, sync, DataSide(), PROBE, max_groups=6)
+    assert worker.continuous
+    while store.stats()["produced"] < 6:
+        worker.step(drain=False)
+    assert engine.most_running == 6 * 4  # every admitted group generating at once, not one step's 2
+    groups = store.get_batch(2, 0) + store.get_batch(2, 0) + store.get_batch(2, 0)
+    assert sorted(meta.group_id for meta, _ in groups) == list(range(6))
+    for meta, tensors in groups:  # the tokens stored for each group are those the engine returned for its episodes
+        mask = tensors.completion_mask.bool()
+        stored = sorted(tensors.input_ids[i, 1:][mask[i]].tolist() for i in range(mask.shape[0]))
+        assert stored == sorted(t for g, t in engine.returned if g == meta.group_id)
