@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,10 @@ def test_store_targets_read_the_rows_a_store_run_writes():
     result = store_run(["store=memory", "reps=2", "warmup=0"])
     measured, met = verdicts(records(store=copy.deepcopy(result)))["store: < 1 ms added per group"]
     assert met is (result["added_ms_per_group_max"] < 1.0) and measured != MISSING
+
+
+def test_the_readmes_performance_section_is_the_one_the_committed_results_give():
+    import rlhub
+
+    root = Path(rlhub.__file__).resolve().parent.parent
+    assert main(["--check", "--readme", str(root / "README.md"), "--results", str(root / "bench" / "results.jsonl")]) == 0
