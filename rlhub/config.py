@@ -286,6 +286,7 @@ def validate(cfg: RunConfig) -> None:
         (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (cfg.datastore.num_shards >= 1, "datastore.num_shards must be >= 1"),
         (cfg.algorithm.micro_batch_size >= 1, "algorithm.micro_batch_size must be >= 1"),
+        (cfg.algorithm.micro_batch_tokens >= 0, "algorithm.micro_batch_tokens must be >= 0 (0: no token limit)"),
         (cfg.algorithm.lr > 0, "algorithm.lr must be > 0"),
         (cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, not {cfg.model.dtype!r}"),
         (cfg.model.source in ("tiny_moe", "smollm2", "smollm2_moe"), f"model.source={cfg.model.source!r}: use tiny_moe, smollm2 or smollm2_moe"),

@@ -64,6 +64,7 @@ def test_engine_auto_picks_by_model_width_build_and_what_only_the_hf_engine_has(
         ("env=nope", "env.name='nope': no such environment"),
         ("+surprise=1", "surprise"),
         ("algorithm.policy_loss=magic", "algorithm.policy_loss"),
+        ("algorithm.micro_batch_tokens=-1", "algorithm.micro_batch_tokens"),
     ],
 )
 def test_bad_config_fails_naming_the_key(override, named):
