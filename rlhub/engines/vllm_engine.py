@@ -153,7 +153,8 @@ class VLLMEngine:
         weight_source: WeightSource | None = None,
         max_tokens: list[int] | None = None,
     ) -> list[Completion]:
-        """One completion per prompt. `weight_source` is polled between decode steps (in-flight updates)."""
+        """One completion per prompt. A continuous engine polls `weight_source` between decode steps
+        (in-flight updates); otherwise weights change only between calls and it is ignored."""
         if not prompts:
             return []
         caps = [sampling.max_new_tokens] * len(prompts) if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
@@ -164,7 +165,7 @@ class VLLMEngine:
                for i, (p, cap) in enumerate(zip(prompts, caps))]
         while not all(i in self._finished for i in ids):
             self._step()
-            if weight_source is not None and weight_source():
+            if self.continuous and weight_source is not None and weight_source():
                 self.stats.inflight_updates += 1
         self.stats.generate_seconds += time.perf_counter() - t0
         completions = [self._completion_of(i) for i in ids]
