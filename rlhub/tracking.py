@@ -17,8 +17,8 @@ from typing import Any
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a jsonl file the run writes (metrics.jsonl, samples.jsonl, ledger.jsonl)."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rows of a jsonl file the run writes (metrics.jsonl, samples.jsonl, ledger.jsonl); blank lines are skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def truncate_steps(path: Path, last_step: int) -> int:

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhub.benches.peer import rolling_curve, time_to
+from rlhub.benches.peer import rolling_curve, steady_skip, time_to
+from rlhub.tracking import read_rows
 
 BENCH_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "eval.every=0", "eval.before=false", "eval.final=false",
                   "experiment.total_steps=100"]
@@ -88,15 +89,13 @@ def _isolated_phases(overrides: list[str], steps: int) -> dict[str, float]:
 
 
 def _pipeline(overrides: list[str], staleness: int, skip: int, threshold: float) -> dict[str, Any]:
-    import json
-
     from rlhub.actors.controller import train
     from rlhub.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*overrides, f"max_staleness={staleness}", f"run_dir={tmp}"])
         summary = train(cfg)
-        every = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        every = read_rows(Path(tmp) / "metrics.jsonl")
     rows = every[skip:]
     seconds = sum(r["time/step_s"] for r in rows)
     samples = cfg.prompts_per_step * cfg.group_size * len(rows)
@@ -135,7 +134,7 @@ def bench_e2e(args: list[str]) -> dict[str, Any]:
         raise ConfigError("bench e2e measures algorithms without scorer actors (no critic, reference=learner); use rlhub bench presets")
     if 0 not in stalenesses:
         raise ConfigError("bench e2e: staleness= must include 0 (the synchronous baseline)")
-    skip = max(2, cfg.experiment.total_steps // 10)  # start-up steps are not steady state
+    skip = steady_skip(cfg.experiment.total_steps)  # start-up steps are not steady state
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -165,7 +164,6 @@ STALENESS_RUNS = {"grpo S=4 none": ["algorithm=grpo", "max_staleness=4", "algori
 
 def _preset_run(overrides: list[str]) -> dict[str, Any]:
     """One short training run through the asynchronous pipeline: reward, success and the correction's metrics."""
-    import json
     import math
 
     from rlhub.actors.controller import train
@@ -175,7 +173,7 @@ def _preset_run(overrides: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*PRESET_DEFAULTS, *overrides, f"run_dir={tmp}"])
         summary = train(cfg)
-        rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_rows(Path(tmp) / "metrics.jsonl")
     tenth = max(1, len(rows) // 10)
 
     def mean(key: str, part: list[dict]) -> float | None:

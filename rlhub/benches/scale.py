@@ -36,7 +36,6 @@ actors each generate P / N prompts per call).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -44,6 +43,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rlhub.tracking import read_rows
 
 BENCH_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "eval.final=false"]
 MODEL = ("samples/s = P*G / T;  T = max(1, (N+1)/C) * max(t_L, t_G/N) if S >= 1, else t_L + t_G/min(N, C)  "
@@ -79,10 +80,6 @@ def model_samples_per_s(c: StageCosts, actors: int, max_staleness: int, cores: i
 
 
 # ---- reading a run's metrics ----------------------------------------------------------
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
 
 def steady_skip(steps: int) -> int:
     """How many first steps are start-up, not steady state: the first tenth, at least two (one if the run is shorter)."""
@@ -127,7 +124,7 @@ def _pipeline(overrides: list[str], steps: int, nodes: int = 1) -> Measured:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*BENCH_DEFAULTS, *overrides, f"experiment.total_steps={steps}", f"run_dir={tmp}"])
         train(cfg)
-        rows = read_metrics(Path(tmp) / "metrics.jsonl")[steady_skip(steps):]
+        rows = read_rows(Path(tmp) / "metrics.jsonl")[steady_skip(steps):]
     return Measured(cfg.rollout.num_actors, nodes, cfg.max_staleness, cfg.prompts_per_step, cfg.prompts_per_step * cfg.group_size, rows)
 
 

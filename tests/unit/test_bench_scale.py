@@ -14,12 +14,12 @@ from rlhub.benches.scale import (
     model_samples_per_s,
     model_step_s,
     parse_args,
-    read_metrics,
     report,
     stage_costs,
     steady_skip,
     throughput,
 )
+from rlhub.tracking import read_rows
 
 COSTS = StageCosts(learner_s=0.5, generate_s=0.3, samples_per_step=256)
 
@@ -70,7 +70,7 @@ def test_metrics_are_read_after_the_start_up_steps(tmp_path: Path) -> None:
     rows += [_row(i, 0.5 if i % 2 else 1.0, generate_s=0.2 if i % 2 else 0.4) for i in range(3, 11)]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    read = read_metrics(path)
+    read = read_rows(path)
     assert read == rows
     steady = read[steady_skip(len(read)):]
     assert [r["step"] for r in steady] == list(range(3, 11))
