@@ -83,7 +83,6 @@ class Learner:
         norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n), constant=algo.loss_constant or self.generation_budget)
         parts = [(batch.rows(idx, width), advantages.index_select(0, idx)[:, : width - 1])
                  for idx, width in micro_batches(batch.attention_mask.sum(-1), algo.micro_batch_size, algo.micro_batch_tokens)]
-        everything = slice(None)
         measure = self.balancer is not None and self.moe_cfg.mismatch_every > 0 and self.version % self.moe_cfg.mismatch_every == 0
         if self.balancer is not None:
             def forward(i: int) -> None:  # the routers' choices are all the global-batch balance needs
@@ -96,7 +95,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         for part, part_advantages in parts:
             mask_mb = part.completion_mask
-            parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, everything, norms)
+            parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms)
             parts_loss["loss"].backward()
             share = float(mask_mb.sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
             for k, v in parts_loss.items():
@@ -107,7 +106,7 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + value  # already this micro-batch's share of the batch value
                 else:
                     sums[k] = sums.get(k, 0.0) + value * share
-            for k, v in self._agreement(part, everything, logprobs.detach(), capture, measure).items():
+            for k, v in self._agreement(part, logprobs.detach(), capture, measure).items():
                 agreement[k] = max(agreement.get(k, v), v) if k.endswith("_max") else agreement.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.grad_clip)
         finite = math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))
@@ -139,33 +138,33 @@ class Learner:
         self.version += 1
         return {"train/policy_updated": 0.0, "train/tokens": 0.0}
 
-    def _agreement(self, batch: GroupTensors, mb: slice, logprobs: torch.Tensor, capture: Any, measure: bool) -> dict[str, float]:
+    def _agreement(self, batch: GroupTensors, logprobs: torch.Tensor, capture: Any, measure: bool) -> dict[str, float]:
         """Sums for how far the learner is from the engine. On tokens the engine sampled with these very
         weights (version == the learner's) the log-prob gap is numerical mismatch alone; on all
         generated tokens it also holds the policy's change since. On measuring steps of an MoE policy
         with recorded routing: the gap of the other forward too (fresh routing under replay, replayed
         without), and the share of (position, layer) pairs whose top-k sets differ between the
         engine's record and the learner's own routing."""
-        mask = batch.completion_mask[mb]
-        same = mask * (batch.versions[mb] == self.version)
-        gap = (logprobs - batch.old_logprobs[mb]).abs()
+        mask = batch.completion_mask
+        same = mask * (batch.versions == self.version)
+        gap = (logprobs - batch.old_logprobs).abs()
         out = {"tokens": float(mask.sum()), "gap_all": float((gap * mask).sum()), "same_tokens": float(same.sum())}
         if out["same_tokens"] > 0:
             out["gap_same"] = float((gap * same).sum())
             out["gap_same_max"] = float((gap * same).max())
-        routes = None if batch.routes is None else batch.routes[mb]
+        routes = None if batch.routes is None else batch.routes
         if not measure or routes is None:
             return out
         replayed = self.balancer.replay
-        with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask[mb], routes, replay=not replayed) as other_capture:
-            other, _, _ = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
-        other_gap = (other - batch.old_logprobs[mb]).abs()
+        with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask, routes, replay=not replayed) as other_capture:
+            other, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy)
+        other_gap = (other - batch.old_logprobs).abs()
         this, that = ("replay", "fresh") if replayed else ("fresh", "replay")
         out[f"gap_all_{this}"], out[f"gap_all_{that}"] = out["gap_all"], float((other_gap * mask).sum())
         if out["same_tokens"] > 0:
             out[f"gap_same_{this}"], out[f"gap_same_{that}"] = out["gap_same"], float((other_gap * same).sum())
         own = other_capture if replayed else capture  # the learner's own routing: the forward without replay
-        b, width = batch.input_ids[mb].shape
+        b, width = batch.input_ids.shape
         fresh = torch.stack([rec.fresh.view(b, width, -1)[:, :-1] for rec in own.layers], dim=2)  # [b, T-1, L, K]
         recorded = (routes >= 0).all(-1).all(-1)  # [b, T-1]
         differs = set_differs(fresh, routes.long())  # [b, T-1, L]
@@ -175,19 +174,19 @@ class Learner:
             out[f"route_pairs{key}"] = float(where.sum()) * layers
         return out
 
-    def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, mb: slice, norms: BatchNorms) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
-        """This micro-batch's share of the batch loss and its parts for logging, its log-probs, and
+    def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, norms: BatchNorms) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+        """This micro-batch's (`batch`, one part of the step's) share of the batch loss and its parts for logging, its log-probs, and
         its routing capture (None for a dense policy)."""
         algo = self.algo
-        mask = batch.completion_mask[mb]
-        behaviour = batch.old_logprobs[mb]
+        mask = batch.completion_mask
+        behaviour = batch.old_logprobs
         routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(
-            batch.attention_mask[mb], None if batch.routes is None else batch.routes[mb]
+            batch.attention_mask, None if batch.routes is None else batch.routes
         )
         with routing as capture:
-            logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids[mb], batch.attention_mask[mb], with_entropy=True, policy=self.policy)
+            logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, with_entropy=True, policy=self.policy)
         corr = correct(logprobs, behaviour, mask, algo.correction, algo.tis_cap, (algo.icepop_low, algo.icepop_high))
-        per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages[mb], corr.mask), self.loss_cfg)
+        per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages, corr.mask), self.loss_cfg)
         pg_loss = aggregate(per_token * corr.weights, corr.mask, algo.loss_agg, norms)
         token_share = mask.sum() / max(norms.num_tokens, 1.0)
         ent = masked_mean(entropy, mask)
@@ -198,10 +197,10 @@ class Learner:
             parts["kl_behaviour"] = masked_mean(torch.exp(log_r) - 1.0 - log_r, mask)  # k3 of KL(behaviour || policy)
         if algo.kl_coef > 0:
             if batch.ref_logprobs is not None:  # computed by the reference actor on the data side
-                ref_lp = batch.ref_logprobs[mb]
+                ref_lp = batch.ref_logprobs
             else:
                 with torch.no_grad():
-                    ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids[mb], batch.attention_mask[mb], policy=self.policy)
+                    ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids, batch.attention_mask, policy=self.policy)
             kl = aggregate(kl_estimate(masked(logprobs, mask), masked(ref_lp, mask), algo.kl_estimator), mask, "token_mean", norms)
             if algo.kl_penalty == "loss":
                 loss = loss + algo.kl_coef * kl

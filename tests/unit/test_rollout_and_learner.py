@@ -179,8 +179,10 @@ def test_staleness_zero_without_correction_equals_plain_on_policy_gradient(tiny_
 
     norms = BatchNorms(float(batch.completion_mask.sum()), float(batch.input_ids.shape[0]))
     total = 0.0
-    for lo in range(0, batch.input_ids.shape[0], 4):
-        parts, _, _ = learner._micro_batch_loss(batch, adv, slice(lo, lo + 4), norms)
+    n, width = batch.input_ids.shape
+    for lo in range(0, n, 4):
+        rows = torch.arange(lo, min(lo + 4, n))
+        parts, _, _ = learner._micro_batch_loss(batch.rows(rows, width), adv[rows], norms)
         parts["loss"].backward()
         total += float(parts["loss"])
     grads = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
