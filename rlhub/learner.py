@@ -28,7 +28,7 @@ from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked, masked_mean
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, probe_logprobs, token_logprobs
-from rlhub.moe import BIAS_NAME, Balancer, MoEConfig, set_differs
+from rlhub.moe import BIAS_NAME, Balancer, BalanceStep, MoEConfig, set_differs
 from rlhub.types import GroupTensors, micro_batches
 
 
@@ -84,18 +84,19 @@ class Learner:
         parts = [(batch.rows(idx, width), advantages.index_select(0, idx)[:, : width - 1])
                  for idx, width in micro_batches(batch.attention_mask.sum(-1), algo.micro_batch_size, algo.micro_batch_tokens)]
         measure = self.balancer is not None and self.moe_cfg.mismatch_every > 0 and self.version % self.moe_cfg.mismatch_every == 0
+        balance = None
         if self.balancer is not None:
             def forward(i: int) -> None:  # the routers' choices are all the global-batch balance needs
                 token_logprobs(self.model, parts[i][0].input_ids, parts[i][0].attention_mask, policy=self.policy)
 
             prepass = self.balancer.routing_pass([(p.attention_mask, p.routes) for p, _ in parts], forward) if len(parts) > 1 else None
-            self.balancer.begin(batch.attention_mask, batch.routes, prepass)
+            balance = self.balancer.begin(batch.attention_mask, batch.routes, prepass)
         sums: dict[str, float] = {}
         agreement: dict[str, float] = {}  # sums behind the mismatch metrics
         self.optimizer.zero_grad(set_to_none=True)
         for part, part_advantages in parts:
             mask_mb = part.completion_mask
-            parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms)
+            parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms, balance)
             parts_loss["loss"].backward()
             share = float(mask_mb.sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
             for k, v in parts_loss.items():
@@ -123,8 +124,8 @@ class Learner:
         metrics["train/grad_norm"] = float(grad_norm)
         metrics.update(agreement_metrics(agreement))
         metrics.update(staleness_metrics(batch, self.version))
-        if self.balancer is not None:
-            metrics.update(self.balancer.end(update))
+        if balance is not None:
+            metrics.update(self.balancer.end(balance, update))
             metrics["moe/routing_replay"] = float(self.balancer.replay and batch.routes is not None)
         metrics["train/tokens"] = norms.num_tokens
         metrics["rollout/reward_mean"] = float(batch.rewards.mean())
@@ -174,9 +175,10 @@ class Learner:
             out[f"route_pairs{key}"] = float(where.sum()) * layers
         return out
 
-    def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, norms: BatchNorms) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+    def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, norms: BatchNorms,
+                          balance: BalanceStep | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
         """This micro-batch's (`batch`, one part of the step's) share of the batch loss and its parts for logging, its log-probs, and
-        its routing capture (None for a dense policy)."""
+        its routing capture (None for a dense policy); `balance`: the step's balance state (None for a dense policy)."""
         algo = self.algo
         mask = batch.completion_mask
         behaviour = batch.old_logprobs
@@ -205,8 +207,8 @@ class Learner:
             if algo.kl_penalty == "loss":
                 loss = loss + algo.kl_coef * kl
             parts["kl_ref"] = kl  # with kl_penalty=reward: logged only, the data side already subtracted it
-        if self.balancer is not None:
-            aux, z = self.balancer.loss(capture)
+        if balance is not None:
+            aux, z = self.balancer.loss(balance, capture)
             loss = loss + self.balancer.weighted(aux, z)
             parts["aux_loss"], parts["z_loss"] = aux, z
         parts["loss"] = loss

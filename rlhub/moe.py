@@ -45,6 +45,7 @@ from __future__ import annotations
 import types
 from collections import deque
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -84,13 +85,22 @@ class LayerRecord:
 
 @dataclass
 class Capture:
+    """What one call's forward passes record, and the routes they replay. It belongs to the call that
+    opened it (`Routing.capture`): a forward run by another thread or task never sees it."""
+
     layers: list[LayerRecord] = field(default_factory=list)
     valid: torch.Tensor | None = None
-    """[N] the real positions among the N the routers saw (set by `Balancer.micro_batch`)."""
+    """[N] the real positions among the N the routers saw (their logits are the ones recorded)."""
+    replay: torch.Tensor | None = None
+    """[N, L, K] the experts to use per position and layer (-1: route freshly); None: no replay."""
 
 
 class Routing:
-    """Takes over the routers of one model (see the module docstring)."""
+    """Takes over the routers of one model (see the module docstring).
+
+    The active capture is held in a context variable of this object, not in an attribute: each
+    thread (and each asyncio task) sees only the capture it opened, so a scoring forward running
+    beside a training step neither records into nor replays from the training step's capture."""
 
     def __init__(self, model: torch.nn.Module, selection_bias: bool = False) -> None:
         self.routers = find_routers(model)
@@ -102,9 +112,7 @@ class Routing:
         self.num_layers = len(self.routers)
         self.normalize = [bool(getattr(r, "norm_topk_prob", True)) for r in self.routers]
         self.selection_bias = selection_bias
-        self._capture: Capture | None = None
-        self._valid: torch.Tensor | None = None
-        self._replay: torch.Tensor | None = None  # [N, L, K]
+        self._active: ContextVar[Capture | None] = ContextVar(f"rlhub-routing-{id(self)}", default=None)
         for layer, router in enumerate(self.routers):
             if selection_bias and not hasattr(router, BIAS_NAME):
                 router.register_buffer(BIAS_NAME, torch.zeros(self.num_experts, device=router.weight.device))
@@ -123,16 +131,17 @@ class Routing:
                 scores = scores + bias.float()
             fresh = torch.topk(scores, routing.top_k, dim=-1).indices
             used = fresh
-            if routing._replay is not None:
-                replay = routing._replay[:, layer].to(fresh.device, torch.long)
+            capture = routing._active.get()
+            if capture is not None and capture.replay is not None:
+                replay = capture.replay[:, layer].to(fresh.device, torch.long)
                 known = (replay >= 0).all(-1, keepdim=True)
                 used = torch.where(known, replay, fresh)
             weights = probs.gather(-1, used)
             if routing.normalize[layer]:
                 weights = weights / weights.sum(-1, keepdim=True)
-            if routing._capture is not None:
-                real = logits if routing._valid is None else logits[routing._valid]
-                routing._capture.layers.append(LayerRecord(real, used.detach(), fresh))
+            if capture is not None:
+                real = logits if capture.valid is None else logits[capture.valid]
+                capture.layers.append(LayerRecord(real, used.detach(), fresh))
             return logits, weights.to(logits.dtype), used
 
         return forward
@@ -141,14 +150,13 @@ class Routing:
     def capture(self, valid: torch.Tensor | None = None, replay: torch.Tensor | None = None) -> Iterator[Capture]:
         """Record the routing of the forward passes run inside; `valid` [B, T] marks real positions,
         `replay` [B, T, L, K] the experts to use (-1: route freshly)."""
-        cap = Capture()
-        self._capture = cap
-        self._valid = None if valid is None else valid.reshape(-1).bool()
-        self._replay = None if replay is None else replay.reshape(-1, *replay.shape[2:])
+        cap = Capture(valid=None if valid is None else valid.reshape(-1).bool(),
+                      replay=None if replay is None else replay.reshape(-1, *replay.shape[2:]))
+        token = self._active.set(cap)
         try:
             yield cap
         finally:
-            self._capture, self._valid, self._replay = None, None, None
+            self._active.reset(token)
 
     # ---- the selection bias (aux_free) ----------------------------------------
     def biases(self) -> torch.Tensor | None:
@@ -264,45 +272,55 @@ def replay_tensor(routes: torch.Tensor | None, width: int) -> torch.Tensor | Non
     return torch.cat([routes, routes.new_full((routes.shape[0], pad, *routes.shape[2:]), -1)], dim=1) if pad > 0 else routes[:, :width]
 
 
+@dataclass
+class BalanceStep:
+    """One optimizer step's balance state, owned by the call that runs the step (`Balancer.begin`
+    makes it; `loss` and `end` take it), so two steps or a step and a scoring pass share nothing."""
+
+    total: float
+    """Routed positions in the whole batch: every micro-batch's terms are its share of the batch's."""
+    counts: torch.Tensor
+    """[L, E] (position, choice) pairs per expert counted so far this step."""
+    entropy: torch.Tensor
+    """[L] summed router entropy so far this step."""
+    freq: torch.Tensor | None = None
+    """[L, E] the whole batch's expert frequencies under global_batch (None: each micro-batch's own)."""
+
+
 class Balancer:
     """The routers of one model (the policy or the critic) through one optimizer step: replay,
     the load-balancing and z-loss terms of each micro-batch, then expert-load metrics and the
-    auxiliary-loss-free bias update."""
+    auxiliary-loss-free bias update. A step's state lives in the `BalanceStep` it returns."""
 
     def __init__(self, model: torch.nn.Module, cfg: MoEConfig, replay: bool = False) -> None:
         self.cfg = cfg
         self.replay = replay
         self.routing = Routing(model, selection_bias=cfg.balance == "aux_free")
         self.load = ExpertLoad(self.routing.num_layers, self.routing.num_experts, cfg.dead_window)
-        self._freq: torch.Tensor | None = None
-        self._total = 1.0
-        self._counts = torch.zeros(self.routing.num_layers, self.routing.num_experts)
-        self._entropy = torch.zeros(self.routing.num_layers)
 
-    def begin(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, prepass=None) -> None:
+    def begin(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, prepass=None) -> BalanceStep:
         """Start a step over a batch. Under global_batch the expert frequencies of the whole batch are
         fixed here: from the routes when replay covers every position, else from `prepass()`, a
         routing pass without gradients that the caller runs over its micro-batches inside
         `micro_batch` (None: the batch is one micro-batch, counted in its own forward)."""
         valid = routed_positions(attention_mask)
-        self._total = float(valid.sum())
-        self._counts = torch.zeros(self.routing.num_layers, self.routing.num_experts)
-        self._entropy = torch.zeros(self.routing.num_layers)
-        self._freq = None
+        layers, experts = self.routing.num_layers, self.routing.num_experts
+        step = BalanceStep(float(valid.sum()), torch.zeros(layers, experts), torch.zeros(layers))
         if self.cfg.balance != "global_batch":
-            return
+            return step
         routed = None if routes is None else valid[:, : routes.shape[1]]
         if self.replay and routes is not None and bool((routes >= 0).all(-1).all(-1)[routed].all()):
             used = routes[routed]  # [n, L, K]
-            counts = torch.stack([expert_counts(used[:, layer], self.routing.num_experts) for layer in range(self.routing.num_layers)])
+            counts = torch.stack([expert_counts(used[:, layer], experts) for layer in range(layers)])
         elif prepass is not None:
-            counts = torch.zeros(self.routing.num_layers, self.routing.num_experts)
+            counts = torch.zeros(layers, experts)
             with torch.no_grad():
                 for capture in prepass():
-                    counts += torch.stack([expert_counts(rec.used[capture.valid], self.routing.num_experts) for rec in capture.layers]).cpu()
+                    counts += torch.stack([expert_counts(rec.used[capture.valid], experts) for rec in capture.layers]).cpu()
         else:
-            return  # one micro-batch: its own forward gives the batch's frequencies
-        self._freq = self._normalise(all_reduce_(counts))
+            return step  # one micro-batch: its own forward gives the batch's frequencies
+        step.freq = self._normalise(all_reduce_(counts))
+        return step
 
     def routing_pass(self, parts: list[tuple[torch.Tensor, torch.Tensor | None]], forward):
         """`begin`'s `prepass` for a batch in micro-batches, given as (attention mask, routes) each:
@@ -320,42 +338,43 @@ class Balancer:
     def _normalise(counts: torch.Tensor) -> torch.Tensor:
         return counts / counts.sum(-1, keepdim=True).clamp(min=1.0)
 
-    @contextmanager
-    def micro_batch(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, replay: bool | None = None) -> Iterator[Capture]:
-        """Capture the routing of the forward run inside, replaying `routes` ([b, T-1, L, K]) when
-        replay is on (`replay` overrides the configured choice, for the mismatch metrics)."""
+    def micro_batch(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, replay: bool | None = None):
+        """A capture (context manager) of the routing of the forward run inside it, in this thread,
+        replaying `routes` ([b, T-1, L, K]) when replay is on (`replay` overrides the configured
+        choice, for the mismatch metrics)."""
         use = self.replay if replay is None else replay
-        valid = routed_positions(attention_mask)
-        with self.routing.capture(valid, replay_tensor(routes, attention_mask.shape[1]) if use else None) as capture:
-            capture.valid = valid.reshape(-1)
-            yield capture
+        return self.routing.capture(routed_positions(attention_mask), replay_tensor(routes, attention_mask.shape[1]) if use else None)
 
-    def loss(self, capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, step: BalanceStep, capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balancing loss, z-loss) of one micro-batch, each its share of the batch value
-        (summed over micro-batches they give the batch's), averaged over layers; counts its load."""
+        (summed over micro-batches they give the batch's), averaged over layers; counts its load
+        into `step`."""
         cfg, num_experts = self.cfg, self.routing.num_experts
+        if len(capture.layers) != self.routing.num_layers:
+            raise RuntimeError(f"a routing capture holds {len(capture.layers)} layer records for a model of "
+                               f"{self.routing.num_layers} MoE layers: forwards of two calls were mixed")
         aux = z = torch.zeros((), device=capture.layers[0].logits.device)
         for layer, rec in enumerate(capture.layers):
             used = rec.used[capture.valid]
             counts = expert_counts(used, num_experts)
-            self._counts[layer] += counts.cpu()
-            self._entropy[layer] += float(router_entropy(rec.logits))
+            step.counts[layer] += counts.cpu()
+            step.entropy[layer] += float(router_entropy(rec.logits))
             if cfg.balance in ("global_batch", "micro_batch") and cfg.aux_loss_coef > 0:
-                freq = self._normalise(counts) if self._freq is None or cfg.balance == "micro_batch" else self._freq[layer]
-                aux = aux + balance_loss(rec.logits, freq, self._total)
+                freq = self._normalise(counts) if step.freq is None or cfg.balance == "micro_batch" else step.freq[layer]
+                aux = aux + balance_loss(rec.logits, freq, step.total)
             if cfg.z_loss_coef > 0:
-                z = z + z_loss(rec.logits, self._total)
+                z = z + z_loss(rec.logits, step.total)
         layers = max(len(capture.layers), 1)
         return aux / layers, z / layers
 
     def weighted(self, aux: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
 
-    def end(self, updated: bool) -> dict[str, float]:
+    def end(self, step: BalanceStep, updated: bool) -> dict[str, float]:
         """Expert-load metrics of the step; moves the selection bias (aux_free) when the weights moved."""
         if updated and self.cfg.balance == "aux_free":
-            self.routing.update_bias(all_reduce_(self._counts.clone()), self.cfg.bias_update_rate)
-        out = self.load.metrics(self._counts, self._entropy / max(self._total, 1.0))
+            self.routing.update_bias(all_reduce_(step.counts.clone()), self.cfg.bias_update_rate)
+        out = self.load.metrics(step.counts, step.entropy / max(step.total, 1.0))
         biases = self.routing.biases()
         if biases is not None:
             out["moe/selection_bias_absmax"] = float(biases.abs().max())

@@ -135,11 +135,12 @@ class Critic:
         norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n))
         sums: dict[str, float] = {}
         slices = [slice(lo, min(n, lo + self.algo.micro_batch_size)) for lo in range(0, n, self.algo.micro_batch_size)]
+        balance = None
         if self.balancer is not None:
             forward = lambda mb: self.model(batch.input_ids[mb], batch.attention_mask[mb])  # noqa: E731
             parts = [(batch.attention_mask[mb], None) for mb in slices]
             prepass = self.balancer.routing_pass(parts, lambda i: forward(slices[i])) if len(slices) > 1 else None
-            self.balancer.begin(batch.attention_mask, None, prepass)
+            balance = self.balancer.begin(batch.attention_mask, None, prepass)
         self.optimizer.zero_grad(set_to_none=True)
         for mb in slices:
             routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(batch.attention_mask[mb], None)
@@ -148,8 +149,8 @@ class Critic:
             per_token, metrics = value_loss(values, batch.values[mb], batch.returns[mb], mask[mb], self.algo.value_clip)
             loss = aggregate(per_token, mask[mb], "token_mean", norms)
             sums["value_loss"] = sums.get("value_loss", 0.0) + float(loss.detach())
-            if self.balancer is not None:
-                aux, z = self.balancer.loss(capture)
+            if balance is not None:
+                aux, z = self.balancer.loss(balance, capture)
                 loss = loss + self.balancer.weighted(aux, z)
                 sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach())
                 sums["z_loss"] = sums.get("z_loss", 0.0) + float(z.detach())
@@ -161,8 +162,8 @@ class Critic:
         with self._lock:
             self.optimizer.step()
             self.version += 1
-        if self.balancer is not None:
-            load = self.balancer.end(True)
+        if balance is not None:
+            load = self.balancer.end(balance, True)
             sums.update({k: load[k] for k in ("moe/max_over_mean", "moe/dead_experts", "moe/router_entropy")})
         out = {f"critic/{k}": v for k, v in sums.items()}
         out["critic/grad_norm"] = float(grad_norm)

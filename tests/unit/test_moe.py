@@ -261,6 +261,52 @@ def test_critic_routers_are_balanced_too(tiny_model_path):
     assert m["critic/aux_loss"] >= 1.0 - 1e-4 and m["critic/moe/max_over_mean"] >= 1.0  # E*sum(f*P) >= 1, = 1 only balanced
 
 
+def test_a_scoring_forward_inside_a_critic_training_step_shares_no_routing_state(tiny_model_path):
+    """The critic actor scores in one thread while it trains in another. A score forced to run while
+    the training step is between two MoE layers of its first forward (an event, not timing) must
+    leave the step's losses and expert counts, and its own values, bit-identical to the serial order."""
+    import threading
+
+    from rlhub.scorers import Critic
+
+    algo = AlgorithmConfig(micro_batch_size=2, advantage="gae")
+    moe = MoEConfig(aux_loss_coef=0.5, z_loss_coef=1e-3)
+    engine = HFEngine(tiny_model_path, seed=0)
+    train = generate_batch(engine, seed=5)
+    train.values = torch.zeros_like(train.completion_mask)
+    train.returns = train.completion_mask * 0.5
+    scored = generate_batch(engine, prompts=[[52, 43, 53, 61], [57, 61, 57], [49, 50, 51]], seed=9)
+
+    serial = Critic(tiny_model_path, ModelConfig(), algo, moe=moe)
+    serial_values = serial.score(scored)["values"]
+    serial_metrics = serial.train_step(train)
+    serial_counts = serial.balancer.load.history[-1]
+
+    critic = Critic(tiny_model_path, ModelConfig(), algo, moe=moe)
+    inside, release, out = threading.Event(), threading.Event(), {}
+    trainer = threading.Thread(target=lambda: out.update(critic.train_step(train)))
+
+    def pause(_module, _args) -> None:  # the training thread stops after layer 0 routed, before layer 1 does
+        if threading.current_thread() is trainer and not inside.is_set():
+            inside.set()
+            release.wait(60)
+
+    hook = critic.model.backbone.layers[1].register_forward_pre_hook(pause)
+    try:
+        trainer.start()
+        assert inside.wait(60)
+        values = critic.score(scored)["values"]  # a whole forward through both layers, meanwhile
+        release.set()
+        trainer.join(60)
+    finally:
+        hook.remove()
+    assert torch.equal(values, serial_values)
+    for key in ("critic/value_loss", "critic/aux_loss", "critic/z_loss", "critic/grad_norm"):
+        assert out[key] == serial_metrics[key], key
+    assert torch.equal(critic.balancer.load.history[-1], serial_counts)
+    assert serial_metrics["critic/aux_loss"] > 0 and serial_metrics["critic/z_loss"] > 0  # the terms are there to disturb
+
+
 # ---- metrics ----------------------------------------------------------------------
 def test_expert_load_metrics_count_dead_experts_over_the_window():
     load = ExpertLoad(num_layers=1, num_experts=4, window=2)
