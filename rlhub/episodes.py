@@ -113,8 +113,9 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     routes: Any = None
-    """[len(context) - 1, layers, top_k] the experts each position was routed to, from the last turn's
-    completion (None where the engine records no routing)."""
+    """[n, layers, top_k] the experts each position so far was routed to (None where the engine
+    records no routing): by the forward that sampled the token after it, or that first computed it
+    (prompt and observation tokens). A later turn's record never replaces an earlier one's."""
     turns: int = 0
     generated: int = 0
     finish_reason: str = "stop"
@@ -141,9 +142,7 @@ class Episode:
         self.loss_mask += [1] * n
         self.logprobs += completion.logprobs
         self.versions += completion.versions
-        # the turn's prompt was the whole context, so its record covers every position so far
-        # (earlier turns' positions as this turn's prefill routed them)
-        self.routes = completion.routed_experts
+        self.routes = merged_routes(self.routes, completion.routed_experts)
         self.turns += 1
         self.generated += n
         self.finish_reason = completion.finish_reason
@@ -153,6 +152,23 @@ class Episode:
         self.loss_mask += [0] * len(ids)
         self.logprobs += [0.0] * len(ids)
         self.versions += [-1] * len(ids)
+
+
+def merged_routes(earlier: Any, turn: Any) -> Any:
+    """An episode's routing record after a turn: the positions earlier turns recorded keep their
+    routes; the turn's record (its prompt was the whole context, so it covers every position so far)
+    adds the positions first computed in this turn. An engine that replayed `earlier` returns it
+    unchanged; one that routed those positions again under newer weights is not believed over them.
+
+    >>> import torch
+    >>> merged_routes(torch.tensor([[[1]], [[2]]]), torch.tensor([[[7]], [[7]], [[3]]])).flatten().tolist()
+    [1, 2, 3]
+    """
+    if earlier is None or turn is None:
+        return turn
+    import torch
+
+    return torch.cat([earlier, turn[earlier.shape[0]:]]) if turn.shape[0] > earlier.shape[0] else earlier
 
 
 def checked_reward(result: Any) -> float:

@@ -144,8 +144,10 @@ class Learner:
         weights (version == the learner's) the log-prob gap is numerical mismatch alone; on all
         generated tokens it also holds the policy's change since. On measuring steps of an MoE policy
         with recorded routing: the gap of the other forward too (fresh routing under replay, replayed
-        without), and the share of (position, layer) pairs whose top-k sets differ between the
-        engine's record and the learner's own routing."""
+        without), and the share of recorded (position, layer) pairs whose top-k sets differ between
+        the engine's record and the learner's router at that position, in the forward the learner
+        trains with (under replay: given the engine's computation of every earlier position, so one
+        differing route does not count again at every later position)."""
         mask = batch.completion_mask
         same = mask * (batch.versions == self.version)
         gap = (logprobs - batch.old_logprobs).abs()
@@ -157,16 +159,15 @@ class Learner:
         if not measure or routes is None:
             return out
         replayed = self.balancer.replay
-        with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask, routes, replay=not replayed) as other_capture:
+        with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask, routes, replay=not replayed):
             other, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy)
         other_gap = (other - batch.old_logprobs).abs()
         this, that = ("replay", "fresh") if replayed else ("fresh", "replay")
         out[f"gap_all_{this}"], out[f"gap_all_{that}"] = out["gap_all"], float((other_gap * mask).sum())
         if out["same_tokens"] > 0:
             out[f"gap_same_{this}"], out[f"gap_same_{that}"] = out["gap_same"], float((other_gap * same).sum())
-        own = other_capture if replayed else capture  # the learner's own routing: the forward without replay
         b, width = batch.input_ids.shape
-        fresh = torch.stack([rec.fresh.view(b, width, -1)[:, :-1] for rec in own.layers], dim=2)  # [b, T-1, L, K]
+        fresh = torch.stack([rec.fresh.view(b, width, -1)[:, :-1] for rec in capture.layers], dim=2)  # [b, T-1, L, K]
         recorded = (routes >= 0).all(-1).all(-1)  # [b, T-1]
         differs = set_differs(fresh, routes.long())  # [b, T-1, L]
         layers = differs.shape[-1]

@@ -54,8 +54,10 @@ class GroupTensors:
     routes: torch.Tensor | None = None
     """[G, T-1, moe layers, top_k] small integers: the experts the engine routed position t to (the
     computation that predicts target t+1), -1 where not recorded; for routing replay (rlhub.moe)."""
+    group_ids: torch.Tensor | None = None
+    """[G] the group each row belongs to: the learner reports what it trained on from these."""
 
-    OPTIONAL = ("values", "returns", "ref_logprobs", "routes")
+    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids")
 
     def __getstate__(self) -> dict:
         # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
@@ -176,5 +178,14 @@ def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
         advantages=torch.cat([pad(g.advantages, width - 1, 0.0) for g in groups]),
         rewards=torch.cat([g.rewards for g in groups]),
         routes=_pad_routes(groups, width),
-        **{name: optional(name) for name in GroupTensors.OPTIONAL if name != "routes"},
+        group_ids=_group_ids(groups),
+        **{name: optional(name) for name in GroupTensors.OPTIONAL if name not in ("routes", "group_ids")},
     )
+
+
+def _group_ids(groups: list[GroupTensors]) -> torch.Tensor | None:
+    """[B] the rows' group ids, or None when no group carries them (-1 for a group without)."""
+    if all(g.group_ids is None for g in groups):
+        return None
+    return torch.cat([g.group_ids if g.group_ids is not None else torch.full((g.input_ids.shape[0],), -1, dtype=torch.long)
+                      for g in groups])

@@ -17,7 +17,7 @@ class ScriptedEngine:
     def __init__(self, turns: list[list[int]], eos: int) -> None:
         self.turns, self.eos, self.version, self.calls = turns, eos, 0, []
 
-    def generate(self, prompts, sampling, weight_source=None, max_tokens=None):
+    def generate(self, prompts, sampling, weight_source=None, max_tokens=None, routes=None):
         self.calls.append((time.monotonic(), [list(p) for p in prompts], list(max_tokens or []), sampling.temperature))
         tokens = self.turns[min(len(self.calls) - 1, len(self.turns) - 1)]
         out = []

@@ -141,11 +141,11 @@ def _hf(s: Setup, opts: SyncBenchOptions) -> dict[str, float]:
     state, probe = s.learner.state_dict(), s.learner.probe()
 
     def load_probe() -> None:  # the worker's per-version sync: load, probe, compare
-        s.worker._load(Published(s.next_version(), state, probe))
+        s.worker.weights.load(Published(s.next_version(), state, probe))
 
     def version() -> None:  # one version end to end, in one process
         s.sync.push(s.learner.state_dict(), s.next_version(), s.learner.probe())
-        s.worker._load(s.sync.pull(s.engine.version))
+        s.worker.weights.load(s.sync.pull(s.engine.version))
 
     out = {
         "hf_load_s": median_s(lambda: s.engine.load_weights(state, s.next_version()), opts.reps, opts.warmup),

@@ -61,9 +61,14 @@ class RolloutEngine(Protocol):
         sampling: SamplingConfig,
         weight_source: WeightSource | None = None,
         max_tokens: list[int] | None = None,
+        routes: list[torch.Tensor | None] | None = None,
     ) -> list[Completion]:
         """One completion per prompt (repeat a prompt for a group). `max_tokens`: a cap per prompt,
-        at most `sampling.max_new_tokens` (a multi-turn episode's remaining budget)."""
+        at most `sampling.max_new_tokens` (a multi-turn episode's remaining budget). `routes`: per
+        prompt, the experts its first positions were routed to ([n, layers, top_k], earlier turns of
+        a multi-turn episode, or None): an engine that can replays them while it computes those
+        positions again, so that what it samples next comes from the computation the learner will
+        replay, and returns them unchanged in `routed_experts`; an engine that cannot ignores them."""
         ...
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:

@@ -5,6 +5,11 @@ was routed to (prompt and generated, through `rlhub.moe.Routing`), and can take 
 between decode steps (in flight): tokens after the swap carry the new version,
 while the KV cache of earlier tokens keeps the old weights' keys and values,
 as in pipelined RL systems.
+
+A multi-turn episode's next turn prefills its whole context again; the routes
+its earlier turns recorded are replayed there (`routes`), so each position keeps
+the route of the forward that first computed it, whatever the weights are now,
+and the learner can replay every turn exactly at the version that sampled it.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class HFEngine:
         sampling: SamplingConfig,
         weight_source: WeightSource | None = None,
         max_tokens: list[int] | None = None,
+        routes: list[torch.Tensor | None] | None = None,
     ) -> list[Completion]:
         if not prompts:
             return []
@@ -71,6 +77,7 @@ class HFEngine:
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
         stop = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-1])
+        replay = self._prefill_replay(routes, prompts, width)  # [B, width, layers, k] or None
 
         caps = [sampling.max_new_tokens] * batch if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
         cap = torch.tensor(caps)  # [B]
@@ -84,7 +91,7 @@ class HFEngine:
         cache = None
         step_ids, positions = input_ids, positions_from_mask(mask)
         for step in range(max(caps)):
-            with self._capture() as capture:
+            with self._capture(replay if step == 0 else None) as capture:
                 out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             if capture is not None:
@@ -191,10 +198,26 @@ class HFEngine:
         if missing or unexpected:
             raise KeyError(f"weights do not fit the engine's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
-    def _capture(self):
+    def _capture(self, replay: torch.Tensor | None = None):
         from contextlib import nullcontext
 
-        return nullcontext() if self.routing is None else self.routing.capture()
+        return nullcontext() if self.routing is None else self.routing.capture(replay=replay)
+
+    def _prefill_replay(self, routes: list[torch.Tensor | None] | None, prompts: list[list[int]], width: int) -> torch.Tensor | None:
+        """[B, width, layers, k] the known routes of each left-padded prompt's first positions, -1 elsewhere."""
+        if self.routing is None or not routes or all(r is None for r in routes):
+            return None
+        shape = (self.routing.num_layers, self.routing.top_k)
+        replay = torch.full((len(prompts), width, *shape), -1, dtype=torch.long)
+        for i, (prompt, known) in enumerate(zip(prompts, routes)):
+            if known is None:
+                continue
+            if tuple(known.shape[1:]) != shape or known.shape[0] > len(prompt):
+                raise ValueError(f"prompt {i}: routes of shape {tuple(known.shape)} for a prompt of {len(prompt)} tokens "
+                                 f"(at most [{len(prompt)}, {shape[0]}, {shape[1]}])")
+            start = width - len(prompt)
+            replay[i, start : start + known.shape[0]] = known.long()
+        return replay
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return probe_logprobs(self.model, token_ids)  # outside a capture: the probe records nothing

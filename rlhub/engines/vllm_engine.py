@@ -152,9 +152,11 @@ class VLLMEngine:
         sampling: SamplingConfig,
         weight_source: WeightSource | None = None,
         max_tokens: list[int] | None = None,
+        routes: list[torch.Tensor | None] | None = None,
     ) -> list[Completion]:
         """One completion per prompt. A continuous engine polls `weight_source` between decode steps
-        (in-flight updates); otherwise weights change only between calls and it is ignored."""
+        (in-flight updates); otherwise weights change only between calls and it is ignored. vLLM
+        cannot replay given `routes`: they are ignored (the episode keeps its earlier turns' record)."""
         if not prompts:
             return []
         caps = [sampling.max_new_tokens] * len(prompts) if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
@@ -174,8 +176,10 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ continuous batching
 
-    def submit(self, key: Hashable, prompt: list[int], sampling: SamplingConfig, max_tokens: int) -> None:
-        """Start generating one completion of `prompt`; `poll` returns it with `key` when it finishes."""
+    def submit(self, key: Hashable, prompt: list[int], sampling: SamplingConfig, max_tokens: int,
+               routes: torch.Tensor | None = None) -> None:
+        """Start generating one completion of `prompt`; `poll` returns it with `key` when it finishes
+        (`routes`: ignored, as in `generate`)."""
         if max_tokens < 1:
             raise ValueError("vLLM generates at least one token: max_tokens must be >= 1")
         cap = min(max_tokens, sampling.max_new_tokens)

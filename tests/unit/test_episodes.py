@@ -254,7 +254,7 @@ def test_a_model_judge_adds_its_yes_no_score_to_the_reward(tokenizer, tiny_model
     cfg = JudgeConfig(model=tiny_model_path, template="Q {prompt} A {completion} ({answer}) ok?", weight=0.5)
     a = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
     worker, store = make_worker(tokenizer, Plain(), ScriptedEngine([a], tokenizer.eos_token_id))
-    worker.judge, worker.judge_cfg = LocalJudgeClient(Judge(cfg)), cfg
+    worker.groups.judge, worker.groups.judge_cfg = LocalJudgeClient(Judge(cfg)), cfg
     worker.generate_groups([0, 1])
     groups = {m.prompt_index: t for m, t in store.get_batch(2, 10)}
     # the score recomputed by an independent route: one unpadded forward of the plain model per text
@@ -304,10 +304,10 @@ def test_groups_whose_samples_all_failed_skip_the_judge(tokenizer):
 
     a = tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
     worker, store = make_worker(tokenizer, Broken(), ScriptedEngine([a], tokenizer.eos_token_id))
-    worker.judge, worker.judge_cfg = NeverReady(), None
+    worker.groups.judge, worker.groups.judge_cfg = NeverReady(), None
     for _ in range(4):  # each round polls the judge first
         worker.step(drain=False)
     worker.drain()
-    assert worker.judge.sent == [] and not worker.judging
+    assert worker.groups.judge.sent == [] and not worker.groups.judging
     dropped = store.stats()["dropped"]
     assert list(dropped) == ["env_error"] and dropped["env_error"] >= 2

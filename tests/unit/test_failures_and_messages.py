@@ -129,7 +129,7 @@ def test_inflight_loads_are_verified(tiny_model_path, tokenizer, learner):
     worker.sync_weights()
     sync.push(learner.state_dict(), 1, learner.probe() + 1.0)
     with pytest.raises(SyncError):
-        worker._inflight_source()()
+        worker.weights.inflight_source(worker.turns.inflight)()
     assert worker.stats.sync_failures == 1
 
 

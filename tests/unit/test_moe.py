@@ -97,6 +97,10 @@ def test_replay_at_the_engines_version_matches_its_logprobs_and_routing(tiny_mod
     assert m["moe/routing_replay"] == 1.0
     assert m["train/logprob_mismatch"] < 1e-5 and m["moe/logprob_mismatch_fresh"] < 1e-5
     assert m["moe/routing_mismatch_same_version"] == 0.0 and m["moe/routing_mismatch"] == 0.0
+    # the record is what the forward uses: other experts for every position move the log-probs far
+    batch.routes = torch.where(batch.routes >= 0, (batch.routes + 3) % 8, batch.routes)
+    moved = learner_for(tiny_model_path, replay=True).train_step(batch)
+    assert moved["train/logprob_mismatch"] > 1e-2 and moved["moe/logprob_mismatch_fresh"] < 1e-5
 
 
 def perturb_routers(learner: Learner, scale: float, seed: int = 0) -> None:
@@ -115,8 +119,8 @@ def test_a_router_tie_broken_differently_is_a_mismatch_that_replay_removes(tied_
         perturb_routers(learner, 1e-4)  # a tiny logit perturbation at the tie
     off, on = fresh.train_step(batch), replayed.train_step(batch)
     # without replay the learner routes many positions elsewhere, and its log-probs move by far more
-    assert off["moe/routing_mismatch_same_version"] > 0.2
-    assert on["moe/routing_mismatch_same_version"] == pytest.approx(off["moe/routing_mismatch_same_version"])
+    assert off["moe/routing_mismatch_same_version"] > 0.2  # the routers would choose otherwise, replayed or not
+    assert on["moe/routing_mismatch_same_version"] > 0.2
     assert off["train/logprob_mismatch"] > 1e-2
     assert off["moe/logprob_mismatch_replay"] < 1e-3
     # with replay the experts are the engine's; only the gate weights move, by the perturbation's size
@@ -124,13 +128,17 @@ def test_a_router_tie_broken_differently_is_a_mismatch_that_replay_removes(tied_
     assert on["train/logprob_mismatch"] == pytest.approx(off["moe/logprob_mismatch_replay"], abs=1e-6)
 
 
-def test_replay_across_an_inflight_update_uses_each_versions_routing(tiny_model_path):
-    eng = HFEngine(tiny_model_path, seed=0)
+@pytest.mark.parametrize("replay", [True, False])  # without replay the learner at v1 cannot reproduce v1's tokens
+def test_replay_across_an_inflight_update_uses_each_versions_routing(tiny_model_path, replay):
+    eng = HFEngine(tiny_model_path, seed=0, selection_bias=True)
     v0 = {k: v.clone() for k, v in eng.model.state_dict().items()}
-    # v1 changes only the last layer's MoE block: every layer's keys and values stay those of v0, so a
-    # learner holding v1 can reproduce the tokens sampled after the swap exactly
+    # v1 moves layer 0's selection bias (which experts win, never the gate weights) and layer 1's MoE
+    # block. Positions sampled before the swap went to v0's layer-0 experts and their keys and values
+    # at layer 1 come from those experts: a learner holding v1 reproduces the tokens after the swap
+    # only if it routes those earlier positions as v0 did, that is, only with replay
     g = torch.Generator().manual_seed(3)
     v1 = {k: v + (0.5 if k.endswith("gate.weight") else 0.05) * torch.randn(v.shape, generator=g) if k.startswith("model.layers.1.mlp.") else v.clone() for k, v in v0.items()}
+    v1[f"model.layers.0.mlp.gate.{BIAS_NAME}"][5] = 10.0
     calls = {"n": 0}
 
     def source() -> bool:
@@ -143,22 +151,104 @@ def test_replay_across_an_inflight_update_uses_each_versions_routing(tiny_model_
     batch = generate_batch(eng, weight_source=source, tokens=10)
     versions = batch.versions[batch.completion_mask.bool()]
     assert set(versions.tolist()) == {0, 1} and batch.routes.shape[1] == batch.completion_mask.shape[1]
-    at_v0 = learner_for(tiny_model_path, replay=True)
-    at_v1 = learner_for(tiny_model_path, replay=True)
+    moe = MoEConfig(balance="aux_free", bias_update_rate=0.0)
+    at_v0, at_v1 = learner_for(tiny_model_path, replay, moe), learner_for(tiny_model_path, replay, moe)
     at_v1.model.load_state_dict(v1)
     at_v1.version = 1
     m0, m1 = at_v0.train_step(batch), at_v1.train_step(batch)
-    for m in (m0, m1):  # each measured on the tokens its own version sampled
-        assert m["train/logprob_mismatch"] < 1e-5 and m["moe/routing_mismatch_same_version"] == 0.0
-    # the v0 positions were routed by v0's last layer: v1 routes some of them elsewhere, replay keeps v0's
-    assert m1["moe/routing_mismatch"] > 0.0 and m0["moe/routing_mismatch"] > 0.0
+    assert m0["train/logprob_mismatch"] < 1e-5  # v0's tokens: before the swap nothing differs either way
+    if replay:  # each version measured on the tokens it sampled
+        assert m1["train/logprob_mismatch"] < 1e-5
+        assert m0["moe/routing_mismatch_same_version"] == 0.0 and m1["moe/routing_mismatch_same_version"] == 0.0
+        # the v0 positions went to v0's experts: v1's bias sends them to expert 5, and replay keeps v0's
+        assert m1["moe/routing_mismatch"] > 0.0
+    else:
+        assert m1["train/logprob_mismatch"] > 1e-3
 
 
-def test_replay_tensor_marks_unrecorded_positions_and_they_route_freshly(tiny_model_path):
-    batch = generate_batch(HFEngine(tiny_model_path, seed=0))
+class TwoTurns:
+    """A raw-text task of two turns. Its first step publishes new weights (routers moved), which the
+    worker loads before the second turn: every episode's turns are sampled by two versions."""
+
+    def __init__(self, publish) -> None:
+        self.publish = publish
+
+    def dataset(self, split):
+        return [{"q": f"{a}+{a}="} for a in range(4)]
+
+    def reset(self, row):
+        return row["q"], {"turn": 0}
+
+    def step(self, state, message):
+        from rlhub.envs.base import StepResult
+
+        state["turn"] += 1
+        if state["turn"] == 1:
+            self.publish()
+            return StepResult(0.0, done=False, observation=" ok, again=")
+        return StepResult(float(len(message)), done=True)
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_multi_turn_replay_uses_each_positions_own_route_when_weights_change_between_turns(tiny_model_path, tokenizer, replay):
+    from rlhub.datastore import InMemoryDataStore
+    from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
+    from rlhub.weight_sync import InMemoryWeightSync
+
+    at_v0, at_v1 = learner_for(tiny_model_path, replay), learner_for(tiny_model_path, replay)
+    perturb_routers(at_v1, 0.5, seed=4)  # v1: routers moved, so the positions turn 1 computed route elsewhere under v1
+    at_v1.version = 1
+    sync = InMemoryWeightSync()
+    sync.push(at_v0.state_dict(), 0, at_v0.probe())
+    published = []
+
+    def publish() -> None:
+        if not published:
+            published.append(1)
+            sync.push(at_v1.state_dict(), 1, at_v1.probe())
+
+    cfg = RolloutConfig(max_new_tokens=6, max_model_len=64, prompts_per_batch=2, weight_update="batch")
+    store = InMemoryDataStore(prompts_per_step=2, max_staleness=4)
+    worker = RolloutWorker(0, cfg, 3, 2, HFEngine(tiny_model_path, seed=0), TwoTurns(publish), tokenizer, store, sync, DataSide(), PROBE)
+    worker.generate_groups([0, 1])
+    batch = collate([t for _, t in store.get_batch(2, 0)], 256)
+    assert worker.stats.sync_rebuilds == 0 and worker.stats.syncs == 2
+    tokens = batch.completion_mask.bool()
+    assert set(batch.versions[tokens].tolist()) == {0, 1}  # turn 1 at v0, turn 2 at v1, in every episode
+    assert bool((batch.routes[routed_positions(batch.attention_mask)[:, :-1]] >= 0).all())  # every routed position recorded
+    m0, m1 = at_v0.train_step(batch), at_v1.train_step(batch)  # each measured on the tokens its version sampled
+    if replay:
+        assert m0["train/logprob_mismatch"] < 1e-5 and m1["train/logprob_mismatch"] < 1e-5
+        assert m0["moe/routing_mismatch_same_version"] == 0.0 and m1["moe/routing_mismatch_same_version"] == 0.0
+    else:  # v1 routes turn 1's positions elsewhere: the turn-2 tokens came from v0's routes there
+        assert m1["train/logprob_mismatch"] > 1e-3
+
+
+def test_the_engine_replays_given_routes_in_its_prefill_and_returns_them(tied_router_path):
+    eng = HFEngine(str(tied_router_path), seed=0)
+    first = eng.generate(PROMPTS, SamplingConfig(max_new_tokens=4, seed=1))
+    contexts = [p + c.token_ids for p, c in zip(PROMPTS, first)]
+    known = [c.routed_experts for c in first]  # positions 0 .. len(context) - 2
+    forced = [torch.full_like(r, 7) for r in known]  # experts no tied router picks first (it takes the lowest ids)
+    again = eng.generate(contexts, SamplingConfig(max_new_tokens=4, seed=1), routes=forced)
+    for c, f in zip(again, forced):
+        assert torch.equal(c.routed_experts[: f.shape[0]], f) and bool((c.routed_experts[f.shape[0]:] != 7).any())
+    with pytest.raises(ValueError, match="prompt 0: routes of shape"):
+        eng.generate(PROMPTS, SamplingConfig(max_new_tokens=2), routes=[torch.zeros(len(PROMPTS[0]) + 1, 2, 2)] + [None] * 3)
+
+
+def test_replay_tensor_marks_unrecorded_positions_and_they_route_freshly(tied_router_path):
+    from rlhub.models.logprobs import token_logprobs
+
+    batch = generate_batch(HFEngine(str(tied_router_path), seed=0))
     batch.routes[1] = -1  # one sample whose routing was not recorded (another engine, a cut episode)
-    m = learner_for(tiny_model_path, replay=True).train_step(batch)
-    assert m["train/logprob_mismatch"] < 1e-5  # fresh routing at the same weights is the engine's routing
+    learner = learner_for(tied_router_path, replay=True)
+    perturb_routers(learner, 1e-4)  # at the tie, fresh routing goes elsewhere than the engine's
+    with torch.no_grad(), learner.balancer.micro_batch(batch.attention_mask, batch.routes):
+        logprobs, _, _ = token_logprobs(learner.model, batch.input_ids, batch.attention_mask)
+    gap = ((logprobs - batch.old_logprobs).abs() * batch.completion_mask).sum(-1) / batch.completion_mask.sum(-1)  # [B]
+    assert float(gap[[0, 2, 3]].max()) < 1e-3  # replayed: the engine's experts
+    assert float(gap[1]) > 1e-2  # routed freshly: other experts
 
 
 # ---- load balancing -----------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_staleness_zero_without_correction_equals_plain_on_policy_gradient(tiny_
     n, width = batch.input_ids.shape
     for lo in range(0, n, 4):
         rows = torch.arange(lo, min(lo + 4, n))
-        parts, _, _ = learner._micro_batch_loss(batch.rows(rows, width), adv[rows], norms)
+        parts, _, _ = learner._micro_batch_loss(batch.rows(rows, width), adv[rows], norms, None)  # aux and z off: no balance terms
         parts["loss"].backward()
         total += float(parts["loss"])
     grads = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
@@ -257,7 +257,7 @@ class StreamingHF:
     def __getattr__(self, name):  # load_weights, prompt_logprobs, rebuild, generate, close
         return getattr(self.engine, name)
 
-    def submit(self, key, prompt, sampling, max_tokens):
+    def submit(self, key, prompt, sampling, max_tokens, routes=None):
         self.running.append((key, list(prompt), sampling, max_tokens))
         self.most_running = max(self.most_running, len(self.running))
 

@@ -1,0 +1,175 @@
+"""Group assembly: episodes that all ended become one scored group with advantages, put in the store.
+
+A complete group is scored by the model judge when there is one (the judge
+works while generation goes on; its groups finish when the scores are back),
+turned into tensors (a sample per episode that was not dropped, each token
+with its behaviour log-prob, policy version and route), shaped (DAPO's
+overlong penalty), filtered (dynamic sampling), handed to the data-side
+scorers (critic values, reference log-probs) and given its advantages, now
+that the group is complete. A group with fewer than two samples left has no
+baseline and is dropped; every drop is counted and reaches the ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from rlhub.algorithms.data_side import DataSide, advantages, drop_reason, overlong_penalty
+from rlhub.episodes import Episode
+from rlhub.rollout.records import DataStoreClient, FailureLog, WorkerStats
+from rlhub.rollout.turns import OpenGroup, episode_routes
+from rlhub.rollout_config import RolloutConfig
+from rlhub.scorers import Scorer
+from rlhub.types import GroupMeta, GroupTensors, Sample, collate
+
+
+class Groups:
+    """Finishes one rollout actor's complete groups and puts them in the store."""
+
+    def __init__(self, actor_id: int, cfg: RolloutConfig, store: DataStoreClient, data_side: DataSide, scorers: Sequence[Scorer],
+                 tokenizer: Any, stats: WorkerStats, failures: FailureLog, judge: Any = None, judge_cfg: Any = None) -> None:
+        self.actor_id, self.cfg, self.store, self.data_side = actor_id, cfg, store, data_side
+        self.scorers, self.tokenizer, self.stats, self.failures = list(scorers), tokenizer, stats, failures
+        self.judge, self.judge_cfg = judge, judge_cfg  # a judge client (rlhub.judge) and its JudgeConfig, or None
+        self.judging: list[tuple[list[OpenGroup], Any]] = []  # complete groups waiting for their judge scores
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    @property
+    def waiting_for_judge(self) -> int:
+        return sum(len(groups) for groups, _ in self.judging)
+
+    def complete(self, groups: list[OpenGroup], fallback_version: int) -> None:
+        """Groups whose episodes all ended: to the judge, or finished now. `fallback_version`: the
+        engine's version, for a group none of whose tokens carries one."""
+        if self.judge is None:
+            return self._finish(groups, [None] * len(groups), fallback_version)
+        texts = [self.judge_text(e) for g in groups for e in g.episodes if not e.dropped]
+        if not texts:  # every sample was dropped: nothing to judge, the groups go (and are counted) now
+            return self._finish(groups, [[] for _ in groups], fallback_version)
+        self.judging.append((groups, self.judge.submit(texts)))
+
+    def judge_text(self, e: Episode) -> str:
+        from rlhub.judge import judge_inputs
+
+        last = e.history[-1]["content"] if e.history else self.tokenizer.decode(e.ids, skip_special_tokens=True)
+        prompt = e.history if e.history else self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
+        return judge_inputs(self.judge_cfg.template, prompt, last, e.row)
+
+    def judged(self, wait: bool, fallback_version: int) -> None:
+        """Finish the groups whose judge scores came back (all of them, waiting, with `wait`)."""
+        while self.judging and (wait or self.judge.ready(self.judging[0][1])):
+            groups, handle = self.judging.pop(0)
+            try:
+                scores = self.judge.result(handle)
+            except Exception as e:  # noqa: BLE001 - a failed judge loses these groups, not the run
+                self.failures.record("judge", "score", None, e)
+                for g in groups:
+                    self.drop(g.group_id, g.row_index, "judge_error", len(g.episodes))
+                continue
+            per_group, lo = [], 0
+            for g in groups:
+                n = sum(1 for e in g.episodes if not e.dropped)
+                per_group.append(scores[lo : lo + n])
+                lo += n
+            self.stats.judged += lo
+            self._finish(groups, per_group, fallback_version)
+
+    def _finish(self, complete: list[OpenGroup], judge_scores: list[list[float] | None], fallback_version: int) -> None:
+        """Scored, their advantages computed, put in the store."""
+        finished = [out for group, scores in zip(complete, judge_scores)
+                    if (out := self.assemble(group, scores, fallback_version)) is not None]
+        if not finished:
+            return
+        if self.scorers:
+            self._score(finished)
+        for _, tensors in finished:
+            tensors.advantages, tensors.returns = advantages(self.data_side, tensors.rewards, tensors.completion_mask,
+                                                             tensors.old_logprobs, tensors.ref_logprobs, tensors.values)
+        self.store.put_many(finished)
+
+    def assemble(self, group: OpenGroup, judge_scores: list[float] | None, fallback_version: int) -> tuple[GroupMeta, GroupTensors] | None:
+        """The scored group (advantages still to compute), or None when it was dropped (and counted).
+        `judge_scores`: the judge's score of each episode that was not dropped, added with its weight."""
+        samples, sample_drops = self._samples(group, judge_scores)
+        gid, row_idx = group.group_id, group.row_index
+        for reason, n in sample_drops.items():
+            self._count(reason, n)
+        if len(samples) < 2:  # no group baseline without two samples: the whole group goes
+            reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
+            self.store.drop(gid, reason, len(group.episodes), row_idx)
+            return None
+        for s in samples:  # a multi-turn episode's length is measured against the episode's budget
+            budget = self.cfg.max_new_tokens if s.loss_mask is None else self.cfg.max_episode_tokens or self.cfg.max_turns * self.cfg.max_new_tokens
+            s.reward += overlong_penalty(s.generated, budget, self.data_side.overlong_window, self.data_side.overlong_penalty)
+        rewards = torch.tensor([s.reward for s in samples])
+        reason = drop_reason(self.data_side, rewards)
+        if reason is not None:  # a filter (DAPO's dynamic sampling): admission starts another prompt instead
+            self._count(reason)
+            self.store.drop(gid, reason, len(samples), row_idx)
+            return None
+        tensors = GroupTensors.from_samples(samples, torch.zeros(len(samples)), self.pad_id)  # advantages: _finish
+        tensors.group_ids = torch.full((len(samples),), gid, dtype=torch.long)
+        self.stats.groups += 1
+        self.stats.samples += len(samples)
+        return self._meta(group, samples, sample_drops, rewards, fallback_version), tensors
+
+    def _samples(self, group: OpenGroup, judge_scores: list[float] | None) -> tuple[list[Sample], Counter[str]]:
+        """The group's samples (its episodes that were not dropped) and the drops by reason."""
+        samples: list[Sample] = []
+        drops: Counter[str] = Counter()
+        scores = iter(judge_scores or ())
+        for e in group.episodes:
+            if e.dropped:
+                drops[e.ended] += 1
+                continue
+            reward = float(e.result.reward) + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
+            samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
+                                  e.finish_reason, episode_routes(e), e.loss_mask if 0 in e.loss_mask else None))
+        return samples, drops
+
+    def _meta(self, group: OpenGroup, samples: list[Sample], drops: Counter[str], rewards: torch.Tensor, fallback_version: int) -> GroupMeta:
+        versions = [v for s in samples for v in s.versions if v >= 0] or [fallback_version]
+        return GroupMeta(
+            group_id=group.group_id,
+            prompt_index=group.row_index,
+            actor_id=self.actor_id,
+            min_version=min(versions),
+            max_version=max(versions),
+            num_samples=len(samples),
+            num_tokens=sum(s.generated for s in samples),
+            reward_mean=float(rewards.mean()),
+            success_mean=sum(bool(s.success) for s in samples) / len(samples),
+            response_len_mean=sum(s.generated for s in samples) / len(samples),
+            generate_seconds=group.generate_seconds,
+            finish_reasons=[s.finish_reason for s in samples],
+            extra={"dropped_samples": dict(drops),
+                   "turns_mean": sum(e.turns for e in group.episodes if not e.dropped) / len(samples)},
+        )
+
+    def _score(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
+        """One call per scorer for the whole generation batch; tensors go back to their groups, scalars to the metadata."""
+        batch = collate([t for _, t in groups], self.pad_id)
+        start = time.perf_counter()
+        for scorer in self.scorers:
+            for key, value in scorer.score(batch).items():
+                lo = 0
+                for meta, tensors in groups:
+                    g, width = tensors.input_ids.shape
+                    if torch.is_tensor(value):
+                        setattr(tensors, key, value[lo : lo + g, : width - 1].contiguous())
+                    else:
+                        meta.extra[key] = value
+                    lo += g
+        self.stats.score_seconds += time.perf_counter() - start
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + n
+
+    def drop(self, gid: int, row_idx: int, reason: str, samples: int) -> None:
+        """A group that will not be trained: counted, and told to the store (the ledger's dropped event)."""
+        self._count(reason)
+        self.store.drop(gid, reason, samples, row_idx)

@@ -1,0 +1,249 @@
+"""Turns and episodes: each waiting episode's next assistant turn generated, then handed to the environment.
+
+An `OpenGroup` is a group whose `group_size` episodes still run. `Turns`
+starts them from their dataset row (`env.reset`, rendered with the chat
+template), generates one turn for every episode waiting for one (one engine
+call per round; or, on a continuous engine, every waiting episode joins its
+running batch and finished turns come back as they finish), and hands each
+new turn to the environment off the engine's thread (`EnvRunner`). The
+environment's answer ends the episode, cuts it at a limit, drops it (counted
+and reported, never raised), or appends its observation for the next turn.
+
+Each turn is generated with the episode's routing record so far: an engine
+that can replays it over the positions earlier turns computed, so every
+position keeps the route of the forward that sampled (or first computed) it,
+and the learner replays each token with the routes that produced it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from rlhub.engines.base import RolloutEngine, SamplingConfig
+from rlhub.envs.base import ModelMessage
+from rlhub.episodes import BadReward, Call, ChatFormat, EnvRunner, EnvTimeout, Episode, checked_reward, run_all
+from rlhub.rollout.records import FailureLog, WorkerStats
+from rlhub.rollout.weights import VerifiedWeights
+from rlhub.rollout_config import RolloutConfig
+
+
+@dataclass
+class OpenGroup:
+    """A group whose episodes are still running."""
+
+    group_id: int
+    row_index: int
+    episodes: list[Episode]
+    started: float
+    generate_seconds: float = 0.0
+
+    @property
+    def waiting(self) -> bool:
+        """Some episode waits for its next turn to be generated."""
+        return any(e.ended is None and not e.in_env for e in self.episodes)
+
+    @property
+    def complete(self) -> bool:
+        return all(e.ended is not None for e in self.episodes)
+
+
+@dataclass
+class TurnBatch:
+    """One generate call's episodes and their environment steps in flight."""
+
+    episodes: list[Episode]
+    calls: list[Call]
+
+    def done(self) -> bool:
+        return all(c.done() for c in self.calls)
+
+    def wait(self, seconds: float) -> None:
+        """Until every step has answered, or `seconds`."""
+        concurrent.futures.wait([c.future for c in self.calls], timeout=seconds)
+
+
+class Turns:
+    """Episodes of one environment on one engine, a turn at a time."""
+
+    def __init__(self, cfg: RolloutConfig, engine: RolloutEngine, weights: VerifiedWeights, env: Any, env_name: str,
+                 tokenizer: Any, envs: EnvRunner, stats: WorkerStats, failures: FailureLog, continuous: bool) -> None:
+        self.cfg, self.engine, self.weights, self.env, self.env_name = cfg, engine, weights, env, env_name
+        self.tokenizer, self.chat, self.envs = tokenizer, ChatFormat(tokenizer), envs
+        self.stats, self.failures, self.continuous = stats, failures, continuous
+        self.inflight = cfg.weight_update == "inflight"
+        self.last_generate_s = 0.0
+
+    # ---- starting episodes --------------------------------------------------------
+    def start(self, rows: list[Any], group_ids: list[int], n: int) -> list[OpenGroup | str]:
+        """Per row, an OpenGroup of `n` episodes ready for their first turn, or why it could not start."""
+        calls = [self.envs.submit(self.env.reset, row, lane="reset") for row in rows]
+        out: list[OpenGroup | str] = []
+        for gid, row, (value, error) in zip(group_ids, rows, run_all(self.envs, calls)):
+            try:
+                if error is not None:
+                    raise error
+                prompt, state = value
+                ids, history = self.chat.prompt(prompt)
+            except Exception as e:  # a broken row or environment loses this group only
+                self.failures.record(self.env_name, "reset", row, e)
+                out.append("env_timeout" if isinstance(e, EnvTimeout) else "env_error")
+                continue
+            if len(ids) + self.cfg.max_new_tokens > self.cfg.max_model_len:
+                out.append("prompt_too_long")
+                continue
+            episodes = [Episode(gid, -1, _own_copy(state) if k else state, ids, None if history is None else list(history), row=row)
+                        for k in range(n)]
+            out.append(OpenGroup(gid, -1, episodes, time.perf_counter()))
+        return out
+
+    def budget(self, e: Episode, extra: int = 0) -> int:
+        """Tokens the episode's next turn may generate (after `extra` more context tokens): the per-turn
+        limit, the episode's and the context's."""
+        left = min(self.cfg.max_new_tokens, self.cfg.max_model_len - len(e.context) - extra)
+        if self.cfg.max_episode_tokens:
+            left = min(left, self.cfg.max_episode_tokens - e.generated)
+        return left
+
+    # ---- generating --------------------------------------------------------------
+    def generate(self, groups: dict[int, OpenGroup], sampling: SamplingConfig, queue: deque[TurnBatch]) -> bool:
+        """One generate call for every episode of `groups` waiting for a turn (first turns and later ones
+        interleaved); their environment steps go to the runner and the batch to `queue`. False when
+        none was waiting."""
+        episodes = [e for g in groups.values() for e in g.episodes if e.ended is None and not e.in_env]
+        if not episodes:
+            return False
+        self.weights.sync()
+        start = time.perf_counter()
+        completions = self.engine.generate([e.context for e in episodes], sampling, self.weights.inflight_source(self.inflight),
+                                           [self.budget(e) for e in episodes], [e.routes for e in episodes])
+        elapsed = self.last_generate_s = time.perf_counter() - start
+        for gid in {e.group_id for e in episodes}:
+            groups[gid].generate_seconds += elapsed * sum(e.group_id == gid for e in episodes) / len(episodes)
+        queue.append(self._to_env(episodes, completions, elapsed))
+        return True
+
+    def stream(self, groups: dict[int, OpenGroup], sampling: SamplingConfig, queue: deque[TurnBatch]) -> bool:
+        """Continuous batching: every episode of `groups` waiting for a turn joins the engine's running
+        batch, the engine runs until some finish, and those turns go to the environment. New weights
+        are taken first (in flight for the episodes already running). False when nothing is generating."""
+        for g in groups.values():
+            for e in g.episodes:
+                if e.ended is None and not e.in_env and not e.in_engine:
+                    self.engine.submit(e, e.context, sampling, self.budget(e), e.routes)
+                    e.in_engine = True
+        running = Counter(e.group_id for g in groups.values() for e in g.episodes if e.in_engine)
+        if not running:
+            return False
+        self.weights.sync()
+        start = time.perf_counter()
+        finished = self.engine.poll()
+        elapsed = self.last_generate_s = time.perf_counter() - start
+        total = sum(running.values())
+        for gid, n in running.items():  # the poll's time, shared by the episodes it ran
+            groups[gid].generate_seconds += elapsed * n / total
+        episodes = [e for e, _ in finished]
+        for e in episodes:
+            e.in_engine = False
+        queue.append(self._to_env(episodes, [c for _, c in finished], elapsed))
+        return True
+
+    def _to_env(self, episodes: list[Episode], completions: list, elapsed: float) -> TurnBatch:
+        """Each episode's new turn goes to the environment."""
+        self.stats.generate_seconds += elapsed
+        self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
+        calls = []
+        for e, c in zip(episodes, completions):
+            e.add_turn(c)
+            e.in_env = True
+            text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            if e.history is not None:
+                e.history.append({"role": "assistant", "content": text})
+            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, c.token_ids)))
+        return TurnBatch(episodes, calls)
+
+    # ---- the environment's answers -------------------------------------------------
+    def answer(self, batch: TurnBatch) -> None:
+        """The environment's answers to one generate call: each episode ends or gets its next observation."""
+        start = time.perf_counter()
+        for e, (result, error) in zip(batch.episodes, run_all(self.envs, batch.calls)):
+            e.in_env = False
+            self._advance(e, result, error)
+        self.stats.score_seconds += time.perf_counter() - start
+
+    def _advance(self, e: Episode, result: Any, error: BaseException | None) -> None:
+        """Apply one step's answer to its episode: dropped (counted, reported), ended, or given its observation."""
+        if error is None:
+            try:
+                reward = checked_reward(result)
+            except BadReward as bad:
+                error = bad
+        if error is not None:
+            reason = "env_timeout" if isinstance(error, EnvTimeout) else "bad_reward" if isinstance(error, BadReward) else "env_error"
+            self.failures.record(self.env_name, "step", e.row, error)
+            e.ended, e.dropped = reason, True
+            return
+        e.result = result
+        self._count_outcome(result)
+        if not math.isfinite(reward):
+            e.ended, e.dropped = "nonfinite_reward", True
+            self.failures.record(self.env_name, "step", e.row, ValueError(f"non-finite reward {result.reward!r}"))
+            return
+        if result.done:
+            e.ended = "done"
+            return
+        if self.cfg.max_turns and e.turns >= self.cfg.max_turns:
+            return self._cut(e, "max_turns")
+        try:
+            ids, new = self.chat.observation(e.history, result.observation if result.observation is not None else "", e.finish_reason == "stop")
+        except Exception as bad:  # noqa: BLE001 - a malformed observation loses this sample only
+            self.failures.record(self.env_name, "observation", e.row, bad)
+            e.ended, e.dropped = "env_error", True
+            return
+        if self.budget(e, extra=len(ids)) < 1:  # no room for another turn after it: the episode ends before it
+            return self._cut(e, "max_tokens")
+        e.add_observation(ids)
+        if e.history is not None:
+            e.history += new
+
+    def _count_outcome(self, result: Any) -> None:
+        """The environment's own outcome label (`info["outcome"]`, e.g. the sandbox's), counted per step."""
+        info = getattr(result, "info", None)
+        outcome = info.get("outcome") if isinstance(info, Mapping) else None
+        if isinstance(outcome, str):
+            self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+
+    def _cut(self, e: Episode, why: str) -> None:
+        """An episode over a limit ends with the reward of its last step (the environment's reward for an unfinished episode)."""
+        e.ended = why
+        self.stats.truncated[why] = self.stats.truncated.get(why, 0) + 1
+
+
+def _own_copy(state: Any) -> Any:
+    """Each episode of a group gets its own copy of the reset state (a multi-turn environment may
+    change it); a state that cannot be copied is shared."""
+    try:
+        return copy.deepcopy(state)
+    except Exception:  # noqa: BLE001 - locks, handles, sockets
+        return state
+
+
+def episode_routes(e: Episode) -> Any:
+    """The episode's routes for its routed positions (prompt + everything after it, less the last
+    token): an observation appended after the last turn was never routed by the engine, so its
+    positions are -1 (the learner routes them freshly). None where the engine records no routing."""
+    import torch
+
+    n = len(e.prompt_ids) + len(e.ids) - 1
+    routes = e.routes
+    if routes is None or routes.shape[0] > n:
+        return None
+    if routes.shape[0] < n:
+        routes = torch.cat([routes, routes.new_full((n - routes.shape[0], *routes.shape[1:]), -1)])
+    return routes
+

@@ -1,0 +1,82 @@
+"""Verified weight loading: a rollout worker's engine takes each published version, then proves it.
+
+After every load the engine's log-probs on the fixed probe sequence are
+compared with the learner's (published with the weights). Past
+`rollout.probe_tolerance` the engine is rebuilt from the same weights; if the
+probe still disagrees the worker stops (`SyncError`) rather than sample with
+weights nobody can vouch for. Loads happen between generation batches, and
+between decode steps where the engine takes weights in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rlhub.engines.base import RolloutEngine, WeightSource
+from rlhub.rollout.records import WorkerStats
+from rlhub.weight_sync import Published, WeightSync, probe_error
+
+log = logging.getLogger("rlhub.rollout")
+
+
+class SyncError(RuntimeError):
+    """An engine's weights still differ from the learner's after a rebuild: it must not sample."""
+
+
+class VerifiedWeights:
+    """One engine's weights, kept at the newest published version and verified at every load."""
+
+    def __init__(self, actor_id: int, engine: RolloutEngine, weight_sync: WeightSync, probe_ids: list[int],
+                 tolerance: float, stats: WorkerStats) -> None:
+        self.actor_id, self.engine, self.weight_sync = actor_id, engine, weight_sync
+        self.probe_ids, self.tolerance, self.stats = probe_ids, tolerance, stats
+        self.held = False
+        """While True (an evaluation runs with one version throughout), nothing new is loaded."""
+
+    def sync(self) -> None:
+        """Load the newest published version, if there is a newer one than the engine's."""
+        if self.held:
+            return
+        # until its first load an engine holds the weights it was built from, whatever its version
+        # says: the first published version (0: the policy after the warm start) is always loaded
+        published = self.weight_sync.pull(self.engine.version if self.stats.syncs else -1)
+        if published is not None:
+            self.load(published)
+
+    def load(self, published: Published) -> None:
+        """Load `published` and verify it; rebuild the engine once if the probe disagrees."""
+        start = time.perf_counter()
+        self.engine.load_weights(published.state, published.version)
+        err = self._probe_error(published)
+        if not err <= self.tolerance:  # also catches NaN
+            log.warning("actor %d: probe error %.3g after loading version %d exceeds %.3g; rebuilding the engine",
+                        self.actor_id, err, published.version, self.tolerance)
+            self.stats.sync_rebuilds += 1
+            self.engine.rebuild(published.state, published.version)
+            err = self._probe_error(published)
+            if not err <= self.tolerance:
+                self.stats.sync_failures += 1
+                raise SyncError(f"actor {self.actor_id}: probe error {err:.3g} persists after a rebuild at version "
+                                f"{published.version} (tolerance {self.tolerance:.3g}); not sampling with unverified weights")
+        elapsed = time.perf_counter() - start
+        self.stats.syncs += 1
+        self.stats.sync_seconds += elapsed
+        self.stats.last_sync_seconds = elapsed
+        self.stats.last_probe_error = err
+
+    def _probe_error(self, published: Published) -> float:
+        return probe_error(self.engine.prompt_logprobs(self.probe_ids), published.probe_logprobs)
+
+    def inflight_source(self, enabled: bool) -> WeightSource | None:
+        """For an engine between decode steps: loads newer weights, verified like any other load
+        (None when in-flight updates are off or the weights are held)."""
+
+        def poll() -> bool:
+            published = self.weight_sync.pull(self.engine.version)
+            if published is None:
+                return False
+            self.load(published)
+            return True
+
+        return poll if enabled and not self.held else None
