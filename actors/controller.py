@@ -195,9 +195,10 @@ def run_loop(p: Any, version: int, total: int) -> int:
     steps: deque = deque()
     while version < total:
         while len(steps) < 2 and version + len(steps) < total and not (steps and p.checkpoint_due(version + len(steps))):
-            steps.append(p.submit(p.fetch(version + len(steps))))  # 1. rollout -> store, 2. learn at that version
+            # 1. rollout -> store, 2. learn at that version, 3. sync: the new weights out, admission opened
+            steps.append(p.publish(p.submit(p.fetch(version + len(steps)))))
         step = steps.popleft()
-        metrics = p.wait(step)  # 3. the learner publishes the new weights (sync) before answering
+        metrics = p.wait(step)
         version = p.record(step, metrics)  # 4. ledger, metrics, samples
         if p.cfg.eval.every and version % p.cfg.eval.every == 0:
             draw_expert_load(p.run_dir, p.tracker, version)  # pictures for W&B beside each evaluation

@@ -1,9 +1,12 @@
-"""LearnerActor: the `Learner` on Ray; fetches a batch's tensors, steps, publishes the weights.
+"""LearnerActor: the `Learner` on Ray; fetches a batch's tensors and steps (learn), publishes the weights (sync).
 
 Every submitted step advances the policy version exactly once, whatever
 happens to its data: groups whose tensors were lost (their rollout actor died
 and took its objects with it) are left out and reported back, so the
 controller starts them again; a step left with no group keeps the weights.
+The controller queues `publish` right behind each `train_step`, so the new
+weights are out, and admission open for the next version, before the next
+step starts.
 """
 
 from __future__ import annotations
@@ -44,15 +47,20 @@ class LearnerActor:
     def connect(self, weight_sync: Any, store: Any) -> None:
         self.weight_sync, self.store = weight_sync, store
 
-    def publish(self) -> float:
-        """Publish the current weights and probe; returns the seconds it took."""
+    def publish(self, version: int | None = None) -> float:
+        """Publish the current weights and probe, then open admission for the version's prompts; returns
+        the seconds it took. `version`: the version the caller expects to publish (checked)."""
+        if version is not None and version != self.learner.version:
+            raise RuntimeError(f"publish: the learner is at version {self.learner.version}, not {version}")
         start = time.perf_counter()
         self.weight_sync.push(self.learner.state_dict(), self.learner.version, self.learner.probe())
+        self.store.set_version(self.learner.version)
         return time.perf_counter() - start
 
     def train_step(self, parts: list[tuple[Any, list[int], list[int]]]) -> dict[str, Any]:
         """One step on a batch given as (object ref, indices in it, group ids) parts; returns metrics,
-        "version" and "lost_groups" (ids whose tensors could not be fetched: not trained)."""
+        "version", "learned" ((group id, tokens) read off the tensors trained on) and "lost_groups"
+        (ids whose tensors could not be fetched: not trained)."""
         from rlhub.types import collate
 
         start = time.perf_counter()
@@ -62,9 +70,6 @@ class LearnerActor:
             metrics = self.learner.train_step(collate(tensors, self.pad_id))
         else:
             metrics = self.learner.skip_step()
-        metrics["train/groups"] = float(sum(len(ids) for _, _, ids in parts) - len(lost))
-        metrics["time/publish_s"] = self.publish()
-        self.store.set_version(self.learner.version)  # admission opens for the next version's prompts
         metrics["time/collate_s"] = fetched - start
         metrics["time/learner_idle_s"] = start - self._last_end if self._last_end else 0.0
         metrics["version"] = self.learner.version

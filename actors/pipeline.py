@@ -1,10 +1,12 @@
-"""The running pipeline, as the controller's loop sees it: fetch a batch, submit a step, wait, record.
+"""The running pipeline, as the controller's loop sees it: fetch a batch, learn, sync, wait, record.
 
 `Pipeline` holds the actor handles of one run (store, learner, rollout fleet,
 scorers) and the run's records (tracker, ledger). Each method is one stage of
 the loop in `rlhub.actors.controller`; what a step reports is assembled in
 `rlhub.run_report`. Every group handed to the learner ends in the ledger as
-trained, dropped (a skipped non-finite step), or requeued (its data was lost).
+trained, dropped (a skipped non-finite step, or a critic warm-up step where
+the policy did not move), or requeued (its data was lost); beside them, the
+learner's own account of what its tensors held (`rlhub.ledger`'s "step" event).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Step:
     version: int
     waited: float
     calls: list = field(default_factory=list)
+    published: Any = None
+    """The publication of the weights the step makes (a ref, once `publish` queued it)."""
 
 
 class Pipeline:
@@ -91,11 +95,21 @@ class Pipeline:
         self.outstanding.append(step)
         return step
 
+    # ---- 3. sync -------------------------------------------------------------------------
+    def publish(self, step: Step) -> Step:
+        """The step's weights to the engines, and admission opened for its version: queued on the learner
+        right behind the step, so it runs before the next step does."""
+        step.published = self.learner.publish.remote(step.version + 1)
+        step.calls.append(step.published)
+        return step
+
     def wait(self, step: Step) -> dict[str, Any]:
-        """The step's metrics; watches the rollout fleet meanwhile (a crashed actor is replaced)."""
+        """The step's metrics once it is learned and published; watches the rollout fleet meanwhile (a
+        crashed actor is replaced)."""
         while len(ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]) < len(step.calls):
             self.fleet.check()
-        metrics, *critic_metrics = ray.get(step.calls)
+        metrics, *critic_metrics = ray.get([c for c in step.calls if c is not step.published])
+        metrics["time/publish_s"] = ray.get(step.published)
         self.outstanding.remove(step)
         for extra in critic_metrics:
             extra.pop("lost_groups", None)
@@ -105,12 +119,13 @@ class Pipeline:
             metrics["critic/value_lag_max"] = max(lags)
         return metrics
 
-    # ---- 3. the learner has published (sync); 4. record ------------------------------------
+    # ---- 4. record --------------------------------------------------------------------------
     def record(self, step: Step, metrics: dict[str, Any]) -> int:
         """Ledger, metrics, samples for a finished step; returns the new policy version."""
         version = int(metrics.pop("version"))
         if version != step.version + 1:  # one version per submitted step, in order: the loop relies on it
             raise RuntimeError(f"the learner reached version {version} where the controller expected {step.version + 1}")
+        learned = metrics.pop("learned")
         lost = set(metrics.pop("lost_groups"))
         if lost:  # their tensors died with a rollout actor: never trained, started again
             self.lost_groups += len(lost)
@@ -122,16 +137,12 @@ class Pipeline:
             log.warning("step %d skipped: non-finite loss or gradient (loss %s, grad norm %s), %d in a row", version,
                         metrics.get("train/loss"), metrics.get("train/grad_norm"), int(metrics["train/nonfinite_in_row"]))
         kept = [(m, box) for m, box in step.groups if m.group_id not in lost]
-        events = self.store.take_events()  # issued before trained: the store's events first
-        for meta, _ in kept:
-            if skipped:
-                events.append({"event": "dropped", "group": meta.group_id, "row": meta.prompt_index, "reason": "nonfinite_step"})
-            else:
-                events.append({"event": "trained", "group": meta.group_id, "row": meta.prompt_index, "actor": meta.actor_id,
-                               "version": version - 1, "step": version})
-        if skipped:
+        updated = bool(metrics.get("train/policy_updated"))
+        not_trained = "nonfinite_step" if skipped else None if updated else "critic_warmup"
+        # issued before trained: the store's events first
+        self.ledger.write(self.store.take_events() + step_events(kept, learned, version, not_trained))
+        if not_trained:
             metrics["train/groups"] = 0.0
-        self.ledger.write(events)
         metrics.update(self._evaluations(version))
         self._log(version, step, kept, metrics)
         if skipped and metrics["train/nonfinite_in_row"] >= self.cfg.learner.max_nonfinite_steps:
@@ -245,6 +256,23 @@ class Pipeline:
                    "nonfinite_metrics": sum(self.tracker.nonfinite.values()),
                    **{f"actor_crash/{kind}": n for kind, n in self.fleet.crashes.items()}}
         return failure_counters(rollout_stats, store_stats, self.fleet.restarts, learner)
+
+
+def step_events(kept: list, learned: list, version: int, not_trained: str | None) -> list[dict[str, Any]]:
+    """The ledger's events for one finished step at `version` - 1: each group the controller handed over
+    (and the learner could fetch) as trained, with the tokens its rollout counted, or dropped for
+    `not_trained` when the policy did not move; then the learner's own account of the step, the
+    (group id, tokens) pairs its tensors held, which `rlhub.ledger` reconciles against them."""
+    events: list[dict[str, Any]] = []
+    for meta, _ in kept:
+        if not_trained:
+            events.append({"event": "dropped", "group": meta.group_id, "row": meta.prompt_index, "reason": not_trained})
+        else:
+            events.append({"event": "trained", "group": meta.group_id, "row": meta.prompt_index, "actor": meta.actor_id,
+                           "version": version - 1, "step": version, "tokens": meta.num_tokens})
+    events.append({"event": "step", "step": version, "version": version - 1, "updated": not_trained is None,
+                   "groups": [[int(g), int(t)] for g, t in learned]})
+    return events
 
 
 def _eval_line(result: dict[str, float]) -> str:

@@ -71,7 +71,10 @@ class Learner:
         self.nonfinite_in_row = 0
 
     # ---- one optimizer step -----------------------------------------------------
-    def train_step(self, batch: GroupTensors) -> dict[str, float]:
+    def train_step(self, batch: GroupTensors) -> dict[str, Any]:
+        """One optimizer step on `batch`; the policy version +1. Returns the step's metrics, and under
+        "learned" the (group id, tokens) pairs read off the micro-batches the loss was computed on:
+        what the learner really trained on, which the ledger reconciles against what it was sent."""
         start = time.perf_counter()
         batch = batch.to(self.device)
         algo = self.algo
@@ -93,10 +96,12 @@ class Learner:
             balance = self.balancer.begin(batch.attention_mask, batch.routes, prepass)
         sums: dict[str, float] = {}
         agreement: dict[str, float] = {}  # sums behind the mismatch metrics
+        learned: dict[int, int] = {}  # group id -> its tokens that carried the loss, read off the tensors trained on
         self.optimizer.zero_grad(set_to_none=True)
         for part, part_advantages in parts:
             mask_mb = part.completion_mask
             parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms, balance)
+            _count_groups(learned, part)
             parts_loss["loss"].backward()
             share = float(mask_mb.sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
             for k, v in parts_loss.items():
@@ -128,16 +133,18 @@ class Learner:
             metrics.update(self.balancer.end(balance, update))
             metrics["moe/routing_replay"] = float(self.balancer.replay and batch.routes is not None)
         metrics["train/tokens"] = norms.num_tokens
+        metrics["train/groups"] = float(len(learned))
+        metrics["learned"] = sorted(learned.items())
         metrics["rollout/reward_mean"] = float(batch.rewards.mean())
         metrics["rollout/reward_std"] = float(batch.rewards.std(unbiased=False))
         metrics["time/train_s"] = time.perf_counter() - start
         self.version += 1
         return metrics
 
-    def skip_step(self) -> dict[str, float]:
+    def skip_step(self) -> dict[str, Any]:
         """A step with nothing to train on (its data was lost): the weights stay, the version advances."""
         self.version += 1
-        return {"train/policy_updated": 0.0, "train/tokens": 0.0}
+        return {"train/policy_updated": 0.0, "train/tokens": 0.0, "train/groups": 0.0, "learned": []}
 
     def _agreement(self, batch: GroupTensors, logprobs: torch.Tensor, capture: Any, measure: bool) -> dict[str, float]:
         """Sums for how far the learner is from the engine. On tokens the engine sampled with these very
@@ -286,6 +293,15 @@ class Learner:
             from safetensors.torch import load_model
 
             load_model(self.reference(), str(directory / "reference.safetensors"))
+
+
+def _count_groups(learned: dict[int, int], part: GroupTensors) -> None:
+    """Add a micro-batch's tokens per group (rows without a group id, -1, are not counted)."""
+    if part.group_ids is None:
+        return
+    for gid, tokens in zip(part.group_ids.tolist(), part.completion_mask.sum(-1).tolist()):
+        if gid >= 0:
+            learned[gid] = learned.get(gid, 0) + int(round(tokens))
 
 
 def _supervised_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> GroupTensors:

@@ -10,13 +10,23 @@ RUN_DIR/ledger.jsonl holds one object per line:
         A group is issued again only after a "requeued".
     {"event": "requeued", "group": int, "reason": str}
         a handed-out group that will be started again (actor_crash, lost_object, resume).
-    {"event": "trained",  "group": int, "row": int, "actor": int, "version": int, "step": int}
-        trained at learner version `version` by the optimizer step that made `step` = version + 1.
+    {"event": "trained",  "group": int, "row": int, "actor": int, "version": int, "step": int, "tokens": int}
+        trained at learner version `version` by the optimizer step that made `step` = version + 1;
+        `tokens`: the generated tokens its rollout actor counted (optional in older ledgers).
     {"event": "dropped",  "group": int, "row": int | null, "reason": str}
         never trained (env_error, prompt_too_long, nonfinite_reward, too_few_samples,
-        filtered, stale, run_end, nonfinite_step, ...).
+        filtered, stale, run_end, nonfinite_step, critic_warmup, ...).
+    {"event": "step",     "step": int, "version": int, "updated": bool, "groups": [[int, int], ...]}
+        the learner's own account of optimizer step `step`: the (group id, tokens) pairs read off the
+        tensors its loss was computed on, and whether the policy moved.
     {"event": "run",      "version": int, "resumed": bool}
         a run (or a resume) started; only reported.
+
+The check is independent where it matters: "trained" says what the controller
+handed over, "step" what the learner's tensors held. A step whose learner
+report lacks a group, holds one the controller did not send, counts other
+tokens for it, or did not move the policy while groups are recorded as
+trained there, is a violation.
 
 A checkpoint records `Ledger.offset()`; a resume `truncate()`s back to it, since
 the resumed run redoes (and re-logs) everything after the checkpoint.
@@ -38,10 +48,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "requeued": ("group", "reason"),
     "trained": ("group", "row", "actor", "version", "step"),
     "dropped": ("group", "row", "reason"),
+    "step": ("step", "version", "updated", "groups"),
     "run": ("version", "resumed"),
 }
 TYPES: dict[str, type | tuple[type, ...]] = {
     "group": int, "row": (int, type(None)), "actor": int, "version": int, "step": int, "reason": str, "resumed": bool,
+    "updated": bool, "groups": list, "tokens": int,
 }
 # The state machine, by its refusals: (event, state before) -> violation; any pair not here is allowed.
 # States are None (never seen), "issued", "requeued", "trained", "dropped".
@@ -131,7 +143,7 @@ class Reconciliation:
     open: int = 0  # groups still issued or requeued at the end
     runs: int = 0  # "run" markers, of which `resumes` resumed
     resumes: int = 0
-    steps_checked: int = 0  # metrics steps whose "train/groups" was compared
+    steps_checked: int = 0  # optimizer steps whose learner report was reconciled with the trained events
     violations: list[Violation] = field(default_factory=list)  # the first KEEP_VIOLATIONS
     violation_count: int = 0  # all of them
 
@@ -145,19 +157,21 @@ class Reconciliation:
             self.violations.append(Violation(group, message))
 
 
-def reconcile(events: Iterable[Any], metrics_rows: list[dict[str, Any]] | None = None, allow_open: bool = False) -> Reconciliation:
-    """Walk each group's events in order through the state machine (REFUSED), then check ids and metrics."""
+def reconcile(events: Iterable[Any], allow_open: bool = False) -> Reconciliation:
+    """Walk each group's events in order through the state machine (REFUSED), then check ids and the
+    learner's reports."""
     rec = Reconciliation()
-    _walk(rec, enumerate(events, 1), metrics_rows, allow_open)
+    _walk(rec, enumerate(events, 1), allow_open)
     return rec
 
 
-def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], metrics_rows: list[dict[str, Any]] | None, allow_open: bool) -> None:
+def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], allow_open: bool) -> None:
     state: dict[int, str] = {}
     drop_reason: dict[int, str] = {}
     issued: set[int] = set()
     requeued: Counter[str] = Counter()
-    per_step: Counter[int] = Counter()
+    per_step: dict[int, dict[int, int | None]] = {}  # step -> {group: tokens its rollout counted (None: not recorded)}
+    reports: dict[int, dict[str, Any]] = {}  # step -> the learner's "step" event
     for line, ev in numbered:
         kind = ev.get("event") if isinstance(ev, dict) else None
         if kind not in FIELDS:
@@ -171,6 +185,11 @@ def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], metrics_rows
             rec.runs += 1
             rec.resumes += bool(ev["resumed"])
             continue
+        if kind == "step":
+            if ev["step"] in reports:
+                rec.add(None, f"line {line}: a second learner report for step {ev['step']}")
+            reports[ev["step"]] = ev
+            continue
         gid, before = ev["group"], state.get(ev["group"])
         if (kind, before) in REFUSED:
             rec.add(gid, f"{REFUSED[kind, before]} (line {line})")
@@ -183,7 +202,7 @@ def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], metrics_rows
         elif kind == "dropped":
             drop_reason[gid] = ev["reason"]
         else:
-            per_step[ev["step"]] += 1
+            per_step.setdefault(ev["step"], {})[gid] = ev["tokens"] if isinstance(ev.get("tokens"), int) else None
             if ev["step"] != ev["version"] + 1:
                 rec.add(gid, f"trained at version {ev['version']} by step {ev['step']}, not version + 1 (line {line})")
     _check_ids(rec, issued)
@@ -191,8 +210,8 @@ def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], metrics_rows
         rec.open += 1
         if not allow_open:
             rec.add(gid, f"open: {state[gid]} but never trained or dropped")
-    if metrics_rows is not None:
-        _check_metrics(rec, per_step, metrics_rows)
+    if reports:  # ledgers written before learners reported their steps have none
+        _check_steps(rec, per_step, reports)
     rec.issued = len(issued)
     rec.trained = sum(s == "trained" for s in state.values())
     rec.dropped = dict(Counter(drop_reason[g] for g, s in state.items() if s == "dropped"))
@@ -207,19 +226,35 @@ def _check_ids(rec: Reconciliation, issued: set[int]) -> None:
         rec.add(ids[0], f"id gap: groups {ids[0]}..{ids[-1]} never issued (a handed-out id was not recorded)")
 
 
-def _check_metrics(rec: Reconciliation, per_step: Counter[int], metrics_rows: list[dict[str, Any]]) -> None:
-    """An independent count: each step's "train/groups" in metrics.jsonl against the ledger's trained events."""
-    # a resumed run logs a step again (last wins); rows without train/groups (the final evaluation) are not steps
-    logged = {row["step"]: row for row in metrics_rows if "step" in row and "train/groups" in row}
-    for step in sorted(logged.keys() & per_step.keys()):
+def _check_steps(rec: Reconciliation, per_step: dict[int, dict[int, int | None]], reports: dict[int, dict[str, Any]]) -> None:
+    """Each step's trained events (what the controller handed the learner) against the learner's report
+    (what its tensors held), group by group and token count by token count."""
+    for step in sorted(per_step.keys() - reports.keys()):
+        rec.add(None, f"step {step}: {len(per_step[step])} groups recorded as trained, but no learner report for the step")
+    for step in sorted(reports):
         rec.steps_checked += 1
-        if logged[step]["train/groups"] != per_step[step]:
-            rec.add(None, f"metrics mismatch at step {step}: train/groups={logged[step]['train/groups']}, ledger trained {per_step[step]}")
+        report, sent = reports[step], per_step.get(step, {})
+        if not report["updated"]:
+            for gid in sorted(sent):
+                rec.add(gid, f"recorded as trained at step {step}, where the learner did not move the policy")
+            continue
+        try:
+            learned = {int(g): int(t) for g, t in report["groups"]}
+        except (TypeError, ValueError):
+            rec.add(None, f"step {step}: a learner report whose groups are not [group, tokens] pairs")
+            continue
+        for gid in sorted(sent.keys() - learned.keys()):
+            rec.add(gid, f"recorded as trained at step {step}, but the learner's tensors at that step hold no row of it")
+        for gid in sorted(learned.keys() - sent.keys()):
+            rec.add(gid, f"the learner trained on it at step {step}, which the ledger does not record as trained there")
+        for gid in sorted(sent.keys() & learned.keys()):
+            if sent[gid] is not None and sent[gid] != learned[gid]:
+                rec.add(gid, f"step {step}: its rollout counted {sent[gid]} tokens, the learner trained on {learned[gid]}")
 
 
 def check_run(run_dir: Path, allow_open: bool = False) -> Reconciliation:
-    """Reconcile RUN_DIR/ledger.jsonl, cross-checked with RUN_DIR/metrics.jsonl when there is one."""
-    path, metrics = Path(run_dir) / "ledger.jsonl", Path(run_dir) / "metrics.jsonl"
+    """Reconcile RUN_DIR/ledger.jsonl."""
+    path = Path(run_dir) / "ledger.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no ledger: {path}")
     rec, numbered = Reconciliation(), []
@@ -228,9 +263,7 @@ def check_run(run_dir: Path, allow_open: bool = False) -> Reconciliation:
             rec.add(None, f"line {line}: unparseable: {text[:80]!r}")
         else:
             numbered.append((line, event))
-    # metrics lines that do not parse are skipped: a run killed mid-write leaves a torn last line
-    rows = [row for _, _, row in _read_jsonl(metrics) if isinstance(row, dict)] if metrics.is_file() else None
-    _walk(rec, numbered, rows, allow_open)
+    _walk(rec, numbered, allow_open)
     return rec
 
 
@@ -252,7 +285,7 @@ def format_report(rec: Reconciliation) -> str:
         f"{sum(rec.requeued.values())} re-issued{counts(rec.requeued)}, {rec.open} open"
     )
     lines = [head + (" — reconciled" if rec.ok else f" — NOT reconciled: {rec.violation_count} violations")]
-    lines.append(f"  {rec.runs} run markers ({rec.resumes} resumes), {rec.steps_checked} metrics steps cross-checked")
+    lines.append(f"  {rec.runs} run markers ({rec.resumes} resumes), {rec.steps_checked} learner steps reconciled with what they trained on")
     lines += [f"  {v}" for v in rec.violations[:10]]
     if rec.violation_count > 10:
         lines.append(f"  ... and {rec.violation_count - 10} more")

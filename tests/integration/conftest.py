@@ -24,7 +24,8 @@ def run_pipeline() -> Callable[..., tuple[dict, list[dict]]]:
     """run_pipeline(run_dir, *overrides) -> (summary, metrics rows) of `train` on the small config.
 
     Every run's ledger must reconcile by group id (each group handed out trained or dropped exactly
-    once), checked from the file, apart from the store's counters."""
+    once), checked from the file, apart from the store's counters; and every step's trained groups
+    must be the ones the learner's tensors held (its report is in the ledger for every step)."""
     from rlhub.actors.controller import train
     from rlhub.config import load_config
     from rlhub.ledger import check_run, format_report
@@ -35,6 +36,8 @@ def run_pipeline() -> Callable[..., tuple[dict, list[dict]]]:
         ledger = check_run(run_dir)
         assert ledger.ok, format_report(ledger)
         assert summary["ledger"]["ok"] and summary["status"] == "ok", summary
-        return summary, read_rows(run_dir / "metrics.jsonl")
+        rows = read_rows(run_dir / "metrics.jsonl")
+        assert ledger.steps_checked >= len({row["step"] for row in rows}) and ledger.steps_checked > 0
+        return summary, rows
 
     return run

@@ -12,8 +12,13 @@ def issued(g: int, actor: int = 0, version: int = 0) -> dict:
     return {"event": "issued", "group": g, "row": g, "actor": actor, "version": version}
 
 
-def trained(g: int, version: int = 0, actor: int = 0) -> dict:
-    return {"event": "trained", "group": g, "row": g, "actor": actor, "version": version, "step": version + 1}
+def trained(g: int, version: int = 0, actor: int = 0, tokens: int = 5) -> dict:
+    return {"event": "trained", "group": g, "row": g, "actor": actor, "version": version, "step": version + 1, "tokens": tokens}
+
+
+def step(version: int, groups: dict[int, int], updated: bool = True) -> dict:
+    """The learner's report of the step that trained at `version`: {group: tokens} its tensors held."""
+    return {"event": "step", "step": version + 1, "version": version, "updated": updated, "groups": [[g, t] for g, t in groups.items()]}
 
 
 def dropped(g: int, reason: str = "filtered") -> dict:
@@ -29,8 +34,8 @@ def clean_run() -> list[dict]:
     return [
         {"event": "run", "version": 0, "resumed": False},
         *[issued(g, actor=g % 2) for g in range(6)],
-        trained(0), trained(1, actor=1), dropped(2, "filtered"),
-        trained(3, version=1, actor=1), trained(4, version=1), dropped(5, "stale"),
+        trained(0), trained(1, actor=1), dropped(2, "filtered"), step(0, {0: 5, 1: 5}),
+        trained(3, version=1, actor=1), trained(4, version=1), dropped(5, "stale"), step(1, {3: 5, 4: 5}),
     ]
 
 
@@ -44,7 +49,7 @@ def only_violation(rec: Reconciliation) -> str:
 
 
 def test_clean_run_reconciles_with_counts():
-    rec = reconcile(clean_run(), metrics_rows=[{"step": 1, "train/groups": 2}, {"step": 2, "train/groups": 2}])
+    rec = reconcile(clean_run())
     assert rec.ok, messages(rec)
     assert (rec.issued, rec.trained, rec.dropped, rec.open) == (6, 4, {"filtered": 1, "stale": 1}, 0)
     assert (rec.runs, rec.resumes, rec.steps_checked) == (1, 0, 2)
@@ -70,19 +75,14 @@ def test_resume_truncates_and_redoes_work(tmp_path: Path):
     path = tmp_path / "ledger.jsonl"
     with Ledger(path) as ledger:
         ledger.write([{"event": "run", "version": 0, "resumed": False}, issued(0), issued(1), issued(2)])
-        ledger.write([trained(0)])
+        ledger.write([trained(0), step(0, {0: 5})])
         checkpoint_offset = ledger.offset()  # version 1 saved: 1 and 2 were in flight
-        ledger.write([trained(1, version=1), issued(3, version=1)])  # lost with the crash
-    (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "train/groups": 1}) + "\n" + json.dumps({"step": 2, "train/groups": 5}) + "\n"
-    )
+        ledger.write([trained(1, version=1), issued(3, version=1), step(1, {1: 5})])  # lost with the crash
     truncate(path, checkpoint_offset)
     with Ledger(path) as ledger:
         ledger.write([{"event": "run", "version": 1, "resumed": True}, requeued(1, "resume"), requeued(2, "resume")])
         ledger.write([issued(1, version=1), issued(2, version=1), issued(3, version=1)])
-        ledger.write([trained(1, version=1), trained(2, version=1), dropped(3, "run_end")])
-    with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": 2, "train/groups": 2}) + "\n")  # the resumed run logs step 2 again
+        ledger.write([trained(1, version=1), trained(2, version=1), dropped(3, "run_end"), step(1, {1: 5, 2: 5})])  # step 2 again
     rec = check_run(tmp_path)
     assert rec.ok, messages(rec)
     assert (rec.issued, rec.trained, rec.dropped, rec.requeued) == (4, 3, {"run_end": 1}, {"resume": 2})
@@ -145,11 +145,67 @@ def test_id_gap_is_a_violation():
     ]
 
 
-def test_metrics_mismatch_last_row_of_a_step_wins():
-    rows = [{"step": 1, "train/groups": 2}, {"step": 2, "train/groups": 2}, {"step": 2, "train/groups": 3}, {"step": 9, "train/groups": 4}]
-    rec = reconcile(clean_run(), metrics_rows=rows)
-    assert only_violation(rec) == "metrics mismatch at step 2: train/groups=3, ledger trained 2"
-    assert rec.steps_checked == 2  # step 9 has no trained events: not compared
+def without(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["event"] != kind]
+
+
+def test_each_steps_trained_groups_are_reconciled_with_the_learners_report():
+    run = clean_run()
+    lacking = [step(1, {3: 5}) if e["event"] == "step" and e["step"] == 2 else e for e in run]  # the learner left group 4 out
+    assert only_violation(reconcile(lacking)) == "group 4: recorded as trained at step 2, but the learner's tensors at that step hold no row of it"
+    extra = [step(1, {3: 5, 4: 5, 2: 5}) if e["event"] == "step" and e["step"] == 2 else e for e in run]
+    assert only_violation(reconcile(extra)) == "group 2: the learner trained on it at step 2, which the ledger does not record as trained there"
+    short = [step(1, {3: 5, 4: 2}) if e["event"] == "step" and e["step"] == 2 else e for e in run]
+    assert only_violation(reconcile(short)) == "group 4: step 2: its rollout counted 5 tokens, the learner trained on 2"
+    unmoved = [step(1, {3: 5, 4: 5}, updated=False) if e["event"] == "step" and e["step"] == 2 else e for e in run]
+    assert messages(reconcile(unmoved)) == [f"group {g}: recorded as trained at step 2, where the learner did not move the policy" for g in (3, 4)]
+    unreported = [e for e in run if not (e["event"] == "step" and e["step"] == 2)]
+    assert only_violation(reconcile(unreported)) == "step 2: 2 groups recorded as trained, but no learner report for the step"
+    twice = run + [step(1, {3: 5, 4: 5})]
+    assert only_violation(reconcile(twice)) == f"line {len(twice)}: a second learner report for step 2"
+    assert reconcile(without(run, "step")).steps_checked == 0  # a ledger from before learners reported: nothing to compare
+
+
+def test_a_learner_that_drops_a_groups_rows_fails_the_check(tiny_model_path, tmp_path: Path):
+    """The learner's report is read off the tensors it trains on: one that silently loses a group's rows
+    says so, and `rlhub check` fails the run, although the controller recorded every group as trained."""
+    import torch
+
+    from rlhub.actors.pipeline import step_events
+    from rlhub.algorithms.config import AlgorithmConfig
+    from rlhub.datastore import GroupMeta
+    from rlhub.learner import Learner
+    from rlhub.models.build import ModelConfig
+    from rlhub.types import GroupTensors, Sample, collate
+    from rlhub.weight_sync import probe_sequence
+
+    groups = []
+    for gid in range(3):
+        samples = [Sample([40, 41 + gid], [50 + k, 51, 52][: 2 + k % 2], [-1.0] * (2 + k % 2), [0] * (2 + k % 2), float(k), None, "stop")
+                   for k in range(2)]
+        tensors = GroupTensors.from_samples(samples, torch.tensor([1.0, -1.0]), 256)
+        tensors.group_ids = torch.full((2,), gid)
+        meta = GroupMeta(group_id=gid, prompt_index=gid, actor_id=0, min_version=0, max_version=0, num_samples=2,
+                         num_tokens=sum(s.generated for s in samples), reward_mean=0.0, success_mean=0.0, response_len_mean=2.5,
+                         generate_seconds=0.0)
+        groups.append((meta, tensors))
+    batch = collate([t for _, t in groups], 256)
+
+    def run(learner: Learner, name: str) -> Reconciliation:
+        metrics = learner.train_step(batch)
+        events = [issued(m.group_id) for m, _ in groups] + step_events([(m, None) for m, _ in groups], metrics["learned"], 1, None)
+        with Ledger(tmp_path / name / "ledger.jsonl") as ledger:
+            ledger.write(events)
+        return check_run(tmp_path / name)
+
+    honest = Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=2), probe_sequence(259))
+    assert run(honest, "honest").ok
+    lossy = Learner(tiny_model_path, ModelConfig(), AlgorithmConfig(micro_batch_size=2), probe_sequence(259))
+    keep = torch.tensor([i for i, g in enumerate(batch.group_ids.tolist()) if g != 1])
+    real_step = lossy.train_step
+    lossy.train_step = lambda b: real_step(b.rows(keep, b.input_ids.shape[1]))  # loses group 1's rows on the way in
+    rec = run(lossy, "lossy")
+    assert not rec.ok and messages(rec) == ["group 1: recorded as trained at step 1, but the learner's tensors at that step hold no row of it"]
 
 
 def test_step_must_be_version_plus_one():
