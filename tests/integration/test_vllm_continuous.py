@@ -104,3 +104,55 @@ def test_weights_swapped_between_decode_steps_sample_the_tokens_labelled_with_th
         assert c.token_ids[:switch] == before[i].token_ids[:switch]  # the old weights' greedy tokens
         assert set(c.token_ids[switch:]) <= {65, 66}  # the new weights' only choices
     assert any(set(c.token_ids[:2]) - {65, 66} for c in before), "the old weights must not pick 65/66 alone"
+
+
+def test_a_probe_failure_mid_batch_rebuilds_and_every_group_completes(engine, state, model_path):
+    """Groups streaming through a continuous engine; a weight load that leaves wrong weights fails its
+    probe while they run. The rebuilt engine restarts every request it held, and every admitted group
+    reaches the store (or a counted drop) within a deadline, each exactly once by the ledger."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhub.datastore import InMemoryDataStore
+    from rlhub.envs import make_env
+    from rlhub.ledger import reconcile
+    from rlhub.models.logprobs import probe_logprobs
+    from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
+    from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+
+    probe = probe_sequence(259)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    sync = InMemoryWeightSync()
+    sync.push(state, 10, probe_logprobs(model.eval(), probe))
+    cfg = RolloutConfig(engine="vllm", max_new_tokens=24, max_model_len=256, continuous=True)
+    store = InMemoryDataStore(prompts_per_step=4, max_staleness=1)
+    env = make_env("arithmetic")
+    worker = RolloutWorker(0, cfg, 4, 4, engine, env, AutoTokenizer.from_pretrained(model_path), store, sync, DataSide(), probe,
+                           max_groups=8)
+    worker.step(drain=False)  # loads version 10, admits 8 groups, starts their 32 requests
+    assert engine.pending() > 0
+    real_load = engine.load_weights
+
+    def corrupting_load(st, version):  # once: a load that leaves wrong weights, as a broken update would
+        engine.load_weights = real_load
+        real_load({k: v * 0.5 for k, v in st.items()}, version)
+
+    engine.load_weights = corrupting_load
+    sync.push(state, 11, sync.latest.probe_logprobs)  # the same weights again, as version 11
+    deadline = time.monotonic() + 180
+    while worker.open or worker.in_env:
+        assert time.monotonic() < deadline, f"{len(worker.open)} groups still open after 180 s"
+        worker.step(drain=False)
+    assert worker.stats.sync_rebuilds == 1 and worker.stats.sync_failures == 0 and worker.stats.syncs == 2
+    assert engine.stats.extra["restarted_requests"] > 0 and engine.pending() == 0
+    trained = []
+    while (batch := store.get_batch(4, 1)) is not None:
+        trained += [m for m, _ in batch]
+        for _, tensors in batch:  # a request running at the failed load restarted: one version per sample
+            for versions, mask in zip(tensors.versions, tensors.completion_mask.bool()):
+                assert len(set(versions[mask].tolist())) == 1 and int(versions[mask][0]) in (10, 11)
+    events = store.take_events() + [{"event": "trained", "group": m.group_id, "row": m.prompt_index, "actor": 0, "version": 1, "step": 2}
+                                    for m in trained]
+    ledger = reconcile(sorted(events, key=lambda e: e.get("t", float("inf"))))
+    assert ledger.ok and ledger.issued == 8 and ledger.trained + sum(ledger.dropped.values()) == 8, ledger

@@ -171,3 +171,36 @@ def test_sample_records_rebuild_each_sample(tiny_model_path, tokenizer, learner)
         assert ids == tensors.input_ids[i, : len(ids)].tolist()
         assert len(r["logprobs"]) == len(r["versions"]) == len(r["completion_ids"]) >= 1
         assert r["finish_reason"] == ("stop" if r["completion_ids"][-1] == tokenizer.eos_token_id else "length")
+
+
+def test_a_per_call_vllm_engine_refuses_a_load_while_requests_run_before_changing_anything():
+    from types import SimpleNamespace
+
+    from rlhub.engines.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine.__new__(VLLMEngine)  # stand-ins: a running request, and a model that must not be touched
+    eng.continuous, eng.version = False, 3
+    eng._llm = SimpleNamespace(llm_engine=SimpleNamespace(has_unfinished_requests=lambda: True))
+    eng._model_runner = lambda: pytest.fail("the weights were swapped before the refusal")
+    with pytest.raises(RuntimeError, match="only in a continuous engine"):
+        eng.load_weights({"model.norm.weight": torch.ones(2)}, 4)
+    assert eng.version == 3
+
+
+def test_a_continuous_vllm_engine_starts_without_async_scheduling(monkeypatch):
+    """With async scheduling the step after a weight swap is already scheduled under the old weights, so
+    its tokens would carry the new version: a continuous engine (weights swapped between decode steps)
+    turns it off, wherever it runs (on CUDA it would be on by default)."""
+    vllm = pytest.importorskip("vllm")
+    from rlhub.engines.vllm_engine import VLLMEngine
+
+    started = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: started.append(kwargs))
+    for continuous in (True, False):
+        eng = VLLMEngine.__new__(VLLMEngine)
+        eng.continuous, eng.return_routing, eng.dtype, eng.seed, eng.max_model_len = continuous, False, "float32", 0, 64
+        eng.kv_cache_gib, eng.cpu_bind, eng.gpu_memory_utilization = 1.0, None, 0.5
+        eng._start("/nowhere")
+    assert started[0]["async_scheduling"] is False and started[0]["enable_prefix_caching"] is False
+    assert "async_scheduling" not in started[1]
+
