@@ -66,7 +66,27 @@ def check_env(cfg: RunConfig) -> Any:
                           "set env.dataset.eval_split or env.dataset.eval_size)")
     if cfg.warm_start.steps and not callable(getattr(env, "format_examples", None)):
         raise ConfigError(f"warm_start.steps={cfg.warm_start.steps}: env.name={cfg.env.name!r} has no format_examples(); set warm_start.steps=0")
+    if getattr(env, "uses_sandbox", False):
+        check_sandbox(cfg, env)
     return env
+
+
+def check_sandbox(cfg: RunConfig, env: Any) -> None:
+    """For an environment that scores code in `rlhub.sandbox`: the isolation `sandbox.isolation` asks for
+    applies here (required: an error naming each missing layer; best_effort: a warning), and every row's
+    tests can be judged outside the candidate's process (an error naming the row)."""
+    from rlhub import sandbox
+    from rlhub.evaluation import eval_rows
+
+    sandbox.configure(cfg.sandbox)
+    try:
+        sandbox.check_isolation(cfg.sandbox.isolation)
+        if callable(getattr(env, "check_rows", None)):
+            where = cfg.env.dataset.path or f"env.name={cfg.env.name}"
+            env.check_rows(env.dataset("train"), f"{where} train split")
+            env.check_rows(eval_rows(env, 0), f"{where} eval split")
+    except (sandbox.IsolationUnavailable, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_judge(cfg: RunConfig) -> None:

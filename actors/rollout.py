@@ -37,6 +37,11 @@ class RolloutActor:
         self.engine = make_engine(cfg, model_path, run.model.dtype, seed, core, run.cluster.torch_threads,
                                   routing=replay_enabled(run.moe, cfg.engine), selection_bias=run.moe.balance == "aux_free")
         self.env = build_env(run.env, run.seed)
+        if getattr(self.env, "uses_sandbox", False):  # this node's kernel may differ from the driver's: checked again here
+            from rlhub import sandbox
+
+            sandbox.configure(run.sandbox)
+            sandbox.check_isolation(run.sandbox.isolation)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.worker: Any = None
 

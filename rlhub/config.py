@@ -22,6 +22,7 @@ from rlhub.judge import JudgeConfig
 from rlhub.models.config import ModelConfig
 from rlhub.moe_config import MoEConfig, model_is_moe, replay_enabled
 from rlhub.rollout_config import RolloutConfig
+from rlhub.sandbox.config import SandboxConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -150,6 +151,8 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     """MoE training: routing replay, load balancing, expert-load metrics (rlhub.moe)."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """How strictly code rewards are isolated (rlhub.sandbox), for environments that score code."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     max_staleness: int = 1
     """How many policy versions a trained token may lag the learner (0: synchronous on-policy)."""
@@ -306,6 +309,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(message)
     try:
         cfg.moe.check()
+        cfg.sandbox.check()
         if model_is_moe(cfg.model):
             replay_enabled(cfg.moe, cfg.rollout.engine)
     except ValueError as e:

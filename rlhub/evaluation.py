@@ -104,6 +104,14 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(str(e).splitlines()[0]) from None
     validate(cfg)
     env = build_env(cfg.env, cfg.seed)
+    if getattr(env, "uses_sandbox", False):  # the run's isolation policy holds outside the run too
+        from rlhub import sandbox
+
+        sandbox.configure(cfg.sandbox)
+        try:
+            sandbox.check_isolation(cfg.sandbox.isolation)
+        except sandbox.IsolationUnavailable as e:
+            raise ConfigError(str(e)) from None
     rows = eval_rows(env, cfg.eval.rows)
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r} has no eval rows (set env.dataset.eval_split or env.dataset.eval_size)")

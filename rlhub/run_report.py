@@ -27,6 +27,7 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         "rollout/turns": sum(m.extra.get("turns_mean", 1.0) * m.num_samples for m in metas) / n,
         **{f"rollout/truncated/{why}": float(sum(s.get("truncated", {}).get(why, 0) for s in [*rollout_stats, *retired]))
            for why in ("max_turns", "max_tokens")},
+        **{f"rollout/outcome/{k}": float(v) for k, v in outcome_counts([*rollout_stats, *retired]).items()},
         "time/step_s": step_s,
         "time/wait_s": waited,
         "time/generate_s": sum(m.generate_seconds for m in metas),
@@ -39,6 +40,16 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         "store/dropped": store_stats["dropped_total"],
         **{f"failures/{k}": float(v) for k, v in failure_counters([*rollout_stats, *retired], store_stats, restarts).items()},
     }
+
+
+def outcome_counts(rollout_stats: list[dict]) -> dict[str, int]:
+    """Environment steps by the outcome the environment reported (`info["outcome"]`; the code tasks'
+    sandbox outcomes: ok, refused, timeout, ...), summed over the rollout actors, since the run began."""
+    out: dict[str, int] = {}
+    for s in rollout_stats:
+        for outcome, n in s.get("outcomes", {}).items():
+            out[outcome] = out.get(outcome, 0) + n
+    return dict(sorted(out.items()))
 
 
 def failure_counters(rollout_stats: list[dict], store_stats: dict, restarts: int, learner: dict | None = None) -> dict[str, int]:

@@ -25,6 +25,7 @@ BENCHES = {
     "store": "rlhub.benches.store",
     "scale": "rlhub.benches.scale",
     "presets": "rlhub.benches.e2e",
+    "sandbox": "rlhub.benches.sandbox",
 }
 """Each benchmark's module; `presets` is `bench_presets` in the e2e module."""
 

@@ -24,6 +24,7 @@ def rlhub(*args: str, tmp_path) -> subprocess.CompletedProcess:
         (["train", "algorithm=ppo", "algorithm.reference=learner"], "kl_penalty=reward needs algorithm.reference=actor"),
         (["bench", "e2e", "algorithm=ppo"], "use rlhub bench presets"),
         (["train", "rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["train", "env=python_code", "sandbox.isolation=sometimes"], "sandbox.isolation='sometimes': use one of"),
         # nothing listens there: said at once, naming the address, instead of Ray retrying for minutes
         (["train", "cluster.address=127.0.0.1:1"], "cluster.address='127.0.0.1:1': nothing answers at 127.0.0.1:1"),
     ],
@@ -79,3 +80,12 @@ def test_reading_a_config_imports_no_torch_and_the_core_no_actor():
     core = [p for p in root.rglob("*.py") if p.name != "cli.py" and p.parent != root / "benches"]
     reaching_up = [p.name for p in core if re.search(r"^\s*(from|import) rlhub\.actors", p.read_text(), re.MULTILINE)]
     assert len(core) > 10 and not reaching_up
+
+
+def test_a_code_task_row_whose_tests_cannot_be_judged_is_named_before_ray(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "p", "entry_point": "f", "tests": ["assert f(1) == 1"]}\n'
+                    '{"prompt": "q", "entry_point": "g", "tests": ["x = g(1)\\nassert x == 2"]}\n')
+    result = rlhub("train", "env=python_code", f"env.dataset.path={rows}", "warm_start.steps=0", tmp_path=tmp_path)
+    assert result.returncode != 0 and "row 1" in result.stderr and "test_mode=asserts" in result.stderr, result.stderr
+    assert "Ray" not in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -204,3 +205,40 @@ def test_a_continuous_vllm_engine_starts_without_async_scheduling(monkeypatch):
     assert started[0]["async_scheduling"] is False and started[0]["enable_prefix_caching"] is False
     assert "async_scheduling" not in started[1]
 
+
+def test_a_refused_action_scores_zero_and_is_counted_per_step(tokenizer):
+    """python_code through a rollout worker: code that reaches for a socket (and would pass every test)
+    scores 0, and the worker counts the sandbox's outcome, which each step's metrics carry."""
+    from rlhub.envs.python_code import load_environment
+    from rlhub.run_report import step_metrics
+    from scripted import ScriptedEngine
+
+    env = load_environment()
+    row = next(r for r in env.dataset("train") if r["entry_point"] == "add")
+    forger = "import socket\ntry:\n    socket.socket()\nexcept Exception:\n    pass\ndef add(a, b):\n    return a + b\n"
+    honest = "def add(a, b):\n    return a + b\n"
+    turns = [tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id] for text in (forger, honest)]
+
+    class OneRow:  # the env, on this row alone
+        uses_sandbox = True
+
+        def dataset(self, split):
+            return [row]
+
+        def reset(self, r):
+            return env.reset(r)
+
+        def step(self, state, message):
+            return env.step(state, message)
+
+    store = InMemoryDataStore(prompts_per_step=2, max_staleness=4)
+    cfg = RolloutConfig(max_new_tokens=160, max_model_len=512, prompts_per_batch=1)
+    worker = RolloutWorker(0, cfg, 2, 2, ScriptedEngine(turns, tokenizer.eos_token_id), OneRow(), tokenizer, store,
+                           InMemoryWeightSync(), DataSide(), PROBE)
+    worker.generate_groups([0])  # call 1: both samples reach for the socket
+    worker.generate_groups([1])  # call 2: both samples honest
+    batch = store.get_batch(2, 0)
+    assert [float(t.rewards.max()) for _, t in batch] == [0.0, 1.0]
+    assert worker.stats.outcomes == {"refused": 2, "ok": 2}
+    metrics = step_metrics([m for m, _ in batch], [dataclasses.asdict(worker.stats)], store.stats(), 0.0, 1.0, 0)
+    assert metrics["rollout/outcome/refused"] == 2.0 and metrics["rollout/outcome/ok"] == 2.0
