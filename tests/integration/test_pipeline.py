@@ -64,9 +64,12 @@ def test_behaviour_policy_is_the_sampling_distribution(ray_local, run_pipeline, 
 
 
 def test_inflight_updates_give_completions_two_versions(ray_local, run_pipeline, tmp_path):
-    # long completions from an untrained model (no warm start: it rarely stops) overlap the learner's steps
+    # long completions from an untrained model (no warm start: it rarely stops), one group per generate call:
+    # a step's generation takes several times the learner's step, so the rollout is the slower side and the
+    # learner publishes while the rollout is generating the next step's groups (not while it waits for room)
     summary, metrics = run_pipeline(tmp_path, "rollout.weight_update=inflight", "experiment.total_steps=5", "max_staleness=1",
-                                    "warm_start.steps=0", "rollout.max_new_tokens=48", "rollout.log_samples=4")
+                                    "warm_start.steps=0", "rollout.max_new_tokens=48", "rollout.prompts_per_batch=1",
+                                    "rollout.log_samples=4")
     samples = read_jsonl(tmp_path / "samples.jsonl")
     mixed = [s for s in samples if len(set(s["versions"])) > 1]
     assert mixed, "no completion took new weights in flight"
