@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from sandbox_probe import SECRET
 
 
 @pytest.fixture(autouse=True)
@@ -23,5 +24,5 @@ def host(tmp_path: Path) -> Path:
     """A directory of the host, outside every read root, holding a secret."""
     directory = tmp_path / "host"
     directory.mkdir()
-    (directory / "secret.txt").write_text("the answer key: 42")
+    (directory / "secret.txt").write_text(f"the answer key: {SECRET}")
     return directory

@@ -13,6 +13,9 @@ import pytest
 from rlhub import sandbox
 from rlhub.sandbox import Limits, SandboxResult, plan_test
 
+SECRET = "7f3a9c1e5b"
+"""What the host's secret file holds: no process id, path or number of the run can contain it by chance."""
+
 TESTS = ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(5, 4) == 9"]
 FAST = Limits(timeout_s=3.0, cpu_s=2, memory_mb=256, output_kb=64, disk_mb=2, files=64)
 LAYERS = frozenset(sandbox.check_isolation("best_effort"))

@@ -7,7 +7,7 @@ import os
 import socket
 
 import pytest
-from sandbox_probe import attempt, blocked, needs, refused, score
+from sandbox_probe import SECRET, attempt, blocked, needs, refused, score
 
 from rlhub.sandbox import Limits
 
@@ -23,6 +23,11 @@ READS = {
 }
 
 
+def leaked(detail: str) -> bool:
+    """Whether what the probe read reached its result: the host's secret, or an environment (PATH=...)."""
+    return SECRET in detail or "PATH=" in detail
+
+
 def read_probe(what: str, host) -> str:  # noqa: ANN001
     site = os.path.join(os.path.dirname(os.__file__), "site-packages")  # inside the standard library's directory
     data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "envs", "data", "python_code.jsonl")
@@ -33,14 +38,14 @@ def read_probe(what: str, host) -> str:  # noqa: ANN001
 @pytest.mark.parametrize("what", sorted(READS))
 def test_reads_outside_are_refused(what, host):
     result = refused(score(read_probe(what, host)))
-    assert "42" not in result.detail
+    assert not leaked(result.detail)
 
 
 @needs("landlock")
 @pytest.mark.parametrize("what", sorted(READS))
 def test_reads_outside_are_blocked_by_landlock_alone(what, host):
     result = blocked(score(read_probe(what, host), audit=False), "PermissionError", "FileNotFoundError")
-    assert "42" not in result.detail
+    assert not leaked(result.detail)
 
 
 def test_a_symlink_in_a_read_root_does_not_lead_outside(tmp_path, host):
@@ -49,7 +54,7 @@ def test_a_symlink_in_a_read_root_does_not_lead_outside(tmp_path, host):
     (root / "key").symlink_to(host / "secret.txt")
     code = attempt(f"return open({str(root / 'key')!r}).read()")
     refused(score(code, roots=(str(root),)), "open")
-    assert "42" not in blocked(score(code, roots=(str(root),), audit=False, skip=()), "PermissionError").detail
+    assert not leaked(blocked(score(code, roots=(str(root),), audit=False, skip=()), "PermissionError").detail)
 
 
 # ---- writes ----------------------------------------------------------------------------------------------
