@@ -78,9 +78,8 @@ def check_sandbox(cfg: RunConfig, env: Any) -> None:
     from rlhub import sandbox
     from rlhub.evaluation import eval_rows
 
-    sandbox.configure(cfg.sandbox)
     try:
-        sandbox.check_isolation(cfg.sandbox.isolation)
+        sandbox.adopt(cfg.sandbox)
         if callable(getattr(env, "check_rows", None)):
             where = cfg.env.dataset.path or f"env.name={cfg.env.name}"
             env.check_rows(env.dataset("train"), f"{where} train split")

@@ -40,8 +40,7 @@ class RolloutActor:
         if getattr(self.env, "uses_sandbox", False):  # this node's kernel may differ from the driver's: checked again here
             from rlhub import sandbox
 
-            sandbox.configure(run.sandbox)
-            sandbox.check_isolation(run.sandbox.isolation)
+            sandbox.adopt(run.sandbox)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.worker: Any = None
 

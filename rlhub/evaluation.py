@@ -107,9 +107,8 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     if getattr(env, "uses_sandbox", False):  # the run's isolation policy holds outside the run too
         from rlhub import sandbox
 
-        sandbox.configure(cfg.sandbox)
         try:
-            sandbox.check_isolation(cfg.sandbox.isolation)
+            sandbox.adopt(cfg.sandbox)
         except sandbox.IsolationUnavailable as e:
             raise ConfigError(str(e)) from None
     rows = eval_rows(env, cfg.eval.rows)

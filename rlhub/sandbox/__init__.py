@@ -97,7 +97,7 @@ from rlhub.sandbox.plans import Plan, UnsupportedTest, plan_test
 from rlhub.sandbox.report import VALUE_CHARS, judge, parse
 
 __all__ = ["OUTCOMES", "REQUIRED_LAYERS", "IsolationUnavailable", "Limits", "SandboxConfig", "SandboxResult", "UnsupportedTest",
-           "check_isolation", "configure", "plan_test", "run_tests"]
+           "adopt", "check_isolation", "configure", "plan_test", "run_tests"]
 
 OUTCOMES = ("ok", "syntax", "error", "timeout", "memory", "output", "refused", "isolation", "malformed")
 CHILD = Path(__file__).with_name("child.py")
@@ -150,6 +150,13 @@ def configure(cfg: SandboxConfig) -> None:
     cfg.check()
     global _policy
     _policy = cfg
+
+
+def adopt(cfg: SandboxConfig) -> tuple[str, ...]:
+    """Make the run's `sandbox.*` this process's policy and check that its isolation applies here
+    (`check_isolation`: IsolationUnavailable or a warning); returns the layers that apply."""
+    configure(cfg)
+    return check_isolation(cfg.isolation)
 
 
 def run_tests(source: str, tests: Sequence[str], entry_point: str | None = None, limits: Limits = Limits(),
