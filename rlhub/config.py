@@ -20,7 +20,7 @@ from rlhub.data import DatasetConfig
 from rlhub.evaluation import EvalConfig
 from rlhub.judge import JudgeConfig
 from rlhub.models.config import ModelConfig
-from rlhub.moe_config import MoEConfig, model_is_moe, replay_enabled
+from rlhub.moe_config import GROUPS_KEY, MoEConfig, check_groups, model_expert_groups, model_is_moe, replay_enabled
 from rlhub.rollout_config import RolloutConfig
 from rlhub.sandbox.config import SandboxConfig
 
@@ -224,7 +224,8 @@ def resolve_engine(cfg: RunConfig) -> str:
     import importlib.metadata
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None or cfg.moe.balance == "aux_free" or cfg.moe.routing_replay == "rollout":
+    if (importlib.util.find_spec("vllm") is None or cfg.moe.balance == "aux_free" or cfg.moe.routing_replay == "rollout"
+            or cfg.moe.routing == "grouped"):  # vLLM routes plain top-k
         return "hf"
     try:
         importlib.metadata.distribution("vllm")
@@ -273,6 +274,20 @@ def _one_line(e: BaseException) -> str:
     return ": ".join(parts)
 
 
+def check_model_groups(cfg: RunConfig) -> None:
+    """`moe.routing`/`moe.groups` against the grouping the policy's config.json records (the engines
+    follow the record); a built model takes the configured grouping."""
+    wanted = cfg.moe.groups if cfg.moe.routing == "grouped" else 1
+    if not cfg.model.path:
+        cfg.model.expert_groups = wanted
+        check_groups(wanted, cfg.model.num_experts, cfg.model.experts_per_token, "moe.groups")
+        return
+    recorded = model_expert_groups(cfg.model)
+    if recorded != wanted:
+        raise ValueError(f"moe.routing={cfg.moe.routing} moe.groups={cfg.moe.groups}: model.path={cfg.model.path} records "
+                         f"{GROUPS_KEY}={recorded}; set moe.routing/moe.groups to match (the engines route as the model records)")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks of values against each other, each naming the key."""
     checks = [
@@ -312,6 +327,7 @@ def validate(cfg: RunConfig) -> None:
         cfg.sandbox.check()
         if model_is_moe(cfg.model):
             replay_enabled(cfg.moe, cfg.rollout.engine)
+            check_model_groups(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     from rlhub.envs.registry import available_envs

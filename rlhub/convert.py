@@ -197,6 +197,7 @@ def upcycle(
     router_std: float = ROUTER_STD,
     seed: int = 0,
     dtype: str = "float32",
+    groups: int = 1,
 ) -> dict:
     """A dense Llama model -> a Mixtral-style MoE whose `num_experts` experts are copies of the dense MLP.
 
@@ -205,15 +206,21 @@ def upcycle(
     longer equal the dense model. Each expert is the dense MLP plus `noise * std(W) * N(0, 1)` per
     weight matrix W (seed `seed + 1`), so experts start apart by a controlled amount; the router is
     N(0, router_std^2) (seed `seed`, the same whatever the noise). With `noise=0` the MoE computes
-    the dense model's function up to rounding. Returns the report, also saved as rlhub_upcycle.json."""
+    the dense model's function up to rounding. `groups` > 1 makes it a Mixture of Grouped Experts: every
+    token takes top_k/groups experts in each of `groups` contiguous groups (`rlhub.moe.grouped_topk`),
+    recorded as `rlhub_expert_groups` in config.json, which rlhub's engines and learner follow. Returns
+    the report, also saved as rlhub_upcycle.json."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from rlhub.moe_config import GROUPS_KEY, check_groups
 
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
     torch_dtype = _torch_dtype(dtype)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+    check_groups(groups, num_experts, top_k, "groups")
     if noise < 0 or router_std < 0:
         raise ValueError(f"noise={noise} and router_std={router_std} must be >= 0")
     cfg, tokenizer_files = _dense_llama(dense_dir)
@@ -225,6 +232,7 @@ def upcycle(
         num_local_experts=num_experts,
         num_experts_per_tok=top_k,
         sliding_window=None,
+        **({GROUPS_KEY: groups} if groups > 1 else {}),
     )
     state = _upcycled_state(dense.state_dict(), cfg.num_hidden_layers, num_experts, noise, router_std, seed)
     moe = MixtralForCausalLM(moe_cfg)  # its random init is overwritten, all of it (strict)
@@ -239,7 +247,7 @@ def upcycle(
     params_dense, params_moe = _count(dense), _count(moe)
     del dense, state  # the MoE holds its own copies; the reload check below needs the memory
     record = {"source": str(dense_dir.resolve()), "num_experts": num_experts, "top_k": top_k, "noise": noise}
-    record.update(router_std=router_std, seed=seed, dtype=dtype)
+    record.update(router_std=router_std, seed=seed, dtype=dtype, groups=groups)
     expert = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers  # one expert in every layer
 
     def write(tmp: Path) -> dict:

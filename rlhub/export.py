@@ -7,13 +7,18 @@ generation config and the tokenizer with its chat template. A policy directory
 may hold tensors plain transformers does not know: the routers' selection bias
 (`*.selection_bias`, `moe.balance=aux_free`), which only shifts which experts
 are chosen. They are left out; when one is non-zero the report warns that the
-exported model routes without it. The directory is written aside, reloaded and
-compared tensor for tensor, then renamed into place, as checkpoints are.
+exported model routes without it. A model that routes in expert groups
+(`rlhub_expert_groups` in its config, `moe.routing=grouped`) keeps that key, but
+only rlhub's hf engine applies it: plain transformers and vLLM route plain top-k,
+another function; the report warns, the warning is logged, and a README.md in
+the export says so. The directory is written aside, reloaded and compared tensor
+for tensor, then renamed into place, as checkpoints are.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +27,9 @@ from typing import Any
 
 from rlhub.checkpoint import latest_checkpoint
 from rlhub.moe import BIAS_NAME
+from rlhub.moe_config import GROUPS_KEY
+
+log = logging.getLogger("rlhub.export")
 
 DTYPES = ("float32", "bfloat16")
 EXPORT_RECORD = "rlhub_export.json"
@@ -49,7 +57,7 @@ def find_policy(path: Path | str) -> Path:
 
 def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[str, Any]:
     """Write the policy at `path` (see `find_policy`) to `out` as an HF directory in `dtype` (default:
-    the checkpoint's); returns the report {path, source, parameters, dtype, checked_tensors, dropped,
+    the checkpoint's); returns the report {path, source, parameters, dtype, checked_tensors, dropped, expert_groups,
     warnings}. `out` may not exist yet, or be an earlier export, which is replaced."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -75,6 +83,10 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
         if written != names - set(biases):
             raise ValueError(f"export: the written tensors differ from the checkpoint's: {sorted(written ^ (names - set(biases)))[:5]}")
         checked = _check_reload(tmp, model)
+        groups = int(getattr(model.config, GROUPS_KEY, None) or 1)
+        cautions = _bias_warnings(biases) + _group_warnings(groups)
+        if groups > 1:
+            (tmp / "README.md").write_text(f"# Grouped-expert MoE exported by rlhub\n\n{_group_warnings(groups)[0]}\n")
         report = {
             "path": str(out),
             "source": str(policy),
@@ -82,13 +94,17 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
             "dtype": dtype,
             "checked_tensors": checked,
             "dropped": sorted(biases),
-            "warnings": _bias_warnings(biases),
+            "expert_groups": groups,
+            "warnings": cautions,
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / EXPORT_RECORD).write_text(json.dumps(report, indent=1))
         return report
 
-    return _write_aside(out, write)
+    report = _write_aside(out, write)
+    for warning in report["warnings"]:
+        log.warning("export %s: %s", out, warning)
+    return report
 
 
 def _stored_tensors(model_dir: Path) -> tuple[set[str], dict[str, Any]]:
@@ -124,6 +140,15 @@ def _bias_warnings(biases: dict[str, Any]) -> list[str]:
     return [f"{len(moved)} of {len(biases)} routers carry a non-zero selection bias (moe.balance=aux_free; |bias| up to "
             f"{max(moved.values()):.3g}). It shifted which experts the trained policy chose; transformers and vLLM have no "
             "such bias, so the exported model routes without it and may choose other experts than the policy did in training."]
+
+
+def _group_warnings(groups: int) -> list[str]:
+    if groups == 1:
+        return []
+    return [f"The model routes every token to top_k/{groups} experts in each of {groups} expert groups ({GROUPS_KEY}={groups} "
+            "in config.json, moe.routing=grouped). rlhub's hf engine (rollout.engine=hf) serves it exactly; plain transformers "
+            "and vLLM (its Mixtral and Qwen3-MoE kernels) ignore the key and route plain top-k over all experts, so they "
+            "compute a different function from the trained policy's."]
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:

@@ -52,7 +52,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from rlhub.moe_config import BALANCE_MODES, REPLAY_MODES, MoEConfig, engine_records_routing, model_is_moe, replay_enabled  # noqa: F401
+from rlhub.moe_config import BALANCE_MODES, GROUPS_KEY, REPLAY_MODES, MoEConfig, check_groups, engine_records_routing, model_is_moe, replay_enabled  # noqa: F401
 
 BIAS_NAME = "selection_bias"
 """The buffer holding a router's selection bias (aux_free only); the state-dict key ends with it."""
@@ -95,6 +95,23 @@ class Capture:
     """[N, L, K] the experts to use per position and layer (-1: route freshly); None: no replay."""
 
 
+def grouped_topk(scores: torch.Tensor, k: int, groups: int) -> torch.Tensor:
+    """[N, k] expert ids: the top k/G of `scores` [N, E] inside each of the G contiguous groups of E/G
+    experts (group g holds experts g*E/G .. (g+1)*E/G - 1), group by group; G=1 is plain top-k.
+    Every group gets k/G choices of every token, so its load is the same as every other's.
+
+    >>> grouped_topk(torch.tensor([[9.0, 8.0, 7.0, 1.0]]), 2, 2).tolist()
+    [[0, 2]]
+    """
+    if groups == 1:
+        return torch.topk(scores, k, dim=-1).indices
+    n, experts = scores.shape
+    size = experts // groups
+    local = torch.topk(scores.reshape(n, groups, size), k // groups, dim=-1).indices  # [N, G, k/G] within each group
+    offsets = torch.arange(0, experts, size, device=scores.device).view(1, groups, 1)
+    return (local + offsets).reshape(n, k)
+
+
 class Routing:
     """Takes over the routers of one model (see the module docstring).
 
@@ -102,13 +119,25 @@ class Routing:
     thread (and each asyncio task) sees only the capture it opened, so a scoring forward running
     beside a training step neither records into nor replays from the training step's capture."""
 
-    def __init__(self, model: torch.nn.Module, selection_bias: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, selection_bias: bool = False, groups: int | None = None) -> None:
+        """`groups`: route within that many expert groups (`grouped_topk`); None: as the model's config
+        records (`rlhub_expert_groups`, absent: 1). A value that contradicts the record is refused: the
+        engines follow the record, and the learner must route as they do."""
         self.routers = find_routers(model)
         if not self.routers:
             raise ValueError(f"{type(model).__name__}: no top-k MoE routers found (expected modules named *.mlp.gate with top_k)")
         first = self.routers[0]
         self.top_k = int(first.top_k)
         self.num_experts = int(first.weight.shape[0])
+        recorded = int(getattr(getattr(model, "config", None), GROUPS_KEY, None) or 1)
+        if groups is not None and groups != recorded:
+            raise ValueError(
+                f"moe.groups={groups} (moe.routing={'grouped' if groups > 1 else 'topk'}) contradicts the model, whose config "
+                f"records {GROUPS_KEY}={recorded}{' (absent: plain top-k)' if recorded == 1 else ''}; the engines route as the "
+                f"model records, so set moe.routing/moe.groups to match it (or convert the model with --groups)"
+            )
+        self.groups = recorded if groups is None else groups
+        check_groups(self.groups, self.num_experts, self.top_k, GROUPS_KEY if groups is None else "moe.groups")
         self.num_layers = len(self.routers)
         self.normalize = [bool(getattr(r, "norm_topk_prob", True)) for r in self.routers]
         self.selection_bias = selection_bias
@@ -129,7 +158,7 @@ class Routing:
             bias = getattr(router, BIAS_NAME, None)
             if bias is not None:
                 scores = scores + bias.float()
-            fresh = torch.topk(scores, routing.top_k, dim=-1).indices
+            fresh = grouped_topk(scores, routing.top_k, routing.groups)
             used = fresh
             capture = routing._active.get()
             if capture is not None and capture.replay is not None:
@@ -295,7 +324,7 @@ class Balancer:
     def __init__(self, model: torch.nn.Module, cfg: MoEConfig, replay: bool = False) -> None:
         self.cfg = cfg
         self.replay = replay
-        self.routing = Routing(model, selection_bias=cfg.balance == "aux_free")
+        self.routing = Routing(model, selection_bias=cfg.balance == "aux_free", groups=cfg.groups if cfg.routing == "grouped" else 1)
         self.load = ExpertLoad(self.routing.num_layers, self.routing.num_experts, cfg.dead_window)
 
     def begin(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, prepass=None) -> BalanceStep:

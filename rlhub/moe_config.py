@@ -9,12 +9,25 @@ from typing import Any
 
 REPLAY_MODES = ("auto", "rollout", "none")
 BALANCE_MODES = ("global_batch", "micro_batch", "aux_free", "none")
+ROUTING_MODES = ("topk", "grouped")
+GROUPS_KEY = "rlhub_expert_groups"
+"""The key of a model's config.json that records grouped routing (`moe.routing=grouped`): its value G
+is the number of expert groups. Transformers keeps it as a config attribute, so every engine and
+learner that loads the model sees it; absent means plain top-k."""
 
 
 @dataclass
 class MoEConfig:
     """MoE training: routing replay, load balancing, expert-load metrics (`moe.*`)."""
 
+    routing: str = "topk"
+    """topk: each token takes the k experts of highest router probability; grouped: the E experts are
+    split into `groups` contiguous groups of E/G and each token takes the top k/G inside every group
+    (Mixture of Grouped Experts, Pangu Pro MoE), so every group, one per device under expert
+    parallelism, gets the same load by construction. It must agree with the model's recorded grouping
+    (`rlhub_expert_groups` in its config.json, which the engines follow)."""
+    groups: int = 1
+    """grouped: the number of expert groups G; it must divide the model's experts and top_k (1 under topk)."""
     routing_replay: str = "auto"
     """rollout: the learner routes every recorded position to the experts the engine used;
     none: the learner routes freshly; auto: rollout where the engine records routing (hf), else none."""
@@ -45,6 +58,42 @@ class MoEConfig:
                 raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
         if self.dead_window < 1 or self.mismatch_every < 0:
             raise ValueError("moe.dead_window must be >= 1 and moe.mismatch_every >= 0")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"moe.routing={self.routing!r}: use one of {list(ROUTING_MODES)}")
+        if self.groups < 1:
+            raise ValueError(f"moe.groups must be >= 1, got {self.groups}")
+        if self.routing == "grouped" and self.groups < 2:
+            raise ValueError(f"moe.routing=grouped needs moe.groups >= 2, got {self.groups}")
+        if self.routing == "topk" and self.groups != 1:
+            raise ValueError(f"moe.groups={self.groups} splits experts only under moe.routing=grouped (moe.routing=topk)")
+
+
+def check_grouping(cfg: MoEConfig, num_experts: int, top_k: int) -> None:
+    """ValueError unless moe.groups splits the model's experts and its top-k evenly (moe.routing=grouped)."""
+    if cfg.routing == "grouped":
+        check_groups(cfg.groups, num_experts, top_k, "moe.groups")
+
+
+def check_groups(groups: int, num_experts: int, top_k: int, key: str) -> None:
+    """ValueError naming `key` unless `groups` divides both `num_experts` and `top_k`: each of the G groups
+    holds E/G experts, of which every token takes k/G."""
+    if groups < 1 or num_experts % groups or top_k % groups:
+        raise ValueError(
+            f"{key}={groups} must divide the model's num_experts={num_experts} and top_k={top_k}: each group "
+            f"holds num_experts/groups experts and every token takes top_k/groups of them"
+        )
+
+
+def model_expert_groups(model_cfg: Any) -> int:
+    """The expert groups the configured policy records in its config.json (1: plain top-k, also for
+    the built tiny model and for a directory without a readable config)."""
+    if not model_cfg.path:
+        return 1
+    try:
+        data = json.loads((Path(model_cfg.path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return 1
+    return int(data.get(GROUPS_KEY) or 1)
 
 
 def replay_enabled(cfg: MoEConfig, engine: str) -> bool:

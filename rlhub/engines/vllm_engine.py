@@ -53,6 +53,7 @@ import torch
 
 from rlhub.engines.base import Completion, EngineStats, SamplingConfig, WeightSource
 from rlhub.engines.hf_names import to_checkpoint_names_for
+from rlhub.moe_config import GROUPS_KEY
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -89,6 +90,10 @@ class VLLMEngine:
         self.start_seconds = 0.0
         self.stats = EngineStats()
         self._hf_config = _read_hf_config(self.model_path)
+        groups = int(getattr(self._hf_config, GROUPS_KEY, None) or 1)
+        if groups > 1:  # vLLM's MoE kernels know nothing of the key: they would route plain top-k, another function
+            raise ValueError(f"{self.model_path} routes in {groups} expert groups ({GROUPS_KEY} in its config.json, "
+                             "moe.routing=grouped), which vLLM cannot do; use rollout.engine=hf")
         self._rebuild_dir: Path | None = None
         self._requests: dict[str, _Request] = {}  # by vLLM request id, until its output is handed out
         self._finished: dict[str, Any] = {}  # outputs of finished requests not yet handed out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rlhub.models.config import ModelConfig
 from rlhub.models.tokenizer import save_byte_tokenizer
+from rlhub.moe_config import GROUPS_KEY
 
 __all__ = ["ModelConfig", "build_tiny_moe", "cache_dir", "is_moe", "load_policy", "resolve_model_path"]
 
@@ -53,9 +54,11 @@ def build_smollm2(cfg: ModelConfig, root: Path | None = None) -> Path:
         convert_gguf(smollm2_gguf_path(), dense, dtype=cfg.dtype)
     if cfg.source == "smollm2":
         return dense
-    moe = root / f"smollm2_moe-e{cfg.num_experts}k{cfg.experts_per_token}-noise{cfg.upcycle_noise:g}-seed{cfg.init_seed}-{cfg.dtype}"
+    grouped = f"-g{cfg.expert_groups}" if cfg.expert_groups > 1 else ""
+    moe = root / f"smollm2_moe-e{cfg.num_experts}k{cfg.experts_per_token}{grouped}-noise{cfg.upcycle_noise:g}-seed{cfg.init_seed}-{cfg.dtype}"
     if not is_complete(moe, "rlhub_upcycle.json"):
-        upcycle(dense, moe, num_experts=cfg.num_experts, top_k=cfg.experts_per_token, noise=cfg.upcycle_noise, seed=cfg.init_seed, dtype=cfg.dtype)
+        upcycle(dense, moe, num_experts=cfg.num_experts, top_k=cfg.experts_per_token, noise=cfg.upcycle_noise, seed=cfg.init_seed,
+                dtype=cfg.dtype, groups=cfg.expert_groups)
     return moe
 
 
@@ -63,6 +66,8 @@ def _arch_fields(cfg: ModelConfig) -> dict:
     d = asdict(cfg)
     for k in ("name", "path", "source", "upcycle_noise"):
         d.pop(k)
+    if d["expert_groups"] == 1:
+        d.pop("expert_groups")  # the directories of plain top-k models keep the names they had
     return d
 
 
@@ -100,6 +105,8 @@ def build_tiny_moe(cfg: ModelConfig, root: Path | None = None) -> Path:
         decoder_sparse_step=1,
         dtype=cfg.dtype,
     )
+    if cfg.expert_groups > 1:
+        setattr(hf_cfg, GROUPS_KEY, cfg.expert_groups)
     torch.manual_seed(cfg.init_seed)
     model = Qwen3MoeForCausalLM(hf_cfg).to(getattr(torch, cfg.dtype))
     model.save_pretrained(str(tmp))

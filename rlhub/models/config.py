@@ -31,6 +31,9 @@ class ModelConfig:
     max_position_embeddings: int = 256
     init_seed: int = 0
     """Seed of the random init of the built model."""
+    expert_groups: int = 1
+    """Expert groups a built MoE routes in (MoGE, recorded in its config.json); derived from
+    `moe.groups` when `moe.routing=grouped`, not set by hand."""
     dtype: str = "float32"
     """Parameter dtype on the learner and the engines: float32 or bfloat16.
 
