@@ -72,13 +72,17 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     return out
 
 
-def normalize_over_batch(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(A - mean) / std over every real token of the batch (REINFORCE++'s global normalisation); zero on padding."""
+def normalize_over_batch(advantages: torch.Tensor, mask: torch.Tensor, mean: float | None = None, std: float | None = None,
+                         eps: float = 1e-6) -> torch.Tensor:
+    """(A - mean) / std over every real token of the batch (REINFORCE++'s global normalisation); zero on padding.
+    `mean`, `std`: the whole batch's, when `advantages` is one learner rank's share of it."""
     real = mask.bool()
     values = advantages[real]
-    if values.numel() < 2:
-        return torch.where(real, advantages, 0.0)
-    return torch.where(real, (advantages - values.mean()) / (values.std(unbiased=False) + eps), 0.0)
+    if mean is None or std is None:
+        if values.numel() < 2:
+            return torch.where(real, advantages, 0.0)
+        mean, std = values.mean(), values.std(unbiased=False)
+    return torch.where(real, (advantages - mean) / (std + eps), 0.0)
 
 
 @register_advantage("gae", critic=True, token_rewards=True)

@@ -60,6 +60,9 @@ class AlgorithmConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (policy and critic). Adam divides each gradient entry by its running magnitude,
+    so entries that nearly cancel move by about lr whatever their size; a larger epsilon damps them."""
     grad_clip: float = 1.0
     micro_batch_size: int = 256
     """Most samples per forward/backward; gradients accumulate to one optimizer step per batch."""

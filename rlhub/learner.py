@@ -17,7 +17,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -29,6 +29,9 @@ from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, agg
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, probe_logprobs, token_logprobs
 from rlhub.moe import BIAS_NAME, Balancer, BalanceStep, MoEConfig, set_differs
+from rlhub.parallel.fsdp import idle_row, local
+from rlhub.parallel.layout import Layout, frozen_copy
+from rlhub.parallel.ranks import Ranks
 from rlhub.types import GroupTensors, micro_batches
 
 
@@ -44,26 +47,39 @@ class Learner:
         policy: SamplingPolicy = RAW,
         moe: MoEConfig | None = None,
         replay: bool = False,
+        ranks: Ranks | None = None,
+        ep_balance: str = "standard",
+        ep_capacity: float = 1.25,
     ) -> None:
         """`replay`: route every recorded position to the experts the engine used (R3), as
-        `rlhub.moe.replay_enabled` decided for the run's engine."""
+        `rlhub.moe.replay_enabled` decided for the run's engine. `ranks`: this learner's place in a
+        group of learner ranks (`rlhub.parallel`; None: one process): the model is then sharded with
+        FSDP2, its experts split over `ranks.expert_parallel` ranks (`ep_balance`: standard or llep,
+        with `ep_capacity`), and each step takes this rank's share of the batch."""
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
         self.model_path = model_path
         self.algo = algo
+        self.ranks = ranks or Ranks.single()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype)).to(self.device)
         self.model.train()
         self.moe_cfg = moe or MoEConfig()
         self.balancer = Balancer(self.model, self.moe_cfg, replay) if is_moe(self.model) else None
+        self._reference: torch.nn.Module | None = None
+        self.layout = Layout(self.ranks, ep_balance, ep_capacity)
+        if self.ranks.distributed:
+            if algo.kl_coef > 0 and algo.reference == "learner":  # frozen before the policy is sharded, then sharded alike
+                self._reference = self.layout.apply(frozen_copy(self.model))
+            self.layout.apply(self.model)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=algo.lr, betas=tuple(algo.adam_betas), weight_decay=algo.weight_decay
+            self.model.parameters(), lr=algo.lr, betas=tuple(algo.adam_betas), eps=algo.adam_eps, weight_decay=algo.weight_decay
         )
         self.loss_fn = get_policy_loss(algo.policy_loss)
         self.loss_cfg = LossConfig(algo.clip_eps, algo.clip_eps_high, algo.dual_clip_c)
         self.generation_budget = float(generation_budget)
-        self._reference: torch.nn.Module | None = None
+        self.pad_id = int(self.model.config.pad_token_id or 0)
         self.probe_ids = probe_ids
         self.policy = policy
         """The rollouts' sampling distribution: log-probs, ratios and KLs are computed under it."""
@@ -71,34 +87,54 @@ class Learner:
         self.nonfinite_in_row = 0
 
     # ---- one optimizer step -----------------------------------------------------
-    def train_step(self, batch: GroupTensors) -> dict[str, Any]:
+    def train_step(self, batch: GroupTensors | None) -> dict[str, Any]:
         """One optimizer step on `batch`; the policy version +1. Returns the step's metrics, and under
         "learned" the (group id, tokens) pairs read off the micro-batches the loss was computed on:
-        what the learner really trained on, which the ledger reconciles against what it was sent."""
+        what the learner really trained on, which the ledger reconciles against what it was sent.
+
+        With several ranks, `batch` is this rank's share (None: it has none) and every rank calls this
+        together: the normalisers are summed over the ranks first, every rank runs as many forwards and
+        backwards as the busiest one (idle ones on a row of padding, so that FSDP's collectives pair
+        up), and the metrics returned are the whole step's on every rank."""
         start = time.perf_counter()
-        batch = batch.to(self.device)
+        ranks = self.ranks
         algo = self.algo
-        mask = batch.completion_mask
-        advantages = batch.advantages * mask  # [B, T]
-        if algo.batch_normalize:
-            advantages = normalize_over_batch(advantages, mask)
-        n = batch.input_ids.shape[0]
-        norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n), constant=algo.loss_constant or self.generation_budget)
-        parts = [(batch.rows(idx, width), advantages.index_select(0, idx)[:, : width - 1])
-                 for idx, width in micro_batches(batch.attention_mask.sum(-1), algo.micro_batch_size, algo.micro_batch_tokens)]
+        batch = None if batch is None else batch.to(self.device)
+        mask = None if batch is None else batch.completion_mask
+        advantages = None if batch is None else batch.advantages * mask  # [B, T]
+        if algo.batch_normalize and batch is not None:
+            advantages = normalize_over_batch(advantages, mask, *self._advantage_moments(advantages, mask))
+        elif algo.batch_normalize:
+            self._advantage_moments(None, None)  # this rank's part of the collective
+        n = 0 if batch is None else batch.input_ids.shape[0]
+        num_tokens, num_seqs = ranks.sum([0.0 if mask is None else mask.sum(), n])
+        norms = BatchNorms(num_tokens=num_tokens, num_seqs=num_seqs, constant=algo.loss_constant or self.generation_budget)
+        parts = [] if batch is None else [
+            (batch.rows(idx, width), advantages.index_select(0, idx)[:, : width - 1])
+            for idx, width in micro_batches(batch.attention_mask.sum(-1), algo.micro_batch_size, algo.micro_batch_tokens)]
+        rounds = ranks.max_int(len(parts))  # forwards every rank runs (its own parts, then idle ones)
         measure = self.balancer is not None and self.moe_cfg.mismatch_every > 0 and self.version % self.moe_cfg.mismatch_every == 0
+        has_routes = ranks.all_true(batch is None or batch.routes is not None)
+        measure = measure and has_routes
         balance = None
         if self.balancer is not None:
             def forward(i: int) -> None:  # the routers' choices are all the global-batch balance needs
                 token_logprobs(self.model, parts[i][0].input_ids, parts[i][0].attention_mask, policy=self.policy)
 
-            prepass = self.balancer.routing_pass([(p.attention_mask, p.routes) for p, _ in parts], forward) if len(parts) > 1 else None
-            balance = self.balancer.begin(batch.attention_mask, batch.routes, prepass)
+            prepass = self._routing_pass(parts, rounds, forward) if rounds > 1 or ranks.distributed else None
+            empty = torch.zeros(0, 2, dtype=torch.long)
+            balance = self.balancer.begin(empty if batch is None else batch.attention_mask, None if batch is None else batch.routes,
+                                          prepass, ranks)
         sums: dict[str, float] = {}
         agreement: dict[str, float] = {}  # sums behind the mismatch metrics
         learned: dict[int, int] = {}  # group id -> its tokens that carried the loss, read off the tensors trained on
+        others = [self._other_forward(parts[i][0] if i < len(parts) else None) for i in range(rounds)] if measure else []
         self.optimizer.zero_grad(set_to_none=True)
-        for part, part_advantages in parts:
+        for i in range(rounds):
+            if i >= len(parts):
+                self._idle_round()
+                continue
+            part, part_advantages = parts[i]
             mask_mb = part.completion_mask
             parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms, balance)
             _count_groups(learned, part)
@@ -112,41 +148,100 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + value  # already this micro-batch's share of the batch value
                 else:
                     sums[k] = sums.get(k, 0.0) + value * share
-            for k, v in self._agreement(part, logprobs.detach(), capture, measure).items():
+            for k, v in self._agreement(part, logprobs.detach(), capture, others[i] if measure else None).items():
                 agreement[k] = max(agreement.get(k, v), v) if k.endswith("_max") else agreement.get(k, 0.0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.grad_clip)
-        finite = math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))
+        grad_norm = self.layout.clip_grads(self.model, algo.grad_clip)
+        local = {"sums": sums, "agreement": agreement, "learned": learned,
+                 "lags": _lag_counts(batch, self.version), "rewards": _moments(None if batch is None else batch.rewards)}
+        step = merge_ranks(ranks.gather(local)) if ranks.distributed else local
+        finite = math.isfinite(step["sums"].get("loss", 0.0)) and math.isfinite(float(grad_norm))
         # a non-finite loss or gradient would poison the weights: skip the update, keep the version moving
         self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
         update = finite and self.version >= algo.critic_warmup  # during the critic's warm-up the policy stays as it is
         if update:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {f"train/{k}": v for k, v in sums.items()}
+        metrics: dict[str, Any] = {f"train/{k}": v for k, v in step["sums"].items()}
         metrics["train/policy_updated"] = float(update)
         metrics["train/nonfinite_skipped"] = float(not finite)
         metrics["train/nonfinite_in_row"] = float(self.nonfinite_in_row)
         metrics["train/grad_norm"] = float(grad_norm)
-        metrics.update(agreement_metrics(agreement))
-        metrics.update(staleness_metrics(batch, self.version))
+        metrics.update(agreement_metrics(step["agreement"]))
+        metrics.update(staleness_metrics(step["lags"]))
         if balance is not None:
-            metrics.update(self.balancer.end(balance, update))
-            metrics["moe/routing_replay"] = float(self.balancer.replay and batch.routes is not None)
+            metrics.update(self.balancer.end(balance, update, ranks))
+            metrics["moe/routing_replay"] = float(self.balancer.replay and has_routes and batch is not None)
         metrics["train/tokens"] = norms.num_tokens
-        metrics["train/groups"] = float(len(learned))
-        metrics["learned"] = sorted(learned.items())
-        metrics["rollout/reward_mean"] = float(batch.rewards.mean())
-        metrics["rollout/reward_std"] = float(batch.rewards.std(unbiased=False))
+        metrics["train/groups"] = float(len(step["learned"]))
+        metrics["learned"] = sorted(step["learned"].items())
+        count, total, squares = step["rewards"]
+        mean = total / max(count, 1.0)
+        metrics["rollout/reward_mean"] = mean
+        metrics["rollout/reward_std"] = math.sqrt(max(squares / max(count, 1.0) - mean * mean, 0.0))
+        if ranks.distributed:
+            metrics["learner/world_size"] = float(ranks.world_size)
+            metrics["learner/rank_tokens_max_over_mean"] = _max_over_mean(step["rank_tokens"])
         metrics["time/train_s"] = time.perf_counter() - start
         self.version += 1
         return metrics
+
+    def _advantage_moments(self, advantages: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[float | None, float | None]:
+        """(mean, std) of the advantages over every real token of the step, all ranks together; (None,
+        None) for one rank (`normalize_over_batch` computes them itself, as it always did)."""
+        if not self.ranks.distributed:
+            return None, None
+        values = torch.zeros(0) if advantages is None else advantages[mask.bool()].double()
+        count, total, squares = self.ranks.sum([values.numel(), values.sum(), values.pow(2).sum()])
+        mean = total / max(count, 1.0)
+        return mean, math.sqrt(max(squares / max(count, 1.0) - mean * mean, 0.0))
+
+    def _routing_pass(self, parts: list, rounds: int, forward):
+        """The balance's prepass over this rank's micro-batches, then idle forwards up to `rounds`."""
+        def run():
+            for i in range(rounds):
+                if i >= len(parts):
+                    self._idle_forward()
+                    continue
+                with self.balancer.micro_batch(parts[i][0].attention_mask, parts[i][0].routes) as capture:
+                    forward(i)
+                yield capture
+
+        return run
+
+    def _idle_forward(self) -> torch.Tensor:
+        """A forward on a row of padding: a rank with nothing left to compute pairs its collectives with
+        the busier ranks' this way. Returns 0 times the logits' sum (backward gives zero gradients)."""
+        ids, attention = idle_row(self.pad_id, self.device)
+        return self.model(input_ids=ids, attention_mask=attention).logits.float().sum() * 0.0
+
+    def _idle_round(self) -> None:
+        """What a micro-batch costs in collectives, on padding: a forward and a backward (and the KL
+        reference's forward)."""
+        loss = self._idle_forward()
+        if self.algo.kl_coef > 0 and self._reference is not None:  # after the policy's, as in a real micro-batch
+            with torch.no_grad():
+                ids, attention = idle_row(self.pad_id, self.device)
+                self._reference(input_ids=ids, attention_mask=attention)
+        loss.backward()
 
     def skip_step(self) -> dict[str, Any]:
         """A step with nothing to train on (its data was lost): the weights stay, the version advances."""
         self.version += 1
         return {"train/policy_updated": 0.0, "train/tokens": 0.0, "train/groups": 0.0, "learned": []}
 
-    def _agreement(self, batch: GroupTensors, logprobs: torch.Tensor, capture: Any, measure: bool) -> dict[str, float]:
+    def _other_forward(self, batch: GroupTensors | None) -> torch.Tensor | None:
+        """On measuring steps: the log-probs of the forward the learner does not train with (fresh routing
+        under replay, replayed without). Run before the step's first backward: a forward of a sharded
+        model between its backwards and the optimizer step loses gradients."""
+        if batch is None:
+            with torch.no_grad():
+                self._idle_forward()
+            return None
+        with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask, batch.routes, replay=not self.balancer.replay):
+            other, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy)
+        return other
+
+    def _agreement(self, batch: GroupTensors, logprobs: torch.Tensor, capture: Any, other: torch.Tensor | None) -> dict[str, float]:
         """Sums for how far the learner is from the engine. On tokens the engine sampled with these very
         weights (version == the learner's) the log-prob gap is numerical mismatch alone; on all
         generated tokens it also holds the policy's change since. On measuring steps of an MoE policy
@@ -162,12 +257,10 @@ class Learner:
         if out["same_tokens"] > 0:
             out["gap_same"] = float((gap * same).sum())
             out["gap_same_max"] = float((gap * same).max())
-        routes = None if batch.routes is None else batch.routes
-        if not measure or routes is None:
+        routes = batch.routes
+        if other is None or routes is None:
             return out
         replayed = self.balancer.replay
-        with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask, routes, replay=not replayed):
-            other, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy)
         other_gap = (other - batch.old_logprobs).abs()
         this, that = ("replay", "fresh") if replayed else ("fresh", "replay")
         out[f"gap_all_{this}"], out[f"gap_all_{that}"] = out["gap_all"], float((other_gap * mask).sum())
@@ -225,9 +318,9 @@ class Learner:
     def reference(self) -> torch.nn.Module:
         """The frozen reference policy for the KL term: the policy as RL started (after any warm start)."""
         if self._reference is None:
-            import copy
-
-            self._reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.ranks.distributed:  # a sharded copy is made with the policy, before sharding (see __init__)
+                raise RuntimeError("the KL reference of sharded learner ranks exists only with algorithm.reference=learner and kl_coef > 0")
+            self._reference = frozen_copy(self.model)
         return self._reference
 
     # ---- format warm start ----------------------------------------------------------
@@ -247,14 +340,23 @@ class Learner:
             logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask)
             loss = -masked_mean(logprobs, batch.completion_mask)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / self.ranks.world_size).backward()  # every rank takes the same batch; their gradients are summed
             opt.step()
             losses.append(float(loss.detach()))
+        if self._reference is not None:  # sharded ranks made it before the warm start: it starts from here
+            with torch.no_grad():
+                for dst, src in zip(self._reference.state_dict().values(), self.model.state_dict().values()):
+                    local(dst).copy_(local(src))
         return {"warm_start/loss_first": losses[0], "warm_start/loss_last": losses[-1], "warm_start/seconds": time.perf_counter() - start}
 
     # ---- what engines get -------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """The full weights (one process; sharded ranks stream them with `full_items`)."""
+        return dict(self.full_items())
+
+    def full_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor), one at a time: sharded ranks gather each in turn (every rank iterates)."""
+        return self.layout.full_items(self.model)
 
     def probe(self) -> torch.Tensor:
         self.model.eval()
@@ -265,20 +367,37 @@ class Learner:
 
     # ---- checkpoints ------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Policy as an HF directory (safetensors) and the optimizer's tensors as safetensors."""
-        from safetensors.torch import save_file
+        """Every rank calls this. The shards of policy, optimizer and KL reference with
+        `torch.distributed.checkpoint` under `learner/` (one process writes the same format, so any
+        world size can resume it), and `policy/` as a whole HF directory for evaluation and export:
+        one process saves it directly, sharded ranks gather one tensor at a time and rank 0 writes."""
+        from rlhub.parallel import checkpoint as sharded
 
-        self.model.save_pretrained(str(directory / "policy"))
-        _copy_tokenizer(Path(self.model_path), directory / "policy")  # the policy directory is a whole HF model
-        tensors, meta = flatten_optimizer(self.optimizer.state_dict())
-        save_file(tensors, str(directory / "optimizer.safetensors"))
-        (directory / "optimizer.json").write_text(json.dumps(meta))
-        if self._reference is not None:  # a resumed run keeps its KL anchored to the same reference
-            from safetensors.torch import save_model
+        sharded.save(directory, self.model, self.optimizer, self._reference, self.layout)
+        if not self.ranks.distributed:
+            self.model.save_pretrained(str(directory / "policy"))
+        else:
+            from rlhub.parallel.hf_writer import write_hf
 
-            save_model(self._reference, str(directory / "reference.safetensors"))
+            write_hf(directory / "policy", self.model.config, self.full_items(), write=self.ranks.is_main)
+        if self.ranks.is_main:
+            _copy_tokenizer(Path(self.model_path), directory / "policy")  # the policy directory is a whole HF model
 
     def load(self, directory: Path, version: int) -> None:
+        """From either layout `save` writes, at any world size: a sharded checkpoint is read by each rank
+        for its own part (or whole, by one process); a one-process checkpoint only by one process."""
+        from rlhub.parallel import checkpoint as sharded
+
+        self.version = version
+        if sharded.has_sharded(directory):
+            reference = self._reference
+            if reference is None and not self.ranks.distributed and "reference.model.norm.weight" in sharded.saved_keys(directory):
+                reference = self.reference()
+            sharded.load(directory, self.model, self.optimizer, reference, self.layout)
+            return
+        if self.ranks.distributed:
+            raise ValueError(f"{directory}: a checkpoint of an earlier rlhub (policy/ and optimizer.safetensors, no learner/) cannot be "
+                             f"resumed by {self.ranks.world_size} learner ranks; resume it with learner.world_size=1 and checkpoint again")
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
@@ -288,7 +407,6 @@ class Learner:
         self.model.load_state_dict(state)
         meta = json.loads((directory / "optimizer.json").read_text())
         self.optimizer.load_state_dict(unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta))
-        self.version = version
         if (directory / "reference.safetensors").is_file():
             from safetensors.torch import load_model
 
@@ -332,16 +450,53 @@ def agreement_metrics(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def staleness_metrics(batch: GroupTensors, learner_version: int) -> dict[str, float]:
-    """Distribution of (learner version - token version) over trained tokens."""
-    tok = batch.completion_mask.bool()
-    lag = (learner_version - batch.versions[tok]).float()
-    if lag.numel() == 0:
+def staleness_metrics(lags: dict[int, int]) -> dict[str, float]:
+    """Distribution of (learner version - token version) over trained tokens, from the tokens per lag."""
+    total = sum(lags.values())
+    if total == 0:
         return {}
-    out = {"staleness/mean": float(lag.mean()), "staleness/max": float(lag.max()), "staleness/min": float(lag.min())}
-    for k, c in zip(*torch.unique(lag.long(), return_counts=True)):
-        out[f"staleness/frac_{int(k)}"] = float(c) / lag.numel()
+    mean = sum(k * c for k, c in lags.items()) / total
+    out = {"staleness/mean": float(mean), "staleness/max": float(max(lags)), "staleness/min": float(min(lags))}
+    for k in sorted(lags):
+        out[f"staleness/frac_{k}"] = lags[k] / total
     return out
+
+
+def _lag_counts(batch: GroupTensors | None, learner_version: int) -> dict[int, int]:
+    """Trained tokens per lag (learner version - the token's version)."""
+    if batch is None:
+        return {}
+    lag = learner_version - batch.versions[batch.completion_mask.bool()].long()
+    return {int(k): int(c) for k, c in zip(*torch.unique(lag, return_counts=True))}
+
+
+def _moments(values: torch.Tensor | None) -> tuple[float, float, float]:
+    """(count, sum, sum of squares), which add over ranks."""
+    if values is None:
+        return 0.0, 0.0, 0.0
+    v = values.double()
+    return float(v.numel()), float(v.sum()), float(v.pow(2).sum())
+
+
+def merge_ranks(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One step's local results of every rank as one: sums add (each rank's terms are its share of the
+    batch's), maxima take the max, groups and lags join; "rank_tokens": each rank's trained tokens."""
+    out: dict[str, Any] = {"sums": {}, "agreement": {}, "learned": {}, "lags": {}, "rewards": (0.0, 0.0, 0.0), "rank_tokens": []}
+    for local in steps:
+        for key in ("sums", "agreement"):
+            for k, v in local[key].items():
+                out[key][k] = max(out[key].get(k, v), v) if k.endswith("_max") else out[key].get(k, 0.0) + v
+        out["learned"].update(local["learned"])
+        for lag, c in local["lags"].items():
+            out["lags"][lag] = out["lags"].get(lag, 0) + c
+        out["rewards"] = tuple(a + b for a, b in zip(out["rewards"], local["rewards"]))
+        out["rank_tokens"].append(sum(local["learned"].values()))
+    return out
+
+
+def _max_over_mean(values: list[float]) -> float:
+    mean = sum(values) / max(len(values), 1)
+    return max(values) / mean if mean > 0 else 0.0
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

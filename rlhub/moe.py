@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhub.moe_config import BALANCE_MODES, GROUPS_KEY, REPLAY_MODES, MoEConfig, check_groups, engine_records_routing, model_is_moe, replay_enabled  # noqa: F401
+from rlhub.parallel.ranks import Ranks
 
 BIAS_NAME = "selection_bias"
 """The buffer holding a router's selection bias (aux_free only); the state-dict key ends with it."""
@@ -240,15 +241,6 @@ def load_balancing_loss(micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
     raise ValueError(f"load_balancing_loss: mode {mode!r}")
 
 
-def all_reduce_(counts: torch.Tensor) -> torch.Tensor:
-    """Sum counts over data-parallel ranks, where there are several."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-    return counts
-
-
 # ---- metrics ---------------------------------------------------------------------
 class ExpertLoad:
     """Per-step expert-load metrics, and dead experts over a window of steps."""
@@ -327,18 +319,25 @@ class Balancer:
         self.routing = Routing(model, selection_bias=cfg.balance == "aux_free", groups=cfg.groups if cfg.routing == "grouped" else 1)
         self.load = ExpertLoad(self.routing.num_layers, self.routing.num_experts, cfg.dead_window)
 
-    def begin(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, prepass=None) -> BalanceStep:
+    def begin(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, prepass=None, ranks: Ranks | None = None) -> BalanceStep:
         """Start a step over a batch. Under global_batch the expert frequencies of the whole batch are
         fixed here: from the routes when replay covers every position, else from `prepass()`, a
         routing pass without gradients that the caller runs over its micro-batches inside
-        `micro_batch` (None: the batch is one micro-batch, counted in its own forward)."""
+        `micro_batch` (None: the batch is one micro-batch, counted in its own forward).
+
+        `ranks`: the learner ranks the batch is split over (`rlhub.parallel.ranks`). The routed
+        positions and the expert counts are then summed over them, so each rank's terms are its share of
+        the whole batch's, and every rank takes the same branch (a prepass is then always given: its
+        forwards are collectives)."""
+        ranks = ranks or Ranks.single()
         valid = routed_positions(attention_mask)
         layers, experts = self.routing.num_layers, self.routing.num_experts
-        step = BalanceStep(float(valid.sum()), torch.zeros(layers, experts), torch.zeros(layers))
+        step = BalanceStep(ranks.sum([valid.sum()])[0], torch.zeros(layers, experts), torch.zeros(layers))
         if self.cfg.balance != "global_batch":
             return step
         routed = None if routes is None else valid[:, : routes.shape[1]]
-        if self.replay and routes is not None and bool((routes >= 0).all(-1).all(-1)[routed].all()):
+        covered = self.replay and routes is not None and bool((routes >= 0).all(-1).all(-1)[routed].all())
+        if ranks.all_true(covered):
             used = routes[routed]  # [n, L, K]
             counts = torch.stack([expert_counts(used[:, layer], experts) for layer in range(layers)])
         elif prepass is not None:
@@ -348,7 +347,7 @@ class Balancer:
                     counts += torch.stack([expert_counts(rec.used[capture.valid], experts) for rec in capture.layers]).cpu()
         else:
             return step  # one micro-batch: its own forward gives the batch's frequencies
-        step.freq = self._normalise(all_reduce_(counts))
+        step.freq = self._normalise(ranks.sum_tensor(counts))
         return step
 
     def routing_pass(self, parts: list[tuple[torch.Tensor, torch.Tensor | None]], forward):
@@ -399,11 +398,15 @@ class Balancer:
     def weighted(self, aux: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
 
-    def end(self, step: BalanceStep, updated: bool) -> dict[str, float]:
-        """Expert-load metrics of the step; moves the selection bias (aux_free) when the weights moved."""
+    def end(self, step: BalanceStep, updated: bool, ranks: Ranks | None = None) -> dict[str, float]:
+        """Expert-load metrics of the step (over all `ranks`); moves the selection bias (aux_free) when
+        the weights moved, by the load of the whole batch."""
+        ranks = ranks or Ranks.single()
+        counts = ranks.sum_tensor(step.counts)
+        entropy = torch.tensor(ranks.sum_always(step.entropy.tolist()))
         if updated and self.cfg.balance == "aux_free":
-            self.routing.update_bias(all_reduce_(step.counts.clone()), self.cfg.bias_update_rate)
-        out = self.load.metrics(step.counts, step.entropy / max(step.total, 1.0))
+            self.routing.update_bias(counts, self.cfg.bias_update_rate)
+        out = self.load.metrics(counts, entropy / max(step.total, 1.0))
         biases = self.routing.biases()
         if biases is not None:
             out["moe/selection_bias_absmax"] = float(biases.abs().max())

@@ -86,7 +86,7 @@ class Critic:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = ValueModel(model_path, getattr(torch, model_cfg.dtype)).to(self.device)
         self.balancer = Balancer(self.model.backbone, moe or MoEConfig()) if find_routers(self.model.backbone) else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo.critic_lr, betas=tuple(algo.adam_betas), weight_decay=algo.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo.critic_lr, betas=tuple(algo.adam_betas), eps=algo.adam_eps, weight_decay=algo.weight_decay)
         self.version = 0
         self._lock = threading.Lock()  # scoring may run in another thread than training: never mid-update
         self._train_lock = threading.Lock()  # steps queued by a pipelining controller run one after the other
