@@ -31,6 +31,9 @@ from rlhub.algorithms.losses import BatchNorms, aggregate, value_loss
 from rlhub.models.build import ModelConfig
 from rlhub.models.logprobs import RAW, SamplingPolicy, positions_from_mask, token_logprobs
 from rlhub.moe import Balancer, MoEConfig, find_routers
+from rlhub.parallel.fsdp import idle_row
+from rlhub.parallel.layout import Layout
+from rlhub.parallel.ranks import Ranks
 from rlhub.types import GroupTensors
 
 
@@ -78,14 +81,21 @@ def trunk_state(policy_state: dict[str, torch.Tensor], prefix: str = "model") ->
 class Critic:
     """PPO's value function, trained asynchronously beside the policy; each optimizer step is a critic version."""
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, seed: int = 0, moe: MoEConfig | None = None) -> None:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, algo: AlgorithmConfig, seed: int = 0, moe: MoEConfig | None = None,
+                 ranks: Ranks | None = None, layout: Layout | None = None) -> None:
         """An MoE critic's routers are balanced as the policy's are (`moe.balance`, rlhub.moe); it
-        never replays the engine's routing, which belongs to the policy's routers."""
+        never replays the engine's routing, which belongs to the policy's routers. `ranks`, `layout`: the
+        critic sharded over learner-like ranks (`rlhub.parallel`), as the policy is: each step takes this
+        rank's share of the batch, with the normalisers summed over the ranks."""
         torch.manual_seed(seed)
         self.algo = algo
+        self.ranks = ranks or Ranks.single()
+        self.layout = layout or Layout(self.ranks)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = ValueModel(model_path, getattr(torch, model_cfg.dtype)).to(self.device)
+        self.pad_id = int(self.model.backbone.config.pad_token_id or 0)
         self.balancer = Balancer(self.model.backbone, moe or MoEConfig()) if find_routers(self.model.backbone) else None
+        self.layout.apply(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo.critic_lr, betas=tuple(algo.adam_betas), eps=algo.adam_eps, weight_decay=algo.weight_decay)
         self.version = 0
         self._lock = threading.Lock()  # scoring may run in another thread than training: never mid-update
@@ -118,7 +128,8 @@ class Critic:
                     raise TimeoutError(f"critic step for version {at_version}: still at version {self.version} after {wait_s:.0f} s")
                 if self.version != at_version:
                     raise ValueError(f"critic step for version {at_version} arrived at version {self.version}")
-            if batch is None:  # nothing left to train on (the batch's data was lost): keep step with the policy
+            anywhere = self.ranks.sum_always([float(batch is not None)])[0]  # sharded: this rank's share may be empty
+            if anywhere == 0:  # nothing left to train on (the batch's data was lost): keep step with the policy
                 with self._lock:
                     self.version += 1
                 out = {"critic/version": self.version}
@@ -127,22 +138,40 @@ class Critic:
             self._turn.notify_all()
             return out
 
-    def _train_step(self, batch: GroupTensors) -> dict[str, float]:
+    def _train_step(self, batch: GroupTensors | None) -> dict[str, float]:
+        """With several ranks, `batch` is this rank's share (None: none) and every rank calls this together
+        (see `Learner.train_step`: normalisers summed first, idle rounds on padding)."""
         start = time.perf_counter()
-        batch = batch.to(self.device)
-        mask = batch.completion_mask
-        n = batch.input_ids.shape[0]
-        norms = BatchNorms(num_tokens=float(mask.sum()), num_seqs=float(n))
+        ranks = self.ranks
+        batch = None if batch is None else batch.to(self.device)
+        mask = None if batch is None else batch.completion_mask
+        n = 0 if batch is None else batch.input_ids.shape[0]
+        num_tokens, num_seqs = ranks.sum([0.0 if mask is None else mask.sum(), n])
+        norms = BatchNorms(num_tokens=num_tokens, num_seqs=num_seqs)
         sums: dict[str, float] = {}
-        slices = [slice(lo, min(n, lo + self.algo.micro_batch_size)) for lo in range(0, n, self.algo.micro_batch_size)]
+        size = self.algo.micro_batch_size
+        slices = [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
+        rounds = ranks.max_int(len(slices))
         balance = None
         if self.balancer is not None:
-            forward = lambda mb: self.model(batch.input_ids[mb], batch.attention_mask[mb])  # noqa: E731
-            parts = [(batch.attention_mask[mb], None) for mb in slices]
-            prepass = self.balancer.routing_pass(parts, lambda i: forward(slices[i])) if len(slices) > 1 else None
-            balance = self.balancer.begin(batch.attention_mask, None, prepass)
+            def prepass():
+                for i in range(rounds):
+                    if i >= len(slices):
+                        self._idle_forward()
+                        continue
+                    with self.balancer.micro_batch(batch.attention_mask[slices[i]], None) as capture:
+                        self.model(batch.input_ids[slices[i]], batch.attention_mask[slices[i]])
+                    yield capture
+
+            empty = torch.zeros(0, 2, dtype=torch.long)
+            balance = self.balancer.begin(empty if batch is None else batch.attention_mask, None,
+                                          prepass if rounds > 1 or ranks.distributed else None, ranks)
         self.optimizer.zero_grad(set_to_none=True)
-        for mb in slices:
+        for i in range(rounds):
+            if i >= len(slices):
+                self._idle_forward().backward()
+                continue
+            mb = slices[i]
             routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(batch.attention_mask[mb], None)
             with routing as capture:
                 values = self.model(batch.input_ids[mb], batch.attention_mask[mb])
@@ -158,12 +187,18 @@ class Critic:
             share = float(mask[mb].sum()) / max(norms.num_tokens, 1.0)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
+        grad_norm = self.layout.clip_grads(self.model, self.algo.grad_clip)
+        if ranks.distributed:
+            merged: dict[str, float] = {}
+            for local in ranks.gather(sums):
+                for k, v in local.items():
+                    merged[k] = merged.get(k, 0.0) + v
+            sums = merged
         with self._lock:
             self.optimizer.step()
             self.version += 1
         if balance is not None:
-            load = self.balancer.end(balance, True)
+            load = self.balancer.end(balance, True, ranks)
             sums.update({k: load[k] for k in ("moe/max_over_mean", "moe/dead_experts", "moe/router_entropy")})
         out = {f"critic/{k}": v for k, v in sums.items()}
         out["critic/grad_norm"] = float(grad_norm)
@@ -171,26 +206,35 @@ class Critic:
         out["time/critic_train_s"] = time.perf_counter() - start
         return out
 
-    def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file, save_model
+    def _idle_forward(self) -> torch.Tensor:
+        """A forward on a row of padding, for a rank with nothing left to compute (see `Learner`)."""
+        ids, attention = idle_row(self.pad_id, self.device)
+        return self.model(ids, attention).sum() * 0.0
 
-        from rlhub.learner import flatten_optimizer
+    def save(self, directory: Path) -> None:
+        """Every rank calls this: the critic's shards and its optimizer's (`rlhub.parallel.checkpoint`,
+        any world size resumes them) and its version."""
+        from rlhub.parallel import checkpoint as sharded
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(directory / "critic.safetensors"))
-        tensors, meta = flatten_optimizer(self.optimizer.state_dict())
-        save_file(tensors, str(directory / "critic_optimizer.safetensors"))
-        (directory / "critic.json").write_text(json.dumps({"version": self.version, "optimizer": meta}))
+        sharded.save(directory, self.model, self.optimizer, None, self.layout)
+        if self.ranks.is_main:
+            (directory / "critic.json").write_text(json.dumps({"version": self.version}))
 
     def load(self, directory: Path) -> None:
-        from safetensors.torch import load_file, load_model
+        from rlhub.parallel import checkpoint as sharded
+
+        meta = json.loads((directory / "critic.json").read_text())
+        self.version = int(meta["version"])
+        if sharded.has_sharded(directory):
+            sharded.load(directory, self.model, self.optimizer, None, self.layout)
+            return
+        from safetensors.torch import load_file, load_model  # a checkpoint of an earlier rlhub
 
         from rlhub.learner import unflatten_optimizer
 
-        meta = json.loads((directory / "critic.json").read_text())
         load_model(self.model, str(directory / "critic.safetensors"))
         self.optimizer.load_state_dict(unflatten_optimizer(load_file(str(directory / "critic_optimizer.safetensors")), meta["optimizer"]))
-        self.version = int(meta["version"])
 
 
 class ReferencePolicy:

@@ -28,7 +28,7 @@ class Layout:
         self.ep_balance = ep_balance
         self.ep_capacity = ep_capacity
         self.experts: dict[int, dict[str, tuple[torch.nn.Module, str]]] = {}
-        """id(model) -> {state-dict name: (experts module, parameter name)} of the expert slices it holds."""
+        """id(model) -> {state-dict name: (its experts' `ExpertParallel` handle, parameter name)} of the expert slices it holds."""
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Split `model` over the ranks (in place; returned for convenience)."""
@@ -39,15 +39,15 @@ class Layout:
         if ranks.expert_parallel > 1:
             from rlhub.parallel.experts import shard_experts
 
-            modules = shard_experts(model, ranks.ep_group, balance=self.ep_balance, capacity=self.ep_capacity,
+            handles = shard_experts(model, ranks.ep_group, balance=self.ep_balance, capacity=self.ep_capacity,
                                     replicas=ranks.replica_group)
-            by_module = {id(m): m for m in modules}
+            by_module = {id(h.module): h for h in handles}
             for name, module in model.named_modules():
                 if id(module) in by_module:
                     for param in ("gate_up_proj", "down_proj"):
-                        names[f"{name}.{param}"] = (module, param)
+                        names[f"{name}.{param}"] = (by_module[id(module)], param)
         self.experts[id(model)] = names
-        ignored = {getattr(m, p) for m, p in names.values()}
+        ignored = {getattr(h.module, p) for h, p in names.values()}
         fsdp.shard(model, ranks, ignored)
         return model
 
@@ -100,7 +100,7 @@ class Layout:
             from rlhub.parallel.experts import reduce_expert_grads
 
             reduce_expert_grads(list({id(m): m for m, _ in names.values()}.values()), self.ranks.replica_group)
-        replicated = {id(getattr(m, p)) for m, p in names.values()}
+        replicated = {id(getattr(h.module, p)) for h, p in names.values()}
         return fsdp.clip_grad_norm(model.parameters(), max_norm, self.ranks, replicated)
 
 

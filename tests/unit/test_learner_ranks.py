@@ -112,3 +112,109 @@ def test_without_the_cross_rank_normalisers_the_update_differs(tiny_model_path, 
     the one-rank gradient."""
     two = run_ranks(train, 2, tiny_model_path, ALGOS["token_mean"], 7, False)
     assert max_diff(two[0]["params"], one_rank["token_mean"]["params"]) > 10 * TOL
+
+
+def train_ep(ranks, model_path: str, algo: AlgorithmConfig, seed: int, ep_balance: str) -> dict:
+    """`train` with the experts split over the two ranks; and how many expert weights LLEP moved."""
+    from rlhub.parallel.experts import ep_stats
+
+    with ep_stats() as stats:
+        out = train(ranks, model_path, algo, seed, ep_balance=ep_balance, ep_capacity=1.0)
+    out["weights_received"] = sum(layer.weights_received for layer in stats.layers)
+    return out
+
+
+@pytest.mark.parametrize("ep_balance", ["standard", "llep"])
+def test_expert_parallel_ranks_equal_one_rank(tiny_model_path, one_rank, ep_balance):
+    """Experts split over 2 ranks (all_to_all dispatch), replay and global-batch balance on; LLEP at
+    capacity 1.0 moves experts between the ranks on every step, and the update is still one rank's."""
+    two = run_ranks(train_ep, 2, tiny_model_path, ALGOS["token_mean"], 7, ep_balance, expert_parallel=2)
+    assert max_diff(two[0]["params"], one_rank["token_mean"]["params"]) < TOL
+    assert max_diff(two[1]["params"], two[0]["params"]) == 0.0
+    moved = two[0]["weights_received"] + two[1]["weights_received"]
+    assert (moved > 0) == (ep_balance == "llep")
+
+
+CRITIC = AlgorithmConfig(advantage="gae", critic_lr=3e-3, adam_eps=1e-3, micro_batch_size=2, value_clip=0.2)
+
+
+def train_critic(ranks, model_path: str, seed: int) -> dict[str, torch.Tensor]:
+    """Three critic steps (value regression, global-batch balance of its routers) on the batches of `train`."""
+    from rlhub.models.build import ModelConfig
+    from rlhub.moe import MoEConfig
+    from rlhub.parallel.layout import Layout
+    from rlhub.scorers import Critic
+
+    layout = Layout(ranks) if ranks is not None else None
+    critic = Critic(model_path, ModelConfig(), CRITIC, seed=3, moe=MoEConfig(balance="global_batch"), ranks=ranks, layout=layout)
+    g = torch.Generator().manual_seed(seed)
+    for batch in make_batches(seed):
+        for t in batch:
+            t.values = torch.randn(t.completion_mask.shape, generator=g) * t.completion_mask
+            t.returns = torch.randn(t.completion_mask.shape, generator=g) * t.completion_mask
+        if ranks is None:
+            share = batch
+        else:
+            share = [batch[i] for i in balance([int(t.completion_mask.sum()) for t in batch], ranks.world_size)[ranks.rank]]
+        critic.train_step(collate(share, 256) if share else None)
+    return {k: v.clone() for k, v in critic.layout.full_items(critic.model)}
+
+
+def test_a_sharded_critic_trains_the_values_one_critic_trains(tiny_model_path):
+    one = train_critic(None, tiny_model_path, 5)
+    two = run_ranks(train_critic, 2, tiny_model_path, 5)
+    assert max_diff(two[0], one) < TOL
+    assert max_diff(one, train_critic(None, tiny_model_path, 6)) > 1e-3
+
+
+def full_state(learner) -> dict[str, torch.Tensor]:
+    """Parameters and optimizer moments as full tensors (gathered over the ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    out = {f"param/{k}": v.clone() for k, v in learner.full_items()}
+    optim = get_optimizer_state_dict(learner.model, learner.optimizer, options=StateDictOptions(full_state_dict=True))
+    for name, moments in optim["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}/{name}"] = moments[key].clone()
+    return out
+
+
+def save_after_two_steps(ranks, model_path: str, directory: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    learner = _learner(model_path, ALGOS["token_mean"], ranks)
+    for batch in make_batches(11)[:2]:
+        share = batch if not ranks.distributed else [batch[i] for i in balance([int(t.completion_mask.sum()) for t in batch], ranks.world_size)[ranks.rank]]
+        learner.train_step(collate(share, 256) if share else None)
+    learner.save(Path(directory))
+    return full_state(learner)
+
+
+def resume(ranks, model_path: str, directory: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    learner = _learner(model_path, ALGOS["token_mean"], ranks if ranks.distributed else None)
+    learner.load(Path(directory), 2)
+    return full_state(learner)
+
+
+def test_a_sharded_checkpoint_resumes_at_one_and_two_ranks_and_back(tiny_model_path, tmp_path):
+    saved = run_ranks(save_after_two_steps, 2, tiny_model_path, str(tmp_path / "two"))[0]
+    assert (tmp_path / "two" / "learner" / ".metadata").is_file() and (tmp_path / "two" / "policy" / "config.json").is_file()
+    fresh = run_ranks(full_state_of_fresh, 1, tiny_model_path)[0]
+    assert max_diff({k: v for k, v in saved.items() if k.startswith("param/")}, fresh) > 1e-3  # the steps moved the weights
+    for world in (1, 2):
+        loaded = run_ranks(resume, world, tiny_model_path, str(tmp_path / "two"))[0]
+        assert loaded.keys() == saved.keys() and max_diff(loaded, saved) == 0.0
+    saved_one = run_ranks(save_after_two_steps, 1, tiny_model_path, str(tmp_path / "one"))[0]
+    loaded = run_ranks(resume, 2, tiny_model_path, str(tmp_path / "one"))[0]
+    assert max_diff(loaded, saved_one) == 0.0
+    # the HF directory written from the gathered tensors is the model the ranks hold
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "policy")).state_dict()
+    assert max(float((hf[k[6:]] - v).abs().max()) for k, v in saved.items() if k.startswith("param/")) == 0.0
+
+
+def full_state_of_fresh(ranks, model_path: str) -> dict[str, torch.Tensor]:
+    return {f"param/{k}": v.clone() for k, v in _learner(model_path, ALGOS["token_mean"]).full_items()}
