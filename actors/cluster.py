@@ -39,7 +39,7 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
             ray.shutdown()
             raise
         return True
-    wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus
+    wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus * cfg.learner.world_size
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
     if wanted > (os.cpu_count() or 1):  # placed all the same, sharing cores: said now, not after a silent wait
         log.warning("%d rollout actors and the learner want %g CPUs on a %d-core machine: they share cores, and each "
@@ -135,8 +135,9 @@ def check_placement(cfg: RunConfig) -> None:
     from rlhub.algorithms import advantage_needs
 
     scorers = int(advantage_needs(cfg.algorithm.advantage).critic) + int(cfg.algorithm.reference == "actor" and cfg.algorithm.kl_coef > 0)
-    need = {"CPU": cfg.cluster.learner_num_cpus + cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus,
-            "GPU": cfg.cluster.learner_num_gpus + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus + scorers * cfg.cluster.scorer_num_gpus}
+    ranks = cfg.learner.world_size
+    need = {"CPU": cfg.cluster.learner_num_cpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus,
+            "GPU": cfg.cluster.learner_num_gpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus + scorers * cfg.cluster.scorer_num_gpus}
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
     if short:
         what = ", ".join(f"{v:g} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())

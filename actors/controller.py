@@ -257,7 +257,7 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     """Every actor of the run, without waiting for any: each imports its libraries and loads its model meanwhile."""
     import ray
 
-    from rlhub.actors.learner import LearnerActor
+    from rlhub.actors.learner import LearnerGroup
     from rlhub.actors.rollout import RolloutFleet
     from rlhub.actors.store import RayDataStore
     from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
@@ -265,13 +265,12 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     vocab = json.loads((model_path / "config.json").read_text()).get("vocab_size", 256)
     probe = probe_sequence(vocab)
     # the slow starters first, so they take the workers Ray started ahead; they are wired up after
-    learner = LearnerActor.options(num_cpus=cfg.cluster.learner_num_cpus, num_gpus=cfg.cluster.learner_num_gpus).remote(
-        cfg, str(model_path), probe, plan.learner)
+    learner = LearnerGroup(cfg, str(model_path), probe, plan.learner)
     fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
     critic, reference = create_scorers(cfg, str(model_path), plan)
     weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed)
-    learner.connect.remote(weight_sync, store)
+    learner.connect(weight_sync, store)
     judge = None
     if cfg.reward.judge.model:
         from rlhub.actors.judge import JudgeActor
@@ -286,13 +285,21 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
     scorers loaded, the rollout loops running, and the run's records opened."""
     import ray
 
-    from rlhub.actors.pipeline import Pipeline
+    from rlhub.actors.pipeline import Pipeline, RunFailed
     from rlhub.checkpoint import read_state
     from rlhub.evaluation import eval_rows
     from rlhub.ledger import Ledger, truncate
     from rlhub.tracking import Tracker, truncate_steps
 
     learner, store, fleet, critic, reference = actors.learner, actors.store, actors.fleet, actors.critic, actors.reference
+    try:
+        learner.start()  # placed, and (several ranks) joined into one group
+    except Exception as e:  # noqa: BLE001 (a rank that fails to start ends the run, named)
+        raise RunFailed(f"the learner ranks did not start: {e}") from None
+    (run_dir / "learner_ranks.json").write_text(json.dumps(learner.where, indent=1))
+    if learner.world_size > 1:
+        log.info("learner: %d ranks on %s (%.1f s)", learner.world_size, ", ".join(sorted({w["node"] for w in learner.where})),
+                 time.time() - t0)
     state: dict[str, Any] = read_state(resume_from) if resume_from is not None else {}
     version = int(state.get("version", 0))
     if resume_from is not None:  # the run's records go back to the checkpoint: what came after it is redone
@@ -303,18 +310,18 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
     ledger.write([{"event": "run", "version": version, "resumed": resume_from is not None}])
     tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, state.get("wandb_id"))
     if resume_from is not None:
-        ray.get(learner.load.remote(str(resume_from), version))
+        learner.get(learner.load(str(resume_from), version))
         store.load_state_dict(state["store"])
         restart = state["store"]["admission"]["requeued"]
         ledger.write([{"event": "requeued", "group": g, "reason": "resume"} for g in restart])
         log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.time() - t0)
     elif cfg.warm_start.steps:
-        warm = ray.get(learner.warm_start.remote(format_examples(cfg, env), cfg.warm_start.steps, cfg.warm_start.batch_size,
-                                                 cfg.warm_start.lr, cfg.seed, cfg.warm_start.cache))
+        warm = learner.get(learner.warm_start(format_examples(cfg, env), cfg.warm_start.steps, cfg.warm_start.batch_size,
+                                              cfg.warm_start.lr, cfg.seed, cfg.warm_start.cache))[0]
         tracker.summary(warm)
         log.info("format warm start: %d steps, loss %.3f -> %.3f%s (%.1f s)", cfg.warm_start.steps, warm["warm_start/loss_first"],
                  warm["warm_start/loss_last"], ", loaded from the cache" if warm["warm_start/cached"] else "", time.time() - t0)
-    ray.get(learner.publish.remote())  # engines start from the learner's weights and probe
+    learner.get(learner.publish())  # engines start from the learner's weights and probe
     init_scorers(critic, reference, actors.weight_sync, resume_from)
     fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s], actors.judge)
     if plan is not None and not cfg.cluster.address:

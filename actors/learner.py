@@ -24,49 +24,90 @@ import ray
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, run: Any, model_path: str, probe_ids: list[int], core: int | None) -> None:
-        """The slow part (libraries, model, optimizer); the store and the weight sync come in `connect`."""
+    def __init__(self, run: Any, model_path: str, probe_ids: list[int], core: int | None, rank: int = 0) -> None:
+        """One learner rank. A one-rank learner starts its `Learner` here (the slow part: libraries, model,
+        optimizer); the ranks of a group start theirs in `start`, once they have joined the group. The
+        store and the weight sync come in `connect`."""
         import torch
-
-        from rlhub.learner import Learner
-        from rlhub.models.logprobs import SamplingPolicy
-        from rlhub.moe import replay_enabled
 
         if core is not None:
             os.sched_setaffinity(0, {core})
         torch.set_num_threads(run.cluster.torch_threads)
-        policy = SamplingPolicy(run.rollout.temperature, run.rollout.top_p)
-        self.learner = Learner(model_path, run.model, run.algorithm, probe_ids, seed=run.seed, generation_budget=run.rollout.max_new_tokens,
-                               policy=policy, moe=run.moe, replay=replay_enabled(run.moe, run.rollout.engine))
-        self.model_path = model_path
+        self.run, self.model_path, self.probe_ids, self.rank = run, model_path, probe_ids, rank
         self.weight_sync: Any = None
         self.store: Any = None
         self._last_end = 0.0  # when the previous step returned: the gap to the next is idle time
+        self.learner: Any = None
+        if run.learner.world_size == 1:
+            self._build(None)
+
+    def _build(self, ranks: Any) -> None:
+        from rlhub.learner import Learner
+        from rlhub.models.logprobs import SamplingPolicy
+        from rlhub.moe import replay_enabled
+
+        run = self.run
+        policy = SamplingPolicy(run.rollout.temperature, run.rollout.top_p)
+        self.learner = Learner(self.model_path, run.model, run.algorithm, self.probe_ids, seed=run.seed,
+                               generation_budget=run.rollout.max_new_tokens, policy=policy, moe=run.moe,
+                               replay=replay_enabled(run.moe, run.rollout.engine), ranks=ranks,
+                               ep_balance=run.learner.ep_balance, ep_capacity=run.learner.ep_capacity)
         self.pad_id = self.learner.model.config.pad_token_id or 0
+
+    def where(self) -> dict[str, Any]:
+        """This rank's node and process, and (rank 0) a free port on its node for the group's rendezvous."""
+        from rlhub.parallel.ranks import free_address
+
+        host, port = free_address()
+        return {"rank": self.rank, "node": host, "pid": os.getpid(), "port": port}
+
+    def start(self, host: str, port: int) -> None:
+        """Join the learner ranks' group at host:port and build this rank's share of the learner."""
+        from rlhub.parallel.ranks import join
+
+        cfg = self.run.learner
+        self._build(join(host, port, self.rank, cfg.world_size, cfg.expert_parallel, cfg.collective_timeout_s))
 
     def connect(self, weight_sync: Any, store: Any) -> None:
         self.weight_sync, self.store = weight_sync, store
 
     def publish(self, version: int | None = None) -> float:
         """Publish the current weights and probe, then open admission for the version's prompts; returns
-        the seconds it took. `version`: the version the caller expects to publish (checked)."""
+        the seconds it took. `version`: the version the caller expects to publish (checked). Sharded
+        ranks gather one tensor at a time (every rank takes part) and rank 0 streams each to the object store."""
         if version is not None and version != self.learner.version:
             raise RuntimeError(f"publish: the learner is at version {self.learner.version}, not {version}")
         start = time.perf_counter()
-        self.weight_sync.push(self.learner.state_dict(), self.learner.version, self.learner.probe())
-        self.store.set_version(self.learner.version)
+        probe = self.learner.probe()
+        if self.learner.ranks.distributed:
+            items = self.learner.full_items()
+            if self.rank == 0:
+                self.weight_sync.push_stream(items, self.learner.version, probe)
+            else:
+                for _ in items:  # this rank's part of each gather
+                    pass
+        else:
+            self.weight_sync.push(self.learner.state_dict(), self.learner.version, probe)
+        if self.rank == 0:
+            self.store.set_version(self.learner.version)
         return time.perf_counter() - start
 
     def train_step(self, parts: list[tuple[Any, list[int], list[int]]]) -> dict[str, Any]:
-        """One step on a batch given as (object ref, indices in it, group ids) parts; returns metrics,
-        "version", "learned" ((group id, tokens) read off the tensors trained on) and "lost_groups"
-        (ids whose tensors could not be fetched: not trained)."""
+        """One step on a batch given as (object ref, indices in it, group ids) parts (a rank of a group:
+        its share); returns metrics, "version", "learned" ((group id, tokens) read off the tensors
+        trained on, by every rank) and "lost_groups" (ids whose tensors could not be fetched: not
+        trained; every rank's)."""
         from rlhub.types import collate
 
         start = time.perf_counter()
         tensors, lost = resolve_batch(parts)
         fetched = time.perf_counter()
-        if tensors:
+        ranks = self.learner.ranks
+        if ranks.distributed:
+            lost = [g for rank_lost in ranks.gather(lost) for g in rank_lost]
+            anywhere = ranks.sum_always([len(tensors)])[0]
+            metrics = self.learner.train_step(collate(tensors, self.pad_id) if tensors else None) if anywhere else self.learner.skip_step()
+        elif tensors:
             metrics = self.learner.train_step(collate(tensors, self.pad_id))
         else:
             metrics = self.learner.skip_step()
@@ -91,14 +132,16 @@ class LearnerActor:
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         chat = ChatFormat(tokenizer)  # a prompt given as chat messages is rendered as the rollout renders it
         examples = [(chat.prompt(p)[0], chat.encode(a) + [tokenizer.eos_token_id]) for p, a in pairs]
-        return cached_warm_start(self.learner, self.model_path, examples, steps, batch_size, lr, seed, cache)
+        # sharded ranks compute it: the cache holds whole state dicts, which no rank should hold
+        return cached_warm_start(self.learner, self.model_path, examples, steps, batch_size, lr, seed, cache and not self.learner.ranks.distributed)
 
     def save(self, directory: str) -> None:
         self.learner.save(Path(directory))
 
     def load(self, directory: str, version: int) -> None:
         self.learner.load(Path(directory), version)
-        self.store.set_version(version)
+        if self.rank == 0:
+            self.store.set_version(version)
 
 
 def resolve_batch(parts: list[tuple[Any, list[int], list[int]]], timeout_s: float = 60.0) -> tuple[list[Any], list[int]]:
@@ -117,3 +160,117 @@ def resolve_batch(parts: list[tuple[Any, list[int], list[int]]], timeout_s: floa
             continue
         tensors += [obj[i] for i in indices]
     return tensors, lost
+
+
+class LearnerGroup:
+    """The learner ranks of a run, as the controller sees them: `learner.world_size` `LearnerActor`s in a
+    placement group (one bundle a rank, packed on one node or spread over nodes: `learner.placement`),
+    joined into one `torch.distributed` group at an address rank 0 chose. Each method sends the call
+    to every rank and returns their object refs, rank 0's first (its result is the step's: the ranks
+    merge their metrics). `check` turns a dead rank into `RankFailed`, naming it and its node."""
+
+    def __init__(self, run: Any, model_path: str, probe_ids: list[int], core: int | None) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cfg = run.learner
+        self.world_size = cfg.world_size
+        options = {"num_cpus": run.cluster.learner_num_cpus, "num_gpus": run.cluster.learner_num_gpus}
+        self.placement = None
+        if cfg.world_size > 1:
+            bundle = {"CPU": run.cluster.learner_num_cpus, **({"GPU": run.cluster.learner_num_gpus} if run.cluster.learner_num_gpus else {})}
+            self.placement = placement_group([dict(bundle) for _ in range(cfg.world_size)], strategy=cfg.placement.upper())
+        self.actors = [
+            LearnerActor.options(**options, **({} if self.placement is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.placement, placement_group_bundle_index=r)})).remote(run, model_path, probe_ids, core if r == 0 else None, r)
+            for r in range(cfg.world_size)]
+        self.where: list[dict[str, Any]] = []
+        self.started: list[Any] = []
+        self.place_timeout_s = cfg.place_timeout_s
+
+    def start(self) -> None:
+        """Wait for the ranks to be placed, then join them (their model loads run meanwhile)."""
+        if self.placement is not None and not self.placement.wait(self.place_timeout_s):
+            raise RankFailed(f"the cluster cannot place {self.world_size} learner ranks of {self.placement.bundle_specs[0]} each "
+                             f"(learner.placement={self.placement.strategy.lower()}) within {self.place_timeout_s:.0f} s")
+        self.where = ray.get([a.where.remote() for a in self.actors])
+        if self.world_size > 1:
+            host, port = self.where[0]["node"], self.where[0]["port"]
+            self.started = [a.start.remote(host, port) for a in self.actors]
+            self.get(self.started)
+
+    # ---- calls to every rank -----------------------------------------------------------------
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    def connect(self, weight_sync: Any, store: Any) -> list[Any]:
+        return self._all("connect", weight_sync, store)
+
+    def train_step(self, shares: list[list[tuple[Any, list[int], list[int]]]]) -> list[Any]:
+        """`shares[r]`: rank r's parts (see `split_parts`)."""
+        return [a.train_step.remote(share) for a, share in zip(self.actors, shares)]
+
+    def publish(self, version: int | None = None) -> list[Any]:
+        return self._all("publish", version)
+
+    def warm_start(self, *args: Any) -> list[Any]:
+        return self._all("warm_start", *args)
+
+    def save(self, directory: str) -> list[Any]:
+        return self._all("save", directory)
+
+    def load(self, directory: str, version: int) -> list[Any]:
+        return self._all("load", directory, version)
+
+    def get(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
+        """ray.get of calls to the ranks, watching them: a rank that dies raises `RankFailed` at once,
+        even while the others wait for it in a collective."""
+        pending = list(refs)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            self.check(ready)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"learner ranks: no answer within {timeout_s:.0f} s")
+        return ray.get(refs)
+
+    def check(self, ready: list[Any]) -> None:
+        """Raise `RankFailed` if any of `ready` (refs of calls to the ranks) holds a dead rank's error."""
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as e:
+                raise RankFailed(self._describe(e)) from None
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                continue  # another error: raised where the result is read
+
+    def _describe(self, error: Exception) -> str:
+        for r, actor in enumerate(self.actors):
+            if actor._actor_id.hex() in str(error) or getattr(error, "actor_id", None) == actor._actor_id.hex():
+                node = self.where[r]["node"] if r < len(self.where) else "?"
+                pid = self.where[r]["pid"] if r < len(self.where) else "?"
+                return f"learner rank {r} of {self.world_size} (node {node}, pid {pid}) died: {str(error).splitlines()[0]}"
+        return f"a learner rank of {self.world_size} died: {str(error).splitlines()[0]}"
+
+
+class RankFailed(RuntimeError):
+    """A learner rank died or could not be placed: the run cannot go on (recovery is the driver's)."""
+
+
+def split_parts(groups: list[tuple[Any, tuple[Any, int]]], world_size: int) -> list[list[tuple[Any, list[int], list[int]]]]:
+    """A step's groups [(meta, (ref, index))] as each rank's (ref, indices, group ids) parts, the groups
+    balanced over the ranks by their completion tokens (`rlhub.parallel.split`)."""
+    from rlhub.parallel.split import balance
+
+    shares = balance([int(meta.num_tokens) for meta, _ in groups], world_size)
+    out = []
+    for share in shares:
+        parts: list[tuple[Any, list[int], list[int]]] = []
+        for i in share:
+            meta, (ref, index) = groups[i]
+            if not parts or parts[-1][0] != ref:
+                parts.append((ref, [], []))
+            parts[-1][1].append(index)
+            parts[-1][2].append(meta.group_id)
+        out.append(parts)
+    return out

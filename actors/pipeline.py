@@ -38,8 +38,11 @@ class Step:
     version: int
     waited: float
     calls: list = field(default_factory=list)
-    published: Any = None
-    """The publication of the weights the step makes (a ref, once `publish` queued it)."""
+    """Every call computing the step: each learner rank's, the critic's, the publications."""
+    learned: list = field(default_factory=list)
+    """The learner ranks' train calls, rank 0's first (its metrics are the step's)."""
+    published: list = field(default_factory=list)
+    """The learner ranks' publications of the weights the step makes (once `publish` queued them)."""
 
 
 class Pipeline:
@@ -77,20 +80,30 @@ class Pipeline:
         or critic step failed (the data for the next step may be waiting on it: at max_staleness=0 it is)."""
         self.fleet.check()
         calls = [c for step in self.outstanding for c in step.calls]
-        ray.get(ray.wait(calls, num_returns=len(calls), timeout=0)[0] if calls else [])
+        ready = ray.wait(calls, num_returns=len(calls), timeout=0)[0] if calls else []
+        self._check_ranks(ready)
+        ray.get(ready)
+
+    def _check_ranks(self, ready: list[Any]) -> None:
+        """A dead learner rank ends the run at once, named (the others would wait for it in a collective)."""
+        from rlhub.actors.learner import RankFailed
+
+        try:
+            self.learner.check(ready)
+        except RankFailed as e:
+            raise RunFailed(str(e)) from None
 
     # ---- 2. learn ------------------------------------------------------------------------
     def submit(self, step: Step) -> Step:
         """The learner's step (and the critic's, on the same groups, in version order). Refs travel nested,
         so a lost one is reported by the learner instead of failing the call."""
-        parts: list[tuple[Any, list[int], list[int]]] = []  # (ref, indices, group ids)
-        for meta, (ref, index) in step.groups:
-            if not parts or parts[-1][0] != ref:
-                parts.append((ref, [], []))
-            parts[-1][1].append(index)
-            parts[-1][2].append(meta.group_id)
-        step.calls = [self.learner.train_step.remote(parts)]
+        from rlhub.actors.learner import split_parts
+
+        shares = split_parts(step.groups, self.learner.world_size)  # each learner rank's (ref, indices, group ids)
+        step.learned = self.learner.train_step(shares)
+        step.calls = list(step.learned)
         if self.critic is not None:  # the critic steps with the policy: its version is the learner's
+            parts = [p for share in shares for p in share]
             step.calls.append(self.critic.train_step.remote(parts, step.version))
         self.outstanding.append(step)
         return step
@@ -99,17 +112,23 @@ class Pipeline:
     def publish(self, step: Step) -> Step:
         """The step's weights to the engines, and admission opened for its version: queued on the learner
         right behind the step, so it runs before the next step does."""
-        step.published = self.learner.publish.remote(step.version + 1)
-        step.calls.append(step.published)
+        step.published = self.learner.publish(step.version + 1)
+        step.calls += step.published
         return step
 
     def wait(self, step: Step) -> dict[str, Any]:
         """The step's metrics once it is learned and published; watches the rollout fleet meanwhile (a
         crashed actor is replaced)."""
-        while len(ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]) < len(step.calls):
+        while True:
+            ready = ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]
+            self._check_ranks(ready)
+            if len(ready) == len(step.calls):
+                break
             self.fleet.check()
-        metrics, *critic_metrics = ray.get([c for c in step.calls if c is not step.published])
-        metrics["time/publish_s"] = ray.get(step.published)
+        metrics = ray.get(step.learned[0])
+        learner_calls = set(step.learned) | set(step.published)
+        critic_metrics = ray.get([c for c in step.calls if c not in learner_calls])
+        metrics["time/publish_s"] = max(ray.get(step.published))
         self.outstanding.remove(step)
         for extra in critic_metrics:
             extra.pop("lost_groups", None)
@@ -234,7 +253,7 @@ class Pipeline:
         state["ledger_offset"] = self.ledger.offset()
 
         def save(d: Path) -> None:
-            saves = [self.learner.save.remote(str(d))]
+            saves = self.learner.save(str(d))
             saves += [self.critic.save.remote(str(d / "critic"))] if self.critic else []
             saves += [self.reference.save.remote(str(d / "reference"))] if self.reference else []
             ray.get(saves)

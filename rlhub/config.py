@@ -124,6 +124,23 @@ class LearnerConfig:
 
     max_nonfinite_steps: int = 3
     """A step whose loss or gradient is not finite is skipped and counted; this many in a row stop the run."""
+    world_size: int = 1
+    """Learner ranks (Ray actors in a placement group, one torch.distributed group: gloo on CPU, NCCL on
+    GPU). Above 1, parameters, gradients and optimizer state are sharded with FSDP2 per transformer
+    block, each step's groups are split over the ranks by tokens, and the update is the one-rank update."""
+    placement: str = "pack"
+    """pack: the ranks on as few nodes as fit them; spread: on as many nodes as possible (Ray's strategies)."""
+    expert_parallel: int = 1
+    """Ranks each MoE layer's experts are split over (divides world_size; tokens travel by all_to_all)."""
+    ep_balance: str = "standard"
+    """standard: each (token, expert) pair is computed by the expert's rank; llep: least-loaded expert
+    parallelism, which moves the excess of overloaded ranks, with the weights it needs, to the least loaded."""
+    ep_capacity: float = 1.25
+    """llep: no rank computes more than this times the mean pairs per rank (>= 1)."""
+    collective_timeout_s: float = 120.0
+    """A collective that waits longer than this on a rank raises (a dead rank is noticed sooner by the controller)."""
+    place_timeout_s: float = 120.0
+    """How long the controller waits for the cluster to place the ranks before it gives up, naming why."""
 
 
 @dataclass
@@ -318,6 +335,17 @@ def validate(cfg: RunConfig) -> None:
         (cfg.reward.judge.verdict in ("yes_no", "number"), f"reward.judge.verdict={cfg.reward.judge.verdict!r}: use yes_no or number"),
         (cfg.reward.judge.max_batch >= 1, "reward.judge.max_batch must be >= 1"),
         (cfg.learner.max_nonfinite_steps >= 1, "learner.max_nonfinite_steps must be >= 1"),
+        (cfg.learner.world_size >= 1, "learner.world_size must be >= 1"),
+        (cfg.learner.placement in ("pack", "spread"), f"learner.placement={cfg.learner.placement!r}: use pack or spread"),
+        (cfg.learner.expert_parallel >= 1 and cfg.learner.world_size % cfg.learner.expert_parallel == 0,
+         f"learner.expert_parallel={cfg.learner.expert_parallel} must be >= 1 and divide learner.world_size={cfg.learner.world_size}"),
+        (cfg.learner.expert_parallel == 1 or cfg.model.num_experts % cfg.learner.expert_parallel == 0 or cfg.model.path is not None,
+         f"learner.expert_parallel={cfg.learner.expert_parallel} must divide model.num_experts={cfg.model.num_experts}"),
+        (cfg.learner.ep_balance in ("standard", "llep"), f"learner.ep_balance={cfg.learner.ep_balance!r}: use standard or llep"),
+        (cfg.learner.ep_capacity >= 1.0, f"learner.ep_capacity={cfg.learner.ep_capacity} must be >= 1 (the mean load is the least possible)"),
+        (cfg.learner.world_size == 1 or cfg.algorithm.reference == "learner" or cfg.algorithm.kl_coef == 0,
+         "learner.world_size > 1 with algorithm.reference=actor: the reference actor is one process; use algorithm.reference=learner "
+         "(the learner ranks hold a sharded reference)"),
     ]
     for ok, message in checks:
         if not ok:

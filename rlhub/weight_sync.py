@@ -11,7 +11,7 @@ their own after loading (see `verify`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import numpy as np
 
@@ -29,6 +29,11 @@ class Published:
 class WeightSync(Protocol):
     def push(self, state: dict[str, torch.Tensor], version: int, probe_logprobs: torch.Tensor) -> None: ...
 
+    def push_stream(self, items: Iterable[tuple[str, torch.Tensor]], version: int, probe_logprobs: torch.Tensor) -> None:
+        """`push` of tensors that arrive one at a time (gathered by sharded learner ranks): each leaves
+        the pushing process before the next arrives, so it never holds the whole model."""
+        ...
+
     def pull(self, have_version: int) -> Published | None:
         """The latest weights if newer than `have_version`, else None."""
         ...
@@ -42,6 +47,9 @@ class InMemoryWeightSync:
 
     def push(self, state: dict[str, torch.Tensor], version: int, probe_logprobs: torch.Tensor) -> None:
         self.latest = Published(version, {k: v.detach().clone() for k, v in state.items()}, probe_logprobs.clone())
+
+    def push_stream(self, items: Iterable[tuple[str, torch.Tensor]], version: int, probe_logprobs: torch.Tensor) -> None:
+        self.push(dict(items), version, probe_logprobs)
 
     def pull(self, have_version: int) -> Published | None:
         if self.latest is None or self.latest.version <= have_version:
@@ -107,6 +115,12 @@ class ObjectStoreWeightSync:
         ref = ray.put(state_to_arrays(state))  # owned by the learner, which lives as long as the run
         ray.get(self.registry.publish.remote(version, [ref, probe_logprobs.float().cpu().numpy()]))
 
+    def push_stream(self, items: Iterable[tuple[str, torch.Tensor]], version: int, probe_logprobs: torch.Tensor) -> None:
+        import ray
+
+        refs = {name: ray.put(state_to_arrays({name: t})[name]) for name, t in items}  # one object per tensor
+        ray.get(self.registry.publish.remote(version, [refs, probe_logprobs.float().cpu().numpy()]))
+
     def pull(self, have_version: int) -> Published | None:
         import ray
 
@@ -116,7 +130,11 @@ class ObjectStoreWeightSync:
         import torch
 
         version, (ref, probe) = found
-        return Published(version, arrays_to_state(ray.get(ref)), torch.from_numpy(probe.copy()))
+        if isinstance(ref, dict):  # pushed a tensor at a time
+            arrays = dict(zip(ref, ray.get(list(ref.values()))))
+        else:
+            arrays = ray.get(ref)
+        return Published(version, arrays_to_state(arrays), torch.from_numpy(probe.copy()))
 
 
 # --- verification -------------------------------------------------------------
