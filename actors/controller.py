@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -122,17 +122,31 @@ def format_examples(cfg: RunConfig, env: Any) -> list[tuple[str, str]]:
     return env.format_examples(cfg.warm_start.examples, random.Random(cfg.seed))
 
 
-def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any, Any]:
-    """(critic actor or None, reference actor or None), as the algorithm needs them; weights come in init_scorers."""
+def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any, Any, list[Any]]:
+    """(critic actor or None, reference actor or None, the critic ranks' start-ups to wait for), as the
+    algorithm needs them; weights come in init_scorers. With `learner.world_size` N > 1 the critic is
+    sharded over N ranks of its own, as the policy is; the handle returned is rank 0's, the front."""
+    import ray
+
     from rlhub.actors.scorers import CriticActor, ReferenceActor
     from rlhub.algorithms import advantage_needs
 
     algo = cfg.algorithm
     options = {"num_cpus": 0, "num_gpus": cfg.cluster.scorer_num_gpus}
     cores = plan.system or None
-    critic = CriticActor.options(**options).remote(cfg, model_path, cores) if advantage_needs(algo.advantage).critic else None
-    reference = ReferenceActor.options(**options).remote(cfg, model_path, cores) if algo.reference == "actor" and algo.kl_coef > 0 else None
-    return critic, reference
+    starting: list[Any] = []
+
+    def ranked(cls: Any) -> Any:
+        """The scorer's rank actors, their start-ups queued; rank 0's handle."""
+        ranks = [cls.options(**options).remote(cfg, model_path, cores, r) for r in range(cfg.learner.world_size)]
+        if len(ranks) > 1:
+            where = ray.get(ranks[0].where.remote())
+            starting.extend(a.start.remote(where["node"], where["port"], ranks[1:] if r == 0 else []) for r, a in enumerate(ranks))
+        return ranks[0]
+
+    critic = ranked(CriticActor) if advantage_needs(algo.advantage).critic else None
+    reference = ranked(ReferenceActor) if algo.reference == "actor" and algo.kl_coef > 0 else None
+    return critic, reference, starting
 
 
 def init_scorers(critic: Any, reference: Any, weight_sync: Any, resume_from: Path | None) -> None:
@@ -251,6 +265,8 @@ class Actors:
     reference: Any
     fleet: Any
     judge: Any = None
+    starting: list = field(default_factory=list)
+    """Start-ups still running (a sharded critic's ranks joining their group)."""
 
 
 def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) -> Actors:
@@ -267,7 +283,7 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     # the slow starters first, so they take the workers Ray started ahead; they are wired up after
     learner = LearnerGroup(cfg, str(model_path), probe, plan.learner)
     fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
-    critic, reference = create_scorers(cfg, str(model_path), plan)
+    critic, reference, starting = create_scorers(cfg, str(model_path), plan)
     weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed)
     learner.connect(weight_sync, store)
@@ -276,7 +292,7 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
         from rlhub.actors.judge import JudgeActor
 
         judge = JudgeActor.options(num_cpus=0, num_gpus=cfg.reward.judge.num_gpus).remote(cfg)
-    return Actors(weight_sync, store, learner, critic, reference, fleet, judge)
+    return Actors(weight_sync, store, learner, critic, reference, fleet, judge, starting)
 
 
 def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,
@@ -322,6 +338,7 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
         log.info("format warm start: %d steps, loss %.3f -> %.3f%s (%.1f s)", cfg.warm_start.steps, warm["warm_start/loss_first"],
                  warm["warm_start/loss_last"], ", loaded from the cache" if warm["warm_start/cached"] else "", time.time() - t0)
     learner.get(learner.publish())  # engines start from the learner's weights and probe
+    ray.get(actors.starting)
     init_scorers(critic, reference, actors.weight_sync, resume_from)
     fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s], actors.judge)
     if plan is not None and not cfg.cluster.address:

@@ -103,8 +103,7 @@ class Pipeline:
         step.learned = self.learner.train_step(shares)
         step.calls = list(step.learned)
         if self.critic is not None:  # the critic steps with the policy: its version is the learner's
-            parts = [p for share in shares for p in share]
-            step.calls.append(self.critic.train_step.remote(parts, step.version))
+            step.calls.append(self.critic.train_step.remote(shares, step.version))  # sharded alike, or one critic takes all
         self.outstanding.append(step)
         return step
 

@@ -343,9 +343,6 @@ def validate(cfg: RunConfig) -> None:
          f"learner.expert_parallel={cfg.learner.expert_parallel} must divide model.num_experts={cfg.model.num_experts}"),
         (cfg.learner.ep_balance in ("standard", "llep"), f"learner.ep_balance={cfg.learner.ep_balance!r}: use standard or llep"),
         (cfg.learner.ep_capacity >= 1.0, f"learner.ep_capacity={cfg.learner.ep_capacity} must be >= 1 (the mean load is the least possible)"),
-        (cfg.learner.world_size == 1 or cfg.algorithm.reference == "learner" or cfg.algorithm.kl_coef == 0,
-         "learner.world_size > 1 with algorithm.reference=actor: the reference actor is one process; use algorithm.reference=learner "
-         "(the learner ranks hold a sharded reference)"),
     ]
     for ok, message in checks:
         if not ok:

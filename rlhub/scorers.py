@@ -105,9 +105,17 @@ class Critic:
     def load_policy(self, policy_state: dict[str, torch.Tensor]) -> None:
         """Start the trunk from the policy's weights as RL starts (after the warm start); the head stays at zero."""
         with self._lock:
-            self.model.load_trunk(policy_state)
+            if self.ranks.distributed:  # each rank keeps its shards of the trunk
+                self.layout.load_full(self.model.backbone, trunk_state(policy_state, self.model.backbone.base_model_prefix))
+            else:
+                self.model.load_trunk(policy_state)
 
-    def score(self, batch: GroupTensors) -> dict[str, Any]:
+    def score(self, batch: GroupTensors | None) -> dict[str, Any]:
+        """`batch` None: a rank of a sharded critic with no rows of this call takes part in its collectives."""
+        if batch is None:
+            with self._lock, torch.no_grad():
+                self._idle_forward()
+                return {"values": None, "critic_version": self.version}
         batch = batch.to(self.device)
         with self._lock, torch.no_grad():
             values = torch.where(batch.completion_mask.bool(), self.model(batch.input_ids, batch.attention_mask), 0.0)
@@ -238,32 +246,47 @@ class Critic:
 
 
 class ReferencePolicy:
-    """A frozen copy of the policy; its log-probs of the generated tokens."""
+    """A frozen copy of the policy; its log-probs of the generated tokens. `layout`: sharded over ranks
+    as the policy is (`rlhub.parallel`), each rank holding its shards."""
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, policy: SamplingPolicy = RAW) -> None:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, policy: SamplingPolicy = RAW, layout: Layout | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype))
         self.model = model.to(self.device).eval().requires_grad_(False)
+        self.layout = layout or Layout(Ranks.single())
+        self.layout.apply(self.model)
+        self.pad_id = int(self.model.config.pad_token_id or 0)
         self.policy = policy  # the reference is scored under the rollouts' sampling distribution, as the policy is
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Take the policy's weights as they are now (the start of RL, after any warm start)."""
-        self.model.load_state_dict(state)
+        self.layout.load_full(self.model, state)
 
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_model
+        from rlhub.parallel import checkpoint as sharded
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(directory / "reference.safetensors"))
+        sharded.save_model(directory, self.model, self.layout)
 
     def load(self, directory: Path) -> None:
-        from safetensors.torch import load_model
+        from rlhub.parallel import checkpoint as sharded
+
+        if sharded.has_sharded(directory):
+            sharded.load_model(directory, self.model, self.layout)
+            return
+        from safetensors.torch import load_model  # a checkpoint of an earlier rlhub
 
         load_model(self.model, str(directory / "reference.safetensors"))
 
-    def score(self, batch: GroupTensors) -> dict[str, Any]:
+    def score(self, batch: GroupTensors | None) -> dict[str, Any]:
+        """`batch` None: a rank of a sharded reference with no rows of this call takes part in its collectives."""
+        if batch is None:
+            ids, attention = idle_row(self.pad_id, self.device)
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=attention)
+            return {"ref_logprobs": None}
         batch = batch.to(self.device)
         with torch.no_grad():
             logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy)

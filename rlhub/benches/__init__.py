@@ -26,6 +26,7 @@ BENCHES = {
     "scale": "rlhub.benches.scale",
     "presets": "rlhub.benches.e2e",
     "sandbox": "rlhub.benches.sandbox",
+    "learner": "rlhub.benches.learner",
 }
 """Each benchmark's module; `presets` is `bench_presets` in the e2e module."""
 

@@ -8,9 +8,12 @@ batches at every side for one seed), each rank taking its token-balanced share o
 The learner routes freshly (`moe.routing_replay=none`): the router, not the recorded routes,
 decides the experts, so a skewed or grouped router shows in the load. The balance is the default
 `global_batch`, whose routing pre-pass runs whenever a rank has several micro-batches or there
-are several ranks.
+are several ranks; the learning rate is 1e-5, so that the routing stays as built over the steps.
+On CUDA every local rank takes device 0 (`rlhub.parallel.ranks.join`), so only CPU runs sides of
+several ranks here.
 
-Sides (each its own processes, so the peak memory is that side's alone):
+Sides (each its own processes, so the peak memory is that side's alone; under `--quick`, a tiny
+workload for the unit test, every side runs in one group of two processes, to start them once):
 
 - `1_rank`, `2_ranks`: one process, and two with FSDP2 data parallelism (plain top-k routing);
 - `ep`: two ranks whose experts are split over both (`learner.expert_parallel=2`, standard EP);
@@ -49,6 +52,9 @@ CAPACITY = 1.25
 SKEW = (0.05, 0.5)
 """(embedding component 0 of every token, router weight on it for EP rank 0's experts): about 93 % of
 the tiny MoE's pairs go to rank 0."""
+LR = 1e-5
+"""Small enough that the routing stays as built over the steps: the first Adam steps at the tiny MoE's
+default 2e-3 turn the skewed router around (the balance loss's gradient is small, Adam's step is not)."""
 PROJECTED_RANKS = (2, 8, 16)
 SEED = 7
 
@@ -94,7 +100,7 @@ class Workload:
 
 
 WORKLOADS = {
-    ("tiny_moe", False): Workload(8, 8, (16, 32), (32, 64), 16, warmup=2, steps=5),
+    ("tiny_moe", False): Workload(8, 8, (16, 32), (32, 64), 16, warmup=2, steps=8),
     ("tiny_moe", True): Workload(4, 4, (4, 8), (4, 12), 4, warmup=1, steps=2),
     ("smollm2_moe", False): Workload(4, 4, (16, 32), (16, 32), 8, warmup=1, steps=2),
     ("smollm2_moe", True): Workload(2, 2, (4, 8), (4, 8), 2, warmup=1, steps=1),
@@ -251,8 +257,36 @@ def micro_batch_shapes(batch: Any, micro_batch_size: int) -> list[tuple[int, int
 
 # ---- one side, in each rank's process -------------------------------------------------------------
 
-def train_ranks(ranks: Any, job: Job) -> dict[str, Any]:
-    """Warm-up then timed steps of one side at this rank; its step times, tokens, memory and EP dispatch."""
+def train_ranks(ranks: Any, jobs: list[Job]) -> list[dict[str, Any] | None]:
+    """Each job's side in turn at this rank (None where the side has no part for it): warm-up then timed
+    steps; its step times, tokens, memory and EP dispatch. The ranks' group may be larger than a side
+    needs (--quick runs every side in one group of 2): a 1-rank side then runs on rank 0 alone, and a
+    side without EP on the ranks with EP turned off."""
+    import gc
+
+    results = []
+    for job in jobs:
+        results.append(_train(_view(ranks, job.side), job) if ranks.rank < job.side.ranks else None)
+        gc.collect()
+        if ranks.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # the next side starts together
+    return results
+
+
+def _view(ranks: Any, side: Side) -> Any:
+    from rlhub.parallel.ranks import Ranks
+
+    if side.ranks == 1:
+        return Ranks.single()
+    if side.ranks != ranks.world_size or side.expert_parallel not in (1, ranks.expert_parallel):
+        raise ValueError(f"side {side} does not fit {ranks.world_size} ranks with expert_parallel={ranks.expert_parallel}")
+    return ranks if side.expert_parallel == ranks.expert_parallel else replace(
+        ranks, expert_parallel=1, ep_group=None, replica_group=None, ep_mesh=None)
+
+
+def _train(ranks: Any, job: Job) -> dict[str, Any]:
     import resource
 
     import torch
@@ -268,7 +302,8 @@ def train_ranks(ranks: Any, job: Job) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     grouped = side.router == "grouped"
     moe = MoEConfig(routing="grouped" if grouped else "topk", groups=2 if grouped else 1, routing_replay="none", mismatch_every=0)
-    learner = Learner(job.path, ModelConfig(dtype=info.dtype), AlgorithmConfig(micro_batch_size=work.micro_batch_size),
+    algo = AlgorithmConfig(lr=LR, micro_batch_size=work.micro_batch_size)
+    learner = Learner(job.path, ModelConfig(dtype=info.dtype), algo,
                       probe_sequence(info.vocab), seed=0, moe=moe, replay=False, ranks=ranks,
                       ep_balance=side.ep_balance, ep_capacity=CAPACITY)
     batches = [share(b, ranks.rank, ranks.world_size, info.pad_id) for b in make_batches(info, work)]
@@ -416,9 +451,14 @@ def parse_args(args: list[str]) -> argparse.Namespace:
 
 
 def run(args: list[str]) -> dict[str, Any]:
+    import torch
+
     from rlhub.parallel.local import run_ranks
 
     opts = parse_args(args)
+    if torch.cuda.is_available():
+        raise ValueError("local ranks all take cuda:0 (rlhub.parallel.ranks.join), which NCCL refuses for 2 ranks: "
+                         "run on CPU (CUDA_VISIBLE_DEVICES=)")
     work = WORKLOADS[(opts.model, opts.quick)]
     work = replace(work, steps=opts.steps or work.steps, warmup=work.warmup if opts.warmup is None else opts.warmup)
     cases = {c: CASES[c] for c in MODEL_CASES[opts.model]}
@@ -427,20 +467,22 @@ def run(args: list[str]) -> dict[str, Any]:
     paths = side_paths(opts.model, names)
     info = model_info(Path(paths["topk"]), model_config(opts.model).dtype)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
+    spawns = [names] if opts.quick else [[name] for name in names]  # the sides each group of processes runs
     for _ in range(opts.repeats):
-        for name in names:  # every side once per repeat: the sides alternate
-            side = SIDES[name]
-            job = Job(side, paths[side.router], info, work)
-            runs[name].append(one_run(run_ranks(train_ranks, side.ranks, job, expert_parallel=side.expert_parallel)))
+        for group in spawns:  # every side once per repeat: the sides alternate
+            jobs = [Job(SIDES[s], paths[SIDES[s].router], info, work) for s in group]
+            world, ep = max(j.side.ranks for j in jobs), max(j.side.expert_parallel for j in jobs)
+            per_rank = run_ranks(train_ranks, world, jobs, expert_parallel=ep)
+            for i, name in enumerate(group):
+                runs[name].append(one_run([r[i] for r in per_rank if r[i] is not None]))
     sides = {name: side_figures(runs[name], SIDES[name]) for name in names}
-    import torch
-
     return {
         "model": opts.model,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads_per_rank": 1,
         "repeats": opts.repeats,
         "quick": opts.quick,
+        "own_processes_per_side": not opts.quick,
         "workload": asdict(work),
         "routing_replay": False,
         "ep_capacity": CAPACITY,

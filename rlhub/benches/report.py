@@ -290,6 +290,74 @@ def render_scale(r: dict[str, Any]) -> list[str]:
                           for x in rows])
 
 
+def _spread(s: Any, digits: int = 0, scale: float = 1.0) -> str:
+    """A median with its [min, max], from a {"median", "min", "max"} dict."""
+    if not isinstance(s, dict):
+        return "—"
+    median, low, high = (num(s.get(k, math.nan) * scale, digits) for k in ("median", "min", "max"))
+    return f"{median} [{low}, {high}]"
+
+
+def _mb(x: Any) -> str:
+    return num(x / 1e6, 2) if isinstance(x, (int, float)) else "—"
+
+
+def render_learner(r: dict[str, Any]) -> list[str]:
+    work = r.get("workload") or {}
+    repeats = r.get("repeats", "—")
+    head = (f"Model: {r.get('model', '—')} on {r.get('device', '—')}, {r.get('torch_threads_per_rank', '—')} torch thread per rank; "
+            f"{work.get('groups', '—')} groups x {work.get('group_size', '—')} samples per step, micro-batches of "
+            f"{work.get('micro_batch_size', '—')}, {work.get('warmup', '—')} warm-up + {work.get('steps', '—')} timed steps; "
+            f"median of {repeats} repeats [min, max], sides in turn; routing replay "
+            f"{'on' if r.get('routing_replay') else 'off'}; LLEP capacity {num(r.get('ep_capacity'))}.{_load(r)}")
+    lines = [head]
+    if r.get("quick"):
+        quick = (f"`--quick`: a tiny workload, {repeats} repeat(s), the sides sharing processes (peak memory not per side): "
+                 "a check that the benchmark runs, not figures to quote.")
+        lines += ["", quick]
+    sides = {n: s for n, s in (r.get("sides") or {}).items() if isinstance(s, dict)}
+    rows = []
+    for name, s in sides.items():
+        ep = s.get("expert_parallel", 1)
+        memory = ", ".join(_spread(m) for m in s.get("rss_mib") or [])
+        if s.get("cuda_mib"):
+            memory += " (CUDA: " + ", ".join(_spread(m) for m in s["cuda_mib"]) + ")"
+        rows.append([name, str(s.get("ranks", "—")), f"{ep} ({s.get('ep_balance', '—')})" if ep > 1 else "—", str(s.get("router", "—")),
+                     _spread(s.get("tokens_per_s")), _spread(s.get("step_s"), 1, 1e3), memory,
+                     _spread(s.get("pairs_max_over_mean"), 2), _spread(s.get("worst_call_over_bound"), 2),
+                     str(s["weights_received"]) if "weights_received" in s else "—"])
+    lines += ["", *table(["side", "ranks", "EP", "router", "tokens/s", "step ms", "peak RSS MiB per rank", "pairs per rank max/mean",
+                          "worst layer call / LLEP bound", "expert weights moved"], rows)]
+    cases = {n: c for n, c in (r.get("cases") or {}).items() if isinstance(c, dict)}
+    if cases:
+        lines += ["", *table(["case", "sides (a → b)", "tokens/s b / a", "step time b / a"],
+                             [[n, " → ".join(c.get("sides") or []), num(c.get("tokens_per_s_ratio")), num(c.get("step_s_ratio"))]
+                              for n, c in cases.items()])]
+    return lines + _learner_scaling(r.get("scaling") or {})
+
+
+def _learner_scaling(sc: dict[str, Any]) -> list[str]:
+    """The bytes between ranks that the learner benchmark computes: per step at 2 ranks, and per rank at N."""
+    if not sc:
+        return []
+    step = sc.get("per_step") or {}
+    model = (f"Bytes between ranks per step (computed): {num(sc.get('params'), 0)} parameters ({num(sc.get('expert_params'), 0)} "
+             f"in experts), {_mb(sc.get('param_bytes'))} MB; {num(sc.get('completion_tokens_per_step'), 0)} completion tokens and "
+             f"{num(sc.get('positions_per_step'), 0)} positions per step.")
+    collectives = (f"At 2 ranks, {num(sc.get('rounds_per_step_2_ranks'), 1)} micro-batch rounds per step, each "
+                   f"{sc.get('all_gathers_per_round', '—')} all-gathers and {sc.get('reduce_scatters_per_round', '—')} reduce-scatter "
+                   f"of the sharded parameters, and {sc.get('all_to_all_passes', '—')} all-to-all passes under EP: "
+                   f"FSDP {_mb(step.get('fsdp_bytes'))} MB; with EP, FSDP {_mb(step.get('fsdp_bytes_with_ep'))} MB and "
+                   f"all-to-all {_mb(step.get('ep_all_to_all_bytes'))} MB (payloads, all ranks). Sent by one rank of N, "
+                   "the same global batch:")
+    per_rank = sc.get("per_rank") or {}
+    rows = [[n, str(x.get("expert_parallel", "—")), num(x.get("rounds"), 1), _mb(x.get("fsdp_sent_bytes")),
+             _mb(x.get("fsdp_sent_bytes_with_ep")), _mb(x.get("all_to_all_sent_bytes"))]
+            for n, x in per_rank.items() if isinstance(x, dict)]
+    return ["", model, collectives, "",
+            *table(["N ranks", "EP", "rounds", "FSDP MB", "with EP: FSDP MB", "with EP: all-to-all MB"], rows)]
+
+
 BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "peer": ("rlhub against TRL's GRPOTrainer", render_peer),
     "e2e": ("the pipeline, synchronous and asynchronous", render_e2e),
@@ -297,6 +365,7 @@ BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "sync": ("weight sync", render_sync),
     "store": ("data store", render_store),
     "scale": ("rollout actors and nodes", render_scale),
+    "learner": ("the learner alone: ranks, expert parallelism, LLEP, grouped routing", render_learner),
 }
 
 

@@ -104,3 +104,20 @@ def read_full(directory: Path, prefix: str = "model") -> dict[str, torch.Tensor]
             out[key[len(prefix) + 1:]] = torch.empty(m.size, dtype=m.properties.dtype)
     dcp.load({prefix: out}, checkpoint_id=str(directory / DIRNAME), no_dist=True)
     return out
+
+
+def save_model(directory: Path, model: torch.nn.Module, layout: Layout) -> None:
+    """A model alone (a frozen reference) in the same format, under `learner/`'s name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory / DIRNAME), no_dist=not layout.ranks.distributed)
+
+
+def load_model(directory: Path, model: torch.nn.Module, layout: Layout) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(directory / DIRNAME), no_dist=not layout.ranks.distributed)
+    set_model_state_dict(model, state["model"])

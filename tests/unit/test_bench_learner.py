@@ -1,0 +1,100 @@
+"""`rlhub bench learner --quick`: every side trains on two local gloo ranks; the figures and their README table.
+
+One quick run (a tiny workload, one repeat, every side in one group of two processes) is shared by the
+tests: it takes about 15 s on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhub.benches import learner as bench
+from rlhub.benches.report import MISSING, render
+
+
+@pytest.fixture(scope="module")
+def result(tiny_model_path) -> dict:
+    return bench.run(["--quick", "--repeats", "1"])
+
+
+def test_every_case_and_side_is_measured(result):
+    assert set(result["cases"]) == set(bench.CASES)
+    assert set(result["sides"]) == set(bench.SIDES)
+    assert result["quick"] is True and result["repeats"] == 1 and result["own_processes_per_side"] is False
+    for name, side in result["sides"].items():
+        assert side["ranks"] == bench.SIDES[name].ranks
+        assert side["tokens_per_s"]["median"] > 0 and side["step_s"]["median"] > 0
+        assert len(side["rss_mib"]) == side["ranks"] and all(m["median"] > 0 for m in side["rss_mib"])
+        assert ("pairs_per_rank" in side) == (side["expert_parallel"] > 1)
+    for case in result["cases"].values():
+        assert case["tokens_per_s_ratio"] > 0
+    json.dumps(result)  # the record is JSON
+
+
+def test_llep_holds_the_skewed_router_to_its_capacity_and_standard_ep_does_not(result):
+    standard, llep = result["sides"]["ep_skewed"], result["sides"]["llep_skewed"]
+    assert standard["worst_call_over_bound"]["max"] > 1.0 and standard["calls_over_bound"] > 0
+    assert standard["pairs_per_rank"][0] > 2 * standard["pairs_per_rank"][1]  # the router favours rank 0's experts
+    assert llep["worst_call_over_bound"]["max"] <= 1.0 and llep["calls_over_bound"] == 0
+    assert llep["weights_received"] > 0 and standard["weights_received"] == 0
+    assert sum(llep["pairs_per_rank"]) == sum(standard["pairs_per_rank"])  # the same batches, the same pairs
+
+
+def test_grouped_routing_gives_every_rank_the_same_pairs_in_every_layer_call(result):
+    grouped = result["sides"]["ep_grouped"]
+    assert grouped["calls_all_equal"] == grouped["layer_calls"] > 0
+    assert grouped["pairs_max_over_mean"]["max"] == 1.0
+    assert len(set(grouped["pairs_per_rank"])) == 1
+    assert result["sides"]["ep"]["calls_all_equal"] < result["sides"]["ep"]["layer_calls"]  # top-k alone does not
+
+
+def test_scaling_counts_the_models_parameters_and_the_measured_positions(result, tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    sc = result["scaling"]
+    assert sc["params"] == sum(p.numel() for p in model.parameters())
+    assert sc["param_bytes"] == 4 * sc["params"]
+    step = sc["per_step"]
+    assert step["fsdp_bytes"] == pytest.approx(sc["rounds_per_step_2_ranks"] * 4 * sc["param_bytes"])
+    assert step["ep_all_to_all_bytes"] == pytest.approx(sc["positions_per_step"] * sc["top_k"] * sc["hidden"] * 4 * 2 * sc["moe_layers"] * 3)
+    # EP moves the experts out of FSDP; a rank of 8 sends 7/8 of every sharded collective
+    two, eight = sc["per_rank"]["2"], sc["per_rank"]["8"]
+    assert two["fsdp_sent_bytes"] == pytest.approx(step["fsdp_bytes"] / 2) and step["fsdp_bytes_with_ep"] < step["fsdp_bytes"]
+    assert eight["expert_parallel"] == 8 and eight["fsdp_sent_bytes"] == pytest.approx(eight["rounds"] * 4 * 7 / 8 * sc["param_bytes"])
+
+
+def test_the_report_renders_the_record(result):
+    text = render({"learner": {"bench": "learner", "command": "rlhub bench learner --quick", "commit": "abc1234", "result": result}})
+    section = text[text.index("### learner"):]
+    assert "`rlhub bench learner --quick` at commit `abc1234`" in section and MISSING not in section
+    assert "`--quick`: a tiny workload, 1 repeat(s)" in section
+    assert "| llep | ep_skewed → llep_skewed |" in section
+    assert "| ep_grouped | 2 | 2 (standard) | grouped |" in section
+
+
+@pytest.mark.parametrize("args, message", [(["--repeats", "1"], "at least 3 repeats"), (["--model", "gpt"], "invalid choice"),
+                                           (["--steps", "0", "--quick"], "--steps 0"), (["--fast"], "unrecognized")])
+def test_bad_arguments_are_one_line_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        bench.parse_args(args)
+
+
+def test_quick_is_the_only_way_to_a_single_repeat():
+    assert bench.parse_args(["--quick", "--repeats", "1"]).repeats == 1
+    assert bench.parse_args([]).repeats == 3 and bench.parse_args([]).model == "tiny_moe"
+
+
+def test_the_skewed_copy_is_built_once_beside_the_model(tmp_path, tiny_model_path):
+    import shutil
+
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_model_path, base)
+    out = bench.skewed_model(base, 2)
+    assert out == tmp_path / "tiny-skew2" and (out / "config.json").is_file()
+    mtime = (out / "config.json").stat().st_mtime_ns
+    assert bench.skewed_model(base, 2) == out and (out / "config.json").stat().st_mtime_ns == mtime
+    assert not list(Path(tmp_path).glob("*.tmp*"))
