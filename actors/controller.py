@@ -180,6 +180,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     plan = plan_cores(cfg)
     everywhere = os.sched_getaffinity(0)  # confine_ray moves this process too: a later run in it plans afresh
     started_ray = init_ray(cfg, plan)
+    actors = None
     try:
         actors = create_actors(cfg, model_path, env, plan)  # their start-ups (imports, model loads) run meanwhile
         _setup_logging(run_dir)
@@ -187,6 +188,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                  time.time() - t0)
         return _train(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0)
     finally:
+        if actors is not None and not started_ray:
+            actors.learner.close()  # the learner ranks' placement group, in a Ray that outlives the run
         if started_ray:
             import ray
 

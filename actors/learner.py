@@ -59,7 +59,7 @@ class LearnerActor:
         from rlhub.parallel.ranks import free_address
 
         host, port = free_address()
-        return {"rank": self.rank, "node": host, "pid": os.getpid(), "port": port}
+        return {"rank": self.rank, "node": host, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "port": port}
 
     def start(self, host: str, port: int) -> None:
         """Join the learner ranks' group at host:port and build this rank's share of the learner."""
@@ -187,12 +187,23 @@ class LearnerGroup:
         self.where: list[dict[str, Any]] = []
         self.started: list[Any] = []
         self.place_timeout_s = cfg.place_timeout_s
+        self.strategy = cfg.placement
+
+    def close(self) -> None:
+        """End the ranks and free their placement group (a run in a Ray it did not start leaves nothing held)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.placement is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
+            self.placement = None
 
     def start(self) -> None:
         """Wait for the ranks to be placed, then join them (their model loads run meanwhile)."""
         if self.placement is not None and not self.placement.wait(self.place_timeout_s):
             raise RankFailed(f"the cluster cannot place {self.world_size} learner ranks of {self.placement.bundle_specs[0]} each "
-                             f"(learner.placement={self.placement.strategy.lower()}) within {self.place_timeout_s:.0f} s")
+                             f"(learner.placement={self.strategy}) within {self.place_timeout_s:.0f} s")
         self.where = ray.get([a.where.remote() for a in self.actors])
         if self.world_size > 1:
             host, port = self.where[0]["node"], self.where[0]["port"]

@@ -53,7 +53,7 @@ class _Scorer:
         from rlhub.parallel.ranks import free_address
 
         host, port = free_address()
-        return {"rank": self.rank, "node": host, "pid": os.getpid(), "port": port}
+        return {"rank": self.rank, "node": host, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "port": port}
 
     def start(self, host: str, port: int, others: list[Any]) -> None:
         """Join the scorer ranks' group and build this rank's share; rank 0 is given the others' handles."""

@@ -96,6 +96,25 @@ class Learner:
         together: the normalisers are summed over the ranks first, every rank runs as many forwards and
         backwards as the busiest one (idle ones on a row of padding, so that FSDP's collectives pair
         up), and the metrics returned are the whole step's on every rank."""
+        if self.layout.expert_names(self.model):
+            from rlhub.parallel.experts import ep_stats
+
+            with ep_stats() as dispatch:
+                metrics = self._train_step(batch)
+            metrics.update(self._ep_metrics(dispatch))
+            return metrics
+        return self._train_step(batch)
+
+    def _ep_metrics(self, dispatch: Any) -> dict[str, float]:
+        """Expert parallelism's per-rank load over the step: (token, expert) pairs each rank computed, and
+        what standard EP would have given it; the seconds in dispatch, expert compute and combine."""
+        ranks = self.ranks.gather((sum(dispatch.pairs), sum(dispatch.standard_pairs), dispatch.seconds, dispatch.weights_received))
+        pairs, standard, seconds, moved = (list(x) for x in zip(*ranks))
+        return {"learner/ep_pairs_max_over_mean": _max_over_mean(pairs), "learner/ep_pairs_max": float(max(pairs)),
+                "learner/ep_standard_pairs_max_over_mean": _max_over_mean(standard), "learner/ep_seconds_max": max(seconds),
+                "learner/ep_seconds_mean": sum(seconds) / len(seconds), "learner/ep_weights_moved": float(sum(moved))}
+
+    def _train_step(self, batch: GroupTensors | None) -> dict[str, Any]:
         start = time.perf_counter()
         ranks = self.ranks
         algo = self.algo

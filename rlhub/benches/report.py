@@ -324,10 +324,10 @@ def render_learner(r: dict[str, Any]) -> list[str]:
             memory += " (CUDA: " + ", ".join(_spread(m) for m in s["cuda_mib"]) + ")"
         rows.append([name, str(s.get("ranks", "—")), f"{ep} ({s.get('ep_balance', '—')})" if ep > 1 else "—", str(s.get("router", "—")),
                      _spread(s.get("tokens_per_s")), _spread(s.get("step_s"), 1, 1e3), memory,
-                     _spread(s.get("pairs_max_over_mean"), 2), _spread(s.get("worst_call_over_bound"), 2),
-                     str(s["weights_received"]) if "weights_received" in s else "—"])
+                     _spread(s.get("pairs_max_over_mean"), 2), _spread(s.get("standard_pairs_max_over_mean"), 2),
+                     _spread(s.get("over_llep_bound"), 2), num(s.get("weights_moved"), 0)])
     lines += ["", *table(["side", "ranks", "EP", "router", "tokens/s", "step ms", "peak RSS MiB per rank", "pairs per rank max/mean",
-                          "worst layer call / LLEP bound", "expert weights moved"], rows)]
+                          "under standard EP", "/ LLEP bound", "expert weights moved"], rows)]
     cases = {n: c for n, c in (r.get("cases") or {}).items() if isinstance(c, dict)}
     if cases:
         lines += ["", *table(["case", "sides (a → b)", "tokens/s b / a", "step time b / a"],

@@ -46,11 +46,14 @@ def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer, reference:
             wrapped.append((d, key, t))
             d[key] = DTensor.from_local(t, ranks.ep_mesh, [Replicate(), Shard(0)], run_check=False)
 
+        moments = state["optimizer"]["state"]
         for name in layout.expert_names(model):
             wrap(state["model"], name)
-            for key, value in state["optimizer"]["state"].get(name, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    wrap(state["optimizer"]["state"][name], key)
+            if name in moments:
+                moments[name] = dict(moments[name])  # the optimizer's own per-parameter dict must keep its plain tensors
+                for key, value in list(moments[name].items()):
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        wrap(moments[name], key)
         if reference is not None:
             for name in layout.expert_names(reference):
                 wrap(state["reference"], name)

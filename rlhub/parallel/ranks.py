@@ -136,7 +136,7 @@ def join(host: str, port: int, rank: int, world_size: int, expert_parallel: int 
         raise ValueError(f"learner.expert_parallel={expert_parallel} must divide learner.world_size={world_size}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        torch.cuda.set_device(0)  # Ray gives each rank its own GPU, visible as device 0
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # under Ray each rank sees its own GPU only, as device 0
     dist.init_process_group(backend(), init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     ranks = Ranks(rank, world_size, expert_parallel, mesh=init_device_mesh(device, (world_size,)))

@@ -28,7 +28,7 @@ def test_every_case_and_side_is_measured(result):
         assert side["ranks"] == bench.SIDES[name].ranks
         assert side["tokens_per_s"]["median"] > 0 and side["step_s"]["median"] > 0
         assert len(side["rss_mib"]) == side["ranks"] and all(m["median"] > 0 for m in side["rss_mib"])
-        assert ("pairs_per_rank" in side) == (side["expert_parallel"] > 1)
+        assert ("pairs_max_over_mean" in side) == (side["expert_parallel"] > 1)
     for case in result["cases"].values():
         assert case["tokens_per_s_ratio"] > 0
     json.dumps(result)  # the record is JSON
@@ -36,19 +36,23 @@ def test_every_case_and_side_is_measured(result):
 
 def test_llep_holds_the_skewed_router_to_its_capacity_and_standard_ep_does_not(result):
     standard, llep = result["sides"]["ep_skewed"], result["sides"]["llep_skewed"]
-    assert standard["worst_call_over_bound"]["max"] > 1.0 and standard["calls_over_bound"] > 0
-    assert standard["pairs_per_rank"][0] > 2 * standard["pairs_per_rank"][1]  # the router favours rank 0's experts
-    assert llep["worst_call_over_bound"]["max"] <= 1.0 and llep["calls_over_bound"] == 0
-    assert llep["weights_received"] > 0 and standard["weights_received"] == 0
-    assert sum(llep["pairs_per_rank"]) == sum(standard["pairs_per_rank"])  # the same batches, the same pairs
+    assert standard["pairs_max_over_mean"]["min"] > bench.CAPACITY  # the router favours rank 0's experts
+    assert standard["over_llep_bound"]["max"] > 1.0 and standard["steps_over_llep_bound"] > 0
+    assert llep["over_llep_bound"]["max"] <= 1.0 and llep["steps_over_llep_bound"] == 0
+    assert llep["standard_pairs_max_over_mean"]["min"] > bench.CAPACITY  # what standard EP would have given it
+    assert llep["weights_moved"] > 0 and standard["weights_moved"] == 0
 
 
-def test_grouped_routing_gives_every_rank_the_same_pairs_in_every_layer_call(result):
-    grouped = result["sides"]["ep_grouped"]
-    assert grouped["calls_all_equal"] == grouped["layer_calls"] > 0
+def test_grouped_routing_gives_every_rank_the_same_pairs_in_every_step(result):
+    grouped, topk = result["sides"]["ep_grouped"], result["sides"]["ep"]
+    assert grouped["steps_all_equal"] == grouped["ep_steps"] > 0
     assert grouped["pairs_max_over_mean"]["max"] == 1.0
-    assert len(set(grouped["pairs_per_rank"])) == 1
-    assert result["sides"]["ep"]["calls_all_equal"] < result["sides"]["ep"]["layer_calls"]  # top-k alone does not
+    assert topk["steps_all_equal"] < topk["ep_steps"] and topk["pairs_max_over_mean"]["max"] > 1.0  # top-k alone does not
+
+
+def test_llep_bound_adds_one_pair_per_layer_call_to_the_capacity():
+    step = {"pairs_max": 600.0, "pairs_max_over_mean": 1.2}  # 2 ranks, mean 500: 1000 pairs
+    assert bench.llep_bound(step, 2, 8) == pytest.approx(bench.CAPACITY + 8 * 2 / 1000)
 
 
 def test_scaling_counts_the_models_parameters_and_the_measured_positions(result, tiny_model_path):

@@ -218,3 +218,21 @@ def test_a_sharded_checkpoint_resumes_at_one_and_two_ranks_and_back(tiny_model_p
 
 def full_state_of_fresh(ranks, model_path: str) -> dict[str, torch.Tensor]:
     return {f"param/{k}": v.clone() for k, v in _learner(model_path, ALGOS["token_mean"]).full_items()}
+
+
+def save_ep(ranks, model_path: str, directory: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    learner = _learner(model_path, ALGOS["token_mean"], ranks, ep_balance="llep")
+    for batch in make_batches(11)[:2]:
+        learner.train_step(collate([batch[i] for i in balance([int(t.completion_mask.sum()) for t in batch], 2)[ranks.rank]], 256))
+        learner.save(Path(directory))  # a save between steps leaves the optimizer's state as it was
+    return {f"param/{k}": v.clone() for k, v in learner.full_items()}
+
+
+def test_an_expert_parallel_checkpoint_resumes_at_one_rank(tiny_model_path, tmp_path):
+    saved = run_ranks(save_ep, 2, tiny_model_path, str(tmp_path / "ep"), expert_parallel=2)[0]
+    loaded = run_ranks(resume, 1, tiny_model_path, str(tmp_path / "ep"))[0]
+    assert max_diff({k: v for k, v in loaded.items() if k.startswith("param/")}, saved) == 0.0
+    experts = [k for k in loaded if k.startswith("exp_avg/") and k.endswith("experts.gate_up_proj")]
+    assert experts and all(float(loaded[k].abs().sum()) > 0 for k in experts)  # both ranks' slices of the moments
