@@ -1,8 +1,12 @@
 """Atomic checkpoints: written aside, then renamed into place.
 
-Layout: `<run_dir>/checkpoints/step_<N>/` with `policy/` (an HF directory,
-safetensors), `optimizer.safetensors` + `optimizer.json`, and `state.json`
-(version, data cursor, store counters, the groups to start again).
+Layout: `<run_dir>/checkpoints/step_<N>/` with `learner/` (the policy's,
+optimizer's and KL reference's shards, `torch.distributed.checkpoint`: any
+world size resumes it, see `rlhub.parallel.checkpoint`), `policy/` (a whole HF
+directory, safetensors), `critic/` and `reference/` (the same format) where the
+algorithm has them, and `state.json` (version, data cursor, store counters,
+the groups to start again). Checkpoints of earlier versions hold
+`optimizer.safetensors` + `optimizer.json` instead of `learner/`.
 A directory without its final name is never read.
 """
 
