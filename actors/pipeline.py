@@ -81,15 +81,16 @@ class Pipeline:
         self.fleet.check()
         calls = [c for step in self.outstanding for c in step.calls]
         ready = ray.wait(calls, num_returns=len(calls), timeout=0)[0] if calls else []
-        self._check_ranks(ready)
+        self._check_ranks(ready, self.outstanding)
         ray.get(ready)
 
-    def _check_ranks(self, ready: list[Any]) -> None:
+    def _check_ranks(self, ready: list[Any], steps: list[Step]) -> None:
         """A dead learner rank ends the run at once, named (the others would wait for it in a collective)."""
         from rlhub.actors.learner import RankFailed
 
+        ranks = {c for step in steps for c in (*step.learned, *step.published)}
         try:
-            self.learner.check(ready)
+            self.learner.check([c for c in ready if c in ranks])
         except RankFailed as e:
             raise RunFailed(str(e)) from None
 
@@ -120,7 +121,7 @@ class Pipeline:
         crashed actor is replaced)."""
         while True:
             ready = ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]
-            self._check_ranks(ready)
+            self._check_ranks(ready, [step])
             if len(ready) == len(step.calls):
                 break
             self.fleet.check()

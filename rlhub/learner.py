@@ -32,6 +32,7 @@ from rlhub.moe import BIAS_NAME, Balancer, BalanceStep, MoEConfig, set_differs
 from rlhub.parallel.fsdp import idle_row, local
 from rlhub.parallel.layout import Layout, frozen_copy
 from rlhub.parallel.ranks import Ranks
+from rlhub.learner_metrics import agreement_metrics, lag_counts, max_over_mean, merge_ranks, moments, staleness_metrics
 from rlhub.types import GroupTensors, micro_batches
 
 
@@ -110,8 +111,8 @@ class Learner:
         what standard EP would have given it; the seconds in dispatch, expert compute and combine."""
         ranks = self.ranks.gather((sum(dispatch.pairs), sum(dispatch.standard_pairs), dispatch.seconds, dispatch.weights_received))
         pairs, standard, seconds, moved = (list(x) for x in zip(*ranks))
-        return {"learner/ep_pairs_max_over_mean": _max_over_mean(pairs), "learner/ep_pairs_max": float(max(pairs)),
-                "learner/ep_standard_pairs_max_over_mean": _max_over_mean(standard), "learner/ep_seconds_max": max(seconds),
+        return {"learner/ep_pairs_max_over_mean": max_over_mean(pairs), "learner/ep_pairs_max": float(max(pairs)),
+                "learner/ep_standard_pairs_max_over_mean": max_over_mean(standard), "learner/ep_seconds_max": max(seconds),
                 "learner/ep_seconds_mean": sum(seconds) / len(seconds), "learner/ep_weights_moved": float(sum(moved))}
 
     def _train_step(self, batch: GroupTensors | None) -> dict[str, Any]:
@@ -171,7 +172,7 @@ class Learner:
                 agreement[k] = max(agreement.get(k, v), v) if k.endswith("_max") else agreement.get(k, 0.0) + v
         grad_norm = self.layout.clip_grads(self.model, algo.grad_clip)
         local = {"sums": sums, "agreement": agreement, "learned": learned,
-                 "lags": _lag_counts(batch, self.version), "rewards": _moments(None if batch is None else batch.rewards)}
+                 "lags": lag_counts(batch, self.version), "rewards": moments(None if batch is None else batch.rewards)}
         step = merge_ranks(ranks.gather(local)) if ranks.distributed else local
         finite = math.isfinite(step["sums"].get("loss", 0.0)) and math.isfinite(float(grad_norm))
         # a non-finite loss or gradient would poison the weights: skip the update, keep the version moving
@@ -199,7 +200,7 @@ class Learner:
         metrics["rollout/reward_std"] = math.sqrt(max(squares / max(count, 1.0) - mean * mean, 0.0))
         if ranks.distributed:
             metrics["learner/world_size"] = float(ranks.world_size)
-            metrics["learner/rank_tokens_max_over_mean"] = _max_over_mean(step["rank_tokens"])
+            metrics["learner/rank_tokens_max_over_mean"] = max_over_mean(step["rank_tokens"])
         metrics["time/train_s"] = time.perf_counter() - start
         self.version += 1
         return metrics
@@ -409,9 +410,10 @@ class Learner:
 
         self.version = version
         if sharded.has_sharded(directory):
-            reference = self._reference
-            if reference is None and not self.ranks.distributed and "reference.model.norm.weight" in sharded.saved_keys(directory):
-                reference = self.reference()
+            saved_reference = any(k.startswith("reference.") for k in sharded.saved_keys(directory))
+            reference = None
+            if saved_reference:  # a resumed run keeps its KL anchored to the same reference
+                reference = self._reference if self.ranks.distributed else self.reference()
             sharded.load(directory, self.model, self.optimizer, reference, self.layout)
             return
         if self.ranks.distributed:
@@ -446,88 +448,6 @@ def _supervised_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> 
 
     samples = [Sample(p, a, [0.0] * len(a), [0] * len(a), 0.0, None, "stop") for p, a in pairs]
     return GroupTensors.from_samples(samples, torch.zeros(len(samples)), pad_id)
-
-
-def agreement_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """Learner-engine agreement (see `Learner._agreement`). `train/logprob_mismatch` and the
-    `*_same_version` keys: tokens sampled at the learner's version (numerical mismatch only; absent on
-    steps without such tokens). `moe/logprob_gap_*` and `moe/routing_mismatch`: all generated tokens."""
-    out: dict[str, float] = {}
-    tokens, same = sums.get("tokens", 0.0), sums.get("same_tokens", 0.0)
-    if same > 0:
-        out["train/logprob_mismatch"] = sums["gap_same"] / same
-        out["train/logprob_mismatch_max"] = sums["gap_same_max"]
-    for mode in ("replay", "fresh"):
-        if tokens > 0 and f"gap_all_{mode}" in sums:
-            out[f"moe/logprob_gap_{mode}"] = sums[f"gap_all_{mode}"] / tokens
-        if same > 0 and f"gap_same_{mode}" in sums:
-            out[f"moe/logprob_mismatch_{mode}"] = sums[f"gap_same_{mode}"] / same
-    if sums.get("route_pairs", 0.0) > 0:
-        out["moe/routing_mismatch"] = sums["route_diff"] / sums["route_pairs"]
-    if sums.get("route_pairs_same", 0.0) > 0:
-        out["moe/routing_mismatch_same_version"] = sums["route_diff_same"] / sums["route_pairs_same"]
-    return out
-
-
-def staleness_metrics(lags: dict[int, int]) -> dict[str, float]:
-    """Distribution of (learner version - token version) over trained tokens, from the tokens per lag."""
-    total = sum(lags.values())
-    if total == 0:
-        return {}
-    mean = sum(k * c for k, c in lags.items()) / total
-    out = {"staleness/mean": float(mean), "staleness/max": float(max(lags)), "staleness/min": float(min(lags))}
-    for k in sorted(lags):
-        out[f"staleness/frac_{k}"] = lags[k] / total
-    return out
-
-
-def _lag_counts(batch: GroupTensors | None, learner_version: int) -> dict[int, int]:
-    """Trained tokens per lag (learner version - the token's version)."""
-    if batch is None:
-        return {}
-    lag = learner_version - batch.versions[batch.completion_mask.bool()].long()
-    return {int(k): int(c) for k, c in zip(*torch.unique(lag, return_counts=True))}
-
-
-def _moments(values: torch.Tensor | None) -> tuple[float, float, float]:
-    """(count, sum, sum of squares), which add over ranks."""
-    if values is None:
-        return 0.0, 0.0, 0.0
-    v = values.double()
-    return float(v.numel()), float(v.sum()), float(v.pow(2).sum())
-
-
-def merge_ranks(steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """One step's local results of every rank as one: sums add (each rank's terms are its share of the
-    batch's), maxima take the max, groups and lags join; "rank_tokens": each rank's trained tokens."""
-    out: dict[str, Any] = {"sums": {}, "agreement": {}, "learned": {}, "lags": {}, "rewards": (0.0, 0.0, 0.0), "rank_tokens": []}
-    for local in steps:
-        for key in ("sums", "agreement"):
-            for k, v in local[key].items():
-                out[key][k] = max(out[key].get(k, v), v) if k.endswith("_max") else out[key].get(k, 0.0) + v
-        out["learned"].update(local["learned"])
-        for lag, c in local["lags"].items():
-            out["lags"][lag] = out["lags"].get(lag, 0) + c
-        out["rewards"] = tuple(a + b for a, b in zip(out["rewards"], local["rewards"]))
-        out["rank_tokens"].append(sum(local["learned"].values()))
-    return out
-
-
-def _max_over_mean(values: list[float]) -> float:
-    mean = sum(values) / max(len(values), 1)
-    return max(values) / mean if mean > 0 else 0.0
-
-
-def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in state["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:

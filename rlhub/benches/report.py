@@ -366,6 +366,7 @@ BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "store": ("data store", render_store),
     "scale": ("rollout actors and nodes", render_scale),
     "learner": ("the learner alone: ranks, expert parallelism, LLEP, grouped routing", render_learner),
+    "learner_smollm2": ("the learner alone on the SmolLM2 MoE (`rlhub bench learner --model smollm2_moe`)", render_learner),
 }
 
 
@@ -379,7 +380,7 @@ def render_bench(name: str, record: dict[str, Any] | None, plot: str | None = No
     title, render = BENCHES[name]
     lines = [f"### {name}: {title}", ""]
     if record is None:
-        return lines + [f"{MISSING} (`rlhub bench {name}`)."]
+        return lines + [f"{MISSING} (`rlhub bench {name.replace('_smollm2', ' --model smollm2_moe')}`)."]
     machine = record.get("machine") or {}
     lines += [f"`{record.get('command', 'rlhub bench ' + name)}` at commit `{record.get('commit', '?')}`, "
               f"{record.get('time', '?')}, {machine.get('cpus', '?')} CPUs" + (", CUDA" if machine.get("cuda") else "") + ".", ""]

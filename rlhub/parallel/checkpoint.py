@@ -76,8 +76,6 @@ def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state, wrapped = _states(model, optimizer, reference, layout)
-    if reference is None or not (directory / DIRNAME).exists():
-        state.pop("reference", None)
     dcp.load(state, checkpoint_id=str(directory / DIRNAME), no_dist=not layout.ranks.distributed)
     for d, key, local in wrapped:  # the loaded slices, back as the plain tensors the model holds
         local.copy_(d[key].to_local())

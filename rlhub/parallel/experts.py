@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -62,6 +63,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
 import torch.nn.functional as F
+
+# torch 2.13 marks the autograd-aware all_to_all_single deprecated in favour of a private module; it is
+# the public one that differentiates, so it stays, without a warning from every rank at every step
+warnings.filterwarnings("ignore", message=r".*all_to_all_single is deprecated.*", category=FutureWarning)
 
 BALANCE_MODES = ("standard", "llep")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")

@@ -73,7 +73,7 @@ def test_scaling_counts_the_models_parameters_and_the_measured_positions(result,
 
 def test_the_report_renders_the_record(result):
     text = render({"learner": {"bench": "learner", "command": "rlhub bench learner --quick", "commit": "abc1234", "result": result}})
-    section = text[text.index("### learner"):]
+    section = text[text.index("### learner:"):text.index("### learner_smollm2")]
     assert "`rlhub bench learner --quick` at commit `abc1234`" in section and MISSING not in section
     assert "`--quick`: a tiny workload, 1 repeat(s)" in section
     assert "| llep | ep_skewed → llep_skewed |" in section
@@ -102,3 +102,12 @@ def test_the_skewed_copy_is_built_once_beside_the_model(tmp_path, tiny_model_pat
     mtime = (out / "config.json").stat().st_mtime_ns
     assert bench.skewed_model(base, 2) == out and (out / "config.json").stat().st_mtime_ns == mtime
     assert not list(Path(tmp_path).glob("*.tmp*"))
+
+
+def test_the_smollm2_record_does_not_hide_the_tiny_models():
+    from rlhub.benches import latest
+
+    tiny = {"bench": "learner", "result": {"model": "tiny_moe"}}
+    smol = {"bench": "learner", "result": {"model": "smollm2_moe"}}
+    newer_tiny = {"bench": "learner", "result": {"model": "tiny_moe", "repeats": 5}}
+    assert latest([tiny, smol, newer_tiny]) == {"learner": newer_tiny, "learner_smollm2": smol}

@@ -120,8 +120,9 @@ def test_missing_benchmarks_render_not_measured_yet():
 def test_render_shows_each_bench_command_commit_and_figures():
     text = render(records(peer=peer_result(), e2e=e2e_result(), engine=engine_result(), sync=sync_result(), store=store_result(),
                           scale={"model": "tiny_moe", "rows": [{"actors": 2, "nodes": 1, "samples_per_s": 812.5, "model_samples_per_s": 900.0}]},
-                          learner={"model": "tiny_moe", "sides": {"2_ranks": {"ranks": 2, "tokens_per_s": {"median": 1234.0}}}}))
-    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner"):
+                          learner={"model": "tiny_moe", "sides": {"2_ranks": {"ranks": 2, "tokens_per_s": {"median": 1234.0}}}},
+                          learner_smollm2={"model": "smollm2_moe", "sides": {"ep": {"ranks": 2, "tokens_per_s": {"median": 30.0}}}}))
+    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2"):
         assert f"`rlhub bench {name}` at commit `abc1234`" in text
     assert MISSING not in text
     assert "| smollm2 | generation | 10.0 | 35.0 | 3.50 |" in text

@@ -85,6 +85,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # lr-sized differences after a step; with it, an update is proportional to the gradient, as the check needs
 ALGOS = {agg: AlgorithmConfig(lr=1e-3, adam_eps=1e-3, loss_agg=agg, micro_batch_size=2, grad_clip=1.0) for agg in
          ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")}
+# the KL to the learner's own frozen reference in the loss: the ranks hold a sharded copy, and it is a forward
+# between the policy's forward and backward of every micro-batch
+ALGOS["token_mean+kl"] = AlgorithmConfig(lr=1e-3, adam_eps=1e-3, loss_agg="token_mean", micro_batch_size=2, grad_clip=1.0,
+                                         kl_coef=0.5, kl_penalty="loss", reference="learner", batch_normalize=True)
 
 
 @pytest.fixture(scope="module")
