@@ -35,7 +35,18 @@ def test_expert_parallel_llep_run_resumes_at_one_rank_with_its_ledger_whole(ray_
                            "learner.ep_capacity=1.0", "experiment.total_steps=4", "checkpoint.every=2")
     assert all(r["learner/ep_pairs_max_over_mean"] <= 1.0 + 0.1 for r in rows)  # capacity 1.0: every rank near the mean
     assert any(r["learner/ep_weights_moved"] > 0 for r in rows)
-    assert (tmp_path / "checkpoints" / "step_000004" / "learner" / ".metadata").is_file()
+    sharded = tmp_path / "checkpoints" / "step_000004"
+    assert (sharded / "learner" / ".metadata").is_file()
+    # rlhub export of the 2-rank checkpoint: the weights the ranks' shards hold, read back by another route
+    from transformers import AutoModelForCausalLM
+
+    from rlhub.export import export
+    from rlhub.parallel.checkpoint import read_full
+
+    export(sharded, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).state_dict()
+    shards = read_full(sharded, "model")
+    assert set(exported) <= set(shards) and all(bool((exported[k] == shards[k]).all()) for k in exported)
     (tmp_path / "metrics.jsonl").unlink()
     _, more = run_pipeline(tmp_path, "learner.world_size=1", "experiment.total_steps=6", "resume=true")
     assert [r["step"] for r in more] == [5, 6] and "learner/world_size" not in more[0]
