@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -47,6 +48,13 @@ class ModelMessage(str):
     def finished(self) -> bool:
         """True when the model ended its turn itself (a stop token), False when it was cut off."""
         return self.finish_reason == "stop"
+
+
+PARSE_LOCK = threading.Lock()
+"""Held around the built-in environments' expression parsing (`ast.parse`, math-verify's sympy). CPython
+3.11 keeps the AST validator's recursion depth per interpreter, not per thread, so two threads compiling
+at once can fail with "SystemError: AST constructor recursion depth mismatch"; environments score from
+`env.workers` threads, and parsing a short answer takes microseconds."""
 
 
 def ended_turn(message: str) -> bool:

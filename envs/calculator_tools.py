@@ -37,7 +37,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from rlhub.envs.base import StepResult, ended_turn
+from rlhub.envs.base import PARSE_LOCK, StepResult, ended_turn
 
 DATA = Path(__file__).parent / "data"
 NAME = "calculator_tools"
@@ -71,7 +71,8 @@ def evaluate(expression: str) -> Fraction:
     if len(expression) > MAX_EXPRESSION:
         raise CalcError(f"expression longer than {MAX_EXPRESSION} characters")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        with PARSE_LOCK:
+            tree = ast.parse(expression.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise CalcError("not an arithmetic expression") from None
     return _value(tree.body)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rlhub.data import load_split, task_files
-from rlhub.envs.base import StepResult, ended_turn
+from rlhub.envs.base import PARSE_LOCK, StepResult, ended_turn
 
 DATA = Path(__file__).parent / "data"
 SHIPPED = {"num_numbers": 3, "max_number": 9, "use_all": False}
@@ -64,7 +64,8 @@ def evaluate(text: str, numbers: Sequence[int], use_all: bool = False) -> Fracti
     if not text or len(text) > _MAX_CHARS or not _EXPRESSION_CHARS.fullmatch(text):
         return None
     try:
-        tree = ast.parse(text, mode="eval").body
+        with PARSE_LOCK:
+            tree = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     used: list[int] = []

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from rlhub.envs.base import StepResult, ended_turn
+from rlhub.envs.base import PARSE_LOCK, StepResult, ended_turn
 from rlhub.data import load_split, task_files
 from rlhub.envs.countdown import DATA
 
@@ -85,9 +85,10 @@ def is_equal(candidate: str | None, answer: str) -> bool:
         return False
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    gold = _gold(answer)
-    parsed = parse(candidate, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
-    return bool(parsed) and verify(gold, parsed, timeout_seconds=None)
+    with PARSE_LOCK:  # sympy compiles what it parses (see rlhub.envs.base.PARSE_LOCK)
+        gold = _gold(answer)
+        parsed = parse(candidate, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+        return bool(parsed) and verify(gold, parsed, timeout_seconds=None)
 
 
 @functools.lru_cache(maxsize=4096)
