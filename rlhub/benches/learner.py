@@ -171,6 +171,7 @@ def skewed_model(path: Path, expert_parallel: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rlhub.models.build import rename_into_place
     from rlhub.moe import find_routers
 
     model = AutoModelForCausalLM.from_pretrained(str(path))
@@ -182,10 +183,7 @@ def skewed_model(path: Path, expert_parallel: int) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")  # written aside, renamed when whole
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    rename_into_place(tmp, out)
     return out
 
 

@@ -110,11 +110,17 @@ def build_tiny_moe(cfg: ModelConfig, root: Path | None = None) -> Path:
     torch.manual_seed(cfg.init_seed)
     model = Qwen3MoeForCausalLM(hf_cfg).to(getattr(torch, cfg.dtype))
     model.save_pretrained(str(tmp))
+    rename_into_place(tmp, out)
+    return out
+
+
+def rename_into_place(tmp: Path, out: Path) -> None:
+    """A directory written aside (`tmp`) takes its final name; where another process built `out` first,
+    its copy stays and this one is removed."""
     try:
         os.rename(tmp, out)
-    except OSError:  # another process built it first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def load_policy(path: Path, dtype: str = "float32"):
