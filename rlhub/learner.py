@@ -141,7 +141,8 @@ class Learner:
             def forward(i: int) -> None:  # the routers' choices are all the global-batch balance needs
                 token_logprobs(self.model, parts[i][0].input_ids, parts[i][0].attention_mask, policy=self.policy)
 
-            prepass = self._routing_pass(parts, rounds, forward) if rounds > 1 or ranks.distributed else None
+            prepass = None if rounds <= 1 and not ranks.distributed else self.balancer.routing_pass(
+                [(p.attention_mask, p.routes) for p, _ in parts], forward, rounds, self._idle_forward)
             empty = torch.zeros(0, 2, dtype=torch.long)
             balance = self.balancer.begin(empty if batch is None else batch.attention_mask, None if batch is None else batch.routes,
                                           prepass, ranks)
@@ -214,19 +215,6 @@ class Learner:
         count, total, squares = self.ranks.sum([values.numel(), values.sum(), values.pow(2).sum()])
         mean = total / max(count, 1.0)
         return mean, math.sqrt(max(squares / max(count, 1.0) - mean * mean, 0.0))
-
-    def _routing_pass(self, parts: list, rounds: int, forward):
-        """The balance's prepass over this rank's micro-batches, then idle forwards up to `rounds`."""
-        def run():
-            for i in range(rounds):
-                if i >= len(parts):
-                    self._idle_forward()
-                    continue
-                with self.balancer.micro_batch(parts[i][0].attention_mask, parts[i][0].routes) as capture:
-                    forward(i)
-                yield capture
-
-        return run
 
     def _idle_forward(self) -> torch.Tensor:
         """A forward on a row of padding: a rank with nothing left to compute pairs its collectives with

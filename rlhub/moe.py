@@ -350,13 +350,17 @@ class Balancer:
         step.freq = self._normalise(ranks.sum_tensor(counts))
         return step
 
-    def routing_pass(self, parts: list[tuple[torch.Tensor, torch.Tensor | None]], forward):
+    def routing_pass(self, parts: list[tuple[torch.Tensor, torch.Tensor | None]], forward, rounds: int | None = None, idle=None):
         """`begin`'s `prepass` for a batch in micro-batches, given as (attention mask, routes) each:
-        `forward(i)` runs the model on the i-th."""
+        `forward(i)` runs the model on the i-th. `rounds`: the forwards to run in all, for a learner rank
+        whose collectives must pair with busier ranks': after its own parts, `idle()` runs the rest."""
 
         def run():
-            for i, (attention_mask, routes) in enumerate(parts):
-                with self.micro_batch(attention_mask, routes) as capture:
+            for i in range(len(parts) if rounds is None else rounds):
+                if i >= len(parts):
+                    idle()
+                    continue
+                with self.micro_batch(*parts[i]) as capture:
                     forward(i)
                 yield capture
 

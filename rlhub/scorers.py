@@ -162,15 +162,9 @@ class Critic:
         rounds = ranks.max_int(len(slices))
         balance = None
         if self.balancer is not None:
-            def prepass():
-                for i in range(rounds):
-                    if i >= len(slices):
-                        self._idle_forward()
-                        continue
-                    with self.balancer.micro_batch(batch.attention_mask[slices[i]], None) as capture:
-                        self.model(batch.input_ids[slices[i]], batch.attention_mask[slices[i]])
-                    yield capture
-
+            prepass = self.balancer.routing_pass([(batch.attention_mask[mb], None) for mb in slices],
+                                                 lambda i: self.model(batch.input_ids[slices[i]], batch.attention_mask[slices[i]]),
+                                                 rounds, self._idle_forward)
             empty = torch.zeros(0, 2, dtype=torch.long)
             balance = self.balancer.begin(empty if batch is None else batch.attention_mask, None,
                                           prepass if rounds > 1 or ranks.distributed else None, ranks)
