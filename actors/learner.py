@@ -185,7 +185,6 @@ class LearnerGroup:
                 self.placement, placement_group_bundle_index=r)})).remote(run, model_path, probe_ids, core if r == 0 else None, r)
             for r in range(cfg.world_size)]
         self.where: list[dict[str, Any]] = []
-        self.started: list[Any] = []
         self.place_timeout_s = cfg.place_timeout_s
         self.strategy = cfg.placement
 
@@ -207,8 +206,7 @@ class LearnerGroup:
         self.where = ray.get([a.where.remote() for a in self.actors])
         if self.world_size > 1:
             host, port = self.where[0]["node"], self.where[0]["port"]
-            self.started = [a.start.remote(host, port) for a in self.actors]
-            self.get(self.started)
+            self.get([a.start.remote(host, port) for a in self.actors])
 
     # ---- calls to every rank -----------------------------------------------------------------
     def _all(self, method: str, *args: Any) -> list[Any]:
@@ -233,16 +231,13 @@ class LearnerGroup:
     def load(self, directory: str, version: int) -> list[Any]:
         return self._all("load", directory, version)
 
-    def get(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
+    def get(self, refs: list[Any]) -> list[Any]:
         """ray.get of calls to the ranks, watching them: a rank that dies raises `RankFailed` at once,
         even while the others wait for it in a collective."""
         pending = list(refs)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             self.check(ready)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"learner ranks: no answer within {timeout_s:.0f} s")
         return ray.get(refs)
 
     def check(self, ready: list[Any]) -> None:

@@ -101,16 +101,6 @@ def load_full(model: torch.nn.Module, state: dict[str, torch.Tensor], load_local
                 target.copy_(full.to(target.dtype))
 
 
-def param_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def idle_row(pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, attention mask) of a two-token row of padding: what a rank with nothing left to
     compute runs, so that its collectives pair with the busier ranks' (its loss is multiplied by 0)."""
