@@ -51,7 +51,8 @@ class LearnerActor:
         self.learner = Learner(self.model_path, run.model, run.algorithm, self.probe_ids, seed=run.seed,
                                generation_budget=run.rollout.max_new_tokens, policy=policy, moe=run.moe,
                                replay=replay_enabled(run.moe, run.rollout.engine), ranks=ranks,
-                               ep_balance=run.learner.ep_balance, ep_capacity=run.learner.ep_capacity)
+                               ep_balance=run.learner.ep_balance, ep_capacity=run.learner.ep_capacity,
+                               precision=run.learner.precision, attention=run.learner.attention)
         self.pad_id = self.learner.model.config.pad_token_id or 0
 
     def where(self) -> dict[str, Any]:
@@ -87,7 +88,7 @@ class LearnerActor:
                 for _ in items:  # this rank's part of each gather
                     pass
         else:
-            self.weight_sync.push(self.learner.state_dict(), self.learner.version, probe)
+            self.weight_sync.push(self.learner.published_state(), self.learner.version, probe)
         if self.rank == 0:
             self.store.set_version(self.learner.version)
         return time.perf_counter() - start

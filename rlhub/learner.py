@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,7 +27,8 @@ from rlhub.algorithms.advantages import normalize_over_batch
 from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked, masked_mean
 from rlhub.models.build import ModelConfig, is_moe
-from rlhub.models.logprobs import RAW, SamplingPolicy, probe_logprobs, token_logprobs
+from rlhub.models.logprobs import RAW, SamplingPolicy, completion_span, probe_logprobs, token_logprobs
+from rlhub.models.precision import autocast, head_in_fp32
 from rlhub.moe import BIAS_NAME, Balancer, BalanceStep, MoEConfig, set_differs
 from rlhub.parallel.fsdp import idle_row, local
 from rlhub.parallel.layout import Layout, frozen_copy
@@ -51,12 +52,16 @@ class Learner:
         ranks: Ranks | None = None,
         ep_balance: str = "standard",
         ep_capacity: float = 1.25,
+        precision: str = "fp32",
+        attention: str = "sdpa",
     ) -> None:
         """`replay`: route every recorded position to the experts the engine used (R3), as
         `rlhub.moe.replay_enabled` decided for the run's engine. `ranks`: this learner's place in a
         group of learner ranks (`rlhub.parallel`; None: one process): the model is then sharded with
         FSDP2, its experts split over `ranks.expert_parallel` ranks (`ep_balance`: standard or llep,
-        with `ep_capacity`), and each step takes this rank's share of the batch."""
+        with `ep_capacity`), and each step takes this rank's share of the batch. `precision`: fp32 or bf16
+        (`rlhub.models.precision`); `attention`: sdpa or eager (`learner.attention`). `model_cfg.lora` with a rank: only LoRA adapters train (`rlhub.lora`),
+        and what is published and checkpointed is the adapters."""
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
@@ -64,8 +69,26 @@ class Learner:
         self.algo = algo
         self.ranks = ranks or Ranks.single()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype)).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, model_cfg.dtype),
+                                                          attn_implementation=attention).to(self.device)
         self.model.train()
+        self.precision = precision
+        self.lora = model_cfg.lora if model_cfg.lora.enabled else None
+        if self.lora is not None:
+            if self.ranks.distributed:
+                raise ValueError("model.lora with learner.world_size > 1: LoRA adapters train in one learner process")
+            from rlhub import lora
+
+            if precision == "bf16":
+                self.model.to(torch.bfloat16)  # the frozen base: no cast at every forward, half the memory
+            self.adapted = lora.apply(self.model, self.lora, seed)
+            for p in lora.adapter_params(self.model):
+                p.data = p.data.float()  # adapters and their optimizer state in fp32
+        if precision == "bf16":
+            from rlhub.models.experts import use_sorted_experts
+
+            use_sorted_experts(self.model)  # transformers' grouped_mm casts its input back to fp32
+            head_in_fp32(self.model)
         self.moe_cfg = moe or MoEConfig()
         self.balancer = Balancer(self.model, self.moe_cfg, replay) if is_moe(self.model) else None
         self._reference: torch.nn.Module | None = None
@@ -75,7 +98,7 @@ class Learner:
                 self._reference = self.layout.apply(frozen_copy(self.model))
             self.layout.apply(self.model)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=algo.lr, betas=tuple(algo.adam_betas), eps=algo.adam_eps, weight_decay=algo.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad], lr=algo.lr, betas=tuple(algo.adam_betas), eps=algo.adam_eps, weight_decay=algo.weight_decay
         )
         self.loss_fn = get_policy_loss(algo.policy_loss)
         self.loss_cfg = LossConfig(algo.clip_eps, algo.clip_eps_high, algo.dual_clip_c)
@@ -100,11 +123,16 @@ class Learner:
         if self.layout.expert_names(self.model):
             from rlhub.parallel.experts import ep_stats
 
-            with ep_stats() as dispatch:
+            with ep_stats() as dispatch, self.autocast():
                 metrics = self._train_step(batch)
             metrics.update(self._ep_metrics(dispatch))
             return metrics
-        return self._train_step(batch)
+        with self.autocast():
+            return self._train_step(batch)
+
+    def autocast(self) -> Any:
+        """The context the learner's forwards and backwards run in (`learner.precision`)."""
+        return autocast(self.precision, self.device)
 
     def _ep_metrics(self, dispatch: Any) -> dict[str, float]:
         """Expert parallelism's per-rank load over the step: (token, expert) pairs each rank computed, and
@@ -117,6 +145,7 @@ class Learner:
 
     def _train_step(self, batch: GroupTensors | None) -> dict[str, Any]:
         start = time.perf_counter()
+        clock = PhaseClock()  # where the step's time goes: time/learner/<phase>_s
         ranks = self.ranks
         algo = self.algo
         batch = None if batch is None else batch.to(self.device)
@@ -139,27 +168,32 @@ class Learner:
         balance = None
         if self.balancer is not None:
             def forward(i: int) -> None:  # the routers' choices are all the global-batch balance needs
-                token_logprobs(self.model, parts[i][0].input_ids, parts[i][0].attention_mask, policy=self.policy)
+                token_logprobs(self.model, parts[i][0].input_ids, parts[i][0].attention_mask, policy=self.policy, keep=0)
 
             prepass = None if rounds <= 1 and not ranks.distributed else self.balancer.routing_pass(
                 [(p.attention_mask, p.routes) for p, _ in parts], forward, rounds, self._idle_forward)
             empty = torch.zeros(0, 2, dtype=torch.long)
-            balance = self.balancer.begin(empty if batch is None else batch.attention_mask, None if batch is None else batch.routes,
-                                          prepass, ranks)
+            with clock("routing_pass"):  # runs only where replay does not cover every position
+                balance = self.balancer.begin(empty if batch is None else batch.attention_mask, None if batch is None else batch.routes,
+                                              prepass, ranks)
         sums: dict[str, float] = {}
         agreement: dict[str, float] = {}  # sums behind the mismatch metrics
         learned: dict[int, int] = {}  # group id -> its tokens that carried the loss, read off the tensors trained on
-        others = [self._other_forward(parts[i][0] if i < len(parts) else None) for i in range(rounds)] if measure else []
+        with clock("measure"):
+            others = [self._other_forward(parts[i][0] if i < len(parts) else None) for i in range(rounds)] if measure else []
         self.optimizer.zero_grad(set_to_none=True)
         for i in range(rounds):
             if i >= len(parts):
-                self._idle_round()
+                with clock("idle"):
+                    self._idle_round()
                 continue
             part, part_advantages = parts[i]
             mask_mb = part.completion_mask
-            parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms, balance)
+            with clock("forward"):
+                parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms, balance)
             _count_groups(learned, part)
-            parts_loss["loss"].backward()
+            with clock("backward"):
+                parts_loss["loss"].backward()
             share = float(mask_mb.sum()) / max(norms.num_tokens, 1.0)  # token share, for metrics that are means
             for k, v in parts_loss.items():
                 value = float(v.detach())
@@ -171,7 +205,8 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + value * share
             for k, v in self._agreement(part, logprobs.detach(), capture, others[i] if measure else None).items():
                 agreement[k] = max(agreement.get(k, v), v) if k.endswith("_max") else agreement.get(k, 0.0) + v
-        grad_norm = self.layout.clip_grads(self.model, algo.grad_clip)
+        with clock("optimizer"):
+            grad_norm = self.layout.clip_grads(self.model, algo.grad_clip)
         local = {"sums": sums, "agreement": agreement, "learned": learned,
                  "lags": lag_counts(batch, self.version), "rewards": moments(None if batch is None else batch.rewards)}
         step = merge_ranks(ranks.gather(local)) if ranks.distributed else local
@@ -179,9 +214,10 @@ class Learner:
         # a non-finite loss or gradient would poison the weights: skip the update, keep the version moving
         self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
         update = finite and self.version >= algo.critic_warmup  # during the critic's warm-up the policy stays as it is
-        if update:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with clock("optimizer"):
+            if update:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, Any] = {f"train/{k}": v for k, v in step["sums"].items()}
         metrics["train/policy_updated"] = float(update)
         metrics["train/nonfinite_skipped"] = float(not finite)
@@ -203,6 +239,7 @@ class Learner:
             metrics["learner/world_size"] = float(ranks.world_size)
             metrics["learner/rank_tokens_max_over_mean"] = max_over_mean(step["rank_tokens"])
         metrics["time/train_s"] = time.perf_counter() - start
+        metrics.update({f"time/learner/{k}_s": v for k, v in clock.seconds.items()})
         self.version += 1
         return metrics
 
@@ -246,7 +283,8 @@ class Learner:
                 self._idle_forward()
             return None
         with torch.no_grad(), self.balancer.micro_batch(batch.attention_mask, batch.routes, replay=not self.balancer.replay):
-            other, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy)
+            other, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, policy=self.policy,
+                                         keep=completion_span(batch.completion_mask))
         return other
 
     def _agreement(self, batch: GroupTensors, logprobs: torch.Tensor, capture: Any, other: torch.Tensor | None) -> dict[str, float]:
@@ -294,8 +332,10 @@ class Learner:
         routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(
             batch.attention_mask, None if batch.routes is None else batch.routes
         )
+        span = completion_span(mask)  # the head and softmax run on the completions' positions only
         with routing as capture:
-            logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, with_entropy=True, policy=self.policy)
+            logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, with_entropy=True,
+                                                  policy=self.policy, keep=span)
         corr = correct(logprobs, behaviour, mask, algo.correction, algo.tis_cap, (algo.icepop_low, algo.icepop_high))
         per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages, corr.mask), self.loss_cfg)
         pg_loss = aggregate(per_token * corr.weights, corr.mask, algo.loss_agg, norms)
@@ -311,7 +351,7 @@ class Learner:
                 ref_lp = batch.ref_logprobs
             else:
                 with torch.no_grad():
-                    ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids, batch.attention_mask, policy=self.policy)
+                    ref_lp, _, _ = token_logprobs(self.reference(), batch.input_ids, batch.attention_mask, policy=self.policy, keep=span)
             kl = aggregate(kl_estimate(masked(logprobs, mask), masked(ref_lp, mask), algo.kl_estimator), mask, "token_mean", norms)
             if algo.kl_penalty == "loss":
                 loss = loss + algo.kl_coef * kl
@@ -339,16 +379,17 @@ class Learner:
         that ignore the prompt, it teaches the output format and nothing else.
         """
         start = time.perf_counter()
-        opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
         gen = torch.Generator().manual_seed(seed)
         losses = []
         for _ in range(steps):
             idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
             batch = _supervised_batch([examples[i] for i in idx], self.model.config.pad_token_id or 0).to(self.device)
-            logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask)
-            loss = -masked_mean(logprobs, batch.completion_mask)
-            opt.zero_grad(set_to_none=True)
-            (loss / self.ranks.world_size).backward()  # every rank takes the same batch; their gradients are summed
+            with self.autocast():
+                logprobs, _, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask)
+                loss = -masked_mean(logprobs, batch.completion_mask)
+                opt.zero_grad(set_to_none=True)
+                (loss / self.ranks.world_size).backward()  # every rank takes the same batch; their gradients are summed
             opt.step()
             losses.append(float(loss.detach()))
         if self._reference is not None:  # sharded ranks made it before the warm start: it starts from here
@@ -362,6 +403,15 @@ class Learner:
         """The full weights (one process; sharded ranks stream them with `full_items`)."""
         return dict(self.full_items())
 
+    def published_state(self) -> dict[str, torch.Tensor]:
+        """What a version sends the engines (one process): the full weights, or under LoRA the adapters
+        alone (`rlhub.lora`: the rollout side merges them into the base weights it holds)."""
+        if self.lora is not None:
+            from rlhub import lora
+
+            return lora.adapter_state(self.model, self.lora.scaling)
+        return self.state_dict()
+
     def full_items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor), one at a time: sharded ranks gather each in turn (every rank iterates)."""
         return self.layout.full_items(self.model)
@@ -369,7 +419,8 @@ class Learner:
     def probe(self) -> torch.Tensor:
         self.model.eval()
         try:
-            return probe_logprobs(self.model, self.probe_ids)
+            with self.autocast():
+                return probe_logprobs(self.model, self.probe_ids)
         finally:
             self.model.train()
 
@@ -381,6 +432,11 @@ class Learner:
         one process saves it directly, sharded ranks gather one tensor at a time and rank 0 writes."""
         from rlhub.parallel import checkpoint as sharded
 
+        if self.lora is not None:  # the adapters and their optimizer state; the base model is where the run started
+            from rlhub import lora
+
+            lora.save(directory, self.model, self.lora, self.optimizer, self.model_path, self._reference)
+            return
         sharded.save(directory, self.model, self.optimizer, self._reference, self.layout)
         if not self.ranks.distributed:
             self.model.save_pretrained(str(directory / "policy"))
@@ -397,6 +453,13 @@ class Learner:
         from rlhub.parallel import checkpoint as sharded
 
         self.version = version
+        if self.lora is not None:
+            from rlhub import lora
+
+            if not lora.has_adapters(directory):
+                raise ValueError(f"{directory}: no LoRA adapters (adapters/lora.json) to resume model.lora.rank={self.lora.rank} from")
+            lora.load(directory, self.model, self.lora, self.optimizer, self.reference() if lora.has_reference(directory) else None)
+            return
         if sharded.has_sharded(directory):
             saved_reference = any(k.startswith("reference.") for k in sharded.saved_keys(directory))
             reference = None
@@ -420,6 +483,22 @@ class Learner:
             from safetensors.torch import load_model
 
             load_model(self.reference(), str(directory / "reference.safetensors"))
+
+
+class PhaseClock:
+    """Seconds per phase of one step (forward, backward, optimizer, routing_pass, measure, idle), summed
+    over its micro-batches; a phase that did not run is absent."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - began
 
 
 def _count_groups(learned: dict[int, int], part: GroupTensors) -> None:

@@ -3,7 +3,39 @@ reading a config does not import torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+LORA_TARGETS = ("attention", "mlp", "experts")
+
+
+@dataclass
+class LoraConfig:
+    """`model.lora`: low-rank adapters instead of training every weight (rank 0: off)."""
+
+    rank: int = 0
+    """Rank of every adapter; 0 trains the whole model."""
+    alpha: float = 32.0
+    """Adapters are scaled by alpha / rank."""
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    """attention (q/k/v/o projections), mlp (a dense model's gate/up/down projections), experts (each
+    expert of an MoE layer its own adapter on gate_up_proj and down_proj)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def check(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"model.lora.rank={self.rank} must be >= 0 (0: no adapters)")
+        if self.enabled and not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or (self.enabled and not self.targets):
+            raise ValueError(f"model.lora.targets={list(self.targets)}: use one or more of {list(LORA_TARGETS)}")
 
 
 @dataclass
@@ -38,3 +70,5 @@ class ModelConfig:
     """Parameter dtype on the learner and the engines: float32 or bfloat16.
 
     MoE training (routing replay, load balancing) is configured under `moe.*` (`rlhub.moe.MoEConfig`)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (`rlhub.lora`): `model.lora.rank=16` trains, publishes and checkpoints adapters only."""

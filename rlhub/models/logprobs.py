@@ -77,13 +77,20 @@ def token_logprobs(
     attention_mask: torch.Tensor,  # [B, T]
     with_entropy: bool = False,
     policy: SamplingPolicy = RAW,
+    keep: int | None = None,
     **forward_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
     """(logprobs [B, T-1], entropy [B, T-1] or None, model output).
 
     logprobs[:, t] is log pi(input_ids[:, t+1] | input_ids[:, :t+1]) under `policy`'s
     sampling distribution (temperature, top-p nucleus with the target kept in it).
+    `keep`: only the last `keep` positions are wanted (a completion's span): the output head and
+    the softmax run on those alone, and the earlier positions hold 0.
     """
+    width = input_ids.shape[1]
+    keep = width - 1 if keep is None else max(0, min(int(keep), width - 1))
+    if keep < width - 1:
+        forward_kwargs["logits_to_keep"] = keep + 1
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -91,11 +98,25 @@ def token_logprobs(
         use_cache=False,
         **forward_kwargs,
     )
-    targets = input_ids[:, 1:]
-    logp_all = policy.log_probs(out.logits[:, :-1], keep=targets)  # [B, T-1, V]
+    targets = input_ids[:, width - keep:]
+    logits = out.logits[:, out.logits.shape[1] - keep - 1 : -1]
+    logp_all = policy.log_probs(logits, keep=targets)  # [B, keep, V]
     logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = entropy_of(logp_all) if with_entropy else None
+    if keep < width - 1:
+        logprobs = _left_pad(logprobs, width - 1)
+        entropy = None if entropy is None else _left_pad(entropy, width - 1)
     return logprobs, entropy, out
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (width - x.shape[1], 0))
+
+
+def completion_span(completion_mask: torch.Tensor) -> int:
+    """How many trailing log-prob positions a batch's completion mask [B, T-1] reaches back to."""
+    cols = completion_mask.bool().any(0).nonzero()
+    return int(completion_mask.shape[1] - cols[0, 0]) if cols.numel() else 0
 
 
 @torch.no_grad()

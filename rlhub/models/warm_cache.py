@@ -63,6 +63,8 @@ def cached_warm_start(learner: Any, model_path: str, examples: list[tuple[list[i
     """`learner.warm_start(...)`, or its kept result loaded into `learner.model`; the metrics say which
     ("warm_start/cached" 1 or 0)."""
     dtype = str(next(learner.model.parameters()).dtype)  # the learner's, which may differ from the directory's
+    # the cache holds whole fp32 state dicts: a LoRA or bf16 learner computes its warm start each time
+    cache = cache and learner.lora is None and learner.precision == "fp32"
     key = warm_start_key(model_path, examples, steps, batch_size, lr, seed, dtype) if cache else None
     kept = load_warm_start(key) if key else None
     if kept is not None:
