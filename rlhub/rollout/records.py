@@ -41,6 +41,8 @@ class WorkerStats:
     sync_seconds: float = 0.0
     last_sync_seconds: float = 0.0
     last_probe_error: float = 0.0
+    last_sync_bytes: int = 0
+    """Bytes of the last version loaded as published: the whole model, or under LoRA the adapters."""
     sync_rebuilds: int = 0
     sync_failures: int = 0
     score_seconds: float = 0.0

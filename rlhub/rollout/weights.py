@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from rlhub.engines.base import RolloutEngine, WeightSource
 from rlhub.rollout.records import WorkerStats
@@ -28,11 +29,14 @@ class VerifiedWeights:
     """One engine's weights, kept at the newest published version and verified at every load."""
 
     def __init__(self, actor_id: int, engine: RolloutEngine, weight_sync: WeightSync, probe_ids: list[int],
-                 tolerance: float, stats: WorkerStats) -> None:
+                 tolerance: float | None, stats: WorkerStats) -> None:
         self.actor_id, self.engine, self.weight_sync = actor_id, engine, weight_sync
-        self.probe_ids, self.tolerance, self.stats = probe_ids, tolerance, stats
+        # None: a config that was not resolved (rlhub.config.validate does it): the fp32 tolerance
+        self.probe_ids, self.tolerance, self.stats = probe_ids, 1e-4 if tolerance is None else tolerance, stats
         self.held = False
         """While True (an evaluation runs with one version throughout), nothing new is loaded."""
+        self._base: dict[str, Any] | None = None
+        """Under LoRA: the engine's base weights (its model directory's), which each version's adapters are merged into."""
 
     def sync(self) -> None:
         """Load the newest published version, if there is a newer one than the engine's."""
@@ -45,15 +49,17 @@ class VerifiedWeights:
             self.load(published)
 
     def load(self, published: Published) -> None:
-        """Load `published` and verify it; rebuild the engine once if the probe disagrees."""
+        """Load `published` and verify it; rebuild the engine once if the probe disagrees. A version of
+        LoRA adapters (`rlhub.lora`) is merged into the base weights first (kept from the first such load)."""
         start = time.perf_counter()
-        self.engine.load_weights(published.state, published.version)
+        state = self._full_state(published.state)
+        self.engine.load_weights(state, published.version)
         err = self._probe_error(published)
         if not err <= self.tolerance:  # also catches NaN
             log.warning("actor %d: probe error %.3g after loading version %d exceeds %.3g; rebuilding the engine",
                         self.actor_id, err, published.version, self.tolerance)
             self.stats.sync_rebuilds += 1
-            self.engine.rebuild(published.state, published.version)
+            self.engine.rebuild(state, published.version)
             err = self._probe_error(published)
             if not err <= self.tolerance:
                 self.stats.sync_failures += 1
@@ -64,6 +70,19 @@ class VerifiedWeights:
         self.stats.sync_seconds += elapsed
         self.stats.last_sync_seconds = elapsed
         self.stats.last_probe_error = err
+
+    def _full_state(self, published: dict[str, Any]) -> dict[str, Any]:
+        """The engine's whole state for a published one: itself, or the base weights with the adapters merged in."""
+        from rlhub import lora
+
+        self.stats.last_sync_bytes = lora.nbytes(published)
+        if not lora.is_adapter_state(published):
+            return published
+        if self._base is None:
+            self._base = base_weights(self.engine)
+        state = dict(self._base)
+        state.update(lora.merged(self._base, published))
+        return state
 
     def _probe_error(self, published: Published) -> float:
         return probe_error(self.engine.prompt_logprobs(self.probe_ids), published.probe_logprobs)
@@ -80,3 +99,13 @@ class VerifiedWeights:
             return True
 
         return poll if enabled and not self.held else None
+
+
+def base_weights(engine: RolloutEngine) -> dict[str, Any]:
+    """The weights of the model directory `engine` was built from, by state-dict name, in its dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = engine.dtype if isinstance(engine.dtype, torch.dtype) else getattr(torch, engine.dtype)
+    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=dtype)
+    return {k: v.detach() for k, v in model.state_dict().items()}
