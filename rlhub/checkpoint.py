@@ -5,7 +5,9 @@ optimizer's and KL reference's shards, `torch.distributed.checkpoint`: any
 world size resumes it, see `rlhub.parallel.checkpoint`), `policy/` (a whole HF
 directory, safetensors), `critic/` and `reference/` (the same format) where the
 algorithm has them, and `state.json` (version, data cursor, store counters,
-the groups to start again). Checkpoints of earlier versions hold
+the groups to start again). A LoRA learner (`model.lora`) writes `adapters/`
+instead of `learner/` and `policy/`: the adapters, their optimizer state and the
+base model they adapt (`rlhub.lora`). Checkpoints of earlier versions hold
 `optimizer.safetensors` + `optimizer.json` instead of `learner/`.
 A directory without its final name is never read.
 """

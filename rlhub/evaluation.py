@@ -82,6 +82,7 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
+    from rlhub import lora
     from rlhub.checkpoint import latest_checkpoint
     from rlhub.config import ConfigError, RunConfig, validate
     from rlhub.datastore import InMemoryDataStore
@@ -93,7 +94,15 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     path = Path(target)
     checkpoint = latest_checkpoint(path) if (path / "config.yaml").is_file() else path
     run_dir = checkpoint.parent.parent if checkpoint is not None else path
-    if checkpoint is None or not (checkpoint / "policy" / "config.json").is_file():
+    policy_dir = None if checkpoint is None else checkpoint / "policy"
+    if checkpoint is not None and lora.has_adapters(checkpoint):  # LoRA: the adapters merged into the base, aside
+        import tempfile
+
+        from rlhub.export import export
+
+        policy_dir = Path(tempfile.mkdtemp(prefix="rlhub-eval-")) / "policy"
+        export(checkpoint, policy_dir)
+    if checkpoint is None or not (policy_dir / "config.json").is_file():
         raise ConfigError(f"{target}: neither a run directory with a checkpoint nor a checkpoint directory (policy/ missing)")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}/config.yaml not found: the checkpoint's run config is needed for its environment")
@@ -114,14 +123,14 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     rows = eval_rows(env, cfg.eval.rows)
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r} has no eval rows (set env.dataset.eval_split or env.dataset.eval_size)")
-    model = str(checkpoint / "policy")
-    has_tokenizer = any(f.name.startswith("tokenizer") for f in (checkpoint / "policy").iterdir())
+    model = str(policy_dir)
+    has_tokenizer = any(f.name.startswith("tokenizer") for f in policy_dir.iterdir())
     if not has_tokenizer:  # a checkpoint from before policy/ kept its tokenizer: the run's model has it
         from rlhub.models.build import resolve_model_path
 
         model_for_tokenizer = str(resolve_model_path(cfg.model))
     tokenizer = AutoTokenizer.from_pretrained(model if has_tokenizer else model_for_tokenizer)
-    engine = make_engine(cfg.rollout, model, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads, selection_bias=cfg.moe.balance == "aux_free")
+    engine = make_engine(cfg.rollout, model, cfg.rollout.dtype or cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads, selection_bias=cfg.moe.balance == "aux_free")
     worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, env, tokenizer,
                            InMemoryDataStore(cfg.prompts_per_step, 0), InMemoryWeightSync(), DataSide.of(cfg.algorithm),
                            probe_sequence(len(tokenizer)), cfg.seed, env_name=cfg.env.name, env_timeout_s=cfg.env.timeout_s)

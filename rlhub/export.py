@@ -55,6 +55,18 @@ def find_policy(path: Path | str) -> Path:
                             "nor a checkpoint directory (policy/config.json)")
 
 
+def find_adapters(path: Path | str) -> Path | None:
+    """The checkpoint directory holding LoRA adapters (`adapters/`, `rlhub.lora`) that `path` names: a
+    run directory whose latest checkpoint has them, or such a checkpoint; None otherwise."""
+    from rlhub import lora
+
+    path = Path(path)
+    for candidate in (path, path.parent, latest_checkpoint(path) if path.is_dir() else None):
+        if candidate is not None and lora.has_adapters(candidate):
+            return candidate
+    return None
+
+
 def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[str, Any]:
     """Write the policy at `path` (see `find_policy`) to `out` as an HF directory in `dtype` (default:
     the checkpoint's); returns the report {path, source, parameters, dtype, checked_tensors, dropped, expert_groups,
@@ -63,7 +75,10 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    policy, out = find_policy(path), Path(out)
+    adapters_at = find_adapters(path)
+    adapters, meta = ({}, {}) if adapters_at is None else _read_adapters(adapters_at)
+    policy = Path(meta["base_model"]) if adapters_at is not None else find_policy(path)
+    out = Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if out.exists() and not (out / EXPORT_RECORD).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -75,6 +90,12 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
     if info["missing_keys"] or unknown or info["mismatched_keys"]:
         raise ValueError(f"export: {policy} does not load as its config says: missing {sorted(info['missing_keys'])[:5]}, "
                          f"unexpected {unknown[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}")
+    if adapters:  # W + scaling * B @ A into each adapted weight, computed in fp32
+        from rlhub import lora
+
+        with torch.no_grad():
+            for name, tensor in lora.merged(model.state_dict(), adapters).items():
+                model.get_parameter(name).copy_(tensor)
 
     def write(tmp: Path) -> dict[str, Any]:
         model.save_pretrained(str(tmp))  # also the generation config, when the model has one
@@ -95,6 +116,8 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
             "checked_tensors": checked,
             "dropped": sorted(biases),
             "expert_groups": groups,
+            "lora": None if not adapters else {"checkpoint": str(adapters_at), "rank": meta["rank"], "alpha": meta["alpha"],
+                                               "targets": meta["targets"], "merged_weights": len(lora_names(adapters))},
             "warnings": cautions,
             "seconds": round(time.perf_counter() - start, 2),
         }
@@ -105,6 +128,22 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
     for warning in report["warnings"]:
         log.warning("export %s: %s", out, warning)
     return report
+
+
+def _read_adapters(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from rlhub import lora
+
+    adapters, meta = lora.read(checkpoint)
+    if not (Path(meta["base_model"]) / "config.json").is_file():
+        raise FileNotFoundError(f"export: the LoRA checkpoint {checkpoint} adapts {meta['base_model']}, which is not an HF model "
+                                "directory (any more); the base model is needed to merge the adapters into")
+    return adapters, meta
+
+
+def lora_names(adapters: dict[str, Any]) -> list[str]:
+    from rlhub import lora
+
+    return lora.adapted_names(adapters)
 
 
 def _stored_tensors(model_dir: Path) -> tuple[set[str], dict[str, Any]]:
