@@ -22,9 +22,14 @@ workload for the unit test, every side runs in one group of two processes, to st
   shares, which the routers of rank 0's experts read, as in tests/unit/test_expert_parallel.py);
 - `ep_grouped`: EP with grouped routing (`moe.routing=grouped`, 2 groups, one per EP rank).
 
+- `bf16_lora`: one process, `learner.precision=bf16`, `model.lora.rank=16` on attention and experts,
+  eager attention (the learner of `experiment=smollm2_moe_lora`).
+
 Cases compare two sides each: `ranks` (1_rank, 2_ranks), `expert_parallel` (2_ranks, ep),
-`llep` (ep_skewed, llep_skewed), `grouped` (ep, ep_grouped); `--model smollm2_moe` runs only the
-first two. Each repeat runs every side once, in turn, so the sides alternate; a figure is the
+`llep` (ep_skewed, llep_skewed), `grouped` (ep, ep_grouped), `lora_bf16` (1_rank, bf16_lora);
+`--model smollm2_moe` runs `ranks`, `expert_parallel` and `lora_bf16`. Every side also reports the
+learner's split of its step (`phases_s`: forward, backward, optimizer, routing pass, measuring
+forwards, idle rounds, each the mean seconds per step). Each repeat runs every side once, in turn, so the sides alternate; a figure is the
 median over the repeats with [min, max]. Tokens/s: the completion tokens trained by all ranks
 together per second of `train_step` wall time (per step, the slowest rank's). Peak memory: each
 rank process's maximum resident set (`ru_maxrss`, imports and model loading included) and, on
@@ -71,6 +76,10 @@ class Side:
     ep_balance: str = "standard"
     router: str = "topk"
     """topk: the model as built; skewed: its copy with rank 0's experts favoured; grouped: 2 expert groups."""
+    precision: str = "fp32"
+    lora_rank: int = 0
+    """model.lora.rank (targets: attention and experts); 0 trains every weight."""
+    attention: str = "sdpa"
 
 
 SIDES = {
@@ -80,10 +89,13 @@ SIDES = {
     "ep_skewed": Side(ranks=2, expert_parallel=2, router="skewed"),
     "llep_skewed": Side(ranks=2, expert_parallel=2, ep_balance="llep", router="skewed"),
     "ep_grouped": Side(ranks=2, expert_parallel=2, router="grouped"),
+    "bf16_lora": Side(precision="bf16", lora_rank=16, attention="eager"),
 }
 CASES = {"ranks": ("1_rank", "2_ranks"), "expert_parallel": ("2_ranks", "ep"), "llep": ("ep_skewed", "llep_skewed"),
-         "grouped": ("ep", "ep_grouped")}
-MODEL_CASES = {"tiny_moe": tuple(CASES), "smollm2_moe": ("ranks", "expert_parallel")}
+         "grouped": ("ep", "ep_grouped"), "lora_bf16": ("1_rank", "bf16_lora")}
+MODEL_CASES = {"tiny_moe": tuple(CASES), "smollm2_moe": ("ranks", "expert_parallel", "lora_bf16")}
+PHASES = ("forward", "backward", "optimizer", "routing_pass", "measure", "idle")
+"""The learner's own split of a step (`time/learner/<phase>_s`, `rlhub.learner.PhaseClock`)."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +315,7 @@ def _train(ranks: Any, job: Job) -> dict[str, Any]:
     from rlhub.algorithms.config import AlgorithmConfig
     from rlhub.learner import Learner
     from rlhub.models.build import ModelConfig
+    from rlhub.models.config import LoraConfig
     from rlhub.moe import MoEConfig
     from rlhub.weight_sync import probe_sequence
 
@@ -310,8 +323,9 @@ def _train(ranks: Any, job: Job) -> dict[str, Any]:
     grouped = side.router == "grouped"
     moe = MoEConfig(routing="grouped" if grouped else "topk", groups=2 if grouped else 1, routing_replay="none", mismatch_every=0)
     algo = AlgorithmConfig(lr=LR, micro_batch_size=work.micro_batch_size)
-    learner = Learner(job.path, ModelConfig(dtype=info.dtype), algo, probe_sequence(info.vocab), seed=0, moe=moe, replay=False,
-                      ranks=ranks, ep_balance=side.ep_balance, ep_capacity=CAPACITY)
+    learner = Learner(job.path, ModelConfig(dtype=info.dtype, lora=LoraConfig(rank=side.lora_rank)), algo, probe_sequence(info.vocab),
+                      seed=0, moe=moe, replay=False, ranks=ranks, ep_balance=side.ep_balance, ep_capacity=CAPACITY,
+                      precision=side.precision, attention=side.attention)
     steps = make_batches(info, work)
     batches = [share(b, ranks.rank, ranks.world_size, info.pad_id) for b in steps]
     rounds = [max(max(len(micro_batch_shapes(share(b, r, ranks.world_size, info.pad_id), work.micro_batch_size))
@@ -320,15 +334,16 @@ def _train(ranks: Any, job: Job) -> dict[str, Any]:
         learner.train_step(batch)
     if ranks.distributed:
         torch.distributed.barrier()
-    train_s, tokens, ep = [], [], []
+    train_s, tokens, ep, phases = [], [], [], []
     for batch in batches[work.warmup:]:
         start = time.perf_counter()
         metrics = learner.train_step(batch)
         train_s.append(time.perf_counter() - start)
         tokens.append(metrics["train/tokens"])
+        phases.append({p: metrics.get(f"time/learner/{p}_s", 0.0) for p in PHASES})
         if EP_METRICS["pairs_max"] in metrics:
             ep.append({k: metrics[m] for k, m in EP_METRICS.items()})
-    return {"train_s": train_s, "tokens": tokens, "ep": ep, "rounds": rounds,
+    return {"train_s": train_s, "tokens": tokens, "ep": ep, "rounds": rounds, "phases": phases,
             "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
 
@@ -352,7 +367,8 @@ def one_run(per_rank: list[dict[str, Any]], moe_layers: int) -> dict[str, Any]:
     steps = len(per_rank[0]["train_s"])
     step_s = [max(r["train_s"][i] for r in per_rank) for i in range(steps)]  # a step ends when its slowest rank does
     out: dict[str, Any] = {"tokens_per_s": sum(per_rank[0]["tokens"]) / sum(step_s), "step_s": sum(step_s) / steps,
-                           "rss_mib": [r["rss_mib"] for r in per_rank], "cuda_mib": [r["cuda_mib"] for r in per_rank]}
+                           "rss_mib": [r["rss_mib"] for r in per_rank], "cuda_mib": [r["cuda_mib"] for r in per_rank],
+                           "phases_s": {p: sum(s[p] for s in per_rank[0]["phases"]) / steps for p in PHASES}}
     ep, ranks = per_rank[0]["ep"], len(per_rank)
     if ep:
         bounds = [llep_bound(s, ranks, moe_layers * FORWARDS_PER_ROUND * n) for s, n in zip(ep, per_rank[0]["rounds"])]
@@ -373,7 +389,8 @@ def side_figures(runs: list[dict[str, Any]], side: Side) -> dict[str, Any]:
     """A side over its repeats: a spread for every figure, per rank for memory."""
     out: dict[str, Any] = {**asdict(side), "tokens_per_s": spread([r["tokens_per_s"] for r in runs]),
                            "step_s": spread([r["step_s"] for r in runs]),
-                           "rss_mib": [spread(list(v)) for v in zip(*(r["rss_mib"] for r in runs))]}
+                           "rss_mib": [spread(list(v)) for v in zip(*(r["rss_mib"] for r in runs))],
+                           "phases_s": {p: spread([r["phases_s"][p] for r in runs]) for p in PHASES if any(r["phases_s"][p] for r in runs)}}
     if runs[0]["cuda_mib"][0] is not None:
         out["cuda_mib"] = [spread(list(v)) for v in zip(*(r["cuda_mib"] for r in runs))]
     if "pairs_max_over_mean" in runs[0]:

@@ -328,6 +328,13 @@ def render_learner(r: dict[str, Any]) -> list[str]:
                      _spread(s.get("over_llep_bound"), 2), num(s.get("weights_moved"), 0)])
     lines += ["", *table(["side", "ranks", "EP", "router", "tokens/s", "step ms", "peak RSS MiB per rank", "pairs per rank max/mean",
                           "under standard EP", "/ LLEP bound", "expert weights moved"], rows)]
+    phased = {n: s["phases_s"] for n, s in sides.items() if s.get("phases_s")}
+    if phased:
+        names = [p for p in ("forward", "backward", "optimizer", "routing_pass", "measure", "idle") if any(p in v for v in phased.values())]
+        lines += ["", "Where a step goes (the learner's own clock, `time/learner/<phase>_s`), ms per step:", "",
+                  *table(["side", "precision", "LoRA rank", *names],
+                         [[n, str(sides[n].get("precision", "fp32")), str(sides[n].get("lora_rank", 0) or "—"),
+                           *[_spread(v.get(p), 0, 1e3) for p in names]] for n, v in phased.items()])]
     cases = {n: c for n, c in (r.get("cases") or {}).items() if isinstance(c, dict)}
     if cases:
         lines += ["", *table(["case", "sides (a → b)", "tokens/s b / a", "step time b / a"],

@@ -34,6 +34,15 @@ def test_every_case_and_side_is_measured(result):
     json.dumps(result)  # the record is JSON
 
 
+def test_every_side_reports_where_its_step_goes(result):
+    for name, side in result["sides"].items():
+        phases = side["phases_s"]
+        assert phases["forward"]["median"] > 0 and phases["backward"]["median"] > 0
+        assert sum(p["median"] for p in phases.values()) <= side["step_s"]["median"] * 1.01  # parts of the step, not more
+    lora = result["sides"]["bf16_lora"]
+    assert lora["precision"] == "bf16" and lora["lora_rank"] == 16 and result["cases"]["lora_bf16"]["sides"] == ["1_rank", "bf16_lora"]
+
+
 def test_llep_holds_the_skewed_router_to_its_capacity_and_standard_ep_does_not(result):
     standard, llep = result["sides"]["ep_skewed"], result["sides"]["llep_skewed"]
     assert standard["pairs_max_over_mean"]["min"] > bench.CAPACITY  # the router favours rank 0's experts
