@@ -80,11 +80,14 @@ def read_results(path: Path | None = None) -> list[dict[str, Any]]:
 
 def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The newest record of each benchmark; `learner` on the SmolLM2 MoE is its own entry
-    (`learner_smollm2`), so the tiny model's figures stay beside it."""
+    (`learner_smollm2`), so the tiny model's figures stay beside it, and its run of the `lora_bf16` case alone
+    (`--cases lora_bf16`) is `learner_smollm2_lora`."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
-        smollm2 = r["bench"] == "learner" and (r.get("result") or {}).get("model") == "smollm2_moe"
-        out["learner_smollm2" if smollm2 else r["bench"]] = r
+        result = r.get("result") or {}
+        smollm2 = r["bench"] == "learner" and result.get("model") == "smollm2_moe"
+        lora_only = smollm2 and set(result.get("cases") or {}) == {"lora_bf16"}
+        out["learner_smollm2_lora" if lora_only else "learner_smollm2" if smollm2 else r["bench"]] = r
     return out
 
 

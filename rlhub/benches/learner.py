@@ -40,7 +40,7 @@ ratio against the most LLEP allows (`llep_bound`: 1.25 in every layer call, plus
 worst step is reported. `scaling` holds the bytes a step moves between ranks, computed from the
 parameter count and the batches (see `scaling`), for 2, 8 and 16 ranks.
 
-    rlhub bench learner [--model tiny_moe|smollm2_moe] [--repeats 3] [--steps N] [--warmup N] [--quick]
+    rlhub bench learner [--model tiny_moe|smollm2_moe] [--repeats 3] [--steps N] [--warmup N] [--cases a,b] [--quick]
 """
 
 from __future__ import annotations
@@ -477,7 +477,13 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: the workload's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default: the workload's)")
     parser.add_argument("--quick", action="store_true", help="a tiny workload, for the unit test; allows --repeats 1")
+    parser.add_argument("--cases", default=None, help="comma-separated cases to run (default: every case of the model)")
     opts = parser.parse_args(args)
+    known = MODEL_CASES[opts.model]
+    opts.cases = list(known) if opts.cases is None else [c.strip() for c in opts.cases.split(",") if c.strip()]
+    unknown = [c for c in opts.cases if c not in known]
+    if unknown or not opts.cases:
+        raise ValueError(f"--cases {','.join(unknown) or '(none)'}: choose from {','.join(known)} for --model {opts.model}")
     if opts.repeats < (1 if opts.quick else 3):
         raise ValueError(f"--repeats {opts.repeats}: a figure is the median of at least 3 repeats (1 only with --quick)")
     if (opts.steps is not None and opts.steps < 1) or (opts.warmup is not None and opts.warmup < 0):
@@ -496,7 +502,7 @@ def run(args: list[str]) -> dict[str, Any]:
                          "run on CPU (CUDA_VISIBLE_DEVICES=)")
     work = WORKLOADS[(opts.model, opts.quick)]
     work = replace(work, steps=opts.steps or work.steps, warmup=work.warmup if opts.warmup is None else opts.warmup)
-    cases = {c: CASES[c] for c in MODEL_CASES[opts.model]}
+    cases = {c: CASES[c] for c in opts.cases}
     names = list(dict.fromkeys(s for pair in cases.values() for s in pair))
     load_before = os.getloadavg()[0]
     paths = side_paths(opts.model, names)

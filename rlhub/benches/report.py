@@ -374,6 +374,8 @@ BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "scale": ("rollout actors and nodes", render_scale),
     "learner": ("the learner alone: ranks, expert parallelism, LLEP, grouped routing", render_learner),
     "learner_smollm2": ("the learner alone on the SmolLM2 MoE (`rlhub bench learner --model smollm2_moe`)", render_learner),
+    "learner_smollm2_lora": ("the SmolLM2 MoE learner, fp32 against bf16 LoRA "
+                             "(`rlhub bench learner --model smollm2_moe --cases lora_bf16`)", render_learner),
 }
 
 
