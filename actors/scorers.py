@@ -91,11 +91,16 @@ class _Scorer:
 
     def load_published(self, weight_sync: Any) -> int:
         """Load the policy's latest published weights (each rank its shards); returns their version."""
+        from rlhub import lora
+
         published = weight_sync.pull(-1)
+        state = published.state
+        if lora.is_adapter_state(state):  # a LoRA policy publishes adapters: merged into the base it adapts
+            state = lora.merged_model_state(self.model_path, state)
         if self.others:
-            self._fan("load_published", lambda: self._take(published.state), [weight_sync] * (len(self.others) + 1))
+            self._fan("load_published", lambda: self._take(state), [weight_sync] * (len(self.others) + 1))
         else:
-            self._take(published.state)
+            self._take(state)
         return published.version
 
     def _take(self, state: dict[str, Any]) -> None:

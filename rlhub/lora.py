@@ -153,6 +153,15 @@ def merged(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> 
     return out
 
 
+def merged_model_state(model_path: str, adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The whole state dict of the model at `model_path` with `adapters` merged in (the critic and the
+    reference start from the policy this way)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).state_dict()
+    return {**base, **merged(base, adapters)}
+
+
 def adapted_names(adapters: dict[str, torch.Tensor]) -> list[str]:
     return [base_name(k) for k in adapters if k.endswith(".lora_A")]
 

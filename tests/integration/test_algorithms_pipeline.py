@@ -66,3 +66,22 @@ def test_corrections_act_on_stale_samples(ray_local, run_pipeline, tmp_path, cor
     else:
         assert all("train/is_truncated_frac" in m for m in metrics)
         assert all(m["train/clip_frac"] == 0.0 for m in metrics)  # the clip is against the proximal policy: ratio 1
+
+
+def test_lora_bf16_ppo_publishes_adapters_and_resumes_from_them(ray_local, run_pipeline, tmp_path):
+    """model.lora with the bf16 learner and engine, PPO's critic and routing replay: every version the engines load
+    is the adapters alone (sync/bytes), merged onto the base and verified; the checkpoint holds adapters and resumes."""
+    from rlhub import lora
+
+    args = (FAST, "algorithm=ppo", "model.lora.rank=4", "learner.precision=bf16", "rollout.dtype=bfloat16", "max_staleness=1")
+    summary, metrics = run_pipeline(tmp_path, *args, "experiment.total_steps=4", "checkpoint.every=4")
+    assert finite(metrics) and [m["critic/version"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["moe/routing_replay"] == 1.0 for m in metrics)
+    ckpt = latest_checkpoint(tmp_path)
+    adapters, meta = lora.read(ckpt)
+    assert meta["rank"] == 4 and not (ckpt / "policy").exists() and not (ckpt / "learner").exists()
+    assert all(0 < m["sync/bytes"] <= lora.nbytes(adapters) for m in metrics)  # adapters only, never the model
+    assert all(m["sync/probe_error"] <= 0.5 for m in metrics)
+    (tmp_path / "metrics.jsonl").unlink()
+    _, more = run_pipeline(tmp_path, *args, "experiment.total_steps=6", "resume=true", "checkpoint.keep_final=false")
+    assert [m["step"] for m in more] == [5, 6] and finite(more)
