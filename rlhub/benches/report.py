@@ -385,11 +385,15 @@ def _load(r: dict[str, Any]) -> str:
     return f" Load average {num(load[0])} before, {num(load[-1])} after." if isinstance(load, list) and load else ""
 
 
+COMMANDS = {"learner_smollm2": "learner --model smollm2_moe", "learner_smollm2_lora": "learner --model smollm2_moe --cases lora_bf16"}
+"""The command behind a report entry whose name is not the benchmark's."""
+
+
 def render_bench(name: str, record: dict[str, Any] | None, plot: str | None = None) -> list[str]:
     title, render = BENCHES[name]
     lines = [f"### {name}: {title}", ""]
     if record is None:
-        return lines + [f"{MISSING} (`rlhub bench {name.replace('_smollm2', ' --model smollm2_moe')}`)."]
+        return lines + [f"{MISSING} (`rlhub bench {COMMANDS.get(name, name)}`)."]
     machine = record.get("machine") or {}
     lines += [f"`{record.get('command', 'rlhub bench ' + name)}` at commit `{record.get('commit', '?')}`, "
               f"{record.get('time', '?')}, {machine.get('cpus', '?')} CPUs" + (", CUDA" if machine.get("cuda") else "") + ".", ""]

@@ -121,13 +121,23 @@ def test_render_shows_each_bench_command_commit_and_figures():
     text = render(records(peer=peer_result(), e2e=e2e_result(), engine=engine_result(), sync=sync_result(), store=store_result(),
                           scale={"model": "tiny_moe", "rows": [{"actors": 2, "nodes": 1, "samples_per_s": 812.5, "model_samples_per_s": 900.0}]},
                           learner={"model": "tiny_moe", "sides": {"2_ranks": {"ranks": 2, "tokens_per_s": {"median": 1234.0}}}},
-                          learner_smollm2={"model": "smollm2_moe", "sides": {"ep": {"ranks": 2, "tokens_per_s": {"median": 30.0}}}}))
-    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2"):
+                          learner_smollm2={"model": "smollm2_moe", "sides": {"ep": {"ranks": 2, "tokens_per_s": {"median": 30.0}}}},
+                          learner_smollm2_lora={"model": "smollm2_moe", "sides": {"bf16_lora": {
+                              "ranks": 1, "tokens_per_s": {"median": 39.0}, "precision": "bf16", "lora_rank": 16,
+                              "phases_s": {"forward": {"median": 3.06, "min": 3.0, "max": 3.1}}}}}))
+    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2", "learner_smollm2_lora"):
         assert f"`rlhub bench {name}` at commit `abc1234`" in text
     assert MISSING not in text
     assert "| smollm2 | generation | 10.0 | 35.0 | 3.50 |" in text
     assert "| 2 | 1 | 812.5 | 900.0 |" in text
     assert "| hf engine: load_weights | 0.500 | 2.50 |" in text
+    assert "| bf16_lora | bf16 | 16 | 3,060 [3,000, 3,100] |" in text  # the learner's phases, ms per step
+
+
+def test_a_missing_record_names_the_command_that_makes_it():
+    text = render({})
+    assert "not measured yet (`rlhub bench learner --model smollm2_moe --cases lora_bf16`)." in text
+    assert "not measured yet (`rlhub bench learner --model smollm2_moe`)." in text
 
 
 def test_a_malformed_record_is_reported_not_raised():
