@@ -60,8 +60,9 @@ class Learner:
         group of learner ranks (`rlhub.parallel`; None: one process): the model is then sharded with
         FSDP2, its experts split over `ranks.expert_parallel` ranks (`ep_balance`: standard or llep,
         with `ep_capacity`), and each step takes this rank's share of the batch. `precision`: fp32 or bf16
-        (`rlhub.models.precision`); `attention`: sdpa or eager (`learner.attention`). `model_cfg.lora` with a rank: only LoRA adapters train (`rlhub.lora`),
-        and what is published and checkpointed is the adapters."""
+        (`rlhub.models.precision`); `attention`: sdpa or eager (`learner.attention`). `model_cfg.lora`
+        with a rank: only LoRA adapters train (`rlhub.lora`), and what is published and checkpointed is
+        the adapters."""
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
