@@ -153,12 +153,17 @@ def merged(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> 
     return out
 
 
+def base_state(model_path: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The weights of the HF model directory `model_path` by state-dict name, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).state_dict().items()}
+
+
 def merged_model_state(model_path: str, adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The whole state dict of the model at `model_path` with `adapters` merged in (the critic and the
     reference start from the policy this way)."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).state_dict()
+    base = base_state(model_path, dtype)
     return {**base, **merged(base, adapters)}
 
 

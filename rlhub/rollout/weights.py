@@ -104,8 +104,8 @@ class VerifiedWeights:
 def base_weights(engine: RolloutEngine) -> dict[str, Any]:
     """The weights of the model directory `engine` was built from, by state-dict name, in its dtype."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from rlhub import lora
 
     dtype = engine.dtype if isinstance(engine.dtype, torch.dtype) else getattr(torch, engine.dtype)
-    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=dtype)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return lora.base_state(engine.model_path, dtype)
