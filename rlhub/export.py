@@ -95,6 +95,9 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
 
         with torch.no_grad():
             for name, tensor in lora.merged(model.state_dict(), adapters).items():
+                if name.endswith(BIAS_SUFFIX):  # a router's selection bias: dropped as a full checkpoint's is
+                    biases[name] = tensor
+                    continue
                 model.get_parameter(name).copy_(tensor)
 
     def write(tmp: Path) -> dict[str, Any]:

@@ -83,8 +83,8 @@ class Learner:
             if precision == "bf16":
                 self.model.to(torch.bfloat16)  # the frozen base: no cast at every forward, half the memory
             self.adapted = lora.apply(self.model, self.lora, seed)
-            for p in lora.adapter_params(self.model):
-                p.data = p.data.float()  # adapters and their optimizer state in fp32
+            for p in lora.trained_params(self.model):
+                p.data = p.data.float()  # what trains, and its optimizer state, in fp32
         if precision == "bf16":
             from rlhub.models.experts import use_sorted_experts
 

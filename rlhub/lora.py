@@ -10,14 +10,20 @@
   forward). peft adapts such a 3-D parameter too, but by rebuilding W + BA for every expert at each
   forward and forming the full expert-weight gradient in the backward: on the SmolLM2 MoE (one core,
   bf16 base) a step took 16-17 s that way against 10-11 s with the adapters computed beside the
-  frozen experts, so the experts' adapters are rlhub's own.
+  frozen experts, so the experts' adapters are rlhub's own;
+- `router`: the MoE routers' weights train in full (E x hidden a layer, a few thousand numbers), so
+  that the balance losses, whose gradient reaches the policy through the router logits, still act.
+  Without it a load-balancing loss could only move the adapters feeding the router.
 
 Whatever their origin, adapters leave the learner in one form, by the name of the base weight they
 adapt (its name in the model's state dict before any adapter was put in): `NAME.lora_A` [r, in] and
 `NAME.lora_B` [out, r] (an expert stack: [E, r, in] and [E, out, r]) with one scaling `alpha / r`
-(`SCALING_KEY`). `merge` adds scaling * B @ A to the base weights: the rollout side does it to load
-a version into its engine, `rlhub export` to write a plain HF directory. Checkpoints hold these
-tensors and the adapters' optimizer state, not the base model.
+(`SCALING_KEY`); beside them, as whole tensors by their own names, the weights trained in full (the
+routers) and the routers' selection biases (`moe.balance=aux_free` moves them every step, and the
+engines route with them). `merged` adds scaling * B @ A to the base weights and takes the whole
+tensors as they are: the rollout side does it to load a version into its engine, `rlhub export` to
+write a plain HF directory. Checkpoints hold these tensors and the optimizer's state, not the base
+model.
 """
 
 from __future__ import annotations
@@ -59,6 +65,15 @@ def apply(model: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> dict[str, s
         torch.manual_seed(seed)  # peft draws A with the global generator
         inject_adapter_in_model(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=suffixes, lora_dropout=0.0), model)
         adapted.update({f"{n}.weight": "linear" for n in linear})
+    full: list[str] = []
+    if "router" in cfg.targets:
+        from rlhub.moe import find_routers
+
+        routers = {id(r) for r in find_routers(model)}
+        full = [f"{n}.weight" for n, m in model.named_modules() if id(m) in routers]
+        if not full:
+            raise ValueError(f"model.lora.targets=router: {type(model).__name__} has no top-k MoE routers")
+        adapted.update({n: "full" for n in full})
     if "experts" in cfg.targets:
         found = experts_modules(model)
         if not found:
@@ -71,8 +86,9 @@ def apply(model: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> dict[str, s
         from rlhub.models.experts import use_sorted_experts
 
         use_sorted_experts(model)  # the only implementation that computes the experts' adapters
+    model.rlhub_lora_full = tuple(full)
     for n, p in model.named_parameters():
-        p.requires_grad_(is_adapter_param(n) and id(p) not in before)
+        p.requires_grad_((is_adapter_param(n) and id(p) not in before) or n in full)
     return adapted
 
 
@@ -80,8 +96,15 @@ def is_adapter_param(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name or ".rlhub_lora." in name
 
 
-def adapter_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if is_adapter_param(n)]
+def full_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The parameters an adapted model trains in full (the routers under `router`)."""
+    return getattr(model, "rlhub_lora_full", ())
+
+
+def trained_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What an adapted model trains: its adapters and the parameters it trains in full."""
+    full = set(full_names(model))
+    return [p for n, p in model.named_parameters() if is_adapter_param(n) or n in full]
 
 
 def adapter_items(model: torch.nn.Module, scaling: float) -> Iterable[tuple[str, torch.Tensor]]:
@@ -100,6 +123,14 @@ def adapter_items(model: torch.nn.Module, scaling: float) -> Iterable[tuple[str,
             for param in ("gate_up", "down"):
                 yield f"{name}.{param}_proj.lora_A", getattr(adapters, f"{param}_A").detach()
                 yield f"{name}.{param}_proj.lora_B", getattr(adapters, f"{param}_B").detach()
+    params = dict(model.named_parameters())
+    for name in full_names(model):
+        yield name, params[name].detach()
+    from rlhub.moe import BIAS_NAME
+
+    for name, buffer in model.named_buffers():
+        if name.endswith(f".{BIAS_NAME}"):
+            yield name, buffer.detach()
     yield SCALING_KEY, torch.tensor(float(scaling))
 
 
@@ -126,6 +157,11 @@ def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
             dst.copy_(state[k])
 
 
+def is_whole(name: str) -> bool:
+    """A published tensor that is not an adapter half: a weight trained in full or a selection bias."""
+    return name != SCALING_KEY and not name.endswith(SUFFIXES)
+
+
 def base_name(adapter_name: str) -> str:
     for suffix in SUFFIXES:
         if adapter_name.endswith(suffix):
@@ -135,10 +171,17 @@ def base_name(adapter_name: str) -> str:
 
 def merged(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{name: base[name] + scaling * B @ A} for every weight `adapters` adapts, in the base weight's
-    dtype (computed in fp32). KeyError/ValueError name a weight the base lacks or a shape that differs."""
+    dtype (computed in fp32), and the whole tensors as published (in the base's dtype where the base has
+    them: a selection bias need not be there). KeyError/ValueError name a weight the base lacks or a
+    shape that differs."""
     scaling = float(adapters[SCALING_KEY])
     out: dict[str, torch.Tensor] = {}
     for key in adapters:
+        if is_whole(key):
+            if key in base and base[key].shape != adapters[key].shape:
+                raise ValueError(f"{key}: published with shape {tuple(adapters[key].shape)}, the base's is {tuple(base[key].shape)}")
+            out[key] = adapters[key].to(base[key].dtype) if key in base else adapters[key]
+            continue
         if not key.endswith(".lora_A"):
             continue
         name = base_name(key)
@@ -168,7 +211,10 @@ def merged_model_state(model_path: str, adapters: dict[str, torch.Tensor], dtype
 
 
 def adapted_names(adapters: dict[str, torch.Tensor]) -> list[str]:
-    return [base_name(k) for k in adapters if k.endswith(".lora_A")]
+    """The base weights a published version changes: the adapted ones and the ones trained in full."""
+    from rlhub.moe import BIAS_NAME
+
+    return [base_name(k) for k in adapters if k.endswith(".lora_A")] + [k for k in adapters if is_whole(k) and not k.endswith(BIAS_NAME)]
 
 
 def nbytes(state: dict[str, torch.Tensor]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LORA_TARGETS = ("attention", "mlp", "experts")
+LORA_TARGETS = ("attention", "mlp", "experts", "router")
 
 
 @dataclass
@@ -16,9 +16,10 @@ class LoraConfig:
     """Rank of every adapter; 0 trains the whole model."""
     alpha: float = 32.0
     """Adapters are scaled by alpha / rank."""
-    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts", "router"])
     """attention (q/k/v/o projections), mlp (a dense model's gate/up/down projections), experts (each
-    expert of an MoE layer its own adapter on gate_up_proj and down_proj)."""
+    expert of an MoE layer its own adapter on gate_up_proj and down_proj), router (the MoE routers'
+    weights, trained in full: the balance losses act through them)."""
 
     @property
     def enabled(self) -> bool:

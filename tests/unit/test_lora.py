@@ -17,13 +17,14 @@ PROMPTS = [[51, 43, 52, 61], [49, 61], [55, 43, 55, 43, 55, 61], [(i * 13) % 256
 EXAMPLES = [([49 + i % 9, 43, 50 + i % 7, 61], [48 + (i * 3 + j) % 10 for j in range(8)] + [EOS]) for i in range(16)]
 
 
-def make_learner(path: str, rank: int = 4, precision: str = "fp32", targets=("attention", "experts"), lr: float = 1e-2, **kw):
+def make_learner(path: str, rank: int = 4, precision: str = "fp32", targets=("attention", "experts"), lr: float = 1e-2,
+                 moe: MoEConfig | None = None, **kw):
     from rlhub.learner import Learner
     from rlhub.weight_sync import probe_sequence
 
     cfg = ModelConfig(lora=LoraConfig(rank=rank, alpha=2.0 * rank, targets=list(targets)))
-    return Learner(path, cfg, AlgorithmConfig(lr=lr, micro_batch_size=4), probe_sequence(259), precision=precision,
-                   moe=MoEConfig(routing_replay="rollout"), replay=True, **kw)
+    return Learner(path, cfg, AlgorithmConfig(lr=lr, micro_batch_size=4, weight_decay=0.0), probe_sequence(259), precision=precision,
+                   moe=moe or MoEConfig(routing_replay="rollout"), replay=True, **kw)
 
 
 def batches(path: str, steps: int = 2, seed: int = 3):
@@ -105,7 +106,7 @@ def test_without_lora_the_same_steps_move_the_base_weights(tiny_model_path):
     assert any(not torch.equal(p, before[n]) for n, p in learner.model.named_parameters() if not lora.is_adapter_param(n))
 
 
-@pytest.mark.parametrize("targets", [("attention", "experts"), ("experts",), ("attention",)])
+@pytest.mark.parametrize("targets", [("attention", "experts"), ("experts",), ("attention",), ("attention", "experts", "router")])
 def test_merged_base_weights_compute_the_adapted_policy(tiny_model_path, targets):
     """W + scaling * B @ A (the engines' and the export's merge), loaded into a plain model with transformers'
     own experts code, gives the learner's log-probs: two implementations, one function."""
@@ -129,6 +130,61 @@ def test_merged_base_weights_compute_the_adapted_policy(tiny_model_path, targets
         moved = token_logprobs(plain, torch.tensor(PROMPTS[2:3]), torch.ones(1, 6, dtype=torch.long))[0]
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     assert not torch.allclose(moved, untouched, atol=1e-4)  # the adapters changed the policy: the merge had work to do
+
+
+def routers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from rlhub.moe import find_routers
+
+    ids = {id(r) for r in find_routers(model)}
+    return {f"{n}.weight": m.weight.detach().clone() for n, m in model.named_modules() if id(m) in ids}
+
+
+@pytest.mark.parametrize("balance,targets,moves", [("global_batch", ("attention", "router"), True),
+                                                   ("none", ("attention", "router"), False),
+                                                   ("global_batch", ("attention",), False)])
+def test_the_balance_loss_reaches_a_lora_policy_through_its_trained_routers(tiny_model_path, balance, targets, moves):
+    """With every advantage 0 the policy loss has no gradient, so a router moves only by the balance loss,
+    and only when the router is trained (`targets` router): switched off either way, it stays."""
+    learner = make_learner(tiny_model_path, targets=targets, moe=MoEConfig(routing_replay="rollout", balance=balance, aux_loss_coef=0.5))
+    held = {id(p) for group in learner.optimizer.param_groups for p in group["params"]}
+    params = dict(learner.model.named_parameters())
+    before = routers(learner.model)
+    assert ({id(params[n]) for n in before} <= held) == ("router" in targets)
+    for batch in batches(tiny_model_path):
+        batch.advantages.zero_()
+        learner.train_step(batch)
+    after = routers(learner.model)
+    assert any(not torch.equal(after[n], before[n]) for n in before) == moves
+    published = learner.published_state()
+    assert (set(before) <= set(published)) == ("router" in targets)  # a trained router travels whole with the adapters
+    if moves:
+        for n in before:
+            torch.testing.assert_close(published[n], after[n], rtol=0, atol=0)
+
+
+def test_selection_biases_travel_with_the_adapters_and_resume_from_a_checkpoint(tiny_model_path, tmp_path):
+    """moe.balance=aux_free moves each router's selection bias every step; the engines route with it,
+    so a LoRA version carries it, merged as it is, and a checkpoint keeps it."""
+    from rlhub.checkpoint import write_checkpoint
+    from rlhub.moe import BIAS_NAME
+
+    moe = MoEConfig(routing_replay="rollout", balance="aux_free", bias_update_rate=0.05)
+    learner = make_learner(tiny_model_path, moe=moe)
+    for batch in batches(tiny_model_path):
+        learner.train_step(batch)
+    biases = {n: b.clone() for n, b in learner.model.named_buffers() if n.endswith(BIAS_NAME)}
+    assert biases and any(bool(b.any()) for b in biases.values())
+    published = learner.published_state()
+    merged = lora.merged(base_model(tiny_model_path).state_dict(), published)
+    for n, b in biases.items():
+        torch.testing.assert_close(merged[n], b, rtol=0, atol=0)
+    assert not any(n.endswith(BIAS_NAME) for n in lora.adapted_names(published))  # not a weight of the HF model
+    ckpt = write_checkpoint(tmp_path, 2, learner.save, {}, keep_last=1)
+    resumed = make_learner(tiny_model_path, moe=moe)
+    resumed.load(ckpt, 2)
+    for n, b in resumed.model.named_buffers():
+        if n.endswith(BIAS_NAME):
+            torch.testing.assert_close(b, biases[n], rtol=0, atol=0)
 
 
 def test_published_adapters_are_a_small_part_of_the_model_and_name_base_weights(tiny_model_path):
