@@ -1,7 +1,8 @@
 """`rlhub bench NAME [args...]`: benchmarks that print JSON and append it to a results file.
 
-Every benchmark is a function `run(args: list[str]) -> dict` in `rlhub.benches.<module>`.
-Its result is printed and appended, as one line, to the results file
+Every benchmark is a function `run(args: list[str]) -> dict` in `rlhub.benches.<module>`, run
+once or several times on a quiet machine (`rlhub.benches.repeat`: `--runs`, `--max-load`; the
+figures are medians with their range, every run's load average recorded). Its result is printed and appended, as one line, to the results file
 (`bench/results.jsonl` in the working directory, or `$RLHUB_BENCH_RESULTS`), with the
 command that reproduces it, the commit and the machine. `rlhub bench report` turns the
 newest record of each benchmark into the README's performance section.
@@ -92,12 +93,16 @@ def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def run(name: str, args: list[str]) -> dict[str, Any]:
-    """Run benchmark `name`, append its record, return the result."""
+    """Run benchmark `name` as `rlhub.benches.repeat` says (`--runs`, each on a quiet machine), append
+    its record, return the result."""
     import importlib
+
+    from rlhub.benches.repeat import repeated, split_args
 
     if name not in BENCHES:
         raise KeyError(f"unknown benchmark {name!r}; one of: {', '.join(BENCHES)}, report")
+    opts, own = split_args(name, args)
     module = importlib.import_module(BENCHES[name])
-    result = (module.bench_presets if name == "presets" else module.run)(args)
+    result = repeated(module.bench_presets if name == "presets" else module.run, own, opts)
     record(name, args, result)
     return result

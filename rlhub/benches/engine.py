@@ -303,9 +303,10 @@ def _in_child(engine: str, threads: int, opts: Options, overrides: list[str]) ->
         return pool.submit(measure, engine, threads, opts, overrides).result()
 
 
-def run(args: list[str], measure_one: Callable[..., dict[str, Any]] = _in_child) -> dict[str, Any]:
+def run(args: list[str], measure_one: Callable[..., dict[str, Any]] = _in_child, run_index: int = 0) -> dict[str, Any]:
     """`measure_one(engine, threads, opts, overrides)`: one (engine, threads) measured; a child
-    process each by default."""
+    process each by default. Odd `run_index`es measure the engines in the reverse order; the rows
+    come back in the plan's order either way (`rlhub.benches.repeat` takes them row by row)."""
     import importlib.util
 
     from rlhub.config import load_config
@@ -317,21 +318,25 @@ def run(args: list[str], measure_one: Callable[..., dict[str, Any]] = _in_child)
     skipped = {}
     if importlib.util.find_spec("vllm") is None:
         skipped = {e: "vllm is not installed" for e in VLLM_ENGINES if e in opts.engines}
-    rows: list[dict[str, Any]] = []
-    overhead: dict[str, float] = {}
-    for engine, threads in plan(opts, cfg.cluster.torch_threads):
+    planned = plan(opts, cfg.cluster.torch_threads)
+    measured: dict[tuple[str, int], dict[str, Any]] = {}
+    for engine, threads in planned if run_index % 2 == 0 else planned[::-1]:
         if engine in skipped:
             continue
         try:
-            done = measure_one(engine, threads, opts, overrides)
+            measured[engine, threads] = measure_one(engine, threads, opts, overrides)
         except ImportError as e:  # vllm present but unusable (a CUDA build on a CPU machine)
             if engine not in VLLM_ENGINES:
                 raise
             skipped[engine] = f"vllm cannot be imported: {e}"
+    rows: list[dict[str, Any]] = []
+    overhead: dict[str, float] = {}
+    for (engine, threads) in planned:
+        if (engine, threads) not in measured:
             continue
-        rows += done["rows"]
+        rows += measured[engine, threads]["rows"]
         if threads == cfg.cluster.torch_threads:
-            overhead[engine] = done["call_overhead_ms"]
+            overhead[engine] = measured[engine, threads]["call_overhead_ms"]
     result: dict[str, Any] = {
         "model": cfg.model.path or f"{cfg.model.source} ({path.name})",
         "max_new_tokens": opts.max_new_tokens,

@@ -3,10 +3,12 @@
     rlhub bench peer [configs=overhead,generation,smollm2_moe] [steps=N] [venv=DIR] [trl_threads=N]
                      [rlhub.KEY=VALUE ...] [rlhub_overrides="KEY=VALUE KEY=VALUE"]
 
-One invocation runs, per config, TRL first and then rlhub's real pipeline
+One invocation runs, per config, TRL and rlhub's real pipeline
 (`rlhub.actors.controller.train`), one after the other on the whole machine,
 and reports each side's steady-state samples/s and its rolling-success curve
-against wall-clock time.
+against wall-clock time. `rlhub bench peer` runs it three times
+(`rlhub.benches.repeat`: each run on a quiet machine, TRL first in even runs
+and rlhub first in odd ones, every figure the median with its range).
 
 - `overhead`: the default tiny MoE from rlhub's format warm start (computed or
   taken from the warm-start cache, then exported as a Hugging Face directory
@@ -479,7 +481,12 @@ def describe(name: str, cfg: Any, rl: Any, spec: dict[str, Any], steps: int, rlh
     )
 
 
-def run_config(name: str, args: PeerArgs, python: Path) -> dict[str, Any]:
+def side_order(run_index: int) -> tuple[str, str]:
+    """Which side runs first: TRL in even runs, rlhub in odd ones (`rlhub.benches.repeat` alternates them)."""
+    return ("trl", "rlhub") if run_index % 2 == 0 else ("rlhub", "trl")
+
+
+def run_config(name: str, args: PeerArgs, python: Path, run_index: int = 0) -> dict[str, Any]:
     from rlhub.config import load_config
     from rlhub.models.build import resolve_model_path
 
@@ -504,27 +511,29 @@ def run_config(name: str, args: PeerArgs, python: Path) -> dict[str, Any]:
         checked = check_reward_agreement(cfg, spec)
         rlhub_overrides = [*overrides, *args.rlhub_overrides]
         rl_cfg = load_config(rlhub_overrides)  # checked before either side runs
-        trl_load = os.getloadavg()[0]  # other work on the machine slows either side: said beside its numbers
-        trl_raw = run_trl(python, spec)
-        rlhub_load = os.getloadavg()[0]
-        rlhub_raw = run_rlhub(rlhub_overrides, Path(tmp) / "rlhub")
-        rlhub_load_after = os.getloadavg()[0]
+        loads: dict[str, tuple[float, float]] = {}  # other work on the machine slows either side: said beside its numbers
+        raw: dict[str, dict[str, Any]] = {}
+        for side in side_order(run_index):
+            before = os.getloadavg()[0]
+            raw[side] = run_trl(python, spec) if side == "trl" else run_rlhub(rlhub_overrides, Path(tmp) / "rlhub")
+            loads[side] = (before, os.getloadavg()[0])
+        trl_raw, rlhub_raw = raw["trl"], raw["rlhub"]
     samples = cfg.prompts_per_step * cfg.group_size
     trl = side_result([s["step_s"] for s in trl_raw["steps"]], [s["success"] for s in trl_raw["steps"]], samples)
     trl.update(version=trl_raw["version"], startup_s=trl_raw["startup_s"], total_s=trl_raw["total_s"],
                outside_loop_s=trl_raw["total_s"] - sum(s["step_s"] for s in trl_raw["steps"]), torch_threads=trl_raw["torch_threads"],
-               load_avg_before=trl_load, load_avg_after=rlhub_load)
+               load_avg_before=loads["trl"][0], load_avg_after=loads["trl"][1])
     rl = side_result(rlhub_raw["step_s"], rlhub_raw["success"], samples)
     rl.update(version=f"rlhub {importlib.metadata.version('rlhub')}", overrides=rlhub_overrides, total_s=rlhub_raw["total_s"],
               outside_loop_s=rlhub_raw["total_s"] - sum(rlhub_raw["step_s"]), engine=rl_cfg.rollout.engine,
-              load_avg_before=rlhub_load, load_avg_after=rlhub_load_after)
+              load_avg_before=loads["rlhub"][0], load_avg_after=loads["rlhub"][1])
     return {"description": describe(name, cfg, rl_cfg, spec, steps, args.rlhub_overrides), "bound": peer.bound, "trl": trl, "rlhub": rl, **ratios(trl, rl),
-            "reward_cases_checked": checked, "model": str(model)}
+            "reward_cases_checked": checked, "model": str(model), "first": side_order(run_index)[0]}
 
 
-def run(args: list[str]) -> dict[str, Any]:
+def run(args: list[str], run_index: int = 0) -> dict[str, Any]:
     parsed = parse_args(args)
     installed = install_trl(parsed.venv)
-    configs = {name: run_config(name, parsed, installed["python"]) for name in parsed.configs}
+    configs = {name: run_config(name, parsed, installed["python"], run_index) for name in parsed.configs}
     return {"configs": configs, "trl_install_s": installed["install_s"], "trl_first_install_s": installed["first_install_s"],
             "trl_venv": str(parsed.venv)}

@@ -49,6 +49,48 @@ def _ms(seconds: Any) -> str:
     return num(seconds * 1e3, 3) if isinstance(seconds, (int, float)) else "—"
 
 
+def fig(result: dict[str, Any], path: str, digits: int = 2, scale: float = 1.0) -> str:
+    """The number at `path` (keys joined by "/") of a result, with its [min–max] over the runs where
+    they differed (`rlhub.benches.repeat` records them under "spread")."""
+    value: Any = result
+    for key in path.split("/"):
+        value = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return num(value, digits)
+    text = num(value * scale, digits)
+    lo_hi = (result.get("spread") or {}).get(path)
+    if isinstance(lo_hi, list) and len(lo_hi) == 2:
+        text += f" [{num(lo_hi[0] * scale, digits)}–{num(lo_hi[1] * scale, digits)}]"
+    return text
+
+
+MIN_RUNS = 3
+"""Quiet runs a figure needs to be quoted as one (a median of at least three)."""
+
+
+def quiet_runs(result: dict[str, Any] | None) -> int | None:
+    """How many quiet runs a result is the median of; None for a record from before runs were repeated."""
+    repeat = (result or {}).get("repeat")
+    return int(repeat.get("quiet_runs", 0)) if isinstance(repeat, dict) else None
+
+
+def runs_text(result: dict[str, Any]) -> str:
+    """One line on how the numbers were taken: runs, loads, alternation."""
+    repeat = result.get("repeat")
+    if not isinstance(repeat, dict):
+        return ("One invocation, recorded before whole benchmark runs were repeated: its figures are not medians of quiet runs, "
+                "and the load it ran under was not recorded.")
+    runs = [r for r in repeat.get("runs") or [] if isinstance(r, dict)]
+    loads = ", ".join(num(r.get("load_before")) + (" (busy, left out)" if r.get("busy") else "") for r in runs)
+    quiet = quiet_runs(result) or 0
+    text = (f"Median of {quiet} quiet run{'s' if quiet != 1 else ''} of {len(runs)}, [min–max] beside each figure where the runs "
+            f"differ; 1-minute load average before each run: {loads} (quiet: at most {num(repeat.get('max_load'))})"
+            + ("; sides alternated from run to run." if repeat.get("alternated") else "."))
+    if quiet < MIN_RUNS:
+        text += f" Fewer than {MIN_RUNS} quiet runs: not a figure to quote."
+    return text
+
+
 # ---- targets -----------------------------------------------------------------------------
 
 @dataclass
@@ -179,7 +221,13 @@ def targets(records: dict[str, dict]) -> list[Verdict]:
     out: list[Verdict] = []
     for bench, judge in TARGETS:
         try:
-            out += judge(_result(records, bench))
+            result = _result(records, bench)
+            verdicts = judge(result)
+            runs = quiet_runs(result)
+            if result is not None and (runs is None or runs < MIN_RUNS):  # said beside the figure, which is not one yet
+                note = " (one run, not a median)" if runs is None else f" ({runs} quiet run{'s' if runs != 1 else ''}, not a median of {MIN_RUNS})"
+                verdicts = [Verdict(v.target, v.measured + note, v.met) if v.met is not None else v for v in verdicts]
+            out += verdicts
         except RECORD_ERRORS as e:
             out.append(Verdict(f"{bench}: its targets", f"the newest record could not be read ({type(e).__name__}: {e})", None))
     return out
@@ -197,44 +245,46 @@ def render_peer(r: dict[str, Any]) -> list[str]:
         if c.get("skipped"):
             rows.append([name, str(c.get("bound", "—")), f"skipped: {c['skipped']}"] + ["—"] * (len(header) - 3))
             continue
-        trl, ours = c.get("trl") or {}, c.get("rlhub") or {}
-        row = [name, str(c.get("bound", "—")), num(trl.get("samples_per_s"), 1), num(ours.get("samples_per_s"), 1),
-               num(c.get("samples_per_s_ratio")), num(trl.get("step_s"), 3), num(ours.get("step_s"), 3)]
-        ratios = c.get("time_to_ratio") or {}
+        at = f"configs/{name}"
+        row = [name, str(c.get("bound", "—")), fig(r, f"{at}/trl/samples_per_s", 1), fig(r, f"{at}/rlhub/samples_per_s", 1),
+               fig(r, f"{at}/samples_per_s_ratio"), fig(r, f"{at}/trl/step_s", 3), fig(r, f"{at}/rlhub/step_s", 3)]
         for t in thresholds:
-            trl_t, ours_t = (trl.get("time_to") or {}).get(t), (ours.get("time_to") or {}).get(t)
-            row.append(f"{num(trl_t, 1)} / {num(ours_t, 1)} ({num(ratios.get(t))})")
+            row.append(f"{fig(r, f'{at}/trl/time_to/{t}', 1)} / {fig(r, f'{at}/rlhub/time_to/{t}', 1)} "
+                       f"({fig(r, f'{at}/time_to_ratio/{t}')})")
         rows.append(row)
     notes = [f"- **{n}**: {c['description']}" for n, c in configs.items() if c.get("description")]
     return table(header, rows) + ([""] + notes if notes else [])
 
 
 def render_e2e(r: dict[str, Any]) -> list[str]:
-    lines = table(["", "value"], [["generation-only step", f"{num(r.get('generation_only_step_s'), 3)} s"],
-                                  ["training-only step", f"{num(r.get('training_only_step_s'), 3)} s"],
-                                  ["async / sync samples/s", num(r.get("async_over_sync_samples_per_s"))],
-                                  ["pipeline efficiency", num(r.get("pipeline_efficiency"))]])
+    lines = table(["", "value"], [["generation-only step", f"{fig(r, 'generation_only_step_s', 3)} s"],
+                                  ["training-only step", f"{fig(r, 'training_only_step_s', 3)} s"],
+                                  ["async / sync samples/s", fig(r, "async_over_sync_samples_per_s")],
+                                  ["pipeline efficiency", fig(r, "pipeline_efficiency")]])
     runs = r.get("runs") or {}
     rows = []
     for staleness, run in sorted(runs.items(), key=lambda kv: float(kv[0]) if str(kv[0]).lstrip("-").isdigit() else math.inf):
         run = run if isinstance(run, dict) else {}
         reached = run.get("time_to_success") or {}
-        rows.append([str(staleness), num(run.get("step_s"), 3), num(run.get("samples_per_s"), 1), num(run.get("trained_tokens_per_s"), 0),
-                     ", ".join(f"{t}: {num(s, 1)} s" for t, s in reached.items()) or "—"])
+        at = f"runs/{staleness}"
+        rows.append([str(staleness), fig(r, f"{at}/step_s", 3), fig(r, f"{at}/samples_per_s", 1), fig(r, f"{at}/trained_tokens_per_s", 0),
+                     ", ".join(f"{t}: {fig(r, f'{at}/time_to_success/{t}', 1)} s" for t in reached) or "—"])
     if rows:
         lines += [""] + table(["max_staleness", "step s", "samples/s", "trained tokens/s", "time to success"], rows)
     return lines
 
 
 def render_engine(r: dict[str, Any]) -> list[str]:
-    rows = [x for x in r.get("rows") or [] if isinstance(x, dict)]
-    rows.sort(key=lambda x: (str(x.get("engine")), str(x.get("threads")), x.get("batch") if isinstance(x.get("batch"), int) else 0))
+    rows = [(i, x) for i, x in enumerate(r.get("rows") or []) if isinstance(x, dict)]
+    rows.sort(key=lambda ix: (str(ix[1].get("engine")), str(ix[1].get("threads")), ix[1].get("batch") if isinstance(ix[1].get("batch"), int) else 0))
     lines = [f"Model: {r['model']}.", ""] if r.get("model") else []
     lines += table(["engine", "threads", "batch", "tokens/s"],
-                   [[str(x.get("engine", "—")), str(x.get("threads", "—")), str(x.get("batch", "—")), num(x.get("tokens_per_s"), 0)] for x in rows])
+                   [[str(x.get("engine", "—")), str(x.get("threads", "—")), str(x.get("batch", "—")), fig(r, f"rows/{i}/tokens_per_s", 0)]
+                    for i, x in rows])
     ratios = r.get("vllm_inside_over_standalone") or {}
     if ratios:
-        lines += ["", *table(["batch", "standalone vLLM / vLLM inside rlhub, tokens/s"], [[str(b), num(v)] for b, v in ratios.items()])]
+        lines += ["", *table(["batch", "standalone vLLM / vLLM inside rlhub, tokens/s"],
+                             [[str(b), fig(r, f"vllm_inside_over_standalone/{b}")] for b in ratios])]
     return lines
 
 
@@ -398,7 +448,8 @@ def render_bench(name: str, record: dict[str, Any] | None, plot: str | None = No
     lines += [f"`{record.get('command', 'rlhub bench ' + name)}` at commit `{record.get('commit', '?')}`, "
               f"{record.get('time', '?')}, {machine.get('cpus', '?')} CPUs" + (", CUDA" if machine.get("cuda") else "") + ".", ""]
     try:
-        lines += render(record.get("result") or {})
+        result = record.get("result") or {}
+        lines += [runs_text(result), ""] + render(result)
     except RECORD_ERRORS as e:
         lines += [f"The newest record could not be rendered ({type(e).__name__}: {e})."]
     if plot:

@@ -168,7 +168,7 @@ def test_report_writes_between_markers_and_check_detects_an_outdated_readme(tmp_
     record("sync", ["reps=5"], sync_result(3.5), path=results)  # a newer record flips the verdict
     assert main(args + ["--check"]) == 1
     assert main(args) == 0
-    assert "| 3.50x (with the probe check: 50.00x) | not met |" in readme.read_text()
+    assert "| 3.50x (with the probe check: 50.00x) (one run, not a median) | not met |" in readme.read_text()
 
 
 def test_report_refuses_a_readme_without_markers(tmp_path):
