@@ -52,7 +52,8 @@ class LearnerActor:
                                generation_budget=run.rollout.max_new_tokens, policy=policy, moe=run.moe,
                                replay=replay_enabled(run.moe, run.rollout.engine), ranks=ranks,
                                ep_balance=run.learner.ep_balance, ep_capacity=run.learner.ep_capacity,
-                               precision=run.learner.precision, attention=run.learner.attention)
+                               precision=run.learner.precision, attention=run.learner.attention,
+                               share_prefix=run.learner.share_prefix)
         self.pad_id = self.learner.model.config.pad_token_id or 0
 
     def where(self) -> dict[str, Any]:
@@ -113,6 +114,9 @@ class LearnerActor:
         else:
             metrics = self.learner.skip_step()
         metrics["time/collate_s"] = fetched - start
+        from rlhub.rollout.records import peak_rss_mb
+
+        metrics["mem/learner_peak_rss_mb"] = peak_rss_mb()  # this rank's process
         metrics["time/learner_idle_s"] = start - self._last_end if self._last_end else 0.0
         metrics["version"] = self.learner.version
         metrics["lost_groups"] = lost

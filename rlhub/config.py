@@ -146,6 +146,11 @@ class LearnerConfig:
     On a CPU, for the short sequences of RL on small tasks, eager's backward is the faster: on the SmolLM2
     MoE (32 x 37 tokens, bf16 LoRA, one core) sdpa's backward took about 9 ms per layer call, and the step
     went from 9.0 to 7.2 s with eager."""
+    share_prefix: bool = True
+    """Run the positions a micro-batch's rows share before their first completion (a GRPO group's
+    prompt) once per distinct prefix, its keys and values copied to each row
+    (`rlhub.models.logprobs.shared_prefix`): the same log-probs and gradients from fewer tokens. One
+    learner process only (ranks pair their forwards, and this one is split in two)."""
     precision: str = "fp32"
     """fp32, or bf16: forwards and backwards under bf16 autocast, fp32 parameters, optimizer state, output
     head, log-probs and losses (`rlhub.models.precision`); with model.lora the frozen base is stored in bf16."""

@@ -27,7 +27,7 @@ from rlhub.algorithms.advantages import normalize_over_batch
 from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked, masked_mean
 from rlhub.models.build import ModelConfig, is_moe
-from rlhub.models.logprobs import RAW, SamplingPolicy, completion_span, probe_logprobs, token_logprobs
+from rlhub.models.logprobs import RAW, SamplingPolicy, completion_span, probe_logprobs, shared_prefix, token_logprobs
 from rlhub.models.precision import autocast, head_in_fp32
 from rlhub.moe import BIAS_NAME, Balancer, BalanceStep, MoEConfig, set_differs
 from rlhub.parallel.fsdp import idle_row, local
@@ -54,13 +54,15 @@ class Learner:
         ep_capacity: float = 1.25,
         precision: str = "fp32",
         attention: str = "sdpa",
+        share_prefix: bool = False,
     ) -> None:
         """`replay`: route every recorded position to the experts the engine used (R3), as
         `rlhub.moe.replay_enabled` decided for the run's engine. `ranks`: this learner's place in a
         group of learner ranks (`rlhub.parallel`; None: one process): the model is then sharded with
         FSDP2, its experts split over `ranks.expert_parallel` ranks (`ep_balance`: standard or llep,
         with `ep_capacity`), and each step takes this rank's share of the batch. `precision`: fp32 or bf16
-        (`rlhub.models.precision`); `attention`: sdpa or eager (`learner.attention`). `model_cfg.lora`
+        (`rlhub.models.precision`); `attention`: sdpa or eager (`learner.attention`); `share_prefix`: each
+        micro-batch's shared prefix runs once (`learner.share_prefix`; one process only). `model_cfg.lora`
         with a rank: only LoRA adapters train (`rlhub.lora`), and what is published and checkpointed is
         the adapters."""
         from transformers import AutoModelForCausalLM
@@ -110,6 +112,7 @@ class Learner:
         """The rollouts' sampling distribution: log-probs, ratios and KLs are computed under it."""
         self.version = 0
         self.nonfinite_in_row = 0
+        self.share_prefix = share_prefix and not self.ranks.distributed  # ranks pair their forwards: one each
 
     # ---- one optimizer step -----------------------------------------------------
     def train_step(self, batch: GroupTensors | None) -> dict[str, Any]:
@@ -330,13 +333,20 @@ class Learner:
         algo = self.algo
         mask = batch.completion_mask
         behaviour = batch.old_logprobs
-        routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(
-            batch.attention_mask, None if batch.routes is None else batch.routes
-        )
         span = completion_span(mask)  # the head and softmax run on the completions' positions only
-        with routing as capture:
-            logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, with_entropy=True,
-                                                  policy=self.policy, keep=span)
+        prefix = shared_prefix(batch.input_ids, batch.attention_mask, mask) if self.share_prefix else None
+        if prefix is None:
+            routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(batch.attention_mask, batch.routes)
+            with routing as capture:
+                logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, with_entropy=True,
+                                                      policy=self.policy, keep=span)
+        else:
+            split = nullcontext() if self.balancer is None else self.balancer.shared_micro_batch(batch.attention_mask, batch.routes, prefix)
+            with split as parts:
+                logprobs, entropy, _ = token_logprobs(self.model, batch.input_ids, batch.attention_mask, with_entropy=True,
+                                                      policy=self.policy, keep=span, prefix=prefix,
+                                                      between=None if parts is None else parts.suffix)
+            capture = None if parts is None else parts.merged()
         corr = correct(logprobs, behaviour, mask, algo.correction, algo.tis_cap, (algo.icepop_low, algo.icepop_high))
         per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages, corr.mask), self.loss_cfg)
         pg_loss = aggregate(per_token * corr.weights, corr.mask, algo.loss_agg, norms)

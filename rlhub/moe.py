@@ -47,7 +47,7 @@ from collections import deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -278,6 +278,41 @@ def set_differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---- one model's routing over an optimizer step --------------------------------------
+class PrefixCapture:
+    """The routing of a forward split at a shared prefix: the prefix's positions, run once per
+    distinct prefix, then every row's rest. `suffix()` switches the replay between the two forwards;
+    `merged()` is the capture one whole forward would have made: every row's records in its own
+    [b, T] order, the prefix's copied to each row that shares it (with the graph, so the balance
+    losses' gradients of the copies add up in the one computation, as the positions' would)."""
+
+    def __init__(self, capture: Capture, rest: torch.Tensor | None, valid: torch.Tensor, prefix: Any, num_layers: int) -> None:
+        self.capture = capture
+        self.rest = rest
+        self.valid = valid  # [b, T]
+        self.prefix = prefix
+        self.num_layers = num_layers
+
+    def suffix(self) -> None:
+        self.capture.replay = None if self.rest is None else self.rest.reshape(-1, *self.rest.shape[2:])
+
+    def merged(self) -> Capture:
+        layers = self.capture.layers
+        if len(layers) != 2 * self.num_layers:
+            raise RuntimeError(f"a split forward's capture holds {len(layers)} layer records, not 2 x {self.num_layers}: "
+                               "forwards of two calls were mixed")
+        b, width = self.valid.shape
+        n, distinct = self.prefix.length, self.prefix.firsts.shape[0]
+
+        def join(head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+            head = head.reshape(distinct, n, -1)[self.prefix.of_row.to(head.device)]
+            return torch.cat([head, tail.reshape(b, width - n, -1)], dim=1).reshape(b * width, -1)
+
+        valid = self.valid.reshape(-1)
+        records = [LayerRecord(join(h.logits, t.logits)[valid], join(h.used, t.used), join(h.fresh, t.fresh))
+                   for h, t in zip(layers[: self.num_layers], layers[self.num_layers :])]
+        return Capture(records, valid)
+
+
 def routed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: the positions whose output predicts a real next token. They are the ones routing
     replay records and the balance counts; a sequence's last token is never an input that matters."""
@@ -376,6 +411,19 @@ class Balancer:
         choice, for the mismatch metrics)."""
         use = self.replay if replay is None else replay
         return self.routing.capture(routed_positions(attention_mask), replay_tensor(routes, attention_mask.shape[1]) if use else None)
+
+    @contextmanager
+    def shared_micro_batch(self, attention_mask: torch.Tensor, routes: torch.Tensor | None, prefix: Any,
+                           replay: bool | None = None) -> Iterator["PrefixCapture"]:
+        """`micro_batch` for a forward split at a shared prefix (`rlhub.models.logprobs.SharedPrefix`):
+        the prefix's forward replays the routes of its first row, the rest's forward every row's own."""
+        use = self.replay if replay is None else replay
+        width = attention_mask.shape[1]
+        full = replay_tensor(routes, width) if use else None  # [b, T, L, K]
+        head = None if full is None else full[prefix.firsts, : prefix.length]
+        rest = None if full is None else full[:, prefix.length :]
+        with self.routing.capture(None, head) as capture:
+            yield PrefixCapture(capture, rest, routed_positions(attention_mask), prefix, self.routing.num_layers)
 
     def loss(self, step: BalanceStep, capture: Capture) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balancing loss, z-loss) of one micro-batch, each its share of the batch value

@@ -19,6 +19,7 @@ already in the nucleus.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -71,6 +72,33 @@ def entropy_of(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * finite_logp).sum(-1)
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows of a batch whose first `length` positions hold the same tokens (a GRPO group's prompt, or
+    more): `firsts` [U] the first row of each distinct prefix, `of_row` [B] each row's index among them."""
+
+    length: int
+    firsts: torch.Tensor
+    of_row: torch.Tensor
+
+
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> SharedPrefix | None:
+    """The prefix a batch's rows can share in `token_logprobs`: the positions before the first one any
+    row needs a log-prob at (the completions start after it), split into distinct token sequences
+    (padding included). None when it is empty or no two rows share it."""
+    cols = completion_mask.bool().any(0).nonzero()
+    length = int(cols[0, 0]) if cols.numel() else 0
+    if length < 1:
+        return None
+    keys = torch.cat([input_ids[:, :length], attention_mask[:, :length].to(input_ids.dtype)], dim=1)
+    distinct, of_row = torch.unique(keys, dim=0, return_inverse=True)
+    rows = keys.shape[0]
+    if distinct.shape[0] == rows:
+        return None
+    firsts = torch.full((distinct.shape[0],), rows, dtype=torch.long).scatter_reduce(0, of_row, torch.arange(rows), "amin")
+    return SharedPrefix(length, firsts, of_row)
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,  # [B, T]
@@ -78,6 +106,8 @@ def token_logprobs(
     with_entropy: bool = False,
     policy: SamplingPolicy = RAW,
     keep: int | None = None,
+    prefix: SharedPrefix | None = None,
+    between: Callable[[], None] | None = None,
     **forward_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
     """(logprobs [B, T-1], entropy [B, T-1] or None, model output).
@@ -86,18 +116,32 @@ def token_logprobs(
     sampling distribution (temperature, top-p nucleus with the target kept in it).
     `keep`: only the last `keep` positions are wanted (a completion's span): the output head and
     the softmax run on those alone, and the earlier positions hold 0.
+
+    `prefix` (`shared_prefix`; `keep` must not reach into it): the model runs the prefix once per
+    distinct one, with its keys and values cached, copies each row's cache from its prefix's, then
+    runs every row's rest over that cache. The values are those of one whole forward; in the
+    backward, the gradients of a prefix's copies add up in its one computation. `between()` is
+    called between the two forwards (the routing capture switches its replay there).
     """
     width = input_ids.shape[1]
     keep = width - 1 if keep is None else max(0, min(int(keep), width - 1))
     if keep < width - 1:
         forward_kwargs["logits_to_keep"] = keep + 1
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask),
-        use_cache=False,
-        **forward_kwargs,
-    )
+    positions = positions_from_mask(attention_mask)
+    if prefix is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False, **forward_kwargs)
+    else:
+        n, rows = prefix.length, prefix.firsts
+        if keep > width - 1 - n:
+            raise ValueError(f"token_logprobs: keep={keep} reaches into the shared prefix of {n} positions (width {width})")
+        head = model(input_ids=input_ids[rows, :n], attention_mask=attention_mask[rows, :n], position_ids=positions[rows, :n],
+                     use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        cache.batch_select_indices(prefix.of_row)  # each row's copy of its prefix's keys and values
+        if between is not None:
+            between()
+        out = model(input_ids=input_ids[:, n:], attention_mask=attention_mask, position_ids=positions[:, n:], past_key_values=cache,
+                    use_cache=True, **{"logits_to_keep": keep + 1, **forward_kwargs})
     targets = input_ids[:, width - keep:]
     logits = out.logits[:, out.logits.shape[1] - keep - 1 : -1]
     logp_all = policy.log_probs(logits, keep=targets)  # [B, keep, V]
