@@ -79,6 +79,9 @@ class RolloutActor:
         return asdict(self.worker.run())
 
     def stats(self) -> dict[str, Any]:
+        from rlhub.rollout.records import peak_rss_mb
+
+        self.worker.stats.peak_rss_mb = peak_rss_mb()
         for _ in range(5):  # the loop's thread may add a key to one of the counters' dicts meanwhile
             try:
                 return asdict(self.worker.stats)

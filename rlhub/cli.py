@@ -27,6 +27,8 @@ commands:
     store        groups/s and latency per group through the data store, 1/2/4 shards
     scale        throughput with 1/2/4 rollout actors, one node and two, against a model
     learner      the learner alone on local ranks: tokens/s and peak memory, 1 vs 2 ranks, EP, LLEP, grouped
+    train        a whole run (default experiment=smollm2_moe_lora): wall-clock, step split, held-out
+                 accuracy, peak memory per process; three runs, medians with ranges
     presets      a short run of every algorithm preset, and GRPO at max_staleness=4
                  without and with TIS: reward before/after, correction metrics
   bench report   write the README's performance section from the results file

@@ -80,16 +80,10 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     from pathlib import Path
 
     from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
 
     from rlhub import lora
     from rlhub.checkpoint import latest_checkpoint
     from rlhub.config import ConfigError, RunConfig, validate
-    from rlhub.datastore import InMemoryDataStore
-    from rlhub.engines import make_engine
-    from rlhub.envs.registry import build_env
-    from rlhub.rollout import DataSide, RolloutWorker
-    from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
 
     path = Path(target)
     checkpoint = latest_checkpoint(path) if (path / "config.yaml").is_file() else path
@@ -112,6 +106,30 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the key
         raise ConfigError(str(e).splitlines()[0]) from None
     validate(cfg)
+    version = int(checkpoint.name.rpartition("_")[2]) if checkpoint.name.rpartition("_")[2].isdigit() else 0
+    model = str(policy_dir)
+    has_tokenizer = any(f.name.startswith("tokenizer") for f in policy_dir.iterdir())
+    tokenizer_from = None
+    if not has_tokenizer:  # a checkpoint from before policy/ kept its tokenizer: the run's model has it
+        from rlhub.models.build import resolve_model_path
+
+        tokenizer_from = str(resolve_model_path(cfg.model))
+    return {"checkpoint": str(checkpoint), "env": cfg.env.name, **evaluate_model(cfg, model, version, tokenizer_from)}
+
+
+def evaluate_model(cfg: Any, model: str, version: int = 0, tokenizer_from: str | None = None) -> dict[str, Any]:
+    """The held-out evaluation of the HF model directory `model` under run config `cfg` (its environment's
+    eval rows, `eval.rows` and `eval.k`, its rollout engine and dtype), in this process: what a run's
+    own evaluations compute, for a model from anywhere (`rlhub bench peer` evaluates TRL's this way)."""
+    from transformers import AutoTokenizer
+
+    from rlhub.config import ConfigError
+    from rlhub.datastore import InMemoryDataStore
+    from rlhub.engines import make_engine
+    from rlhub.envs.registry import build_env
+    from rlhub.rollout import DataSide, RolloutWorker
+    from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+
     env = build_env(cfg.env, cfg.seed)
     if getattr(env, "uses_sandbox", False):  # the run's isolation policy holds outside the run too
         from rlhub import sandbox
@@ -123,18 +141,13 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     rows = eval_rows(env, cfg.eval.rows)
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r} has no eval rows (set env.dataset.eval_split or env.dataset.eval_size)")
-    model = str(policy_dir)
-    has_tokenizer = any(f.name.startswith("tokenizer") for f in policy_dir.iterdir())
-    if not has_tokenizer:  # a checkpoint from before policy/ kept its tokenizer: the run's model has it
-        from rlhub.models.build import resolve_model_path
-
-        model_for_tokenizer = str(resolve_model_path(cfg.model))
-    tokenizer = AutoTokenizer.from_pretrained(model if has_tokenizer else model_for_tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or model)
     engine = make_engine(cfg.rollout, model, cfg.rollout.dtype or cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads, selection_bias=cfg.moe.balance == "aux_free")
     worker = RolloutWorker(0, cfg.rollout, cfg.group_size, cfg.prompts_per_step, engine, env, tokenizer,
                            InMemoryDataStore(cfg.prompts_per_step, 0), InMemoryWeightSync(), DataSide.of(cfg.algorithm),
                            probe_sequence(len(tokenizer)), cfg.seed, env_name=cfg.env.name, env_timeout_s=cfg.env.timeout_s)
-    engine.version = int(checkpoint.name.rpartition("_")[2]) if checkpoint.name.rpartition("_")[2].isdigit() else 0
-    result = evaluate(worker, rows, cfg.eval.k)
-    worker.envs.close()
-    return {"checkpoint": str(checkpoint), "env": cfg.env.name, **result}
+    engine.version = version
+    try:
+        return evaluate(worker, rows, cfg.eval.k)
+    finally:
+        worker.envs.close()

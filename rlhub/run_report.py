@@ -34,6 +34,7 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         "time/sync_s": sum(s["last_sync_seconds"] for s in rollout_stats) / max(len(rollout_stats), 1),
         "sync/probe_error": max((s["last_probe_error"] for s in rollout_stats), default=0.0),
         "sync/bytes": max((s.get("last_sync_bytes", 0) for s in rollout_stats), default=0),
+        "mem/rollout_peak_rss_mb": max((s.get("peak_rss_mb", 0.0) for s in rollout_stats), default=0.0),
         "store/queued": store_stats["queued"],
         "store/in_flight": store_stats["in_flight"],
         "store/produced": store_stats["produced"],

@@ -28,6 +28,7 @@ BENCHES = {
     "presets": "rlhub.benches.e2e",
     "sandbox": "rlhub.benches.sandbox",
     "learner": "rlhub.benches.learner",
+    "train": "rlhub.benches.train",
 }
 """Each benchmark's module; `presets` is `bench_presets` in the e2e module."""
 
@@ -81,13 +82,13 @@ def read_results(path: Path | None = None) -> list[dict[str, Any]]:
 
 def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The newest record of each benchmark; `learner` on the SmolLM2 MoE is its own entry
-    (`learner_smollm2`), so the tiny model's figures stay beside it, and its run of the `lora_bf16` case alone
-    (`--cases lora_bf16`) is `learner_smollm2_lora`."""
+    (`learner_smollm2`), so the tiny model's figures stay beside it, and its run of the `lora_bf16` and
+    `shared_prefix` cases alone (`--cases lora_bf16,shared_prefix`, or one of them) is `learner_smollm2_lora`."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
         result = r.get("result") or {}
         smollm2 = r["bench"] == "learner" and result.get("model") == "smollm2_moe"
-        lora_only = smollm2 and set(result.get("cases") or {}) == {"lora_bf16"}
+        lora_only = smollm2 and bool(result.get("cases")) and set(result["cases"]) <= {"lora_bf16", "shared_prefix"}
         out["learner_smollm2_lora" if lora_only else "learner_smollm2" if smollm2 else r["bench"]] = r
     return out
 

@@ -22,12 +22,14 @@ workload for the unit test, every side runs in one group of two processes, to st
   shares, which the routers of rank 0's experts read, as in tests/unit/test_expert_parallel.py);
 - `ep_grouped`: EP with grouped routing (`moe.routing=grouped`, 2 groups, one per EP rank).
 
-- `bf16_lora`: one process, `learner.precision=bf16`, `model.lora.rank=16` on attention and experts,
-  eager attention (the learner of `experiment=smollm2_moe_lora`).
+- `bf16_lora`: one process, `learner.precision=bf16`, `model.lora.rank=16` on attention, experts
+  and routers, eager attention; `bf16_lora_shared`: the same with `learner.share_prefix` (each
+  group's prompt run once per micro-batch; the batches give each group one prompt, as GRPO does).
 
 Cases compare two sides each: `ranks` (1_rank, 2_ranks), `expert_parallel` (2_ranks, ep),
-`llep` (ep_skewed, llep_skewed), `grouped` (ep, ep_grouped), `lora_bf16` (1_rank, bf16_lora);
-`--model smollm2_moe` runs `ranks`, `expert_parallel` and `lora_bf16`. Every side also reports the
+`llep` (ep_skewed, llep_skewed), `grouped` (ep, ep_grouped), `lora_bf16` (1_rank, bf16_lora),
+`shared_prefix` (bf16_lora, bf16_lora_shared); `--model smollm2_moe` runs `ranks`,
+`expert_parallel`, `lora_bf16` and `shared_prefix`. Every side also reports the
 learner's split of its step (`phases_s`: forward, backward, optimizer, routing pass, measuring
 forwards, idle rounds, each the mean seconds per step). Each repeat runs every side once, in turn, so the sides alternate; a figure is the
 median over the repeats with [min, max]. Tokens/s: the completion tokens trained by all ranks
@@ -78,8 +80,10 @@ class Side:
     """topk: the model as built; skewed: its copy with rank 0's experts favoured; grouped: 2 expert groups."""
     precision: str = "fp32"
     lora_rank: int = 0
-    """model.lora.rank (targets: attention and experts); 0 trains every weight."""
+    """model.lora.rank (targets: attention, experts and routers); 0 trains every weight."""
     attention: str = "sdpa"
+    share_prefix: bool = False
+    """learner.share_prefix: a group's prompt runs once per micro-batch."""
 
 
 SIDES = {
@@ -90,10 +94,11 @@ SIDES = {
     "llep_skewed": Side(ranks=2, expert_parallel=2, ep_balance="llep", router="skewed"),
     "ep_grouped": Side(ranks=2, expert_parallel=2, router="grouped"),
     "bf16_lora": Side(precision="bf16", lora_rank=16, attention="eager"),
+    "bf16_lora_shared": Side(precision="bf16", lora_rank=16, attention="eager", share_prefix=True),
 }
 CASES = {"ranks": ("1_rank", "2_ranks"), "expert_parallel": ("2_ranks", "ep"), "llep": ("ep_skewed", "llep_skewed"),
-         "grouped": ("ep", "ep_grouped"), "lora_bf16": ("1_rank", "bf16_lora")}
-MODEL_CASES = {"tiny_moe": tuple(CASES), "smollm2_moe": ("ranks", "expert_parallel", "lora_bf16")}
+         "grouped": ("ep", "ep_grouped"), "lora_bf16": ("1_rank", "bf16_lora"), "shared_prefix": ("bf16_lora", "bf16_lora_shared")}
+MODEL_CASES = {"tiny_moe": tuple(CASES), "smollm2_moe": ("ranks", "expert_parallel", "lora_bf16", "shared_prefix")}
 PHASES = ("forward", "backward", "optimizer", "routing_pass", "measure", "idle")
 """The learner's own split of a step (`time/learner/<phase>_s`, `rlhub.learner.PhaseClock`)."""
 
@@ -217,9 +222,10 @@ def side_paths(name: str, sides: list[str]) -> dict[str, str]:
 # ---- batches -----------------------------------------------------------------------------------
 
 def make_batches(info: ModelInfo, work: Workload, seed: int = SEED) -> list[list[Any]]:
-    """warmup + steps batches of `groups` GroupTensors each: random tokens, a reward and an advantage that
-    differ within each group, behaviour log-probs, and random routes (carried as the pipeline's batches
-    carry them; with replay off the learner does not read them)."""
+    """warmup + steps batches of `groups` GroupTensors each: random tokens, one prompt per group (with its
+    routes, as the engine records a group's one prefill) and a completion per sample, a reward and an
+    advantage that differ within each group, behaviour log-probs, and random routes (carried as the
+    pipeline's batches carry them; with replay off the learner does not read them)."""
     import torch
 
     from rlhub.moe import route_dtype
@@ -231,12 +237,15 @@ def make_batches(info: ModelInfo, work: Workload, seed: int = SEED) -> list[list
         batch = []
         for gid in range(work.groups):
             samples = []
+            p_len = int(torch.randint(work.prompt[0], work.prompt[1] + 1, (1,), generator=g))
+            prompt = torch.randint(0, info.vocab, (p_len,), generator=g).tolist()
+            prompt_routes = torch.rand(p_len, info.moe_layers, info.experts, generator=g).argsort(-1)[..., :info.top_k]
             for j in range(work.group_size):
-                p_len = int(torch.randint(work.prompt[0], work.prompt[1] + 1, (1,), generator=g))
                 c_len = int(torch.randint(work.completion[0], work.completion[1] + 1, (1,), generator=g))
-                ids = torch.randint(0, info.vocab, (p_len + c_len,), generator=g).tolist()
-                routes = torch.rand(p_len + c_len - 1, info.moe_layers, info.experts, generator=g).argsort(-1)[..., :info.top_k]
-                samples.append(Sample(ids[:p_len], ids[p_len:], (-torch.rand(c_len, generator=g) * 3).tolist(), [step] * c_len,
+                ids = torch.randint(0, info.vocab, (c_len,), generator=g).tolist()
+                routes = torch.rand(c_len - 1, info.moe_layers, info.experts, generator=g).argsort(-1)[..., :info.top_k]
+                routes = torch.cat([prompt_routes, routes])
+                samples.append(Sample(prompt, ids, (-torch.rand(c_len, generator=g) * 3).tolist(), [step] * c_len,
                                       float(j % 2), bool(j % 2), "stop", routed_experts=routes.to(route_dtype(info.experts))))
             advantages = torch.linspace(-1.0, 1.0, work.group_size) * (1 + gid / 10)
             tensors = GroupTensors.from_samples(samples, advantages, info.pad_id)
@@ -325,7 +334,7 @@ def _train(ranks: Any, job: Job) -> dict[str, Any]:
     algo = AlgorithmConfig(lr=LR, micro_batch_size=work.micro_batch_size)
     learner = Learner(job.path, ModelConfig(dtype=info.dtype, lora=LoraConfig(rank=side.lora_rank)), algo, probe_sequence(info.vocab),
                       seed=0, moe=moe, replay=False, ranks=ranks, ep_balance=side.ep_balance, ep_capacity=CAPACITY,
-                      precision=side.precision, attention=side.attention)
+                      precision=side.precision, attention=side.attention, share_prefix=side.share_prefix)
     steps = make_batches(info, work)
     batches = [share(b, ranks.rank, ranks.world_size, info.pad_id) for b in steps]
     rounds = [max(max(len(micro_batch_shapes(share(b, r, ranks.world_size, info.pad_id), work.micro_batch_size))

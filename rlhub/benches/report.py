@@ -415,6 +415,24 @@ def _learner_scaling(sc: dict[str, Any]) -> list[str]:
             *table(["N ranks", "EP", "rounds", "FSDP MB", "with EP: FSDP MB", "with EP: all-to-all MB"], rows)]
 
 
+def render_train(r: dict[str, Any]) -> list[str]:
+    held = r.get("held_out") or {}
+    versions = sorted(held, key=lambda v: int(v) if str(v).isdigit() else 0)
+    rows = [["experiment", f"`{r.get('experiment', '—')}` ({' '.join(r.get('overrides') or [])})"],
+            ["steps", str(r.get("steps", "—"))],
+            ["wall-clock, command to return (start-up and evaluations included)", f"{fig(r, 'wall_s', 0)} s"],
+            ["median step", f"{fig(r, 'step_s')} s"],
+            ["learner: forward / backward / optimizer (median per step)",
+             " / ".join(fig(r, f"learner_phases_s/{p}") for p in ("forward", "backward", "optimizer")) + " s"],
+            ["generation per step (median)", f"{fig(r, 'generate_s')} s"],
+            ["held-out greedy accuracy by version", ", ".join(f"{v}: {fig(r, f'held_out/{v}', 3)}" for v in versions) or "—"],
+            ["training success, first / last tenth of the steps", f"{fig(r, 'success_first_tenth')} / {fig(r, 'success_last_tenth')}"],
+            ["peak memory: learner / rollout / driver process",
+             " / ".join(fig(r, f"peak_rss_mb/{p}", 0) for p in ("learner", "rollout", "driver")) + " MB"],
+            ["sent to the engines per version", f"{fig(r, 'sync_bytes', 1, 1e-6)} MB"]]
+    return table(["", "value"], rows)
+
+
 BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "peer": ("rlhub against TRL's GRPOTrainer", render_peer),
     "e2e": ("the pipeline, synchronous and asynchronous", render_e2e),
@@ -424,8 +442,9 @@ BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "scale": ("rollout actors and nodes", render_scale),
     "learner": ("the learner alone: ranks, expert parallelism, LLEP, grouped routing", render_learner),
     "learner_smollm2": ("the learner alone on the SmolLM2 MoE (`rlhub bench learner --model smollm2_moe`)", render_learner),
-    "learner_smollm2_lora": ("the SmolLM2 MoE learner, fp32 against bf16 LoRA "
-                             "(`rlhub bench learner --model smollm2_moe --cases lora_bf16`)", render_learner),
+    "train": ("a whole training run (`rlhub bench train`, default `experiment=smollm2_moe_lora`)", render_train),
+    "learner_smollm2_lora": ("the SmolLM2 MoE learner: fp32 against bf16 LoRA, and bf16 LoRA with the shared prefix "
+                             "(`rlhub bench learner --model smollm2_moe --cases lora_bf16,shared_prefix`)", render_learner),
 }
 
 
@@ -435,7 +454,8 @@ def _load(r: dict[str, Any]) -> str:
     return f" Load average {num(load[0])} before, {num(load[-1])} after." if isinstance(load, list) and load else ""
 
 
-COMMANDS = {"learner_smollm2": "learner --model smollm2_moe", "learner_smollm2_lora": "learner --model smollm2_moe --cases lora_bf16"}
+COMMANDS = {"learner_smollm2": "learner --model smollm2_moe",
+            "learner_smollm2_lora": "learner --model smollm2_moe --cases lora_bf16,shared_prefix"}
 """The command behind a report entry whose name is not the benchmark's."""
 
 

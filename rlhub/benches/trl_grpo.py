@@ -9,7 +9,9 @@ rlhub side loads); `rows`: one per prompt, in the order rlhub's data store hands
 them out, each with the environment's `prompt`, its `answer` and the
 `prompt_ids` rlhub's rollout worker feeds its engine; `reward`: the arithmetic
 task's matching rule and end-of-turn id; `config`: GRPOConfig's arguments;
-`torch_threads`: torch's thread count (null: torch's default).
+`torch_threads`: torch's thread count (null: torch's default); `peft`: peft LoraConfig's
+arguments when the comparison trains adapters (null: every weight); `model_out`: where to write
+the final policy (adapters merged) for the held-out evaluation (absent: nothing written).
 Shuffling is off, so TRL trains on the same prompts in the same order.
 
 Checked as it runs, failing loudly: every prompt TRL tokenizes must give the
@@ -135,6 +137,11 @@ def main(spec_path: str) -> None:
 
     timing = Timing()
     args = GRPOConfig(output_dir=spec["work_dir"], **spec["config"])
+    peft_config = None
+    if spec.get("peft"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **spec["peft"])
     trainer = CheckedGRPOTrainer(
         model=model,
         reward_funcs=make_reward_func([eos], spec["reward"]["match"], record),
@@ -142,10 +149,15 @@ def main(spec_path: str) -> None:
         train_dataset=data,
         processing_class=tokenizer,
         callbacks=[timing],
+        peft_config=peft_config,
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
     trainer.train()
+    if spec.get("model_out"):  # the final policy as a plain HF directory (adapters merged), for the held-out evaluation
+        final = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
+        final.save_pretrained(spec["model_out"])
+        tokenizer.save_pretrained(spec["model_out"])
     result = {"version": f"trl {trl.__version__}", "transformers": transformers.__version__, "torch": torch.__version__,
               "startup_s": timing.origin - started, "torch_threads": torch.get_num_threads(), "steps": steps}
     with open(spec["out"], "w") as f:

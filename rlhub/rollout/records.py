@@ -58,6 +58,15 @@ class WorkerStats:
     """Episodes ended at a limit (max_turns, max_tokens), kept with their last step's reward."""
     failure_reports: list[dict[str, Any]] = field(default_factory=list)
     """The first occurrences of each (environment, exception type): row and traceback, for the run's log."""
+    peak_rss_mb: float = 0.0
+    """The rollout process's peak resident memory so far (`peak_rss_mb`), set when stats are read."""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (`ru_maxrss`: KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class FailureLog:

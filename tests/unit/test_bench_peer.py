@@ -147,3 +147,39 @@ def test_parse_args_keeps_rlhub_overrides_apart() -> None:
     assert parsed.rlhub_overrides == ["rollout.engine=vllm", "max_staleness=2", "seed=1"]
     with pytest.raises(ValueError):
         peer.parse_args(["configs=nope"])
+
+
+@pytest.mark.parametrize("targets", [["attention", "router"], ["attention", "experts", "router"]])
+def test_the_trl_side_gets_the_same_adapters_and_precision_through_peft(tiny_model_path: str, targets: list[str]) -> None:
+    """peft's LoraConfig from `peft_spec`, put on the model TRL trains, adapts the weights rlhub's adapters
+    adapt (`rlhub.lora.apply`), and trains the routers in full where rlhub does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhub import lora
+    from rlhub.config import load_config
+    from rlhub.models.config import LoraConfig as RlhubLora
+
+    cfg = load_config(["experiment=smollm2_moe_lora", f"model.lora.targets=[{','.join(targets)}]"])
+    assert peer.trl_args(cfg, 3)["bf16"] and not peer.trl_args(load_config([]), 3)["bf16"]
+    assert peer.peft_spec(load_config([])) is None
+    spec = peer.peft_spec(cfg)
+    assert (spec["r"], spec["lora_alpha"]) == (cfg.model.lora.rank, cfg.model.lora.alpha)
+
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    adapted = lora.apply(ours, RlhubLora(rank=4, alpha=8.0, targets=targets))
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), LoraConfig(**{**spec, "r": 4}))
+    trained = {n for n, p in theirs.named_parameters() if p.requires_grad}
+
+    def peft_adapts(weight: str) -> bool:
+        module, _, leaf = weight.rpartition(".")
+        if adapted[weight] == "full":  # a router: peft trains its own copy (modules_to_save)
+            return any(f"{module}.modules_to_save." in n for n in trained)
+        if adapted[weight] == "experts":  # a stacked expert weight: peft's parameter adapter sits on its module
+            return any(f"{module}.lora_A." in n for n in trained)
+        return any(f"{module}.lora_A." in n for n in trained)
+
+    assert adapted and all(peft_adapts(w) for w in adapted)
+    per_kind = {k: sum(1 for v in adapted.values() if v == k) for k in set(adapted.values())}
+    assert per_kind.get("full", 0) == sum(1 for n in trained if ".modules_to_save." in n and n.endswith("weight"))

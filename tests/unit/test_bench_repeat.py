@@ -110,3 +110,25 @@ def test_the_report_shows_each_figures_range_and_how_many_quiet_runs_it_is_the_m
     e2e = [v for v in targets({"e2e": {"result": result}}) if v.target.startswith("pipeline efficiency")][0]
     assert e2e.measured == "0.95"
     assert "not medians of quiet runs" in runs_text({"pipeline_efficiency": 0.9})
+
+
+def test_bench_train_reads_a_runs_figures_off_its_metrics_and_summary():
+    from rlhub.benches.report import render_train
+    from rlhub.benches.train import summarize
+
+    rows = []
+    for step in range(1, 21):
+        row = {"time/step_s": float(step), "time/generate_s": 2.0, "time/train_s": 3.0, "rollout/success_rate": step / 20,
+               "time/learner/forward_s": 1.0, "time/learner/backward_s": 1.5, "time/learner/optimizer_s": 0.1,
+               "mem/learner_peak_rss_mb": 1000.0 + step, "mem/rollout_peak_rss_mb": 800.0, "sync/bytes": 7_600_000}
+        if step in (1, 11):
+            row.update({"eval/version": float(step - 1), "eval/pass@1": 0.4 if step == 1 else 0.7})
+        rows.append(row)
+    summary = {"status": "ok", "eval": {"eval/version": 20.0, "eval/pass@1": 0.9}}
+    out = summarize(rows, summary, wall_s=250.0)
+    assert out["steps"] == 20 and out["step_s"] == 10.5 and out["loop_s"] == 210.0 and out["wall_s"] == 250.0
+    assert out["held_out"] == {"0": 0.4, "10": 0.7, "20": 0.9}
+    assert out["success_first_tenth"] == pytest.approx((1 + 2) / 40) and out["success_last_tenth"] == pytest.approx((19 + 20) / 40)
+    assert out["peak_rss_mb"] == {"learner": 1020.0, "rollout": 800.0} and out["learner_phases_s"]["backward"] == 1.5
+    text = "\n".join(render_train({**out, "experiment": "smollm2_moe_lora", "spread": {"step_s": [9.0, 12.0]}}))
+    assert "10.50 [9.00–12.00] s" in text and "0: 0.400, 10: 0.700, 20: 0.900" in text and "7.6 MB" in text

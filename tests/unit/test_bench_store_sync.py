@@ -124,8 +124,9 @@ def test_render_shows_each_bench_command_commit_and_figures():
                           learner_smollm2={"model": "smollm2_moe", "sides": {"ep": {"ranks": 2, "tokens_per_s": {"median": 30.0}}}},
                           learner_smollm2_lora={"model": "smollm2_moe", "sides": {"bf16_lora": {
                               "ranks": 1, "tokens_per_s": {"median": 39.0}, "precision": "bf16", "lora_rank": 16,
-                              "phases_s": {"forward": {"median": 3.06, "min": 3.0, "max": 3.1}}}}}))
-    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2", "learner_smollm2_lora"):
+                              "phases_s": {"forward": {"median": 3.06, "min": 3.0, "max": 3.1}}}}},
+                          train={"experiment": "smollm2_moe_lora", "steps": 40, "wall_s": 240.0, "held_out": {"0": 0.425, "40": 0.9}}))
+    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2", "learner_smollm2_lora", "train"):
         assert f"`rlhub bench {name}` at commit `abc1234`" in text
     assert MISSING not in text
     assert "| smollm2 | generation | 10.0 | 35.0 | 3.50 |" in text
@@ -136,7 +137,8 @@ def test_render_shows_each_bench_command_commit_and_figures():
 
 def test_a_missing_record_names_the_command_that_makes_it():
     text = render({})
-    assert "not measured yet (`rlhub bench learner --model smollm2_moe --cases lora_bf16`)." in text
+    assert "not measured yet (`rlhub bench learner --model smollm2_moe --cases lora_bf16,shared_prefix`)." in text
+    assert "not measured yet (`rlhub bench train`)." in text
     assert "not measured yet (`rlhub bench learner --model smollm2_moe`)." in text
 
 

@@ -373,6 +373,6 @@ def test_the_lora_experiment_composes():
     from rlhub.config import load_config
 
     cfg = load_config(["experiment=smollm2_moe_lora"])
-    assert cfg.model.lora.rank == 16 and cfg.model.lora.targets == ["attention", "experts"]
+    assert cfg.model.lora.rank == 16 and cfg.model.lora.targets == ["attention", "router"] and cfg.learner.share_prefix
     assert cfg.learner.precision == "bf16" and cfg.rollout.dtype == "bfloat16" and cfg.model.source == "smollm2_moe"
     assert cfg.experiment.total_steps == 40 and cfg.env.kwargs["max_operand"] == 19  # the rest is experiment=smollm2_moe
