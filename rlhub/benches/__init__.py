@@ -83,13 +83,16 @@ def read_results(path: Path | None = None) -> list[dict[str, Any]]:
 def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The newest record of each benchmark; `learner` on the SmolLM2 MoE is its own entry
     (`learner_smollm2`), so the tiny model's figures stay beside it, and its run of the `lora_bf16` and
-    `shared_prefix` cases alone (`--cases lora_bf16,shared_prefix`, or one of them) is `learner_smollm2_lora`."""
+    `shared_prefix` cases alone (`--cases lora_bf16,shared_prefix`, or one of them) is `learner_smollm2_lora`;
+    `peer` on the SmolLM2 config alone (`configs=smollm2_moe`) is `peer_smollm2`, so the tiny configs'
+    comparison and its targets stay beside it."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
         result = r.get("result") or {}
         smollm2 = r["bench"] == "learner" and result.get("model") == "smollm2_moe"
         lora_only = smollm2 and bool(result.get("cases")) and set(result["cases"]) <= {"lora_bf16", "shared_prefix"}
-        out["learner_smollm2_lora" if lora_only else "learner_smollm2" if smollm2 else r["bench"]] = r
+        peer_smollm2 = r["bench"] == "peer" and set(result.get("configs") or {}) == {"smollm2_moe"}
+        out["learner_smollm2_lora" if lora_only else "learner_smollm2" if smollm2 else "peer_smollm2" if peer_smollm2 else r["bench"]] = r
     return out
 
 

@@ -581,7 +581,8 @@ def held_out(cfg: Any, base: Path, trl_model: Path, rlhub_run: Path) -> dict[str
     before = evaluate_model(cfg, str(base))
     trl = evaluate_model(cfg, str(trl_model))
     rlhub = evaluate_checkpoint(str(rlhub_run), [])
-    return {"rows": cfg.eval.rows, "before": before["pass@1"], "trl": trl["pass@1"], "rlhub": rlhub["pass@1"]}
+    key = "eval/pass@1"
+    return {"rows": cfg.eval.rows, "before": before[key], "trl": trl[key], "rlhub": rlhub[key]}
 
 
 def run(args: list[str], run_index: int = 0) -> dict[str, Any]:

@@ -252,7 +252,16 @@ def render_peer(r: dict[str, Any]) -> list[str]:
             row.append(f"{fig(r, f'{at}/trl/time_to/{t}', 1)} / {fig(r, f'{at}/rlhub/time_to/{t}', 1)} "
                        f"({fig(r, f'{at}/time_to_ratio/{t}')})")
         rows.append(row)
+    held = {n: c["held_out"] for n, c in configs.items() if isinstance(c.get("held_out"), dict)}
+    if held:
+        accuracy = [[n, str(h.get("rows", "—")), fig(r, f"configs/{n}/held_out/before", 3), fig(r, f"configs/{n}/held_out/trl", 3),
+                     fig(r, f"configs/{n}/held_out/rlhub", 3), fig(r, f"configs/{n}/trl/total_s", 0), fig(r, f"configs/{n}/rlhub/total_s", 0)]
+                    for n, h in held.items()]
+        rows_text = table(["config", "held-out rows", "accuracy before", "TRL after", "rlhub after", "TRL side s", "rlhub side s"], accuracy)
     notes = [f"- **{n}**: {c['description']}" for n, c in configs.items() if c.get("description")]
+    if held:
+        notes = ["Held-out greedy accuracy of each side's final policy (one evaluator), and each side's whole time "
+                 "(start-up, training and shutdown):", "", *rows_text, "", *notes]
     return table(header, rows) + ([""] + notes if notes else [])
 
 
@@ -435,6 +444,7 @@ def render_train(r: dict[str, Any]) -> list[str]:
 
 BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "peer": ("rlhub against TRL's GRPOTrainer", render_peer),
+    "peer_smollm2": ("the SmolLM2 MoE, LoRA and bf16, against TRL with peft (`rlhub bench peer configs=smollm2_moe`)", render_peer),
     "e2e": ("the pipeline, synchronous and asynchronous", render_e2e),
     "engine": ("generation engines", render_engine),
     "sync": ("weight sync", render_sync),
@@ -454,7 +464,7 @@ def _load(r: dict[str, Any]) -> str:
     return f" Load average {num(load[0])} before, {num(load[-1])} after." if isinstance(load, list) and load else ""
 
 
-COMMANDS = {"learner_smollm2": "learner --model smollm2_moe",
+COMMANDS = {"learner_smollm2": "learner --model smollm2_moe", "peer_smollm2": "peer configs=smollm2_moe",
             "learner_smollm2_lora": "learner --model smollm2_moe --cases lora_bf16,shared_prefix"}
 """The command behind a report entry whose name is not the benchmark's."""
 

@@ -132,3 +132,18 @@ def test_bench_train_reads_a_runs_figures_off_its_metrics_and_summary():
     assert out["peak_rss_mb"] == {"learner": 1020.0, "rollout": 800.0} and out["learner_phases_s"]["backward"] == 1.5
     text = "\n".join(render_train({**out, "experiment": "smollm2_moe_lora", "spread": {"step_s": [9.0, 12.0]}}))
     assert "10.50 [9.00–12.00] s" in text and "0: 0.400, 10: 0.700, 20: 0.900" in text and "7.6 MB" in text
+
+
+def test_the_smollm2_peer_record_is_its_own_entry_with_each_sides_held_out_accuracy():
+    from rlhub.benches import latest
+    from rlhub.benches.report import render_peer
+
+    tiny = {"bench": "peer", "result": {"configs": {"overhead": {}, "generation": {}}}}
+    smol = {"bench": "peer", "result": {"configs": {"smollm2_moe": {
+        "bound": "generation", "trl": {"samples_per_s": 1.0, "total_s": 900.0}, "rlhub": {"samples_per_s": 6.0, "total_s": 270.0},
+        "samples_per_s_ratio": 6.0, "held_out": {"rows": 80, "before": 0.425, "trl": 0.61, "rlhub": 0.9}}},
+        "spread": {"configs/smollm2_moe/held_out/rlhub": [0.86, 0.9]}}}
+    entries = latest([tiny, smol])
+    assert entries["peer"] is tiny and entries["peer_smollm2"] is smol  # the tiny configs' comparison stays
+    text = "\n".join(render_peer(smol["result"]))
+    assert "| smollm2_moe | 80 | 0.425 | 0.610 | 0.900 [0.860–0.900] | 900 | 270 |" in text

@@ -125,8 +125,9 @@ def test_render_shows_each_bench_command_commit_and_figures():
                           learner_smollm2_lora={"model": "smollm2_moe", "sides": {"bf16_lora": {
                               "ranks": 1, "tokens_per_s": {"median": 39.0}, "precision": "bf16", "lora_rank": 16,
                               "phases_s": {"forward": {"median": 3.06, "min": 3.0, "max": 3.1}}}}},
-                          train={"experiment": "smollm2_moe_lora", "steps": 40, "wall_s": 240.0, "held_out": {"0": 0.425, "40": 0.9}}))
-    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2", "learner_smollm2_lora", "train"):
+                          train={"experiment": "smollm2_moe_lora", "steps": 40, "wall_s": 240.0, "held_out": {"0": 0.425, "40": 0.9}},
+                          peer_smollm2={"configs": {"smollm2_moe": {"bound": "generation", "held_out": {"before": 0.4, "trl": 0.5, "rlhub": 0.9}}}}))
+    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2", "learner_smollm2_lora", "train", "peer_smollm2"):
         assert f"`rlhub bench {name}` at commit `abc1234`" in text
     assert MISSING not in text
     assert "| smollm2 | generation | 10.0 | 35.0 | 3.50 |" in text
