@@ -243,6 +243,7 @@ def trl_args(cfg: Any, steps: int) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "log_completions": False,
         "bf16": cfg.learner.precision == "bf16",
+        "gradient_checkpointing": False,  # TRL's default recomputes activations (memory for time); rlhub's learner keeps them
     }
 
 
