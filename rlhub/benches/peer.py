@@ -8,7 +8,8 @@ One invocation runs, per config, TRL and rlhub's real pipeline
 and reports each side's steady-state samples/s and its rolling-success curve
 against wall-clock time. `rlhub bench peer` runs it three times
 (`rlhub.benches.repeat`: each run on a quiet machine, TRL first in even runs
-and rlhub first in odd ones, every figure the median with its range).
+and rlhub first in odd ones, every figure the median with its range); inside a
+run, each side waits for the load the other left to fall below the same limit.
 
 - `overhead`: the default tiny MoE from rlhub's format warm start (computed or
   taken from the warm-start cache, then exported as a Hugging Face directory
@@ -506,7 +507,8 @@ def describe(name: str, cfg: Any, rl: Any, spec: dict[str, Any], steps: int, rlh
         f"grad clip {a.grad_clip:g}, temperature {cfg.rollout.temperature:g}, top_p {cfg.rollout.top_p:g}, clip {a.clip_eps:g}, "
         f"no KL; same prompts in the same order, same prompt ids and same reward on both sides. "
         f"TRL {c['loss_type']} loss (rlhub {a.loss_agg}), scale_rewards={c['scale_rewards']}, "
-        f"{c['per_device_train_batch_size']} x {c['gradient_accumulation_steps']} micro-batches, generation with transformers' generate. "
+        f"{c['per_device_train_batch_size']} x {c['gradient_accumulation_steps']} micro-batches, generation with transformers' generate, "
+        f"gradient checkpointing {'on' if c.get('gradient_checkpointing', True) else 'off'}. "
         f"rlhub: {rl.rollout.engine} engine, {rl.rollout.num_actors} rollout actor(s). "
         f"Differences: rlhub is asynchronous (max_staleness={rl.max_staleness}: a step may train on samples of earlier "
         f"versions, ratio against the engine's log-probs) where TRL generates then trains on-policy; rlhub divides by the "
@@ -525,6 +527,7 @@ def side_order(run_index: int) -> tuple[str, str]:
 
 
 def run_config(name: str, args: PeerArgs, python: Path, run_index: int = 0) -> dict[str, Any]:
+    from rlhub.benches.repeat import DEFAULT_SETTLE_S, default_max_load, wait_quiet
     from rlhub.config import load_config
     from rlhub.models.build import resolve_model_path
 
@@ -555,7 +558,7 @@ def run_config(name: str, args: PeerArgs, python: Path, run_index: int = 0) -> d
         loads: dict[str, tuple[float, float]] = {}  # other work on the machine slows either side: said beside its numbers
         raw: dict[str, dict[str, Any]] = {}
         for side in side_order(run_index):
-            before = os.getloadavg()[0]
+            before = wait_quiet(default_max_load(), DEFAULT_SETTLE_S)["load_before"]  # the first side's load has to fall too
             raw[side] = run_trl(python, spec) if side == "trl" else run_rlhub(rlhub_overrides, Path(tmp) / "rlhub")
             loads[side] = (before, os.getloadavg()[0])
         trl_raw, rlhub_raw = raw["trl"], raw["rlhub"]

@@ -83,9 +83,10 @@ def runs_text(result: dict[str, Any]) -> str:
     runs = [r for r in repeat.get("runs") or [] if isinstance(r, dict)]
     loads = ", ".join(num(r.get("load_before")) + (" (busy, left out)" if r.get("busy") else "") for r in runs)
     quiet = quiet_runs(result) or 0
-    text = (f"Median of {quiet} quiet run{'s' if quiet != 1 else ''} of {len(runs)}, [min–max] beside each figure where the runs "
-            f"differ; 1-minute load average before each run: {loads} (quiet: at most {num(repeat.get('max_load'))})"
-            + ("; sides alternated from run to run." if repeat.get("alternated") else "."))
+    head = (f"One quiet run of {len(runs)}" if quiet == 1 else
+            f"Median of {quiet} quiet runs of {len(runs)}, [min–max] beside each figure where the runs differ")
+    text = (f"{head}; 1-minute load average before each run: {loads} (quiet: at most {num(repeat.get('max_load'))})"
+            + ("; sides alternated from run to run." if repeat.get("alternated") and len(runs) > 1 else "."))
     if quiet < MIN_RUNS:
         text += f" Fewer than {MIN_RUNS} quiet runs: not a figure to quote."
     return text
