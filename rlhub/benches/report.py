@@ -54,7 +54,10 @@ def fig(result: dict[str, Any], path: str, digits: int = 2, scale: float = 1.0) 
     they differed (`rlhub.benches.repeat` records them under "spread")."""
     value: Any = result
     for key in path.split("/"):
-        value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]  # a row of a table
+        else:
+            value = value.get(key) if isinstance(value, dict) else None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return num(value, digits)
     text = num(value * scale, digits)

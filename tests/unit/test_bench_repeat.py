@@ -101,6 +101,9 @@ def test_the_report_shows_each_figures_range_and_how_many_quiet_runs_it_is_the_m
               "repeat": {"quiet_runs": 2, "max_load": 1.0, "alternated": True,
                          "runs": [{"load_before": 0.3}, {"load_before": 2.5, "busy": True}, {"load_before": 0.4}]}}
     assert fig(result, "pipeline_efficiency") == "0.95 [0.90–0.97]" and fig(result, "async_over_sync_samples_per_s") == "1.60"
+    rows = {"rows": [{"tokens_per_s": 10.0}, {"tokens_per_s": 20.0}], "spread": {"rows/1/tokens_per_s": [18.0, 25.0]}}
+    assert fig(rows, "rows/1/tokens_per_s", 0) == "20 [18–25]" and fig(rows, "rows/0/tokens_per_s", 0) == "10"
+    assert fig(rows, "rows/2/tokens_per_s") == "—"
     text = runs_text(result)
     assert "Median of 2 quiet runs of 3" in text and "2.50 (busy, left out)" in text and "not a figure to quote" in text
     verdicts = targets({"e2e": {"result": result}})
