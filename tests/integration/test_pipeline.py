@@ -13,7 +13,7 @@ from rlhub.tracking import read_rows as read_jsonl
 
 pytestmark = pytest.mark.integration
 
-VOLATILE = ("time/", "perf/", "store/")  # wall-clock and queue snapshots; everything else follows from the seed
+VOLATILE = ("time/", "perf/", "store/", "mem/")  # wall-clock, queue and memory snapshots; everything else follows from the seed
 
 
 def assert_accounted(store: dict) -> None:
