@@ -316,7 +316,6 @@ FORWARDS_PER_ROUND = 2
 
 
 def _train(ranks: Any, job: Job) -> dict[str, Any]:
-    import resource
     import time
 
     import torch
@@ -326,6 +325,7 @@ def _train(ranks: Any, job: Job) -> dict[str, Any]:
     from rlhub.models.build import ModelConfig
     from rlhub.models.config import LoraConfig
     from rlhub.moe import MoEConfig
+    from rlhub.rollout.records import peak_rss_mb
     from rlhub.weight_sync import probe_sequence
 
     side, work, info = job.side, job.workload, job.info
@@ -353,7 +353,7 @@ def _train(ranks: Any, job: Job) -> dict[str, Any]:
         if EP_METRICS["pairs_max"] in metrics:
             ep.append({k: metrics[m] for k, m in EP_METRICS.items()})
     return {"train_s": train_s, "tokens": tokens, "ep": ep, "rounds": rounds, "phases": phases,
-            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mib": peak_rss_mb(),
             "cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
 
 

@@ -20,8 +20,8 @@
   engines in the reverse order in odd runs; e2e: the staleness runs likewise).
 
 `DEFAULT_RUNS` says which benchmarks take three runs unless told (those comparing sides run as
-wholes, and a whole training run); the others measure their own repetitions inside one run (learner: median of alternated
-steps) and default to one.
+wholes, and a whole training run); the others measure their own repetitions inside one run
+(learner: median of alternated steps) and default to one.
 """
 
 from __future__ import annotations
