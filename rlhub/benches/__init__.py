@@ -41,7 +41,9 @@ def _commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout
+        # the results file itself grows with every record: a run of several benchmarks is not dirty for that
+        dirty = [line for line in changed.splitlines() if line.strip() and not line.endswith("bench/results.jsonl")]
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
@@ -85,14 +87,16 @@ def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     (`learner_smollm2`), so the tiny model's figures stay beside it, and its run of the `lora_bf16` and
     `shared_prefix` cases alone (`--cases lora_bf16,shared_prefix`, or one of them) is `learner_smollm2_lora`;
     `peer` on the SmolLM2 config alone (`configs=smollm2_moe`) is `peer_smollm2`, so the tiny configs'
-    comparison and its targets stay beside it."""
+    comparison and its targets stay beside it; `sync` under `model.lora.rank` is `sync_lora`."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
         result = r.get("result") or {}
         smollm2 = r["bench"] == "learner" and result.get("model") == "smollm2_moe"
         lora_only = smollm2 and bool(result.get("cases")) and set(result["cases"]) <= {"lora_bf16", "shared_prefix"}
         peer_smollm2 = r["bench"] == "peer" and set(result.get("configs") or {}) == {"smollm2_moe"}
-        out["learner_smollm2_lora" if lora_only else "learner_smollm2" if smollm2 else "peer_smollm2" if peer_smollm2 else r["bench"]] = r
+        sync_lora = r["bench"] == "sync" and bool(result.get("lora_rank"))
+        out["learner_smollm2_lora" if lora_only else "learner_smollm2" if smollm2 else "peer_smollm2" if peer_smollm2
+            else "sync_lora" if sync_lora else r["bench"]] = r
     return out
 
 

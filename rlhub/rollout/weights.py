@@ -50,16 +50,26 @@ class VerifiedWeights:
 
     def load(self, published: Published) -> None:
         """Load `published` and verify it; rebuild the engine once if the probe disagrees. A version of
-        LoRA adapters (`rlhub.lora`) is merged into the base weights first (kept from the first such load)."""
+        LoRA adapters (`rlhub.lora`) goes to an engine that applies adapters itself (vLLM's LoRA,
+        `serves_adapters`) as it is, else it is merged into the base weights first (kept from the first
+        such load). An adapter version the engine cannot apply rebuilds it with the merged weights, and
+        it loads whole weights from then on."""
+        from rlhub import lora
+
         start = time.perf_counter()
-        state = self._full_state(published.state)
-        self.engine.load_weights(state, published.version)
-        err = self._probe_error(published)
+        self.stats.last_sync_bytes = lora.nbytes(published.state)
+        state: dict[str, Any] | None = None
+        if lora.is_adapter_state(published.state) and getattr(self.engine, "serves_adapters", False):
+            err = self._load_adapters(published)
+        else:
+            state = self._full_state(published.state)
+            self.engine.load_weights(state, published.version)
+            err = self._probe_error(published)
         if not err <= self.tolerance:  # also catches NaN
             log.warning("actor %d: probe error %.3g after loading version %d exceeds %.3g; rebuilding the engine",
                         self.actor_id, err, published.version, self.tolerance)
             self.stats.sync_rebuilds += 1
-            self.engine.rebuild(state, published.version)
+            self.engine.rebuild(state if state is not None else self._full_state(published.state), published.version)
             err = self._probe_error(published)
             if not err <= self.tolerance:
                 self.stats.sync_failures += 1
@@ -71,11 +81,23 @@ class VerifiedWeights:
         self.stats.last_sync_seconds = elapsed
         self.stats.last_probe_error = err
 
+    def _load_adapters(self, published: Published) -> float:
+        """Hand an adapter version to the engine (its probe error); one it cannot apply rebuilds the
+        engine with the merged weights instead (a probe error of 0 is not assumed: it is measured)."""
+        from rlhub.engines.vllm_lora import NotServable
+
+        try:
+            self.engine.load_adapters(published.state, published.version)
+        except NotServable as e:
+            log.warning("actor %d: the engine cannot apply version %d's adapters itself (%s); rebuilding it with them "
+                        "merged, and merging from now on", self.actor_id, published.version, e)
+            self.engine.rebuild(self._full_state(published.state), published.version)
+        return self._probe_error(published)
+
     def _full_state(self, published: dict[str, Any]) -> dict[str, Any]:
         """The engine's whole state for a published one: itself, or the base weights with the adapters merged in."""
         from rlhub import lora
 
-        self.stats.last_sync_bytes = lora.nbytes(published)
         if not lora.is_adapter_state(published):
             return published
         if self._base is None:

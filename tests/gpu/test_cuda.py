@@ -115,3 +115,35 @@ def test_continuous_vllm_labels_every_token_with_the_weights_that_sampled_it(tin
             learner_lp = lp[0, len(p) - 1:].float().cpu()
             at = versions == version
             assert (learner_lp[at] - engine_lp[at]).abs().max() < 1e-3, (i, version)
+
+
+def test_cuda_vllm_serves_moe_adapters_and_routers_itself(tiny_model_path):
+    """`rollout.vllm_lora=on` on the MoE: attention and per-expert adapters go to vLLM's LoRA, the routers
+    (trained in full) are reloaded in place; the learner's probe agrees without a whole-model load."""
+    pytest.importorskip("vllm")
+    from pathlib import Path
+
+    from rlhub.algorithms.config import AlgorithmConfig
+    from rlhub.benches.learner import Workload, make_batches, model_info
+    from rlhub.engines.vllm_engine import VLLMEngine
+    from rlhub.learner import Learner
+    from rlhub.models.config import LoraConfig, ModelConfig
+    from rlhub.rollout.records import WorkerStats
+    from rlhub.rollout.weights import VerifiedWeights
+    from rlhub.types import collate
+    from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+
+    cfg = ModelConfig(lora=LoraConfig(rank=4, alpha=8.0, targets=["attention", "experts", "router"]))
+    learner = Learner(tiny_model_path, cfg, AlgorithmConfig(lr=2e-2, micro_batch_size=4, weight_decay=0.0), probe_sequence(259))
+    info = model_info(Path(tiny_model_path), "float32")
+    for batch in make_batches(info, Workload(2, 4, (6, 10), (4, 8), 4, warmup=0, steps=2), 3):
+        learner.train_step(collate(batch, info.pad_id))
+    engine = VLLMEngine(tiny_model_path, gpu_memory_utilization=0.2, continuous=True, lora="on", lora_rank=4)
+    try:
+        sync, stats = InMemoryWeightSync(), WorkerStats()
+        sync.push(learner.published_state(), learner.version, learner.probe())
+        VerifiedWeights(0, engine, sync, learner.probe_ids, 1e-3, stats).sync()
+        assert stats.sync_rebuilds == 0 and stats.last_probe_error < 1e-3
+        assert engine.stats.extra["adapter_loads"] == 1 and engine.stats.weight_loads == 0 and engine.serves_adapters
+    finally:
+        engine.close()

@@ -126,8 +126,10 @@ def test_render_shows_each_bench_command_commit_and_figures():
                               "ranks": 1, "tokens_per_s": {"median": 39.0}, "precision": "bf16", "lora_rank": 16,
                               "phases_s": {"forward": {"median": 3.06, "min": 3.0, "max": 3.1}}}}},
                           train={"experiment": "smollm2_moe_lora", "steps": 40, "wall_s": 240.0, "held_out": {"0": 0.425, "40": 0.9}},
-                          peer_smollm2={"configs": {"smollm2_moe": {"bound": "generation", "held_out": {"before": 0.4, "trl": 0.5, "rlhub": 0.9}}}}))
-    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2", "learner_smollm2_lora", "train", "peer_smollm2"):
+                          peer_smollm2={"configs": {"smollm2_moe": {"bound": "generation", "held_out": {"before": 0.4, "trl": 0.5, "rlhub": 0.9}}}},
+                          sync_lora=sync_lora_result()))
+    for name in ("peer", "e2e", "engine", "sync", "store", "scale", "learner", "learner_smollm2", "learner_smollm2_lora", "train", "peer_smollm2",
+                 "sync_lora"):
         assert f"`rlhub bench {name}` at commit `abc1234`" in text
     assert MISSING not in text
     assert "| smollm2 | generation | 10.0 | 35.0 | 3.50 |" in text
@@ -252,3 +254,32 @@ def test_the_readmes_performance_section_is_the_one_the_committed_results_give()
 
     root = Path(rlhub.__file__).resolve().parent.parent
     assert main(["--check", "--readme", str(root / "README.md"), "--results", str(root / "bench" / "results.jsonl")]) == 0
+
+
+def sync_lora_result() -> dict:
+    return {"model": "smollm2", "dtype": "float32", "lora_rank": 16, "lora_targets": ["attention", "mlp"], "version_bytes": 9_000_000,
+            "rows": 32, "tokens": 32, "hf_merged_load_probe_s": 0.5, "hf_merged_probe_error": 1e-6, "hf_merged_tokens_per_s": 900.0,
+            "vllm_merged_load_probe_s": 2.0, "vllm_merged_probe_error": 2e-6, "vllm_merged_tokens_per_s": 1500.0,
+            "vllm_lora_skipped": "rollout.vllm_lora=on: has MoE layers"}
+
+
+def test_a_lora_sync_record_is_its_own_entry_beside_the_full_one_and_renders_each_engine():
+    from rlhub.benches import latest
+
+    full = {"bench": "sync", "command": "rlhub bench sync", "commit": "a", "result": sync_result()}
+    lora_record = {"bench": "sync", "command": "rlhub bench sync model.lora.rank=16", "commit": "b", "result": sync_lora_result()}
+    newest = latest([full, lora_record])
+    assert newest["sync"] is full and newest["sync_lora"] is lora_record
+    text = render(newest)
+    part = text[text.index("### sync_lora"):]
+    assert "| vLLM, adapters merged (whole-model load) | 2,000 ms | 2.0e-06 | 1,500 |" in part
+    assert "vLLM applying the adapters itself (`rollout.vllm_lora=on`): not measured (rollout.vllm_lora=on: has MoE layers)." in part
+
+
+def test_sync_bench_under_lora_loads_a_perturbed_adapter_version_and_verifies_it(tiny_model_path):
+    from rlhub.benches.sync import run as sync_run
+
+    result = sync_run(["model.lora.rank=4", "vllm=off", "ray=off", "reps=2", "warmup=0"])
+    assert result["lora_rank"] == 4 and result["vllm_skipped"] == "vllm=off"
+    assert result["hf_merged_rebuilds"] == 0 and result["hf_merged_probe_error"] < 1e-4 and result["hf_merged_tokens_per_s"] > 0
+    assert 0 < result["version_bytes"] < 2_000_000  # adapters and routers, not the tiny model's 14 MB
