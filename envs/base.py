@@ -35,13 +35,18 @@ class ModelMessage(str):
     finish_reason: str
     """stop: the model sampled a stop token (end of turn); length: generation was cut at the token budget."""
     token_ids: tuple[int, ...]
+    tool_format: str
+    """The tool-call format of the model's family (`rlhub.envs.tools.FORMATS`, from its chat template):
+    the format its tool instructions asked for, and the one to parse its calls with."""
 
-    def __new__(cls, text: str, finish_reason: str = "stop", token_ids: tuple[int, ...] = ()) -> "ModelMessage":
+    def __new__(cls, text: str, finish_reason: str = "stop", token_ids: tuple[int, ...] = (),
+                tool_format: str = "hermes") -> "ModelMessage":
         if finish_reason not in ("stop", "length"):
             raise ValueError(f"finish_reason must be stop or length, not {finish_reason!r}")
         message = super().__new__(cls, text)
         message.finish_reason = finish_reason
         message.token_ids = tuple(token_ids)
+        message.tool_format = tool_format
         return message
 
     @property

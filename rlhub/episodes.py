@@ -1,8 +1,12 @@
 """Episodes, single- and multi-turn, as token sequences; and the environment calls behind them.
 
 An episode starts from `env.reset(row)` -> (prompt, state). The prompt is either
-raw text, encoded as it is (today's single-turn tasks), or a list of chat
-messages, rendered with the tokenizer's chat template and its generation prompt.
+raw text, encoded as it is (today's single-turn tasks), a list of chat
+messages, rendered with the tokenizer's chat template and its generation prompt,
+or `{"messages": [...], "tools": [...]}`: chat messages offered tools (tools or
+their function schemas, `rlhub.envs.tools.offer`: through the template's own
+`tools` where it renders them, else as a system message in the call format of
+the model's family).
 Each assistant turn is generated from the whole context so far; `env.step(state,
 message)` answers a `StepResult`. Until `done`, its `observation` (a user message
 as a string, or a list of messages with roles user, tool or system) is appended
@@ -63,9 +67,14 @@ class ChatFormat:
     """Prompts and observations as token ids, for one tokenizer."""
 
     def __init__(self, tokenizer: Any) -> None:
+        from rlhub.envs.tools import format_for
+
         self.tokenizer = tokenizer
         eos = tokenizer.eos_token_id
         self.end_of_turn = tokenizer.decode([eos]) if eos is not None else ""
+        self.tool_format = format_for(tokenizer)
+        """The tool-call format of this model's family: what tool instructions ask for, and what
+        `ModelMessage.tool_format` tells the environment."""
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -74,10 +83,20 @@ class ChatFormat:
         """(token ids, chat history or None for a raw-text prompt)."""
         if isinstance(prompt, str):
             return self.encode(prompt), None
+        tools: Any = None
+        if isinstance(prompt, Mapping):
+            unknown = set(prompt) - {"messages", "tools"}
+            if "messages" not in prompt or unknown:
+                raise TypeError(f"reset() prompt: a mapping prompt is {{'messages': [...], 'tools': [...]}}, got keys {sorted(prompt)}")
+            prompt, tools = prompt["messages"], prompt.get("tools") or None
         messages = check_messages(prompt, "reset() prompt")
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("the environment gives chat messages, but the model's tokenizer has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if tools:
+            from rlhub.envs.tools import offer
+
+            messages, tools = offer(messages, tools, self.tokenizer, self.tool_format)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return self.encode(text), messages
 
     def observation(self, history: list[dict[str, Any]] | None, observation: Any, finished: bool) -> tuple[list[int], list[dict[str, Any]]]:

@@ -164,7 +164,7 @@ class Turns:
             text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
             if e.history is not None:
                 e.history.append({"role": "assistant", "content": text})
-            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, c.token_ids)))
+            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, c.token_ids, self.chat.tool_format)))
         return TurnBatch(episodes, calls)
 
     # ---- the environment's answers -------------------------------------------------
