@@ -64,11 +64,17 @@ def check_env(cfg: RunConfig) -> Any:
     if cfg.eval.every and not eval_rows(env, 1):
         raise ConfigError(f"eval.every={cfg.eval.every}: env.name={cfg.env.name!r} has no eval rows (its test split is empty; "
                           "set env.dataset.eval_split or env.dataset.eval_size)")
-    if cfg.warm_start.steps and not callable(getattr(env, "format_examples", None)):
-        raise ConfigError(f"warm_start.steps={cfg.warm_start.steps}: env.name={cfg.env.name!r} has no format_examples(); set warm_start.steps=0")
+    if cfg.warm_start.steps and not has_format_examples(env):
+        log.warning("warm_start.steps=%d skipped: env.name=%r has no format_examples() (warm_start.steps=0 says so, and this "
+                    "notice goes)", cfg.warm_start.steps, cfg.env.name)
     if getattr(env, "uses_sandbox", False):
         check_sandbox(cfg, env)
     return env
+
+
+def has_format_examples(env: Any) -> bool:
+    """Whether the environment gives the format warm start its examples."""
+    return callable(getattr(env, "format_examples", None))
 
 
 def check_sandbox(cfg: RunConfig, env: Any) -> None:
@@ -334,7 +340,7 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
         restart = state["store"]["admission"]["requeued"]
         ledger.write([{"event": "requeued", "group": g, "reason": "resume"} for g in restart])
         log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.time() - t0)
-    elif cfg.warm_start.steps:
+    elif cfg.warm_start.steps and has_format_examples(env):
         warm = learner.get(learner.warm_start(format_examples(cfg, env), cfg.warm_start.steps, cfg.warm_start.batch_size,
                                               cfg.warm_start.lr, cfg.seed, cfg.warm_start.cache))[0]
         tracker.summary(warm)

@@ -66,8 +66,8 @@ class WithRows:
             raise KeyError(f"the dataset has splits {sorted(self.rows)}, not {split!r}")
         return self.rows[split]
 
-    def reset(self, row: Mapping[str, Any]) -> Any:
-        return self.env.reset(row)
+    def reset(self, row: Mapping[str, Any], index: int | None = None) -> Any:
+        return self.env.reset(row, index=index) if takes_index(self.env.reset) else self.env.reset(row)
 
     def step(self, state: Any, message: str) -> Any:
         return self.env.step(state, message)
@@ -103,6 +103,16 @@ class RewardFunctionEnv:
         except (TypeError, ValueError):
             value = reward
         return StepResult(value, done=True, success=isinstance(value, float) and value >= self.success_threshold)
+
+
+def takes_index(reset: Callable[..., Any]) -> bool:
+    """Whether an environment's `reset` takes the row's position: a parameter `index` (or **kwargs).
+    rlhub then calls `reset(row, index=i)`, with `dataset(split)[i] is row`."""
+    try:
+        params = inspect.signature(reset).parameters
+    except (TypeError, ValueError):
+        return False
+    return "index" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def reward_env(fn: Callable[[Any, str, Mapping[str, Any]], float], train: Sequence[Mapping[str, Any]],

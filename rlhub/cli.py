@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
+    if any(a in ("-h", "--help") for a in rest[:2]):  # `rlhub envs --help`, `rlhub bench sync --help`: the usage
+        print(USAGE)
+        return 0
     import os
 
     from rlhub.config import WORKER_ENV, ConfigError
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             return _envs_list()
         if command == "envs" and rest[:1] == ["show"] and len(rest) >= 2:
             return _envs_show(rest[1], rest[2:])
+        if command == "envs":
+            print("rlhub envs: use `rlhub envs list` or `rlhub envs show NAME [key=value ...]`", file=sys.stderr)
+            return 2
         if command == "eval" and rest:
             from rlhub.evaluation import evaluate_checkpoint
 
@@ -270,8 +276,12 @@ def _envs_show(name: str, kwargs: list[str]) -> int:
     params = [p for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD]
     if not params and dataclasses.is_dataclass(env):  # load_environment(**kwargs) -> SomeEnv(**kwargs)
         params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in dataclasses.fields(env) if f.init]
-    for p in params:
-        print(f"  {p.name}" + ("" if p.default in (inspect.Parameter.empty, dataclasses.MISSING) else f" = {p.default!r}"))
+    for p in params:  # the value this environment was built with: given, else the default
+        if p.name in args:
+            print(f"  {p.name} = {args[p.name]!r}  (given; default {p.default!r})" if p.default not in (inspect.Parameter.empty, dataclasses.MISSING)
+                  else f"  {p.name} = {args[p.name]!r}  (given)")
+        else:
+            print(f"  {p.name}" + ("" if p.default in (inspect.Parameter.empty, dataclasses.MISSING) else f" = {p.default!r}"))
     try:
         row = env.dataset("train")[0]
     except KeyError:

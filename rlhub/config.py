@@ -24,7 +24,18 @@ from rlhub.moe_config import GROUPS_KEY, MoEConfig, check_groups, model_expert_g
 from rlhub.rollout_config import RolloutConfig
 from rlhub.sandbox.config import SandboxConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _conf_dir() -> Path:
+    """The Hydra configs: the installed package `rlhub.conf` (conf/ of the checkout for an editable install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rlhub.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(__file__).resolve().parent.parent / "conf"  # an editable install made before rlhub.conf was a package
+
+
+CONF_DIR = _conf_dir()
 
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",

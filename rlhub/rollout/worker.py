@@ -155,7 +155,7 @@ class RolloutWorker:
         """Each group's `group_size` episodes from its row, ready for their first turn; a group whose
         reset fails or whose prompt is too long is dropped and counted."""
         rows = [prompt_index(gid, len(self.rows), self.seed) for gid in group_ids]
-        for gid, row_idx, started in zip(group_ids, rows, self.turns.start([self.rows[r] for r in rows], group_ids, self.group_size)):
+        for gid, row_idx, started in zip(group_ids, rows, self.turns.start([self.rows[r] for r in rows], group_ids, self.group_size, rows)):
             if isinstance(started, str):
                 self.groups.drop(gid, row_idx, started, self.group_size)
                 continue
@@ -199,8 +199,9 @@ class RolloutWorker:
 
     def run_episodes(self, rows: list[Any], n: int, sampling: SamplingConfig) -> list[list[Episode] | str]:
         """`n` episodes of each row to their end with `sampling`, outside training (evaluation): per
-        row its episodes, or why it could not start. Nothing goes to the store."""
-        started = self.turns.start(rows, [-1 - i for i in range(len(rows))], n)
+        row its episodes, or why it could not start. Nothing goes to the store. `rows` are a prefix of
+        the eval split (`rlhub.evaluation.eval_rows`): a row's index is its position."""
+        started = self.turns.start(rows, [-1 - i for i in range(len(rows))], n, list(range(len(rows))))
         groups = {-1 - i: g for i, g in enumerate(started) if not isinstance(g, str)}
         queue: deque[TurnBatch] = deque()
         while self.turns.generate(groups, sampling, queue):

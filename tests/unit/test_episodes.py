@@ -311,3 +311,35 @@ def test_groups_whose_samples_all_failed_skip_the_judge(tokenizer):
     assert worker.groups.judge.sent == [] and not worker.groups.judging
     dropped = store.stats()["dropped"]
     assert list(dropped) == ["env_error"] and dropped["env_error"] >= 2
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_an_async_reset_gets_each_rows_index(tokenizer, wrapped):
+    """`reset(row, index=...)`: the position of the row in its split, for an async reset, bare or behind
+    rows from `env.dataset` (WithRows); the reward checks the index against the row."""
+    from rlhub.envs.registry import WithRows
+    from rlhub.datastore import prompt_index
+
+    class Indexed:
+        def __init__(self):
+            self.seen: list[tuple[int, int]] = []
+
+        def dataset(self, split):
+            return [{"i": 10 * i} for i in range(6)]
+
+        async def reset(self, row, index):
+            await asyncio.sleep(0.01)
+            self.seen.append((index, row["i"]))
+            return f"{row['i']}?", (index, row["i"])
+
+        def step(self, state, message):
+            index, value = state
+            return StepResult(1.0 if value == 10 * index else 0.0)
+
+    inner = Indexed()
+    env = WithRows(inner, {"train": inner.dataset("train")}) if wrapped else inner
+    a = tokenizer.encode("1", add_special_tokens=False) + [tokenizer.eos_token_id]
+    worker, store = make_worker(tokenizer, env, ScriptedEngine([a], tokenizer.eos_token_id), prompts_per_batch=4)
+    worker.generate_groups([0, 1, 2, 3])
+    assert sorted(inner.seen) == sorted((prompt_index(g, 6, 0), 10 * prompt_index(g, 6, 0)) for g in range(4))
+    assert all(reward == 1.0 for _, group in store.get_batch(4, 10) for reward in group.rewards.tolist())

@@ -107,7 +107,9 @@ def test_envs_list_and_show(capsys):
         assert name in listed and "rlhub 0.1.0" in listed[name] and "cannot load" not in listed[name]
     assert main(["envs", "show", "calculator_tools", "max_tool_calls=3"]) == 0
     out = capsys.readouterr().out
-    assert "max_tool_calls = 2" in out and "sample row:" in out and '"calc"' in out
+    assert "max_tool_calls = 3  (given; default 2)" in out and "chat = True" in out and "sample row:" in out and '"calc"' in out
+    assert main(["envs", "--help"]) == 0 and "envs show NAME" in capsys.readouterr().out
+    assert main(["envs"]) == 2 and "rlhub envs list" in capsys.readouterr().err
     row = json.loads(out.split("sample row: ")[1].splitlines()[0])
     assert set(row) >= {"question", "answer"}
 
