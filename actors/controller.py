@@ -72,6 +72,20 @@ def check_env(cfg: RunConfig) -> Any:
     return env
 
 
+def check_prompt_lengths(cfg: RunConfig, env: Any, tokenizer: Any, model_path: Path) -> None:
+    """Stop before Ray starts when (nearly) no prompt fits the model length; say on the terminal what
+    share of groups will be dropped as too long otherwise (`rlhub.prompt_lengths`)."""
+    from rlhub import prompt_lengths as pl
+
+    r = cfg.rollout
+    found = pl.measure(env, env.dataset("train"), tokenizer, r.max_model_len, r.max_new_tokens, cfg.env.timeout_s)
+    error, warning = pl.verdict(found, r.max_new_tokens, r.max_model_len, pl.model_positions(model_path))
+    if error:
+        raise ConfigError(f"env.name={cfg.env.name!r}: {error}")
+    if warning:
+        print(f"rlhub: env.name={cfg.env.name!r}: {warning}", file=sys.stderr, flush=True)
+
+
 def has_format_examples(env: Any) -> bool:
     """Whether the environment gives the format warm start its examples."""
     return callable(getattr(env, "format_examples", None))
@@ -182,6 +196,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if cfg.cluster.address:
         check_reachable(cfg.cluster.address)
     tokenizer = load_tokenizer(model_path)
+    check_prompt_lengths(cfg, env, tokenizer, model_path)
     save_resolved_config(cfg, run_dir)
     plan = plan_cores(cfg)
     everywhere = os.sched_getaffinity(0)  # confine_ray moves this process too: a later run in it plans afresh

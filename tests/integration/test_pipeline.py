@@ -79,9 +79,11 @@ def test_inflight_updates_give_completions_two_versions(ray_local, run_pipeline,
     assert_accounted(summary["store"])
 
 
-def test_dropped_prompts_do_not_stall_the_run(ray_local, run_pipeline, tmp_path):
+def test_dropped_prompts_do_not_stall_the_run(ray_local, run_pipeline, tmp_path, capfd):
     # "max(a,b)=" prompts (9 tokens) do not fit max_model_len=10 with 4 new tokens; "a+b=" ones do
     summary, metrics = run_pipeline(tmp_path, "env.kwargs.ops=[max,+]", "rollout.max_model_len=10", "experiment.total_steps=4", "max_staleness=0")
+    said = capfd.readouterr().err  # the share that will be dropped is said at start, not only counted
+    assert "of the groups will be dropped as prompt_too_long" in said and "rollout.max_model_len=13" in said
     store = summary["store"]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert store["dropped"].get("prompt_too_long", 0) > 0 == summary["ledger"]["open"]
