@@ -35,6 +35,10 @@ commands:
   config         print the resolved configuration
   envs list      every environment, built-in or installed: package, version, description
   envs show NAME an environment's arguments, a sample row and its prompt
+  envs check NAME [key=value ...] [rows=N]
+                 a dry run without Ray: loads the data, checks columns and splits, counts the
+                 rendered prompts' tokens against the model length, runs reset/step on N rows
+                 (default 4) with scripted replies; every problem named with its row (exit 1)
   eval RUN       evaluate a run directory's last checkpoint (or a checkpoint directory) on the
                  eval split: pass@1 greedy, mean reward and pass@k sampled (JSON)
   export RUN_DIR|CHECKPOINT [--out DIR] [--dtype float32|bfloat16]
@@ -80,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             return _envs_list()
         if command == "envs" and rest[:1] == ["show"] and len(rest) >= 2:
             return _envs_show(rest[1], rest[2:])
+        if command == "envs" and rest[:1] == ["check"] and len(rest) >= 2:
+            return _envs_check(rest[1], rest[2:])
         if command == "envs":
-            print("rlhub envs: use `rlhub envs list` or `rlhub envs show NAME [key=value ...]`", file=sys.stderr)
+            print("rlhub envs: use `rlhub envs list`, `rlhub envs show NAME [key=value ...]` or `rlhub envs check NAME [key=value ...]`", file=sys.stderr)
             return 2
         if command == "eval" and rest:
             from rlhub.evaluation import evaluate_checkpoint
@@ -247,6 +253,15 @@ def _envs_list() -> int:
     for name, source, text in rows:
         print(f"{name:<{width[0]}}  {source:<{width[1]}}  {text}")
     return 0
+
+
+def _envs_check(name: str, args: list[str]) -> int:
+    from rlhub.env_check import DEFAULT_ROWS, run
+
+    rows = [a for a in args if a.startswith("rows=")]
+    report = run(name, [a for a in args if a not in rows], int(rows[-1].split("=", 1)[1]) if rows else DEFAULT_ROWS)
+    print(report.text())
+    return 1 if report.problems else 0
 
 
 def _envs_show(name: str, kwargs: list[str]) -> int:

@@ -1,0 +1,169 @@
+"""`rlhub envs check NAME [key=value ...]`: an environment tried as a run would use it, without Ray or a model.
+
+What it does, each finding with the row it came from:
+
+1. **Data**: builds the environment from the run config (`env=NAME` and the overrides), which loads
+   `env.dataset` and checks its columns and splits (`rlhub.data`); reports the train and eval rows.
+2. **Prompts**: renders the prompts of rows spread over the train split with the model's chat template
+   and counts their tokens against `rollout.max_model_len - rollout.max_new_tokens`
+   (`rlhub.prompt_lengths`), naming the rows that do not fit; shows the first prompts as rendered.
+3. **Episodes**: on the first `rows=` rows (default 4) runs `reset` and then `step` with scripted
+   replies, turn after turn up to `rollout.max_turns`: the environment's own format example
+   (`format_examples`, when it has one), an empty reply, a plain sentence, and the format example
+   cut off by the token budget (`finish_reason="length"`). Each call runs under `env.timeout_s`, as
+   in a run. Reports each episode's reward, success, turns and time, and every error: an exception,
+   a timeout, a reward that is not a finite number.
+
+The exit status is 0 when nothing was found, 1 when something was (each listed), 2 for a config error.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhub.config import ConfigError
+
+DEFAULT_ROWS = 4
+SHOWN_PROMPTS = 2
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        self.lines.append(f"PROBLEM: {text}")
+
+    def text(self) -> str:
+        tail = f"{len(self.problems)} problem(s) found" if self.problems else "no problems found"
+        return "\n".join([*self.lines, "", tail])
+
+
+def scripted_replies(env: Any, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(label, text, finish_reason) of the replies every checked row gets."""
+    replies: list[tuple[str, str, str]] = []
+    example = ""
+    if callable(getattr(env, "format_examples", None)):
+        pairs = env.format_examples(1, random.Random(seed))
+        example = str(pairs[0][1]) if pairs else ""
+        replies.append(("format example", example, "stop"))
+    replies += [("empty", "", "stop"), ("plain text", "I am not sure.", "stop")]
+    cut = example[: max(1, len(example) // 2)] if example else "I am not"
+    replies.append(("cut off", cut, "length"))
+    return replies
+
+
+def run(name: str, overrides: list[str], rows: int = DEFAULT_ROWS) -> Report:
+    """The check's report (module docstring); ConfigError for a config that does not load."""
+    from transformers import AutoTokenizer
+
+    from rlhub import prompt_lengths as pl
+    from rlhub.actors.controller import check_env
+    from rlhub.config import load_config
+    from rlhub.evaluation import eval_rows
+    from rlhub.episodes import ChatFormat
+    from rlhub.models.build import resolve_model_path
+
+    cfg = load_config([f"env={name}", *overrides])
+    report = Report()
+    try:
+        env = check_env(cfg)
+    except ConfigError as e:  # data: a missing file, column or split, an empty split
+        report.problem(f"data: {e}")
+        return report
+    train = env.dataset("train")
+    report.say(f"environment {cfg.env.name}: {len(train)} train rows, {len(eval_rows(env, 0))} eval rows")
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    r = cfg.rollout
+
+    found = pl.measure(env, train, tokenizer, r.max_model_len, r.max_new_tokens, cfg.env.timeout_s)
+    report.say(f"prompts: {found.summary()}; room: {found.room} tokens (rollout.max_model_len={r.max_model_len} - "
+               f"rollout.max_new_tokens={r.max_new_tokens})")
+    for index, error in sorted(found.failed.items()):
+        report.problem(f"row {index}: reset or rendering failed: {error}")
+    too_long = sorted((i, n) for i, n in found.lengths.items() if n > found.room)
+    if too_long:
+        listed = ", ".join(f"row {i} ({n} tokens)" for i, n in too_long[:5]) + (" ..." if len(too_long) > 5 else "")
+        report.problem(f"prompts longer than the room for a turn: {listed}")
+    error, warning = pl.verdict(found, r.max_new_tokens, r.max_model_len, pl.model_positions(model_path))
+    for text in (error, warning):
+        if text:
+            report.say(f"  {text}")
+    chat = ChatFormat(tokenizer)
+    for index in sorted(found.lengths)[:SHOWN_PROMPTS]:
+        value = _reset(env, train[index], index, cfg.env.timeout_s)[0]
+        if value is not None:
+            shown = tokenizer.decode(chat.prompt(value[0])[0])
+            report.say(f"row {index} as rendered ({found.lengths[index]} tokens):\n{_indent(shown[:800])}")
+
+    replies = scripted_replies(env, cfg.seed)
+    report.say(f"episodes: rows 0-{min(rows, len(train)) - 1}, replies: {', '.join(label for label, _, _ in replies)}; "
+               f"up to rollout.max_turns={r.max_turns} turns, env.timeout_s={cfg.env.timeout_s:g}")
+    for index in range(min(rows, len(train))):
+        for label, text, finish in replies:
+            report.say(_episode(env, train[index], index, label, text, finish, r.max_turns, cfg.env.timeout_s, chat.tool_format, report))
+    return report
+
+
+def _reset(env: Any, row: Any, index: int, timeout_s: float) -> tuple[Any, BaseException | None]:
+    import functools
+
+    from rlhub.envs.registry import takes_index
+    from rlhub.episodes import EnvRunner, run_all
+
+    runner = EnvRunner(timeout_s)
+    try:
+        fn = functools.partial(env.reset, index=index) if takes_index(env.reset) else env.reset
+        return run_all(runner, [runner.submit(fn, row, lane="reset")])[0]
+    finally:
+        runner.close()
+
+
+def _episode(env: Any, row: Any, index: int, label: str, text: str, finish: str, max_turns: int, timeout_s: float,
+             tool_format: str, report: Report) -> str:
+    """One scripted episode: its summary line; its errors go to `report` with the row."""
+    from rlhub.envs.base import ModelMessage
+    from rlhub.episodes import BadReward, EnvRunner, checked_reward, run_all
+
+    start = time.perf_counter()
+    value, error = _reset(env, row, index, timeout_s)
+    if error is not None:
+        report.problem(f"row {index}: reset raised {type(error).__name__}: {error}")
+        return f"  row {index}, {label}: reset failed"
+    state = copy.deepcopy(value[1])
+    runner = EnvRunner(timeout_s)
+    try:
+        for turn in range(1, max_turns + 1):
+            result, error = run_all(runner, [runner.submit(env.step, state, ModelMessage(text, finish, (), tool_format))])[0]
+            if error is None:
+                try:
+                    reward = checked_reward(result)
+                    if reward != reward:  # NaN
+                        raise BadReward(f"step() returned a reward that is not finite: {result.reward!r}")
+                except BadReward as e:
+                    error = e
+            if error is not None:
+                report.problem(f"row {index}, reply {label!r}, turn {turn}: step {type(error).__name__}: {error}")
+                return f"  row {index}, {label}: failed at turn {turn}"
+            if result.done or finish == "length":
+                break
+        seconds = time.perf_counter() - start
+        ended = "done" if result.done else f"not done after {turn} turn(s)"
+        return (f"  row {index}, {label}: reward {reward:g}, success {result.success}, {turn} turn(s), {ended}, "
+                f"{seconds * 1e3:.0f} ms")
+    finally:
+        runner.close()
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
