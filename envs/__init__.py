@@ -8,6 +8,6 @@ the same way, through rlhub's own pyproject.
 """
 
 from rlhub.envs.base import Env, ModelMessage, StepResult, ended_turn
-from rlhub.envs.registry import available_envs, make_env
+from rlhub.envs.registry import available_envs, env_defaults, make_env
 
-__all__ = ["Env", "ModelMessage", "StepResult", "available_envs", "ended_turn", "make_env"]
+__all__ = ["Env", "ModelMessage", "StepResult", "available_envs", "ended_turn", "env_defaults", "make_env"]

@@ -17,6 +17,55 @@ from rlhub.envs.base import Env, StepResult
 GROUP = "rlhub.envs"
 
 
+DEFAULT_PREFIXES = ("env.", "rollout.", "warm_start.", "eval.")
+"""What an environment's defaults may set: its own settings and those of the episodes it needs (turns,
+token budgets, model length, warm start, evaluation), not the algorithm's or the cluster's."""
+
+
+def env_defaults(defaults: Mapping[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an environment's factory with run-config values that apply whenever `env=NAME` selects
+    it, over the config files and under the command line's own values (`rlhub config env=NAME` shows
+    them). Keys are dotted run-config keys; a nested mapping is flattened (`{"env": {"dataset":
+    {"path": p}}}` is `env.dataset.path`). For example, a multi-turn plugin that ships its data::
+
+        @env_defaults({"rollout.max_turns": 3, "rollout.max_new_tokens": 24, "rollout.max_model_len": 512,
+                       "env.dataset.path": str(Path(__file__).parent / "data" / "rows.jsonl"),
+                       "env.dataset.columns.prompt": "question", "env.dataset.eval_size": 20})
+        def load_environment(...): ...
+
+    ValueError names a key outside `DEFAULT_PREFIXES`."""
+    flat = _flatten(defaults)
+    wrong = sorted(k for k in flat if not k.startswith(DEFAULT_PREFIXES))
+    if wrong:
+        raise ValueError(f"env_defaults: {wrong[0]!r} is not an environment's to set; use keys under {list(DEFAULT_PREFIXES)}")
+
+    def mark(factory: Callable[..., Any]) -> Callable[..., Any]:
+        factory.rlhub_defaults = flat  # type: ignore[attr-defined]
+        return factory
+
+    return mark
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def defaults_of(name: str) -> dict[str, Any]:
+    """The run-config values environment `name`'s factory declares (`env_defaults`); {} when none, or
+    when no environment has that name (the config reports that)."""
+    found = available_envs().get(name)
+    if found is None:
+        return {}
+    return dict(getattr(found.load(), "rlhub_defaults", {}) or {})
+
+
 def available_envs() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 

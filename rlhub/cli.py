@@ -233,9 +233,14 @@ def _export(args: list[str]) -> int:
 def _print_config(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from rlhub.config import load_config
+    from rlhub.config import env_default_overrides, load_config
 
-    print(OmegaConf.to_yaml(OmegaConf.structured(load_config(overrides))))
+    cfg = load_config(overrides)
+    declared = env_default_overrides(overrides)
+    if declared:  # what the selected environment set, so that a value is never a mystery
+        print(f"# set by env {cfg.env.name}'s defaults (override any on the command line):")
+        print("\n".join(f"#   {o}" for o in declared))
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return 0
 
 

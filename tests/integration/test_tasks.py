@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhub.data import write_jsonl
 from rlhub.tracking import read_rows
@@ -34,12 +35,19 @@ def test_an_installed_environment_package_is_listed_and_trains(tmp_path):
         listed = subprocess.run([*rlhub, "envs", "list"], check=True, capture_output=True, text=True, env=env).stdout
         line = next(row for row in listed.splitlines() if row.startswith("reverse_word "))
         assert "rlhub-env-reverse 0.1.0" in line and "Reverse a short word" in line
+        shown = subprocess.run([*rlhub, "config", "env=reverse_word", "rollout.max_model_len=96"], check=True, capture_output=True,
+                               text=True, env=env).stdout
+        assert "#   rollout.max_new_tokens=4" in shown and "#   env.dataset.columns.word=\"text\"" in shown
+        assert "rollout.max_model_len=64" not in shown and "max_model_len: 96" in shown  # the command line's value wins
+        # the task's data, columns, held-out rows and token budget come from the package: none on the command line
         run = subprocess.run([*rlhub, "train", "env=reverse_word", "experiment.total_steps=3", "prompts_per_step=4", "group_size=4",
-                              "warm_start.steps=5", "rollout.max_new_tokens=5", "progress=false", f"run_dir={tmp_path / 'run'}"],
-                             capture_output=True, text=True, env=env, timeout=600)
+                              "progress=false", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         summary = json.loads((tmp_path / "run" / "summary.json").read_text())
         assert summary["status"] == "ok" and summary["steps"] == 3 and summary["eval"]["eval/rows"] > 0
+        resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+        assert resolved["env"]["dataset"]["path"].endswith("rlhub_reverse/data/words.jsonl") and resolved["rollout"]["max_new_tokens"] == 4
+        assert "site-packages" in resolved["env"]["dataset"]["path"]  # the installed package's own file
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(plugin / "tests")],
                                capture_output=True, text=True, env=env, cwd=plugin)
         assert tests.returncode == 0, tests.stdout[-3000:]

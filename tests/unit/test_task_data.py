@@ -152,3 +152,34 @@ def test_a_judge_without_a_model_directory_or_with_a_bad_template_is_refused(tmp
     with pytest.raises(ConfigError, match="reward.judge.template: KeyError 'question'"):
         check_judge(load_config([f"reward.judge.model={tiny_model_path}", "reward.judge.template='{question} {completion}'"]))
     check_judge(load_config([f"reward.judge.model={tiny_model_path}"]))  # the default template fits
+
+
+def test_an_environments_shipped_defaults_apply_under_the_command_lines_values(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from rlhub.cli import main
+    from rlhub.config import load_config
+    from rlhub.envs import env_defaults
+    from rlhub.envs import registry
+
+    data = tmp_path / "a dir: with spaces" / "rows.jsonl"  # quoted through Hydra's grammar as it is
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps({"question": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(30)))
+
+    @env_defaults({"rollout": {"max_turns": 3, "max_new_tokens": 24}, "env.dataset.path": str(data),
+                   "env.dataset.columns.prompt": "question", "env.dataset.eval_size": 5, "warm_start.steps": 0})
+    def factory(fn: str = "rlhub.envs.reward_fn:exact_match"):
+        from rlhub.envs.reward_fn import load_environment
+
+        return load_environment(fn)
+
+    real = registry.available_envs()
+    monkeypatch.setattr(registry, "available_envs", lambda: {**real, "shipped": SimpleNamespace(load=lambda: factory)})
+    cfg = load_config(["env=shipped", "rollout.max_new_tokens=9"])
+    assert (cfg.rollout.max_turns, cfg.rollout.max_new_tokens, cfg.env.dataset.path) == (3, 9, str(data))
+    assert cfg.env.dataset.columns == {"prompt": "question"} and cfg.env.dataset.eval_size == 5 and cfg.warm_start.steps == 0
+    assert main(["config", "env=shipped", "rollout.max_new_tokens=9"]) == 0
+    out = capsys.readouterr().out
+    assert "#   rollout.max_turns=3" in out and "rollout.max_new_tokens=24" not in out and "max_new_tokens: 9" in out
+    with pytest.raises(ValueError, match="'algorithm.lr' is not an environment's to set"):
+        env_defaults({"algorithm.lr": 1.0})

@@ -6,15 +6,26 @@ and the episode's state, `step(state, message)` scores the model's message.
 `format_examples` feeds rlhub's format warm start (the shape of an answer, never
 the answer), `row_fields` names what a user's own dataset must provide
 (`env.dataset.path=...`).
+
+The package ships its words (`data/words.jsonl`, a `text` column) and the settings
+its task needs, declared once with `env_defaults`: `rlhub train env=reverse_word`
+reads the shipped file, maps its `text` column to the `word` field, holds out 40
+rows for evaluation and budgets 4 new tokens (3 letters and the end of turn);
+any of them can still be given on the command line (`rlhub config env=reverse_word`
+shows them). Without a dataset (`env.dataset.path=`) the words are generated.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from rlhub.envs import env_defaults
 from rlhub.envs.base import StepResult, ended_turn
+
+WORDS = Path(__file__).parent / "data" / "words.jsonl"
 
 
 class ReverseWord:
@@ -47,6 +58,14 @@ class ReverseWord:
         return [(self.reset(rng.choice(rows))[0], "".join(rng.choice(self.letters) for _ in range(self.length))) for _ in range(n)]
 
 
+@env_defaults({
+    "env.dataset.path": str(WORDS),
+    "env.dataset.columns.word": "text",
+    "env.dataset.eval_size": 40,
+    "rollout.max_new_tokens": 4,
+    "rollout.max_model_len": 64,
+    "warm_start.steps": 5,
+})
 def load_environment(length: int = 3, letters: str = "abcdef", seed: int = 0) -> ReverseWord:
     """Reverse a short word (an example plugin: copy examples/env-plugin/ to start your own)."""
     return ReverseWord(length=length, letters=letters, seed=seed)
