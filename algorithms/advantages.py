@@ -112,12 +112,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, torch.where(real, adv + values, 0.0)
 
 
-def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
-    """`[G, T]` per-token rewards: each sequence's reward on its last generated token, minus
+def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
+                  placed: torch.Tensor | None = None) -> torch.Tensor:
+    """`[G, T]` per-token rewards: each sequence's reward on its last generated token, or, `placed`,
+    a multi-turn episode's rewards on the last token of each turn (rows summing to `rewards`); minus
     kl_coef * KL on every generated token (the KL-as-reward penalty)."""
     real = mask.bool()
     last = mask.cumsum(-1).eq(mask.sum(-1, keepdim=True)) & real  # the final generated token
-    out = torch.where(last, rewards.unsqueeze(-1), 0.0)
+    out = torch.where(last, rewards.unsqueeze(-1), 0.0) if placed is None else placed.float().clone()
     if kl is not None and kl_coef:
         out = out - kl_coef * torch.where(real, kl, 0.0)
     return out

@@ -73,12 +73,14 @@ def drop_reason(ds: DataSide, rewards: torch.Tensor) -> str | None:
 
 
 def advantages(ds: DataSide, rewards: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
-               ref_logprobs: torch.Tensor | None, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               ref_logprobs: torch.Tensor | None, values: torch.Tensor | None,
+               turn_rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(advantages [G, T], returns [G, T] or None) of a complete group: token rewards from the samples'
-    rewards [G] (minus kl_coef * KL to the reference on every token, if the KL is in the reward), then the estimator."""
+    rewards [G], or their turn rewards (`GroupTensors.turn_rewards`), minus kl_coef * KL to the reference
+    on every token if the KL is in the reward; then the estimator (an outcome one sums each row)."""
     kl = None
     if ds.kl_coef:
         if ref_logprobs is None:
             raise ValueError("algorithm.kl_penalty=reward needs the reference actor's log-probs (algorithm.reference=actor)")
         kl = torch.where(mask.bool(), kl_estimate(old_logprobs, ref_logprobs, ds.kl_estimator), 0.0)
-    return group_advantages(ds.advantage, token_rewards(rewards, mask, kl, ds.kl_coef), mask, values, ds.gamma, ds.lam)
+    return group_advantages(ds.advantage, token_rewards(rewards, mask, kl, ds.kl_coef, turn_rewards), mask, values, ds.gamma, ds.lam)

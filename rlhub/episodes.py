@@ -150,6 +150,15 @@ class Episode:
     """Its next turn is being generated in a continuous engine's running batch."""
     row: Any = None
     """The dataset row it started from (for failure reports)."""
+    turn_rewards: list[tuple[int, float]] = field(default_factory=list)
+    """(index in `ids` of a turn's last generated token, the reward its step returned), turn by turn."""
+    turn_end: int = -1
+    """Index in `ids` of the last turn's last generated token."""
+
+    @property
+    def total_reward(self) -> float:
+        """The episode's return: the sum of its turns' rewards."""
+        return sum(r for _, r in self.turn_rewards)
 
     @property
     def context(self) -> list[int]:
@@ -162,6 +171,7 @@ class Episode:
         self.logprobs += completion.logprobs
         self.versions += completion.versions
         self.routes = merged_routes(self.routes, completion.routed_experts)
+        self.turn_end = len(self.ids) - 1
         self.turns += 1
         self.generated += n
         self.finish_reason = completion.finish_reason

@@ -39,7 +39,7 @@ def succeeded(episode: Any) -> bool:
     if episode.dropped or episode.result is None:
         return False
     success = getattr(episode.result, "success", None)
-    return bool(success) if success is not None else float(episode.result.reward) >= 1.0
+    return bool(success) if success is not None else episode.total_reward >= 1.0
 
 
 def evaluate(worker: Any, rows: Sequence[Any], k: int) -> dict[str, float]:
@@ -51,14 +51,14 @@ def evaluate(worker: Any, rows: Sequence[Any], k: int) -> dict[str, float]:
         "eval/version": float(worker.engine.version),
         "eval/rows": float(len(rows)),
         "eval/pass@1": sum(1 for r in once if not isinstance(r, str) and succeeded(r[0])) / len(rows),
-        "eval/reward_greedy": sum(float(r[0].result.reward) for r in once if not isinstance(r, str) and not r[0].dropped) / len(rows),
+        "eval/reward_greedy": sum(r[0].total_reward for r in once if not isinstance(r, str) and not r[0].dropped) / len(rows),
         "eval/turns_mean": sum(r[0].turns for r in once if not isinstance(r, str)) / len(rows),
     }
     if k:
         sampled = worker.run_episodes(list(rows), k, worker.sampling)
         episodes = [e for r in sampled if not isinstance(r, str) for e in r]
         failed += sum(k for r in sampled if isinstance(r, str)) + sum(1 for e in episodes if e.dropped)
-        out["eval/reward_mean"] = sum(float(e.result.reward) for e in episodes if not e.dropped) / (len(rows) * k)
+        out["eval/reward_mean"] = sum(e.total_reward for e in episodes if not e.dropped) / (len(rows) * k)
         out[f"eval/pass@{k}"] = sum(1 for r in sampled if not isinstance(r, str) and any(succeeded(e) for e in r)) / len(rows)
     out["eval/failed"] = float(failed)
     return out

@@ -30,6 +30,9 @@ class Sample:
     loss_mask: list[int] | None = None
     """Per completion token: 1 where the policy generated it (it carries the loss), 0 for environment
     and tool tokens between a multi-turn episode's turns (their log-prob 0, version -1). None: all 1."""
+    turn_rewards: list[tuple[int, float]] | None = None
+    """A multi-turn episode's rewards by turn: (index in completion_ids of the turn's last generated
+    token, the reward its step returned). `reward` is their sum plus any shaping; None: one reward."""
 
     @property
     def generated(self) -> int:
@@ -56,8 +59,12 @@ class GroupTensors:
     computation that predicts target t+1), -1 where not recorded; for routing replay (rlhub.moe)."""
     group_ids: torch.Tensor | None = None
     """[G] the group each row belongs to: the learner reports what it trained on from these."""
+    turn_rewards: torch.Tensor | None = None
+    """[G, T-1] where samples have turn rewards: each turn's reward on its last generated target, the
+    rest of the sample's reward (shaping, a judge) on its last; the advantage estimators read it on
+    the rollout side, which drops it before the group is stored (`rlhub.rollout.groups`)."""
 
-    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids")
+    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids", "turn_rewards")
 
     def __getstate__(self) -> dict:
         # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
@@ -98,7 +105,8 @@ class GroupTensors:
             ver[i, p - 1 : p - 1 + c] = torch.tensor(s.versions, dtype=torch.long)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         adv = advantages.float().unsqueeze(-1) * cmask if advantages.dim() == 1 else advantages.float() * cmask
-        return GroupTensors(ids, attn, cmask, old, ver, adv, rewards, routes=_routes_of(samples, width))
+        return GroupTensors(ids, attn, cmask, old, ver, adv, rewards, routes=_routes_of(samples, width),
+                            turn_rewards=_turn_rewards(samples, cmask))
 
 
 def micro_batches(lengths: torch.Tensor, max_seqs: int, max_tokens: int) -> list[tuple[torch.Tensor, int]]:
@@ -118,6 +126,23 @@ def micro_batches(lengths: torch.Tensor, max_seqs: int, max_tokens: int) -> list
         out.append((order[lo : lo + rows], width))
         lo += rows
     return out
+
+
+def _turn_rewards(samples: list[Sample], cmask: torch.Tensor) -> torch.Tensor | None:
+    """[G, T-1] the samples' turn rewards on their turns' last targets (GroupTensors.turn_rewards), or
+    None when no sample has them. Each row sums to its sample's reward."""
+    if not any(s.turn_rewards for s in samples):
+        return None
+    placed = torch.zeros_like(cmask)
+    for i, s in enumerate(samples):
+        p = len(s.prompt_ids)
+        generated = cmask[i].nonzero()
+        if len(generated) == 0:
+            continue
+        for pos, reward in s.turn_rewards or ():
+            placed[i, p - 1 + pos] += reward
+        placed[i, int(generated[-1])] += s.reward - sum(r for _, r in s.turn_rewards or ())  # shaping, or the one reward
+    return placed
 
 
 def _routes_of(samples: list[Sample], width: int) -> torch.Tensor | None:

@@ -88,7 +88,9 @@ class Groups:
             self._score(finished)
         for _, tensors in finished:
             tensors.advantages, tensors.returns = advantages(self.data_side, tensors.rewards, tensors.completion_mask,
-                                                             tensors.old_logprobs, tensors.ref_logprobs, tensors.values)
+                                                             tensors.old_logprobs, tensors.ref_logprobs, tensors.values,
+                                                             tensors.turn_rewards)
+            tensors.turn_rewards = None  # read here; the learner trains on the advantages
         self.store.put_many(finished)
 
     def assemble(self, group: OpenGroup, judge_scores: list[float] | None, fallback_version: int) -> tuple[GroupMeta, GroupTensors] | None:
@@ -126,9 +128,11 @@ class Groups:
             if e.dropped:
                 drops[e.ended] += 1
                 continue
-            reward = float(e.result.reward) + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
+            # the episode's return: every turn's reward (a single-turn episode's one reward)
+            reward = e.total_reward + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
             samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
-                                  e.finish_reason, episode_routes(e), e.loss_mask if 0 in e.loss_mask else None))
+                                  e.finish_reason, episode_routes(e), e.loss_mask if 0 in e.loss_mask else None,
+                                  list(e.turn_rewards) if len(e.turn_rewards) > 1 else None))
         return samples, drops
 
     def _meta(self, group: OpenGroup, samples: list[Sample], drops: Counter[str], rewards: torch.Tensor, fallback_version: int) -> GroupMeta:

@@ -55,7 +55,7 @@ class WorkerStats:
     judged: int = 0
     """Samples scored by the model judge."""
     truncated: dict[str, int] = field(default_factory=dict)
-    """Episodes ended at a limit (max_turns, max_tokens), kept with their last step's reward."""
+    """Episodes ended at a limit (max_turns, max_tokens), kept with the rewards of the turns they took."""
     failure_reports: list[dict[str, Any]] = field(default_factory=list)
     """The first occurrences of each (environment, exception type): row and traceback, for the run's log."""
     peak_rss_mb: float = 0.0

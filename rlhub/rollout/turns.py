@@ -202,6 +202,7 @@ class Turns:
             e.ended, e.dropped = "nonfinite_reward", True
             self.failures.record(self.env_name, "step", e.row, ValueError(f"non-finite reward {result.reward!r}"))
             return
+        e.turn_rewards.append((e.turn_end, reward))  # any turn may pay; the episode's return is the sum
         if result.done:
             e.ended = "done"
             return
@@ -227,7 +228,7 @@ class Turns:
             self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
 
     def _cut(self, e: Episode, why: str) -> None:
-        """An episode over a limit ends with the reward of its last step (the environment's reward for an unfinished episode)."""
+        """An episode over a limit ends with the rewards of the turns it took (the environment's rewards for an unfinished episode)."""
         e.ended = why
         self.stats.truncated[why] = self.stats.truncated.get(why, 0) + 1
 

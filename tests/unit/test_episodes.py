@@ -343,3 +343,48 @@ def test_an_async_reset_gets_each_rows_index(tokenizer, wrapped):
     worker.generate_groups([0, 1, 2, 3])
     assert sorted(inner.seen) == sorted((prompt_index(g, 6, 0), 10 * prompt_index(g, 6, 0)) for g in range(4))
     assert all(reward == 1.0 for _, group in store.get_batch(4, 10) for reward in group.rewards.tolist())
+
+
+class PerTurn:
+    """Two turns, each paid: 0.25 for the first, then 1 or 0 for the second (alternating, so that a
+    group's two samples differ)."""
+
+    def __init__(self):
+        self.finished = 0
+
+    def dataset(self, split):
+        return [{"q": f"{i}+{i}"} for i in range(4)]
+
+    def reset(self, row):
+        return [{"role": "user", "content": f"what is {row['q']}?"}], {"turn": 0}
+
+    def step(self, state, message):
+        state["turn"] += 1
+        if state["turn"] == 1:
+            return StepResult(0.25, done=False, observation=[{"role": "tool", "content": "try again"}])
+        self.finished += 1
+        return StepResult(float(self.finished % 2), done=True)
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_pp", "grpo"])
+def test_every_turns_reward_reaches_the_return_and_a_token_level_estimator(tokenizer, estimator):
+    """The return is the sum of the turns' rewards; REINFORCE++'s reward-to-go gives the first turn's
+    tokens both turns' rewards and the second turn's only its own, while an outcome estimator (GRPO)
+    puts one advantage, from the returns, on every token of a sample."""
+    turn_ids = tokenizer.encode("xy", add_special_tokens=False) + [tokenizer.eos_token_id]
+    cfg = RolloutConfig(max_new_tokens=4, max_model_len=256, prompts_per_batch=1)
+    store = InMemoryDataStore(prompts_per_step=1, max_staleness=100)
+    worker = RolloutWorker(0, cfg, 2, 1, ScriptedEngine([turn_ids], tokenizer.eos_token_id), PerTurn(), tokenizer, store,
+                           InMemoryWeightSync(), DataSide(advantage=estimator), PROBE, env_name="perturn")
+    worker.generate_groups([0])
+    (_, batch), = store.get_batch(1, 10)
+    assert batch.rewards.tolist() == [1.25, 0.25]  # 0.25 + 1 and 0.25 + 0
+    for i, total in enumerate(batch.rewards.tolist()):
+        generated = batch.completion_mask[i].nonzero().flatten()
+        first, second = batch.advantages[i, generated[:len(turn_ids)]], batch.advantages[i, generated[len(turn_ids):]]
+        assert len(first) == len(second) == len(turn_ids)
+        if estimator == "reinforce_pp":
+            assert first.tolist() == [total] * len(turn_ids) and second.tolist() == [total - 0.25] * len(turn_ids)
+        else:  # GRPO over the returns [1.25, 0.25]: +1 and -1 on every token
+            assert torch.allclose(torch.cat([first, second]), torch.full((2 * len(turn_ids),), 1.0 if i == 0 else -1.0), atol=1e-4)
+    assert batch.turn_rewards is None  # read on the rollout side, not sent to the learner
