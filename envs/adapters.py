@@ -10,9 +10,17 @@ message list; a function may be `async def`.
 
     rlhub train env=verifiers env.kwargs.module=my_math_env env.kwargs.args.num_train_examples=500
 
-`RubricEnv` is single-turn: the reward is the weighted sum of the functions,
-and success is left to evaluation's rule (reward >= 1). Nothing of verifiers is
-imported: the adapter reads the object's attributes.
+The reward is the weighted sum of the functions, and success is left to
+evaluation's rule (reward >= 1). An object with `env_response` and
+`is_completed` (verifiers' multi-turn protocol) runs multi-turn: after each
+model turn, `is_completed(messages, state)` decides whether the episode ends
+(or `max_turns` turns were taken); if not, `env_response(messages, state)`
+gives the next messages and the new state, appended as the observation.
+`setup_state(state)` runs at the start. The verifiers-style state holds
+`prompt`, `completion` (every message after the prompt, the environment's
+included), `answer`, `task`, `info`, `responses` and `turn`; the rubric scores
+the whole completion when the episode ends. Each of these may be `async def`.
+Nothing of verifiers is imported: the adapter reads the object's attributes.
 """
 
 from __future__ import annotations
@@ -45,25 +53,53 @@ class RubricEnv:
         if train is None and test is None:
             raise TypeError(f"{type(source).__name__}: neither dataset nor eval_dataset")
         self.rows = {"train": train if train is not None else test, "test": test if test is not None else []}
+        self.source = source
+        self.multi_turn = callable(getattr(source, "env_response", None)) and callable(getattr(source, "is_completed", None))
+        self.max_turns = int(getattr(source, "max_turns", 0) or 0)
 
     def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
         if split not in self.rows:
             raise KeyError(f"splits are train and test, not {split!r}")
         return self.rows[split]
 
-    def reset(self, row: Mapping[str, Any]) -> tuple[Any, Any]:
+    async def reset(self, row: Mapping[str, Any]) -> tuple[Any, Any]:
         if row.get("prompt") is not None and not isinstance(row["prompt"], str):
             messages = [dict(m) for m in row["prompt"]]
         else:
             messages = [{"role": "user", "content": row.get("prompt") or row.get("question", "")}]
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return messages, {"row": dict(row), "prompt": messages}
+        vf_state = {"prompt": messages, "completion": [], "answer": row.get("answer", ""), "task": row.get("task", "default"),
+                    "info": row.get("info") or {}, "responses": [], "turn": 0}
+        if self.multi_turn and callable(getattr(self.source, "setup_state", None)):
+            vf_state = await _maybe_await(self.source.setup_state(vf_state)) or vf_state
+        return messages, {"row": dict(row), "prompt": messages, "vf_state": vf_state}
 
     async def step(self, state: Any, message: str) -> StepResult:
+        if self.multi_turn:
+            return await self._multi_turn_step(state, message)
+        return await self._score(state, [{"role": "assistant", "content": str(message)}], {})
+
+    async def _multi_turn_step(self, state: Any, message: str) -> StepResult:
+        """One model turn of a multi-turn verifiers-style environment (module docstring)."""
+        vf_state = state["vf_state"]
+        vf_state["completion"].append({"role": "assistant", "content": str(message)})
+        vf_state["responses"].append(str(message))
+        vf_state["turn"] += 1
+        messages = [*state["prompt"], *vf_state["completion"]]
+        done = bool(await _maybe_await(self.source.is_completed(messages, vf_state))) or (self.max_turns and vf_state["turn"] >= self.max_turns)
+        if done:
+            return await self._score(state, vf_state["completion"], vf_state)
+        reply, new_state = await _maybe_await(self.source.env_response(messages, vf_state))
+        reply = [reply] if isinstance(reply, Mapping) else [dict(m) for m in reply]
+        state["vf_state"] = vf_state = new_state if new_state is not None else vf_state
+        vf_state["completion"].extend(reply)
+        return StepResult(0.0, done=False, observation=reply)
+
+    async def _score(self, state: Any, completion: list[dict[str, Any]], vf_state: dict[str, Any]) -> StepResult:
         row = state["row"]
-        offered = {"prompt": state["prompt"], "completion": [{"role": "assistant", "content": str(message)}],
-                   "answer": row.get("answer", ""), "state": {}, "task": row.get("task", "default"),
+        offered = {"prompt": state["prompt"], "completion": completion,
+                   "answer": row.get("answer", ""), "state": vf_state, "task": row.get("task", "default"),
                    "info": row.get("info") or {}, "parser": self.parser}
         values = []
         for fn in self.funcs:
@@ -78,6 +114,10 @@ class RubricEnv:
             values.append(float(value))
         reward = sum(w * v for w, v in zip(self.weights, values))
         return StepResult(reward, done=True, info={f"reward_{getattr(f, '__name__', i)}": v for i, (f, v) in enumerate(zip(self.funcs, values))})
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 def load_environment(module: str = "", args: Mapping[str, Any] | None = None) -> RubricEnv:

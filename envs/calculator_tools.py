@@ -1,23 +1,26 @@
 """Built-in multi-turn task: arithmetic with a calculator tool, scored by the final answer.
 
-The user asks `What is 13*17?`. The model may call the calculator by making its
-whole message one JSON object with one key:
+The user asks `What is 13*17?`. The environment is a `rlhub.envs.tools.ToolEnv` with one tool,
 
-    {"calc": "13*17"}
+    def calculator(expression: str) -> str   # numbers, + - * / and parentheses, e.g. 13*17
 
-The environment evaluates the expression safely (numbers, + - * / and
-parentheses, parsed with `ast` and walked by hand; nothing is ever run) and
-answers with a tool message holding the value (`221`), or `error: ...` for a
-malformed call; the episode goes on with reward 0 so far. A message that does
-not start with `{` is the final answer: reward 1 and success when it is the
-row's integer answer exactly (after stripping) and the model ended its turn,
-else 0; the episode ends. At most `max_tool_calls` calls (well-formed or not)
-per episode; one more ends the episode with 0.
+offered through the chat template (rlhub's ChatML models get it in a system message), and called
+in the model family's format, for these models Hermes':
+
+    <tool_call>{"name": "calculator", "arguments": {"expression": "13*17"}}</tool_call>
+
+The expression is evaluated safely (parsed with `ast` and walked by hand, exact fractions; nothing
+is ever run) and the value comes back as a tool message (`221`), or `error: ...` for a malformed
+call or a refused expression; the episode goes on with reward 0. A turn without a call is the
+final answer: reward 1 and success when it is the row's integer answer exactly (after stripping)
+and the model ended its turn, else 0; the episode ends. At most `max_tool_calls` calls per episode;
+one more ends the episode with 0.
 
 Rows are {"question", "expression", "answer"} from `envs/data/calculator_tools.jsonl`
 and `calculator_tools_test.jsonl`, written by `write_data` (run this module to
 rewrite them). Other numbers: write files with `write_data(directory, low=.., high=..)`
-and point `env.dataset.path` at them.
+and point `env.dataset.path` at them. The task's settings (three turns, 64 new tokens a turn, a
+1024-token context for the tool's description) come with it (`env_defaults`).
 
 `format_examples` gives the two turn shapes with random values that ignore the
 prompt: a first turn that is a call with another row's expression, and a final
@@ -29,7 +32,6 @@ tool on every turn, so the final answer would never be sampled.
 from __future__ import annotations
 
 import ast
-import json
 import math
 import operator
 import random
@@ -37,15 +39,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from rlhub.envs.base import PARSE_LOCK, StepResult, ended_turn
+from rlhub.envs.base import PARSE_LOCK
+from rlhub.envs.registry import env_defaults
+from rlhub.envs.tools import ToolCall, ToolEnv, format_call, schemas
 
 DATA = Path(__file__).parent / "data"
 NAME = "calculator_tools"
 MAX_EXPRESSION = 200
 """Longest expression evaluated, in characters (keeps parsing and the numbers small)."""
-INSTRUCTIONS = ('Calculator: reply with only {"calc": "<expression>"} (numbers, + - * / and parentheses) '
-                "and its result comes back. Reply with the final answer alone, an integer.")
-CALL_SHAPE = 'a tool call is one JSON object: {"calc": "<expression>"}'
+INSTRUCTIONS = "Use the calculator for arithmetic. Reply with the final answer alone, an integer."
+FORMAT = "hermes"
+"""The call format of the warm start's examples: that of rlhub's ChatML models (tiny MoE, SmolLM2)."""
 
 _BINARY: dict[type, Callable[[Fraction, Fraction], Fraction]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -98,23 +102,13 @@ def render(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{float(value):.6g}"
 
 
-def parse_call(message: str) -> str:
-    """The expression of a tool call `{"calc": "<expression>"}`; CalcError for any other shape."""
-    try:
-        call = json.loads(message)
-    except json.JSONDecodeError:
-        raise CalcError(CALL_SHAPE) from None
-    if not isinstance(call, dict) or set(call) != {"calc"} or not isinstance(call["calc"], str):
-        raise CalcError(CALL_SHAPE)
-    return call["calc"]
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression exactly.
 
-
-def calculator(message: str) -> str:
-    """What the tool answers to a call message: the value, or `error: <why>`."""
-    try:
-        return render(evaluate(parse_call(message)))
-    except CalcError as e:
-        return f"error: {e}"
+    Args:
+        expression: numbers, + - * / and parentheses, e.g. 13*17
+    """
+    return render(evaluate(expression))
 
 
 def write_data(directory: Path = DATA, low: int = 2, high: int = 20, ops: str = "*", limit: int = 3000,
@@ -135,18 +129,20 @@ def write_data(directory: Path = DATA, low: int = 2, high: int = 20, ops: str = 
     return write_jsonl(rows[n_test:], directory / f"{NAME}.jsonl"), write_jsonl(rows[:n_test], directory / f"{NAME}_test.jsonl")
 
 
-class CalculatorToolsEnv:
+class CalculatorToolsEnv(ToolEnv):
     """Questions answered with the help of a calculator tool (see the module docstring)."""
 
     row_fields = ("question", "answer")
+    tools = (calculator,)
 
-    def __init__(self, max_tool_calls: int = 2, chat: bool = True, system_prompt: str | None = None) -> None:
+    def __init__(self, max_tool_calls: int = 2, system_prompt: str | None = None, tool_format: str = "auto") -> None:
         from rlhub.data import DatasetConfig, load_rows
 
         if max_tool_calls < 0:
             raise ValueError(f"env.kwargs.max_tool_calls={max_tool_calls} must be at least 0")
-        self.max_tool_calls, self.chat = max_tool_calls, chat
+        self.max_tool_calls = self.max_calls_per_turn = max_tool_calls
         self.system_prompt = INSTRUCTIONS if system_prompt is None else system_prompt
+        self.tool_format = tool_format
         self._splits = {split: load_rows(DatasetConfig(path=str(DATA / f"{NAME}{suffix}.jsonl")), self.row_fields)["train"]
                         for split, suffix in (("train", ""), ("test", "_test"))}
 
@@ -155,46 +151,31 @@ class CalculatorToolsEnv:
             raise KeyError(f"{NAME} has splits {sorted(self._splits)}, not {split!r}")
         return self._splits[split]
 
-    def reset(self, row: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        state = {"answer": str(row["answer"]).strip(), "calls": 0}
-        if self.chat:
-            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            return [*system, {"role": "user", "content": row["question"]}], state
-        return "".join(f"{line}\n" for line in (self.system_prompt, row["question"]) if line), state
+    def prompt(self, row: Mapping[str, Any]) -> str:
+        return row["question"]
 
-    def step(self, state: dict[str, Any], message: str) -> StepResult:
-        """A tool call gets the calculator's answer (reward 0, not done); anything else is the final answer."""
-        text = message.strip()
-        if not text.startswith("{"):
-            correct = ended_turn(message) and text == state["answer"]
-            return StepResult(1.0 if correct else 0.0, done=True, success=correct)
-        if state["calls"] >= self.max_tool_calls:
-            return StepResult(0.0, done=True, success=False, info={"ended": "max_tool_calls"})
-        state["calls"] += 1
-        return StepResult(0.0, done=False, observation=self._tool_message(calculator(text)))
-
-    def _tool_message(self, result: str) -> Any:
-        return [{"role": "tool", "content": result}] if self.chat else f"\nresult: {result}\n"
+    def check(self, row: Mapping[str, Any], answer: str) -> bool:
+        return answer.strip() == str(row["answer"]).strip()
 
     def format_examples(self, n: int, rng: random.Random) -> list[tuple[Any, str]]:
         """(prompt, answer) pairs of the right shape whose values ignore the prompt: half first turns
         (a call with another row's expression), half final turns after a transcript of such a call
-        (another row's answer). Never the prompt's own expression or answer."""
+        and its result (another row's answer). Never the prompt's own expression or answer."""
         rows = self._splits["train"]
+        fmt = FORMAT if self.tool_format == "auto" else self.tool_format
         pairs = []
         for _ in range(n):
             row = rows[rng.randrange(len(rows))]
             prompt, _ = self.reset(row)
             expression = _other(rows, "expression", row, rng)
-            call = json.dumps({"calc": expression})
+            call = ToolCall("calculator", {"expression": expression}, "call_1")
+            text = format_call([call], fmt)
             if rng.random() < 0.5:
-                pairs.append((prompt, call))
+                pairs.append((prompt, text))
                 continue
-            result = calculator(call)
-            if self.chat:
-                transcript = [*prompt, {"role": "assistant", "content": call}, *self._tool_message(result)]
-            else:
-                transcript = prompt + call + self._tool_message(result)
+            result = {"role": "tool", "name": "calculator", "tool_call_id": "call_1", "content": calculator(expression)}
+            transcript = {"messages": [*prompt["messages"], {"role": "assistant", "content": text}, result],
+                          "tools": schemas(self.tool_list())}
             pairs.append((transcript, _other(rows, "answer", row, rng)))
         return pairs
 
@@ -208,9 +189,10 @@ def _other(rows: Sequence[Mapping[str, Any]], key: str, row: Mapping[str, Any], 
     raise ValueError(f"{NAME}: the training rows have too few distinct {key}s for format examples")
 
 
-def load_environment(max_tool_calls: int = 2, chat: bool = True, system_prompt: str | None = None) -> CalculatorToolsEnv:
-    """Arithmetic questions answered with a JSON calculator tool call ({"calc": "13*17"}), multi-turn."""
-    return CalculatorToolsEnv(max_tool_calls=max_tool_calls, chat=chat, system_prompt=system_prompt)
+@env_defaults({"rollout.max_turns": 3, "rollout.max_new_tokens": 64, "rollout.max_model_len": 1024})
+def load_environment(max_tool_calls: int = 2, system_prompt: str | None = None, tool_format: str = "auto") -> CalculatorToolsEnv:
+    """Arithmetic questions answered with a calculator tool, multi-turn (the tool protocol: rlhub.envs.tools)."""
+    return CalculatorToolsEnv(max_tool_calls=max_tool_calls, system_prompt=system_prompt, tool_format=tool_format)
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def _print_config(overrides: list[str]) -> int:
     from rlhub.config import env_default_overrides, load_config
 
     cfg = load_config(overrides)
-    declared = env_default_overrides(overrides)
+    declared = env_default_overrides(cfg.env.name, overrides)
     if declared:  # what the selected environment set, so that a value is never a mystery
         print(f"# set by env {cfg.env.name}'s defaults (override any on the command line):")
         print("\n".join(f"#   {o}" for o in declared))
@@ -307,7 +307,12 @@ def _envs_show(name: str, kwargs: list[str]) -> int:
     except KeyError:
         print("\n(rows come from env.dataset.path)")
         return 0
-    prompt, _ = env.reset(row)
+    prompt = env.reset(row)
+    if inspect.isawaitable(prompt):  # an async reset
+        import asyncio
+
+        prompt = asyncio.run(prompt)
+    prompt = prompt[0]
     print(f"\nrow fields: {list(getattr(env, 'row_fields', ()))}\nsample row: {json.dumps(dict(row), default=str)[:1000]}")
     print(f"prompt: {json.dumps(prompt, default=str)[:1000]}")
     return 0

@@ -233,9 +233,13 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     register_configs()
     GlobalHydra.instance().clear()
     try:
-        overrides = with_env_defaults(list(overrides or []))
+        overrides = list(overrides or [])
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             composed = compose(config_name="config", overrides=[_open_kwargs(_env_by_name(o, config_dir)) for o in overrides])
+            # the environment the composition selected (env=NAME, an experiment file) may bring its own settings
+            extra = env_default_overrides(str(composed.env.name), overrides) if "env" in composed else []
+            if extra:
+                composed = compose(config_name="config", overrides=[_open_kwargs(_env_by_name(o, config_dir)) for o in [*extra, *overrides]])
         known = {f.name for f in fields(RunConfig)}
         unknown = sorted(set(composed.keys()) - known)
         if unknown:
@@ -298,29 +302,18 @@ def _env_by_name(override: str, config_dir: Path) -> str:
     return override
 
 
-def env_default_overrides(overrides: list[str]) -> list[str]:
-    """The `key=value` overrides the environment selected by `env=NAME` declares (`rlhub.envs.env_defaults`),
-    less those the given overrides set themselves (a key, or a key under it)."""
+def env_default_overrides(name: str, overrides: list[str]) -> list[str]:
+    """The `key=value` overrides environment `name` declares (`rlhub.envs.env_defaults`), less those
+    `overrides` set themselves (a key, or a key under it). They apply over the config files (an
+    experiment's included) and under the command line."""
     from rlhub.envs.registry import defaults_of
 
-    names = [o.partition("=")[2] for o in overrides if o.partition("=")[0] in ("env", "env.name")]
-    if not names or not names[-1]:
-        return []
     given = [k for k in (o.partition("=")[0].lstrip("+~") for o in overrides) if k not in ("env", "env.name")]  # not the selection
     out = []
-    for key, value in defaults_of(names[-1]).items():
+    for key, value in defaults_of(name).items():
         if not any(key == g or key.startswith(f"{g}.") for g in given):
             out.append(f"{key}={_override_value(value)}")
     return out
-
-
-def with_env_defaults(overrides: list[str]) -> list[str]:
-    """`overrides` with the selected environment's defaults put right after its `env=NAME`."""
-    extra = env_default_overrides(overrides)
-    if not extra:
-        return overrides
-    at = max(i for i, o in enumerate(overrides) if o.partition("=")[0] in ("env", "env.name")) + 1
-    return [*overrides[:at], *extra, *overrides[at:]]
 
 
 def _override_value(value: Any) -> str:

@@ -61,7 +61,9 @@ class ModelConfig:
     num_experts: int = 8
     experts_per_token: int = 2
     expert_intermediate_size: int = 128
-    max_position_embeddings: int = 256
+    max_position_embeddings: int = 1024
+    """Positions the built tiny MoE takes (rotary: no weights depend on it). Longer than the default
+    `rollout.max_model_len` (256) so that a task with tools or several turns can raise that alone."""
     init_seed: int = 0
     """Seed of the random init of the built model."""
     expert_groups: int = 1

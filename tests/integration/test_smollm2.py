@@ -71,3 +71,44 @@ def test_upcycled_smollm2_says_what_the_dense_model_says(smollm2, tmp_path):
     (dense, text), (moe, moe_text) = _greedy(path), _greedy(tmp_path / "moe")
     assert moe == dense, (text, moe_text)
     assert "robot" in text.lower()  # the converted model speaks to the prompt
+
+
+def test_tool_calls_through_smollm2s_chat_template(smollm2):
+    """SmolLM2's ChatML template has no `tools`: rlhub offers them in a system message (in place of the
+    template's default one), and calls sampled as SmolLM2's BPE tokens read back after decoding,
+    malformed ones named."""
+    from transformers import AutoTokenizer
+
+    from rlhub.envs.tools import ToolCall, as_tools, format_call, format_for, offer, parse, template_takes_tools
+    from rlhub.episodes import ChatFormat
+
+    path, _ = smollm2
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def weather(city: str, days: int = 1) -> str:
+        """Forecast for a city.
+
+        Args:
+            city: the city's name
+            days: how many days
+        """
+        return f"{city}: sunny for {days} days"
+
+    assert format_for(tokenizer) == "hermes" and not template_takes_tools(tokenizer)
+    chat = ChatFormat(tokenizer)
+    ids, history = chat.prompt({"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": as_tools([weather])})
+    text = tokenizer.decode(ids)
+    assert "named SmolLM" not in text and '"name": "weather"' in text and text.endswith("<|im_start|>assistant\n")
+    assert history == offer([{"role": "user", "content": "Weather in Oslo?"}], as_tools([weather]), tokenizer)[0]
+    calls = [ToolCall("weather", {"city": "Oslo", "days": 3}), ToolCall("weather", {"city": "São Paulo"})]
+    sampled = tokenizer.encode(format_call(calls), add_special_tokens=False) + [tokenizer.eos_token_id]
+    parsed = parse(tokenizer.decode(sampled, skip_special_tokens=True), chat.tool_format)
+    assert [(c.name, c.arguments) for c in parsed.calls] == [(c.name, c.arguments) for c in calls] and not parsed.errors
+    written = format_call(calls)
+    cut_ids = tokenizer.encode(written[: written.rindex("</tool_call>") - 4], add_special_tokens=False)  # the budget ran out in the second call
+    cut = parse(tokenizer.decode(cut_ids, skip_special_tokens=True), chat.tool_format)
+    assert len(cut.calls) == 1 and cut.errors and "not closed" in cut.errors[0]
+    reply = tokenizer.decode(sampled, skip_special_tokens=True)
+    obs, _ = chat.observation([*history, {"role": "assistant", "content": reply}],
+                              [{"role": "tool", "name": "weather", "tool_call_id": "call_1", "content": "Oslo: sunny for 3 days"}], True)
+    assert tokenizer.decode(obs) == "\n<|im_start|>tool\nOslo: sunny for 3 days<|im_end|>\n<|im_start|>assistant\n"

@@ -58,7 +58,8 @@ def test_an_installed_environment_package_is_listed_and_trains(tmp_path):
 @pytest.mark.parametrize("env, overrides", [
     ("countdown", ["env.kwargs.system_prompt=", "rollout.max_new_tokens=6"]),
     ("gsm8k_style", ["rollout.max_new_tokens=6", "rollout.max_model_len=384"]),
-    ("calculator_tools", ["env.kwargs.system_prompt=", "rollout.max_new_tokens=18", "rollout.max_turns=3", "warm_start.steps=20"]),
+    ("calculator_tools", ["env.kwargs.system_prompt=", "warm_start.steps=20"]),  # turns, tokens, context: the env's own
+    ("shop_tools", ["warm_start.steps=10"]),
     ("python_code", ["rollout.max_new_tokens=24", "rollout.max_model_len=512"]),
     ("reasoning_gym", ["rollout.max_new_tokens=4", "warm_start.steps=5"]),
 ])
@@ -69,7 +70,7 @@ def test_every_builtin_environment_trains_and_evaluates(ray_local, run_pipeline,
     assert summary["eval"]["eval/rows"] == 4 and 0 <= summary["eval"]["eval/pass@1"] <= 1
     trained = sum(m["train/groups"] for m in metrics)
     assert trained == 3 * 4  # prompts_per_step groups at every step: the environment's samples reached the learner
-    if env == "calculator_tools":  # the model called the calculator and was answered: episodes went past one turn
+    if env in ("calculator_tools", "shop_tools"):  # the model called a tool and was answered: episodes went past one turn
         assert max(m["rollout/turns"] for m in metrics) > 1
 
 

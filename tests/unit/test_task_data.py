@@ -103,11 +103,12 @@ def test_envs_list_and_show(capsys):
 
     assert main(["envs", "list"]) == 0
     listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    for name in ("arithmetic", "countdown", "gsm8k_style", "calculator_tools", "python_code", "reasoning_gym", "reward_fn"):
+    for name in ("arithmetic", "countdown", "gsm8k_style", "calculator_tools", "shop_tools", "python_code", "reasoning_gym", "reward_fn"):
         assert name in listed and "rlhub 0.1.0" in listed[name] and "cannot load" not in listed[name]
     assert main(["envs", "show", "calculator_tools", "max_tool_calls=3"]) == 0
     out = capsys.readouterr().out
-    assert "max_tool_calls = 3  (given; default 2)" in out and "chat = True" in out and "sample row:" in out and '"calc"' in out
+    assert "max_tool_calls = 3  (given; default 2)" in out and "tool_format = 'auto'" in out and "sample row:" in out
+    assert '"name": "calculator"' in out  # the prompt offers the tool
     assert main(["envs", "--help"]) == 0 and "envs show NAME" in capsys.readouterr().out
     assert main(["envs"]) == 2 and "rlhub envs list" in capsys.readouterr().err
     row = json.loads(out.split("sample row: ")[1].splitlines()[0])
@@ -135,13 +136,85 @@ def load_environment(n=4):
     cfg = load_config(["env=verifiers", "env.kwargs.module=vf_style_task", "env.kwargs.args.n=6"])
     env = build_env(cfg.env)
     assert len(env.dataset("train")) == 6 and len(env.dataset("test")) == 1
-    prompt, state = env.reset(env.dataset("train")[3])
+    prompt, state = asyncio.run(env.reset(env.dataset("train")[3]))
     assert prompt == [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "3+3?"}]
     right = asyncio.run(env.step(state, ModelMessage("6", "stop")))
     long_wrong = asyncio.run(env.step(state, ModelMessage("seven", "stop")))
     assert right.reward == pytest.approx(1.2) and long_wrong.reward == 0.0
     with pytest.raises(ValueError, match="env.kwargs.module='no_such_module'"):
         build_env(load_config(["env=verifiers", "env.kwargs.module=no_such_module"]).env)
+
+
+VF_MULTI_TURN = '''
+from types import SimpleNamespace
+
+
+class DoubleCheck:
+    """In verifiers' multi-turn style: answer, be asked "Are you sure?", answer again; scored on the last answer."""
+
+    max_turns = 4
+    system_prompt = "Answer briefly."
+
+    def __init__(self, n):
+        self.dataset = [{"question": f"{i}+{i}?", "answer": str(2 * i)} for i in range(n)]
+        self.eval_dataset = None
+        self.rubric = SimpleNamespace(funcs=[self.last_answer, self.turns_taken], weights=[1.0, 0.1])
+
+    async def setup_state(self, state, **kwargs):
+        state["asked"] = 0
+        return state
+
+    async def is_completed(self, messages, state, **kwargs):
+        return state["asked"] >= 1 and messages[-1]["role"] == "assistant"
+
+    def env_response(self, messages, state, **kwargs):  # a plain method: the adapter awaits either kind
+        state["asked"] += 1
+        return [{"role": "user", "content": "Are you sure?"}], state
+
+    @staticmethod
+    def last_answer(completion, answer):
+        return 1.0 if completion[-1]["content"].strip() == answer else 0.0
+
+    @staticmethod
+    def turns_taken(state, **kwargs):
+        return float(state["turn"])
+
+
+def load_environment(n=4):
+    return DoubleCheck(n)
+'''
+
+
+def test_a_verifiers_style_multi_turn_environment_through_the_adapter(tmp_path, monkeypatch, tokenizer):
+    import asyncio
+
+    from rlhub.datastore import InMemoryDataStore
+    from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
+    from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
+    from scripted import ScriptedEngine
+
+    (tmp_path / "vf_multi_turn.py").write_text(VF_MULTI_TURN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = build_env(load_config(["env=verifiers", "env.kwargs.module=vf_multi_turn"]).env)
+    row = env.dataset("train")[2]
+    prompt, state = asyncio.run(env.reset(row))
+    assert prompt[-1] == {"role": "user", "content": "2+2?"} and state["vf_state"]["asked"] == 0
+    first = asyncio.run(env.step(state, ModelMessage("5", "stop")))
+    assert not first.done and first.observation == [{"role": "user", "content": "Are you sure?"}]
+    last = asyncio.run(env.step(state, ModelMessage("4", "stop")))
+    assert last.done and last.reward == pytest.approx(1.0 + 0.1 * 2)  # the last answer is right, two turns taken
+    assert [m["role"] for m in state["vf_state"]["completion"]] == ["assistant", "user", "assistant"]
+
+    eos = tokenizer.eos_token_id
+    turns = [tokenizer.encode(t, add_special_tokens=False) + [eos] for t in ("5", "4")]
+    store = InMemoryDataStore(prompts_per_step=1, max_staleness=100)
+    worker = RolloutWorker(0, RolloutConfig(max_new_tokens=4, max_model_len=256, prompts_per_batch=1), 2, 1,
+                           ScriptedEngine(turns, eos), env, tokenizer, store, InMemoryWeightSync(), DataSide(), probe_sequence(259),
+                           env_name="verifiers")
+    worker.generate_groups([0])
+    (meta, t), = store.get_batch(1, 10)
+    answer = env.dataset("train")[meta.prompt_index]["answer"]
+    assert meta.extra["turns_mean"] == 2.0 and t.rewards.tolist() == [(1.0 if answer == "4" else 0.0) + 0.2] * 2
 
 
 def test_a_judge_without_a_model_directory_or_with_a_bad_template_is_refused(tmp_path, tiny_model_path):
