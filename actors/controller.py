@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhub.actors.cluster import CorePlan, check_reachable, confine_ray, forget_local_ray, init_ray, plan_cores
 from rlhub.config import ConfigError, RunConfig
+from rlhub.env_check import check_env, check_prompt_lengths, check_sandbox, has_format_examples  # noqa: F401 - the checks a run starts with
 
 log = logging.getLogger("rlhub")
 
@@ -47,65 +48,6 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
         raise ConfigError(f"resume=true: {run_dir} holds no checkpoint")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir.resolve(), ckpt
-
-
-def check_env(cfg: RunConfig) -> Any:
-    """The environment, after checking it and its data."""
-    from rlhub.envs.registry import build_env
-    from rlhub.evaluation import eval_rows
-
-    try:
-        env = build_env(cfg.env, cfg.seed)
-        rows = env.dataset("train")
-    except (ValueError, TypeError, KeyError) as e:  # DataError is a ValueError
-        raise ConfigError(str(e).strip("'\"")) from None
-    if not rows:
-        raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
-    if cfg.eval.every and not eval_rows(env, 1):
-        raise ConfigError(f"eval.every={cfg.eval.every}: env.name={cfg.env.name!r} has no eval rows (its test split is empty; "
-                          "set env.dataset.eval_split or env.dataset.eval_size)")
-    if cfg.warm_start.steps and not has_format_examples(env):
-        log.warning("warm_start.steps=%d skipped: env.name=%r has no format_examples() (warm_start.steps=0 says so, and this "
-                    "notice goes)", cfg.warm_start.steps, cfg.env.name)
-    if getattr(env, "uses_sandbox", False):
-        check_sandbox(cfg, env)
-    return env
-
-
-def check_prompt_lengths(cfg: RunConfig, env: Any, tokenizer: Any, model_path: Path) -> None:
-    """Stop before Ray starts when (nearly) no prompt fits the model length; say on the terminal what
-    share of groups will be dropped as too long otherwise (`rlhub.prompt_lengths`)."""
-    from rlhub import prompt_lengths as pl
-
-    r = cfg.rollout
-    found = pl.measure(env, env.dataset("train"), tokenizer, r.max_model_len, r.max_new_tokens, cfg.env.timeout_s)
-    error, warning = pl.verdict(found, r.max_new_tokens, r.max_model_len, pl.model_positions(model_path))
-    if error:
-        raise ConfigError(f"env.name={cfg.env.name!r}: {error}")
-    if warning:
-        print(f"rlhub: env.name={cfg.env.name!r}: {warning}", file=sys.stderr, flush=True)
-
-
-def has_format_examples(env: Any) -> bool:
-    """Whether the environment gives the format warm start its examples."""
-    return callable(getattr(env, "format_examples", None))
-
-
-def check_sandbox(cfg: RunConfig, env: Any) -> None:
-    """For an environment that scores code in `rlhub.sandbox`: the isolation `sandbox.isolation` asks for
-    applies here (required: an error naming each missing layer; best_effort: a warning), and every row's
-    tests can be judged outside the candidate's process (an error naming the row)."""
-    from rlhub import sandbox
-    from rlhub.evaluation import eval_rows
-
-    try:
-        sandbox.adopt(cfg.sandbox)
-        if callable(getattr(env, "check_rows", None)):
-            where = cfg.env.dataset.path or f"env.name={cfg.env.name}"
-            env.check_rows(env.dataset("train"), f"{where} train split")
-            env.check_rows(eval_rows(env, 0), f"{where} eval split")
-    except (sandbox.IsolationUnavailable, ValueError) as e:
-        raise ConfigError(str(e)) from None
 
 
 def check_judge(cfg: RunConfig) -> None:

@@ -214,7 +214,7 @@ def test_a_verifiers_style_multi_turn_environment_through_the_adapter(tmp_path, 
     worker.generate_groups([0])
     (meta, t), = store.get_batch(1, 10)
     answer = env.dataset("train")[meta.prompt_index]["answer"]
-    assert meta.extra["turns_mean"] == 2.0 and t.rewards.tolist() == [(1.0 if answer == "4" else 0.0) + 0.2] * 2
+    assert meta.extra["turns_mean"] == 2.0 and t.rewards.tolist() == pytest.approx([(1.0 if answer == "4" else 0.0) + 0.2] * 2)
 
 
 def test_a_judge_without_a_model_directory_or_with_a_bad_template_is_refused(tmp_path, tiny_model_path):
