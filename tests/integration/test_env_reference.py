@@ -42,7 +42,12 @@ def commands(body: str) -> list[list[str]]:
         if not line or line.startswith("#"):
             continue
         for part in line.split("&&"):
-            words = shlex.split(part, comments=True)
+            try:
+                words = shlex.split(part, comments=True)
+            except ValueError:  # prose in a plain block (a file tree, an error message); a command must parse
+                if re.search(r"rlhub (train|config)\b", part):
+                    raise
+                continue
             if words:
                 out.append(words)
     return out
@@ -56,23 +61,44 @@ def rlhub_args(words: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
-def documented() -> list[tuple[str, list[str]]]:
+def documented() -> list[tuple[str, list[str], str | None]]:
+    """(where, arguments, the config error the documentation shows right after it or None) of every
+    documented `rlhub train|config` command."""
     found = []
     for path in DOCS:
         for lang, body in blocks(path):
-            if lang in ("bash", "sh", ""):
-                found += [(f"{path.name}: {' '.join(w)}", args) for w in commands(body) if (args := rlhub_args(w)) is not None]
+            if lang not in ("bash", "sh", ""):
+                continue
+            lines = re.sub(r"\\\n\s*", " ", body).splitlines()  # continuation lines joined
+            for i, line in enumerate(lines):
+                for words in commands(line):
+                    if (parsed := rlhub_args(words)) is None:
+                        continue
+                    shown = lines[i + 1] if i + 1 < len(lines) and lines[i + 1].startswith("rlhub: config error: ") else None
+                    found.append((f"{path.name}: {' '.join(words)}", parsed[1], shown and shown.removeprefix("rlhub: config error: ")))
     return found
 
 
-@pytest.mark.parametrize("where, command", documented(), ids=lambda x: x if isinstance(x, str) else None)
-def test_every_documented_command_composes_a_valid_config(where, command):
-    from rlhub.config import load_config
+SHOWN_DATA = {"puzzles.jsonl": [{"numbers": [3, 5], "total": 8}, {"numbers": [2, 6], "total": 12}]}
+"""The files the README's data error example reads, as it describes them (a `total` column, no `goal`)."""
 
-    _, args = command
+
+@pytest.mark.parametrize("where, args, error", documented(), ids=[w for w, _, _ in documented()])
+def test_every_documented_command_composes_a_valid_config(where, args, error, tmp_path, monkeypatch):
+    from rlhub.config import ConfigError, load_config
+    from rlhub.env_check import check_env
+
     if any(a.startswith(("env=unit_price", "env=reverse_word")) for a in args):
         pytest.skip("a package the other tests install")  # its entry point exists only while installed
-    load_config(args)  # a ConfigError names what is wrong
+    if error is None:
+        load_config(args)  # a ConfigError names what is wrong
+        return
+    monkeypatch.chdir(tmp_path)
+    for name, rows in SHOWN_DATA.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError) as raised:  # an example of an error: the message shown is the one given
+        check_env(load_config(args))  # a config error, or one of its data, found before Ray starts
+    assert str(raised.value) == error
 
 
 def run_shell(words: list[str], cwd: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
