@@ -138,7 +138,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if cfg.cluster.address:
         check_reachable(cfg.cluster.address)
     tokenizer = load_tokenizer(model_path)
-    check_prompt_lengths(cfg, env, tokenizer, model_path)
+    check_prompt_lengths(cfg, env, model_path)
     save_resolved_config(cfg, run_dir)
     plan = plan_cores(cfg)
     everywhere = os.sched_getaffinity(0)  # confine_ray moves this process too: a later run in it plans afresh

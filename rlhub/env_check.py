@@ -80,10 +80,15 @@ def check_env(cfg: RunConfig) -> Any:
     return env
 
 
-def check_prompt_lengths(cfg: RunConfig, env: Any, tokenizer: Any, model_path: Path) -> None:
+def check_prompt_lengths(cfg: RunConfig, env: Any, model_path: Path) -> None:
     """Stop before Ray starts when (nearly) no prompt fits the model length; say on the terminal what
-    share of groups will be dropped as too long otherwise (`rlhub.prompt_lengths`)."""
+    share of groups will be dropped as too long otherwise (`rlhub.prompt_lengths`). The prompts are
+    rendered with the model's full tokenizer (its chat template), as the rollout renders them."""
+    from transformers import AutoTokenizer
+
     from rlhub import prompt_lengths as pl
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
 
     r = cfg.rollout
     found = pl.measure(env, env.dataset("train"), tokenizer, r.max_model_len, r.max_new_tokens, cfg.env.timeout_s)

@@ -46,13 +46,13 @@ def test_the_verdict_stops_below_a_quarter_warns_below_all_and_names_the_setting
     assert "failed on every one of the 1 sampled rows, e.g. row 4: KeyError: 'q'" in pl.verdict(failed, 4, 24, None)[0]
 
 
-def test_a_run_whose_prompts_cannot_fit_stops_before_ray_with_the_lengths(tokenizer, tmp_path):
+def test_a_run_whose_prompts_cannot_fit_stops_before_ray_with_the_lengths(tmp_path):
     from rlhub.actors.controller import check_env, check_prompt_lengths
     from rlhub.config import ConfigError, load_config
     from rlhub.models.build import resolve_model_path
 
     cfg = load_config(["rollout.max_model_len=10", f"run_dir={tmp_path}"])  # "max(a,b)=" prompts do not fit 10 - 4 tokens
     with pytest.raises(ConfigError, match=r"env.name='arithmetic': rollout.max_model_len=10 leaves 6 prompt tokens .* 0 of 64 sampled"):
-        check_prompt_lengths(cfg, check_env(cfg), tokenizer, resolve_model_path(cfg.model))
+        check_prompt_lengths(cfg, check_env(cfg), resolve_model_path(cfg.model))
     fine = load_config([f"run_dir={tmp_path}"])
-    check_prompt_lengths(fine, check_env(fine), tokenizer, resolve_model_path(fine.model))
+    check_prompt_lengths(fine, check_env(fine), resolve_model_path(fine.model))
