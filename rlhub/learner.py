@@ -12,6 +12,8 @@ measures how far its own routing and log-probs are from the engine's.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import time
@@ -428,9 +430,14 @@ class Learner:
         return self.layout.full_items(self.model)
 
     def probe(self) -> torch.Tensor:
+        """The probe sequence's log-probs under the published weights, which the engines must reproduce.
+        With full fp32 master weights (`learner.precision=bf16` included) they are computed in fp32, the
+        exact function of what is published: bf16 autocast's rounding here flipped top-2 routing choices
+        of the tiny MoE on the probe and missed an fp32 engine by up to 0.9. Under LoRA the frozen base
+        is itself bf16, so the probe runs as the learner does."""
         self.model.eval()
         try:
-            with self.autocast():
+            with self.autocast() if self.lora is not None else contextlib.nullcontext():
                 return probe_logprobs(self.model, self.probe_ids)
         finally:
             self.model.train()

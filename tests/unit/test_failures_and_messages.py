@@ -180,7 +180,7 @@ def test_a_per_call_vllm_engine_refuses_a_load_while_requests_run_before_changin
     from rlhub.engines.vllm_engine import VLLMEngine
 
     eng = VLLMEngine.__new__(VLLMEngine)  # stand-ins: a running request, and a model that must not be touched
-    eng.continuous, eng.version = False, 3
+    eng.continuous, eng.version, eng._adapter = False, 3, None
     eng._llm = SimpleNamespace(llm_engine=SimpleNamespace(has_unfinished_requests=lambda: True))
     eng._model_runner = lambda: pytest.fail("the weights were swapped before the refusal")
     with pytest.raises(RuntimeError, match="only in a continuous engine"):
@@ -200,7 +200,7 @@ def test_a_continuous_vllm_engine_starts_without_async_scheduling(monkeypatch):
     for continuous in (True, False):
         eng = VLLMEngine.__new__(VLLMEngine)
         eng.continuous, eng.return_routing, eng.dtype, eng.seed, eng.max_model_len = continuous, False, "float32", 0, 64
-        eng.kv_cache_gib, eng.cpu_bind, eng.gpu_memory_utilization = 1.0, None, 0.5
+        eng.kv_cache_gib, eng.cpu_bind, eng.gpu_memory_utilization, eng.lora_rank = 1.0, None, 0.5, 0
         eng._start("/nowhere")
     assert started[0]["async_scheduling"] is False and started[0]["enable_prefix_caching"] is False
     assert "async_scheduling" not in started[1]
