@@ -129,30 +129,39 @@ def write_data(directory: Path = DATA, low: int = 2, high: int = 20, ops: str = 
     return write_jsonl(rows[n_test:], directory / f"{NAME}.jsonl"), write_jsonl(rows[:n_test], directory / f"{NAME}_test.jsonl")
 
 
-class CalculatorToolsEnv(ToolEnv):
-    """Questions answered with the help of a calculator tool (see the module docstring)."""
+class ShippedToolEnv(ToolEnv):
+    """A built-in tool task over the files it ships (`envs/data/<task>.jsonl` and `<task>_test.jsonl`),
+    asking each row's `question`, with a call limit and a system prompt of its own."""
 
+    task = ""
+    instructions = ""
     row_fields = ("question", "answer")
-    tools = (calculator,)
 
-    def __init__(self, max_tool_calls: int = 2, system_prompt: str | None = None, tool_format: str = "auto") -> None:
+    def __init__(self, max_tool_calls: int, system_prompt: str | None = None, tool_format: str = "auto") -> None:
         from rlhub.data import DatasetConfig, load_rows
 
         if max_tool_calls < 0:
             raise ValueError(f"env.kwargs.max_tool_calls={max_tool_calls} must be at least 0")
         self.max_tool_calls = self.max_calls_per_turn = max_tool_calls
-        self.system_prompt = INSTRUCTIONS if system_prompt is None else system_prompt
+        self.system_prompt = self.instructions if system_prompt is None else system_prompt
         self.tool_format = tool_format
-        self._splits = {split: load_rows(DatasetConfig(path=str(DATA / f"{NAME}{suffix}.jsonl")), self.row_fields)["train"]
+        self._splits = {split: load_rows(DatasetConfig(path=str(DATA / f"{self.task}{suffix}.jsonl")), self.row_fields)["train"]
                         for split, suffix in (("train", ""), ("test", "_test"))}
 
     def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
         if split not in self._splits:
-            raise KeyError(f"{NAME} has splits {sorted(self._splits)}, not {split!r}")
+            raise KeyError(f"{self.task} has splits {sorted(self._splits)}, not {split!r}")
         return self._splits[split]
 
     def prompt(self, row: Mapping[str, Any]) -> str:
         return row["question"]
+
+
+class CalculatorToolsEnv(ShippedToolEnv):
+    """Questions answered with the help of a calculator tool (see the module docstring)."""
+
+    task, instructions = NAME, INSTRUCTIONS
+    tools = (calculator,)
 
     def check(self, row: Mapping[str, Any], answer: str) -> bool:
         return answer.strip() == str(row["answer"]).strip()

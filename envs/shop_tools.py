@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from rlhub.envs.calculator_tools import calculator
+from rlhub.envs.calculator_tools import ShippedToolEnv, calculator
 from rlhub.envs.registry import env_defaults
-from rlhub.envs.tools import ToolCall, ToolEnv, format_call, schemas
+from rlhub.envs.tools import ToolCall, format_call, schemas
 
 DATA = Path(__file__).parent / "data"
 NAME = "shop_tools"
@@ -59,30 +59,11 @@ def write_data(directory: Path = DATA, low: int = 2, high: int = 12, test_fracti
     return write_jsonl(rows[n_test:], directory / f"{NAME}.jsonl"), write_jsonl(rows[:n_test], directory / f"{NAME}_test.jsonl")
 
 
-class ShopToolsEnv(ToolEnv):
+class ShopToolsEnv(ShippedToolEnv):
     """Totals of a shop's prices, looked up with one tool and computed with another (module docstring)."""
 
-    row_fields = ("question", "answer")
+    task, instructions = NAME, INSTRUCTIONS
     tools = (price, calculator)
-
-    def __init__(self, max_tool_calls: int = 4, system_prompt: str | None = None, tool_format: str = "auto") -> None:
-        from rlhub.data import DatasetConfig, load_rows
-
-        if max_tool_calls < 0:
-            raise ValueError(f"env.kwargs.max_tool_calls={max_tool_calls} must be at least 0")
-        self.max_tool_calls = self.max_calls_per_turn = max_tool_calls
-        self.system_prompt = INSTRUCTIONS if system_prompt is None else system_prompt
-        self.tool_format = tool_format
-        self._splits = {split: load_rows(DatasetConfig(path=str(DATA / f"{NAME}{suffix}.jsonl")), self.row_fields)["train"]
-                        for split, suffix in (("train", ""), ("test", "_test"))}
-
-    def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
-        if split not in self._splits:
-            raise KeyError(f"{NAME} has splits {sorted(self._splits)}, not {split!r}")
-        return self._splits[split]
-
-    def prompt(self, row: Mapping[str, Any]) -> str:
-        return row["question"]
 
     def check(self, row: Mapping[str, Any], answer: str) -> bool:
         return answer.strip() == str(row["answer"])
