@@ -164,6 +164,15 @@ def takes_index(reset: Callable[..., Any]) -> bool:
     return "index" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def reset_at(reset: Callable[..., Any], index: int | None) -> Callable[..., Any]:
+    """`reset` to call with a row: given the row's `index` when it takes one (`takes_index`)."""
+    if index is None or not takes_index(reset):
+        return reset
+    import functools
+
+    return functools.partial(reset, index=index)
+
+
 def reward_env(fn: Callable[[Any, str, Mapping[str, Any]], float], train: Sequence[Mapping[str, Any]],
                test: Sequence[Mapping[str, Any]] = ()) -> RewardFunctionEnv:
     """A reward function and its rows as an environment (for a plugin's `load_environment`)."""

@@ -190,15 +190,12 @@ def run(name: str, overrides: list[str], rows: int = DEFAULT_ROWS) -> Report:
 
 
 def _reset(env: Any, row: Any, index: int, timeout_s: float) -> tuple[Any, BaseException | None]:
-    import functools
-
-    from rlhub.envs.registry import takes_index
+    from rlhub.envs.registry import reset_at
     from rlhub.episodes import EnvRunner, run_all
 
     runner = EnvRunner(timeout_s)
     try:
-        fn = functools.partial(env.reset, index=index) if takes_index(env.reset) else env.reset
-        return run_all(runner, [runner.submit(fn, row, lane="reset")])[0]
+        return run_all(runner, [runner.submit(reset_at(env.reset, index), row, lane="reset")])[0]
     finally:
         runner.close()
 

@@ -10,7 +10,6 @@ and the setting to change, and says on the terminal what share will be dropped w
 
 from __future__ import annotations
 
-import functools
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -57,15 +56,14 @@ def sample_indices(n: int, k: int = SAMPLE_ROWS) -> list[int]:
 def measure(env: Any, rows: Sequence[Any], tokenizer: Any, max_model_len: int, max_new_tokens: int, timeout_s: float,
             indices: Sequence[int] | None = None) -> PromptLengths:
     """The prompt lengths of `rows` at `indices` (default: `sample_indices`), rendered as the rollout does."""
-    from rlhub.envs.registry import takes_index
+    from rlhub.envs.registry import reset_at
     from rlhub.episodes import ChatFormat, EnvRunner, run_all
 
     indices = list(sample_indices(len(rows)) if indices is None else indices)
     chat = ChatFormat(tokenizer)
     runner = EnvRunner(timeout_s)
     try:
-        with_index = takes_index(env.reset)
-        calls = [runner.submit(functools.partial(env.reset, index=i) if with_index else env.reset, rows[i], lane="reset") for i in indices]
+        calls = [runner.submit(reset_at(env.reset, i), rows[i], lane="reset") for i in indices]
         out = PromptLengths({}, max_model_len - max_new_tokens)
         for i, (value, error) in zip(indices, run_all(runner, calls)):
             try:

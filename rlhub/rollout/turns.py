@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import functools
 import math
 import time
 from collections import Counter, deque
@@ -84,13 +83,10 @@ class Turns:
     def start(self, rows: list[Any], group_ids: list[int], n: int, indices: list[int] | None = None) -> list[OpenGroup | str]:
         """Per row, an OpenGroup of `n` episodes ready for their first turn, or why it could not start.
         `indices`: each row's position in its split, passed as `reset(row, index=i)` to a reset that takes it."""
-        from rlhub.envs.registry import takes_index
+        from rlhub.envs.registry import reset_at
 
-        reset = self.env.reset
-        if indices is not None and takes_index(reset):
-            calls = [self.envs.submit(functools.partial(reset, index=i), row, lane="reset") for row, i in zip(rows, indices)]
-        else:
-            calls = [self.envs.submit(reset, row, lane="reset") for row in rows]
+        calls = [self.envs.submit(reset_at(self.env.reset, i), row, lane="reset")
+                 for row, i in zip(rows, indices if indices is not None else [None] * len(rows))]
         out: list[OpenGroup | str] = []
         for gid, row, (value, error) in zip(group_ids, rows, run_all(self.envs, calls)):
             try:
