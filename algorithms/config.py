@@ -43,6 +43,11 @@ class AlgorithmConfig:
     """Who computes the reference log-probs: learner (a frozen copy in the learner, at train time) or
     actor (a reference actor, on the data side when a group is complete; the log-probs travel with the group)."""
     entropy_coef: float = 0.0
+    token_selection: str = "all"
+    """Which generated tokens carry the policy loss: all, or entropy_top_p (the step's highest-entropy
+    token_selection_p fraction only; `rlhub.algorithms.selection`)."""
+    token_selection_p: float = 0.2
+    """entropy_top_p's fraction of the step's generated tokens."""
     dynamic_sampling: bool = False
     """DAPO: drop (and count) groups whose rewards are all equal; admission refills the batch."""
     overlong_window: int = 0

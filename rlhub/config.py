@@ -450,6 +450,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"algorithm.policy_loss={cfg.algorithm.policy_loss!r} is not registered; known: {sorted(POLICY_LOSSES)}")
     algo = cfg.algorithm
     from rlhub.algorithms import advantage_needs
+    from rlhub.algorithms.selection import TOKEN_SELECTIONS
 
     critic = advantage_needs(algo.advantage).critic
     algo_checks = [
@@ -463,6 +464,8 @@ def validate(cfg: RunConfig) -> None:
         (0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1, "algorithm.gamma and algorithm.lam must be in [0, 1]"),
         (algo.value_clip >= 0, "algorithm.value_clip must be >= 0 (0 turns value clipping off)"),
         (algo.critic_lr > 0, "algorithm.critic_lr must be > 0"),
+        (algo.token_selection in TOKEN_SELECTIONS, f"algorithm.token_selection={algo.token_selection!r}: use one of {list(TOKEN_SELECTIONS)}"),
+        (0 < algo.token_selection_p <= 1, f"algorithm.token_selection_p={algo.token_selection_p}: a fraction in (0, 1]"),
     ]
     for ok, message in algo_checks:
         if not ok:

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +29,7 @@ from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.advantages import normalize_over_batch
 from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked, masked_mean
+from rlhub.algorithms.selection import entropy_threshold, select
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, completion_span, probe_logprobs, shared_prefix, token_logprobs
 from rlhub.models.precision import autocast, head_in_fp32
@@ -187,6 +189,10 @@ class Learner:
         learned: dict[int, int] = {}  # group id -> its tokens that carried the loss, read off the tensors trained on
         with clock("measure"):
             others = [self._other_forward(parts[i][0] if i < len(parts) else None) for i in range(rounds)] if measure else []
+        selections: list[TokenSelection | None] = [None] * rounds
+        if algo.token_selection == "entropy_top_p":
+            with clock("selection"):
+                selections = self._token_selections(parts, rounds)
         self.optimizer.zero_grad(set_to_none=True)
         for i in range(rounds):
             if i >= len(parts):
@@ -196,7 +202,7 @@ class Learner:
             part, part_advantages = parts[i]
             mask_mb = part.completion_mask
             with clock("forward"):
-                parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms, balance)
+                parts_loss, logprobs, capture = self._micro_batch_loss(part, part_advantages, norms, balance, selections[i])
             _count_groups(learned, part)
             with clock("backward"):
                 parts_loss["loss"].backward()
@@ -328,10 +334,40 @@ class Learner:
             out[f"route_pairs{key}"] = float(where.sum()) * layers
         return out
 
+    @torch.no_grad()
+    def _token_selections(self, parts: list[tuple[GroupTensors, torch.Tensor]], rounds: int) -> list[TokenSelection | None]:
+        """Each micro-batch's tokens that carry the policy loss under algorithm.token_selection=entropy_top_p:
+        the step's highest-entropy fraction, over every micro-batch and rank. One micro-batch on one
+        rank selects from its training forward's own entropies; otherwise a forward without gradients
+        measures them first (with the routing the training forward uses)."""
+        fraction = self.algo.token_selection_p
+        if rounds <= 1 and not self.ranks.distributed:
+            return [TokenSelection(fraction) for _ in range(rounds)]
+        entropies = []
+        for i in range(rounds):
+            if i >= len(parts):
+                self._idle_forward()
+                continue
+            part = parts[i][0]
+            routing = nullcontext() if self.balancer is None else self.balancer.micro_batch(part.attention_mask, part.routes)
+            with routing:
+                _, entropy, _ = token_logprobs(self.model, part.input_ids, part.attention_mask, with_entropy=True,
+                                               policy=self.policy, keep=completion_span(part.completion_mask))
+            entropies.append(entropy.float())
+        real = [e[p.completion_mask.bool()] for e, (p, _) in zip(entropies, parts)]
+        local_real = torch.cat(real).cpu() if real else torch.zeros(0)
+        every = torch.cat(self.ranks.gather(local_real)) if self.ranks.distributed else local_real
+        threshold = entropy_threshold(every, fraction)
+        masks = [select(e, p.completion_mask, threshold) for e, (p, _) in zip(entropies, parts)]
+        (count,) = self.ranks.sum([sum(float(m.sum()) for m in masks)])
+        return [TokenSelection(fraction, masks[i] if i < len(masks) else None, count) for i in range(rounds)]
+
     def _micro_batch_loss(self, batch: GroupTensors, advantages: torch.Tensor, norms: BatchNorms,
-                          balance: BalanceStep | None) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+                          balance: BalanceStep | None, selection: TokenSelection | None = None,
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
         """This micro-batch's (`batch`, one part of the step's) share of the batch loss and its parts for logging, its log-probs, and
-        its routing capture (None for a dense policy); `balance`: the step's balance state (None for a dense policy)."""
+        its routing capture (None for a dense policy); `balance`: the step's balance state (None for a dense policy);
+        `selection`: the tokens that carry the policy loss (None: every generated token)."""
         algo = self.algo
         mask = batch.completion_mask
         behaviour = batch.old_logprobs
@@ -350,12 +386,23 @@ class Learner:
                                                       between=None if parts is None else parts.suffix)
             capture = None if parts is None else parts.merged()
         corr = correct(logprobs, behaviour, mask, algo.correction, algo.tis_cap, (algo.icepop_low, algo.icepop_high))
-        per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages, corr.mask), self.loss_cfg)
-        pg_loss = aggregate(per_token * corr.weights, corr.mask, algo.loss_agg, norms)
+        pg_mask, pg_norms, selected = corr.mask, norms, None
+        if selection is not None:
+            selected = selection.mask
+            if selected is None:  # the step is this one micro-batch: its own entropies decide
+                real = entropy.detach()[mask.bool()]
+                selected = select(entropy, mask, entropy_threshold(real, selection.fraction))
+                selection = replace(selection, num_tokens=float(selected.sum()))
+            pg_mask, pg_norms = corr.mask * selected, replace(norms, num_tokens=selection.num_tokens)
+        per_token, metrics = self.loss_fn(PolicyLossInput(logprobs, corr.old_logprobs, advantages, pg_mask), self.loss_cfg)
+        pg_loss = aggregate(per_token * corr.weights, pg_mask, algo.loss_agg, pg_norms)
         token_share = mask.sum() / max(norms.num_tokens, 1.0)
         ent = masked_mean(entropy, mask)
         loss = pg_loss - algo.entropy_coef * ent * token_share
         parts = {"pg_loss": pg_loss, "entropy": ent, **metrics, **corr.metrics}
+        if selected is not None:  # the share of this micro-batch's generated tokens that carried the policy loss
+            parts["selected_frac"] = selected.sum() / mask.sum().clamp(min=1.0)
+            parts["selected_entropy"] = masked_mean(entropy.detach(), selected)
         with torch.no_grad():
             log_r = logprobs - behaviour
             parts["kl_behaviour"] = masked_mean(torch.exp(log_r) - 1.0 - log_r, mask)  # k3 of KL(behaviour || policy)
@@ -501,6 +548,19 @@ class Learner:
             from safetensors.torch import load_model
 
             load_model(self.reference(), str(directory / "reference.safetensors"))
+
+
+@dataclass
+class TokenSelection:
+    """Which of a micro-batch's generated tokens carry the policy loss (algorithm.token_selection)."""
+
+    fraction: float
+    """algorithm.token_selection_p: the step's share of tokens kept, highest entropy first."""
+    mask: torch.Tensor | None = None
+    """[b, T-1] the selected tokens, from the step's threshold; None: the micro-batch is the whole step
+    and selects from its own forward's entropies."""
+    num_tokens: float = 0.0
+    """Tokens selected in the whole step (every rank): the policy loss's token normaliser."""
 
 
 class PhaseClock:

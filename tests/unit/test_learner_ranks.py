@@ -89,6 +89,10 @@ ALGOS = {agg: AlgorithmConfig(lr=1e-3, adam_eps=1e-3, loss_agg=agg, micro_batch_
 # between the policy's forward and backward of every micro-batch
 ALGOS["token_mean+kl"] = AlgorithmConfig(lr=1e-3, adam_eps=1e-3, loss_agg="token_mean", micro_batch_size=2, grad_clip=1.0,
                                          kl_coef=0.5, kl_penalty="loss", reference="learner", batch_normalize=True)
+# entropy_top_p: the threshold is the whole step's, over both ranks' entropies (gathered), and the
+# selected-token count that normalises the loss is summed over them
+ALGOS["token_mean+entropy_top_p"] = AlgorithmConfig(lr=1e-3, adam_eps=1e-3, loss_agg="token_mean", micro_batch_size=2, grad_clip=1.0,
+                                                    token_selection="entropy_top_p", token_selection_p=0.3)
 
 
 @pytest.fixture(scope="module")
