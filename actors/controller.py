@@ -189,13 +189,20 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Acto
 
 
 def run_loop(p: Any, version: int, total: int) -> int:
-    """Train from `version` to `total`; returns the final version. The next step waits queued on the
-    learner while the current one trains, except across a checkpoint."""
+    """Train from `version` to `total`, or until the generation budget (experiment.max_generated_tokens)
+    is spent; returns the final version. The next step waits queued on the learner while the current
+    one trains, except across a checkpoint; once the budget is spent no step is queued, and the queued
+    one still trains."""
     steps: deque = deque()
+    budget = p.cfg.experiment.max_generated_tokens
     while version < total:
-        while len(steps) < 2 and version + len(steps) < total and not (steps and p.checkpoint_due(version + len(steps))):
+        while (len(steps) < 2 and version + len(steps) < total and not (budget and p.generated_tokens >= budget)
+               and not (steps and p.checkpoint_due(version + len(steps)))):
             # 1. rollout -> store, 2. learn at that version, 3. sync: the new weights out, admission opened
             steps.append(p.publish(p.submit(p.fetch(version + len(steps)))))
+        if not steps:  # the generation budget is spent
+            log.info("experiment.max_generated_tokens=%d reached after %d generated tokens, at step %d", budget, p.generated_tokens, version)
+            break
         step = steps.popleft()
         metrics = p.wait(step)
         version = p.record(step, metrics)  # 4. ledger, metrics, samples
@@ -334,6 +341,7 @@ def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_
         "error": failure,
         "run_dir": str(run_dir),
         "steps": len(history),
+        "generated_tokens": p.generated_tokens,
         "reward_first_tenth": tenth(history, "rollout/reward_mean", False),
         "reward_last_tenth": tenth(history, "rollout/reward_mean", True),
         "success_first_tenth": tenth(history, "rollout/success_rate", False),

@@ -170,6 +170,11 @@ class Pipeline:
                             f"{metrics.get('train/loss')}, grad norm {metrics.get('train/grad_norm')}")
         return version
 
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens the rollout actors had generated at the last step's record (crashed actors' included)."""
+        return self._last_tokens
+
     def _log(self, version: int, step: Step, kept: list, metrics: dict[str, Any]) -> None:
         rollout_stats, store_stats = self.fleet.stats(), self.store.stats()
         for report in self.fleet.new_failure_reports(rollout_stats):
@@ -183,6 +188,7 @@ class Pipeline:
         metrics["failures/lost_groups"] = float(self.lost_groups)
         generated = sum(s["generated_tokens"] for s in rollout_stats + self.fleet.retired)
         metrics["perf/generated_tokens_per_s"] = (generated - self._last_tokens) / max(now - self._last_time, 1e-9)
+        metrics["perf/generated_tokens"] = float(generated)  # since the run began: what experiment.max_generated_tokens counts
         metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - self._last_time, 1e-9)
         self._last_tokens, self._last_time = generated, now
         if not self.history:

@@ -72,6 +72,40 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     return out
 
 
+@register_advantage("spo", segment_values=True)
+def spo_advantages(rewards: torch.Tensor, cut_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Segment Policy Optimization (Guo et al., 2025), chain form: A = V(segment's end) - V(its start).
+
+    rewards: `[G]` each sample's return. cut_values: `[G, T]` the Monte Carlo value V(s) of the state
+    before the token at each cut (the mean return of rollouts branched there), NaN elsewhere. A
+    sample's cuts split its generated tokens into segments; every token of a segment gets its
+    segment's advantage. The value before the first segment is the prompt's, estimated by the group's
+    other samples (their mean return: leave-one-out, so a sample's own return is not its baseline);
+    after the last segment it is the sample's own return. The segment advantages telescope to
+    r_i - mean_{j != i} r_j, RLOO's advantage up to a factor G / (G - 1), which is what a sample
+    without cuts gets. Zero on padding.
+
+    >>> nan = float("nan")
+    >>> spo_advantages(torch.tensor([1.0, 0.0]), torch.tensor([[nan, nan, 0.5, nan], [nan, nan, nan, nan]]),
+    ...                torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]))
+    tensor([[ 0.5000,  0.5000,  0.5000,  0.5000],
+            [-1.0000, -1.0000,  0.0000,  0.0000]])
+    """
+    g = rewards.numel()
+    real = mask.bool()
+    baseline = (rewards.sum() - rewards) / max(g - 1, 1)  # [G] the prompt's value, without the sample itself
+    cut = torch.isfinite(cut_values) & real  # [G, T]
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    for i in range(g):
+        before = float(baseline[i])
+        start = 0
+        for t in [int(t) for t in cut[i].nonzero().flatten()] + [mask.shape[1]]:
+            after = float(rewards[i]) if t == mask.shape[1] else float(cut_values[i, t])
+            out[i, start:t] = after - before  # the segment [start, t): the tokens before the cut
+            before, start = after, t
+    return torch.where(real, out, 0.0)
+
+
 def normalize_over_batch(advantages: torch.Tensor, mask: torch.Tensor, mean: float | None = None, std: float | None = None,
                          eps: float = 1e-6) -> torch.Tensor:
     """(A - mean) / std over every real token of the batch (REINFORCE++'s global normalisation); zero on padding.
@@ -126,17 +160,22 @@ def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | 
 
 
 def group_advantages(
-    name: str, rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95
+    name: str, rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95,
+    cut_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(advantages `[G, T]`, returns `[G, T]` or None) for one complete group.
 
     rewards: `[G, T]` token rewards (see `token_rewards`). Outcome estimators see
     each sequence's summed reward and put the sample's advantage on its tokens;
     token-level ones see the token rewards; one with a critic needs the critic's
-    `values` and also returns the critic's targets.
+    `values` and also returns the critic's targets; a segment estimator reads the `cut_values` the
+    rollout worker's branches estimated (`[G, T]`, NaN off the cuts; None: no sample had a cut).
     """
     fn, needs = get_advantage(name), advantage_needs(name)
     real = mask.bool()
+    if needs.segment_values:
+        none = torch.full_like(rewards, float("nan"))
+        return fn(torch.where(real, rewards, 0.0).sum(-1), none if cut_values is None else cut_values, mask), None
     if needs.critic:
         if values is None:
             raise ValueError(f"advantage {name!r} needs the critic's values")

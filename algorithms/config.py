@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpoConfig:
+    """Segment Policy Optimization (algorithm.advantage=spo): where completions are cut into segments,
+    and how each cut's value is estimated (`rlhub.rollout.branches`)."""
+
+    segments: str = "cutpoints"
+    """Where the cuts go: cutpoints (SPO-chain: before every `interval`-th generated token whose
+    behaviour probability is below `rho`), tokens (every `tokens` generated tokens), or turns (at the
+    start of each assistant turn after the first)."""
+    rho: float = 0.9
+    """A generated token sampled with probability below this is a cutpoint (the behaviour policy's,
+    under the rollout's temperature and top-p); `algorithm.token_selection=cutpoints` trains on those alone."""
+    interval: int = 5
+    """segments=cutpoints: a cut before the 1st, (interval+1)-th, (2 interval+1)-th ... cutpoint."""
+    tokens: int = 32
+    """segments=tokens: a cut every this many generated tokens."""
+    branches: int = 4
+    """Monte Carlo rollouts from each cut: the cut's value is the mean of their returns."""
+    max_cuts: int = 8
+    """Most cuts per sample; more are thinned evenly (every k-th kept). 0: no limit."""
 
 
 @dataclass
@@ -43,9 +65,12 @@ class AlgorithmConfig:
     """Who computes the reference log-probs: learner (a frozen copy in the learner, at train time) or
     actor (a reference actor, on the data side when a group is complete; the log-probs travel with the group)."""
     entropy_coef: float = 0.0
+    spo: SpoConfig = field(default_factory=SpoConfig)
+    """Segment Policy Optimization's knobs, read when advantage=spo."""
     token_selection: str = "all"
-    """Which generated tokens carry the policy loss: all, or entropy_top_p (the step's highest-entropy
-    token_selection_p fraction only; `rlhub.algorithms.selection`)."""
+    """Which generated tokens carry the policy loss: all; entropy_top_p (the step's highest-entropy
+    token_selection_p fraction only); cutpoints (tokens the behaviour policy sampled with probability
+    below spo.rho: SPO's probability mask). `rlhub.algorithms.selection`."""
     token_selection_p: float = 0.2
     """entropy_top_p's fraction of the step's generated tokens."""
     dynamic_sampling: bool = False

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhub.algorithms.advantages import group_advantages, token_rewards
-from rlhub.algorithms.config import AlgorithmConfig
+from rlhub.algorithms.config import AlgorithmConfig, SpoConfig
 from rlhub.algorithms.corrections import kl_estimate
-from rlhub.algorithms.registry import GROUP_FILTERS, register_group_filter
+from rlhub.algorithms.registry import GROUP_FILTERS, advantage_needs, register_group_filter
 from rlhub.lazy import torch  # imported on first use
 
 
@@ -33,12 +33,16 @@ class DataSide:
     kl_estimator: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95
+    spo: SpoConfig | None = None
+    """Where to cut and how many branches, when the estimator reads segment values (SPO); None otherwise."""
 
     @staticmethod
     def of(algo: AlgorithmConfig) -> "DataSide":
         in_reward = algo.kl_penalty == "reward"
+        segments = advantage_needs(algo.advantage).segment_values
         return DataSide(algo.advantage, ["dynamic_sampling"] if algo.dynamic_sampling else [], algo.overlong_window,
-                        algo.overlong_penalty, algo.kl_coef if in_reward else 0.0, algo.kl_estimator, algo.gamma, algo.lam)
+                        algo.overlong_penalty, algo.kl_coef if in_reward else 0.0, algo.kl_estimator, algo.gamma, algo.lam,
+                        algo.spo if segments else None)
 
 
 def overlong_penalty(length: int, budget: int, window: int, penalty: float = 1.0) -> float:
@@ -74,13 +78,15 @@ def drop_reason(ds: DataSide, rewards: torch.Tensor) -> str | None:
 
 def advantages(ds: DataSide, rewards: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
                ref_logprobs: torch.Tensor | None, values: torch.Tensor | None,
-               turn_rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               turn_rewards: torch.Tensor | None = None, cut_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(advantages [G, T], returns [G, T] or None) of a complete group: token rewards from the samples'
     rewards [G], or their turn rewards (`GroupTensors.turn_rewards`), minus kl_coef * KL to the reference
-    on every token if the KL is in the reward; then the estimator (an outcome one sums each row)."""
+    on every token if the KL is in the reward; then the estimator (an outcome one sums each row; a
+    segment one also reads the branches' `cut_values`, `GroupTensors.cut_values`)."""
     kl = None
     if ds.kl_coef:
         if ref_logprobs is None:
             raise ValueError("algorithm.kl_penalty=reward needs the reference actor's log-probs (algorithm.reference=actor)")
         kl = torch.where(mask.bool(), kl_estimate(old_logprobs, ref_logprobs, ds.kl_estimator), 0.0)
-    return group_advantages(ds.advantage, token_rewards(rewards, mask, kl, ds.kl_coef, turn_rewards), mask, values, ds.gamma, ds.lam)
+    return group_advantages(ds.advantage, token_rewards(rewards, mask, kl, ds.kl_coef, turn_rewards), mask, values, ds.gamma, ds.lam,
+                            cut_values)

@@ -26,6 +26,9 @@ class AdvantageNeeds:
     """The critic's values V(s_t) before every generated token: a critic actor scores each group and trains beside the learner."""
     token_rewards: bool = False
     """Per-token rewards `[G, T]` and the completion mask (reward-to-go, GAE), instead of each sample's summed reward `[G]`."""
+    segment_values: bool = False
+    """The values of each sample's segment cuts, estimated by rollouts branched there (SPO): the rollout
+    worker branches before the group's advantages are computed (`rlhub.rollout.branches`)."""
 
 
 ADVANTAGE_NEEDS: dict[str, AdvantageNeeds] = {}
@@ -41,17 +44,18 @@ def _register(table: dict[str, Callable], name: str) -> Callable[[F], F]:
     return deco
 
 
-def register_advantage(name: str, critic: bool = False, token_rewards: bool = False) -> Callable[[F], F]:
+def register_advantage(name: str, critic: bool = False, token_rewards: bool = False, segment_values: bool = False) -> Callable[[F], F]:
     """Register an estimator. Outcome estimators (the default) map `[G]` rewards to `[G]` advantages;
     `token_rewards=True` ones map (rewards `[G, T]`, mask `[G, T]`, gamma) to `[G, T]`; `critic=True`
-    ones also take the values and lambda and return (advantages, returns)."""
+    ones also take the values and lambda and return (advantages, returns); `segment_values=True` ones
+    map (rewards `[G]`, cut values `[G, T]`, mask `[G, T]`) to `[G, T]`."""
     if critic and not token_rewards:
         raise ValueError(f"advantage {name!r}: an estimator with a critic reads per-token rewards (token_rewards=True)")
     register = _register(ADVANTAGES, name)
 
     def deco(fn: F) -> F:
         register(fn)  # refuses a second registration before the needs are recorded
-        ADVANTAGE_NEEDS[name] = AdvantageNeeds(critic=critic, token_rewards=token_rewards)
+        ADVANTAGE_NEEDS[name] = AdvantageNeeds(critic=critic, token_rewards=token_rewards, segment_values=segment_values)
         return fn
 
     return deco

@@ -1,6 +1,11 @@
 """Which generated tokens carry the policy loss (`algorithm.token_selection`).
 
 - all: every generated token (the default).
+- cutpoints: only the tokens the behaviour policy sampled with probability below
+  `algorithm.spo.rho` (SPO's probability mask, Guo et al., 2025: a segment's
+  advantage is credited to the low-probability tokens where the path was
+  chosen, not to the near-certain ones between them). The probability is the
+  behaviour log-prob that travels with the token: the sampling distribution's.
 - entropy_top_p: only the `token_selection_p` fraction of the step's generated
   tokens whose policy entropy is highest (DART; "Beyond the 80/20 rule", Wang
   et al., 2025: the high-entropy "forking" tokens carry the reasoning
@@ -20,7 +25,7 @@ import math
 
 from rlhub.lazy import torch  # imported on first use
 
-TOKEN_SELECTIONS = ("all", "entropy_top_p")
+TOKEN_SELECTIONS = ("all", "entropy_top_p", "cutpoints")
 
 
 def entropy_threshold(entropies: torch.Tensor, fraction: float) -> float:
@@ -42,3 +47,13 @@ def select(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch
     padding is never selected, whatever its entropy holds."""
     real = mask.bool()
     return (real & torch.where(real, entropy.detach(), -math.inf).ge(threshold)).float()
+
+
+def cutpoints(behaviour_logprobs: torch.Tensor, mask: torch.Tensor, rho: float) -> torch.Tensor:
+    """The float mask `[B, T]` of real tokens whose behaviour probability is below `rho`.
+
+    >>> cutpoints(torch.log(torch.tensor([[0.95, 0.5, 0.89, 0.1]])), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.9).tolist()
+    [[0.0, 1.0, 1.0, 0.0]]
+    """
+    real = mask.bool()
+    return (real & torch.where(real, behaviour_logprobs, 0.0).lt(math.log(rho))).float()

@@ -31,6 +31,8 @@ commands:
                  accuracy, peak memory per process; three runs, medians with ranges
     presets      a short run of every algorithm preset, and GRPO at max_staleness=4
                  without and with TIS: reward before/after, correction metrics
+    budget       training runs compared at one generation budget (tokens=N, side:key=value ...):
+                 held-out accuracy, steps, wall time; three seeds, medians with ranges
   bench report   write the README's performance section from the results file
   config         print the resolved configuration
   envs list      every environment, built-in or installed: package, version, description

@@ -101,6 +101,10 @@ class ExperimentConfig:
     name: str = "default"
     total_steps: int = 200
     """Learner steps (one optimizer step each; the policy version after the run)."""
+    max_generated_tokens: int = 0
+    """Stop once the rollout actors have generated this many tokens (SPO's branches included), counted
+    at each step's record; the steps already queued still train. 0: no limit (total_steps alone).
+    Comparisons at an equal generation budget (`rlhub bench budget`) set it."""
 
 
 @dataclass
@@ -377,6 +381,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
         (cfg.group_size >= 2, "group_size must be >= 2 (a group baseline needs two samples)"),
         (cfg.experiment.total_steps >= 1, "experiment.total_steps must be >= 1"),
+        (cfg.experiment.max_generated_tokens >= 0, "experiment.max_generated_tokens must be >= 0 (0: no limit)"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
         (cfg.rollout.log_samples >= 0, "rollout.log_samples must be >= 0"),
         (cfg.rollout.engine in ("hf", "vllm"), f"rollout.engine must be hf, vllm or auto, not {cfg.rollout.engine!r}"),
@@ -466,7 +471,20 @@ def validate(cfg: RunConfig) -> None:
         (algo.critic_lr > 0, "algorithm.critic_lr must be > 0"),
         (algo.token_selection in TOKEN_SELECTIONS, f"algorithm.token_selection={algo.token_selection!r}: use one of {list(TOKEN_SELECTIONS)}"),
         (0 < algo.token_selection_p <= 1, f"algorithm.token_selection_p={algo.token_selection_p}: a fraction in (0, 1]"),
+        (0 < algo.spo.rho <= 1, f"algorithm.spo.rho={algo.spo.rho}: a probability in (0, 1]"),
     ]
+    if advantage_needs(algo.advantage).segment_values:
+        spo = algo.spo
+        algo_checks += [
+            (spo.segments in ("cutpoints", "tokens", "turns"), f"algorithm.spo.segments={spo.segments!r}: use cutpoints, tokens or turns"),
+            (spo.interval >= 1 and spo.tokens >= 1, "algorithm.spo.interval and algorithm.spo.tokens must be >= 1"),
+            (spo.branches >= 1, "algorithm.spo.branches must be >= 1 (the rollouts that estimate each cut's value)"),
+            (spo.max_cuts >= 0, "algorithm.spo.max_cuts must be >= 0 (0: no limit)"),
+            (cfg.reward.judge.model is None, f"algorithm.advantage={algo.advantage} with a model judge: the branched rollouts that "
+             "value the cuts are not judged, so their returns would not be the samples' rewards"),
+            (algo.kl_coef == 0 or algo.kl_penalty == "loss", f"algorithm.advantage={algo.advantage} with algorithm.kl_penalty=reward: "
+             "the branches' returns carry no KL penalty; put the KL in the loss (algorithm.kl_penalty=loss)"),
+        ]
     for ok, message in algo_checks:
         if not ok:
             raise ConfigError(message)

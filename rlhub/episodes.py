@@ -154,6 +154,16 @@ class Episode:
     """(index in `ids` of a turn's last generated token, the reward its step returned), turn by turn."""
     turn_end: int = -1
     """Index in `ids` of the last turn's last generated token."""
+    partial: int = 0
+    """Tokens at the end of `ids` that open the next turn without finishing it (a branch that continues
+    a turn from inside it, `rlhub.rollout.branches`): the next completion finishes that turn."""
+    last_turn: list[int] = field(default_factory=list)
+    """The last assistant turn's tokens, a branch's inherited opening included: what the environment reads."""
+    cut_values: list[tuple[int, float]] | None = None
+    """SPO: (index in `ids` of the token a cut comes before, the cut's Monte Carlo value), once its branches ended."""
+    snapshots: list["Snapshot"] | None = None
+    """Where the episode can be branched from (kept only when the advantage estimator branches): the
+    state before each turn, with what the episode held then. None: not kept."""
 
     @property
     def total_reward(self) -> float:
@@ -166,7 +176,9 @@ class Episode:
 
     def add_turn(self, completion: Any) -> None:
         n = len(completion.token_ids)
+        start = len(self.ids) - self.partial
         self.ids += completion.token_ids
+        self.last_turn, self.partial = self.ids[start:], 0
         self.loss_mask += [1] * n
         self.logprobs += completion.logprobs
         self.versions += completion.versions
@@ -181,6 +193,19 @@ class Episode:
         self.loss_mask += [0] * len(ids)
         self.logprobs += [0.0] * len(ids)
         self.versions += [-1] * len(ids)
+
+
+@dataclass
+class Snapshot:
+    """An episode before one of its turns: a branch from inside that turn starts from here."""
+
+    at: int
+    """len(ids) when the turn began."""
+    state: Any
+    """A copy of the environment's state, taken before the turn's step changed it."""
+    history: list[dict[str, Any]] | None
+    turn_rewards: list[tuple[int, float]]
+    turns: int
 
 
 def merged_routes(earlier: Any, turn: Any) -> Any:

@@ -29,7 +29,7 @@ from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.advantages import normalize_over_batch
 from rlhub.algorithms.corrections import correct, kl_estimate
 from rlhub.algorithms.losses import BatchNorms, LossConfig, PolicyLossInput, aggregate, masked, masked_mean
-from rlhub.algorithms.selection import entropy_threshold, select
+from rlhub.algorithms.selection import cutpoints, entropy_threshold, select
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, completion_span, probe_logprobs, shared_prefix, token_logprobs
 from rlhub.models.precision import autocast, head_in_fp32
@@ -190,7 +190,7 @@ class Learner:
         with clock("measure"):
             others = [self._other_forward(parts[i][0] if i < len(parts) else None) for i in range(rounds)] if measure else []
         selections: list[TokenSelection | None] = [None] * rounds
-        if algo.token_selection == "entropy_top_p":
+        if algo.token_selection != "all":
             with clock("selection"):
                 selections = self._token_selections(parts, rounds)
         self.optimizer.zero_grad(set_to_none=True)
@@ -336,11 +336,16 @@ class Learner:
 
     @torch.no_grad()
     def _token_selections(self, parts: list[tuple[GroupTensors, torch.Tensor]], rounds: int) -> list[TokenSelection | None]:
-        """Each micro-batch's tokens that carry the policy loss under algorithm.token_selection=entropy_top_p:
-        the step's highest-entropy fraction, over every micro-batch and rank. One micro-batch on one
+        """Each micro-batch's tokens that carry the policy loss (algorithm.token_selection). cutpoints: those
+        sampled with probability below spo.rho. entropy_top_p: the step's highest-entropy fraction, over
+        every micro-batch and rank. One micro-batch on one
         rank selects from its training forward's own entropies; otherwise a forward without gradients
         measures them first (with the routing the training forward uses)."""
         fraction = self.algo.token_selection_p
+        if self.algo.token_selection == "cutpoints":  # SPO's probability mask: read off the behaviour log-probs
+            masks = [cutpoints(p.old_logprobs, p.completion_mask, self.algo.spo.rho) for p, _ in parts]
+            (count,) = self.ranks.sum([sum(float(m.sum()) for m in masks)])
+            return [TokenSelection(fraction, masks[i] if i < len(masks) else None, count) for i in range(rounds)]
         if rounds <= 1 and not self.ranks.distributed:
             return [TokenSelection(fraction) for _ in range(rounds)]
         entropies = []

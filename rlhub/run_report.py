@@ -28,6 +28,7 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         **{f"rollout/truncated/{why}": float(sum(s.get("truncated", {}).get(why, 0) for s in [*rollout_stats, *retired]))
            for why in ("max_turns", "max_tokens")},
         **{f"rollout/outcome/{k}": float(v) for k, v in outcome_counts([*rollout_stats, *retired]).items()},
+        **spo_metrics([*rollout_stats, *retired]),
         "time/step_s": step_s,
         "time/wait_s": waited,
         "time/generate_s": sum(m.generate_seconds for m in metas),
@@ -42,6 +43,16 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         "store/dropped": store_stats["dropped_total"],
         **{f"failures/{k}": float(v) for k, v in failure_counters([*rollout_stats, *retired], store_stats, restarts).items()},
     }
+
+
+def spo_metrics(rollout_stats: list[dict]) -> dict[str, float]:
+    """SPO's branching since the run began (none without it): cuts, branch episodes (dropped ones
+    among them), the tokens they generated, and cuts left out for want of a state copy."""
+    keys = ("spo_cuts", "spo_branches", "spo_branches_dropped", "spo_branch_tokens", "spo_unbranchable")
+    totals = {k: sum(s.get(k, 0) for s in rollout_stats) for k in keys}
+    if not totals["spo_cuts"] and not totals["spo_unbranchable"]:
+        return {}
+    return {f"spo/{k.removeprefix('spo_')}": float(v) for k, v in totals.items()}
 
 
 def outcome_counts(rollout_stats: list[dict]) -> dict[str, int]:

@@ -33,6 +33,9 @@ class Sample:
     turn_rewards: list[tuple[int, float]] | None = None
     """A multi-turn episode's rewards by turn: (index in completion_ids of the turn's last generated
     token, the reward its step returned). `reward` is their sum plus any shaping; None: one reward."""
+    cut_values: list[tuple[int, float]] | None = None
+    """SPO's segment cuts: (index in completion_ids of the token a cut comes before, the Monte Carlo
+    value of the state there, from rollouts branched at it). None: no cut."""
 
     @property
     def generated(self) -> int:
@@ -64,7 +67,11 @@ class GroupTensors:
     rest of the sample's reward (shaping, a judge) on its last; the advantage estimators read it on
     the rollout side, which drops it before the group is stored (`rlhub.rollout.groups`)."""
 
-    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids", "turn_rewards")
+    cut_values: torch.Tensor | None = None
+    """[G, T-1] SPO's cut values (`Sample.cut_values`) at the targets the cuts come before, NaN elsewhere;
+    read by the advantage estimator on the rollout side, dropped before the group is stored."""
+
+    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids", "turn_rewards", "cut_values")
 
     def __getstate__(self) -> dict:
         # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
@@ -106,7 +113,7 @@ class GroupTensors:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         adv = advantages.float().unsqueeze(-1) * cmask if advantages.dim() == 1 else advantages.float() * cmask
         return GroupTensors(ids, attn, cmask, old, ver, adv, rewards, routes=_routes_of(samples, width),
-                            turn_rewards=_turn_rewards(samples, cmask))
+                            turn_rewards=_turn_rewards(samples, cmask), cut_values=_cut_values(samples, cmask))
 
 
 def micro_batches(lengths: torch.Tensor, max_seqs: int, max_tokens: int) -> list[tuple[torch.Tensor, int]]:
@@ -142,6 +149,18 @@ def _turn_rewards(samples: list[Sample], cmask: torch.Tensor) -> torch.Tensor | 
         for pos, reward in s.turn_rewards or ():
             placed[i, p - 1 + pos] += reward
         placed[i, int(generated[-1])] += s.reward - sum(r for _, r in s.turn_rewards or ())  # shaping, or the one reward
+    return placed
+
+
+def _cut_values(samples: list[Sample], cmask: torch.Tensor) -> torch.Tensor | None:
+    """[G, T-1] the samples' cut values at their cuts' targets, NaN elsewhere (GroupTensors.cut_values);
+    None when no sample has a cut."""
+    if not any(s.cut_values for s in samples):
+        return None
+    placed = torch.full_like(cmask, float("nan"))
+    for i, s in enumerate(samples):
+        for pos, value in s.cut_values or ():
+            placed[i, len(s.prompt_ids) - 1 + pos] = value
     return placed
 
 

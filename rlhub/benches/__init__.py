@@ -29,6 +29,7 @@ BENCHES = {
     "sandbox": "rlhub.benches.sandbox",
     "learner": "rlhub.benches.learner",
     "train": "rlhub.benches.train",
+    "budget": "rlhub.benches.budget",
 }
 """Each benchmark's module; `presets` is `bench_presets` in the e2e module."""
 
@@ -87,10 +88,14 @@ def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     (`learner_smollm2`), so the tiny model's figures stay beside it, and its run of the `lora_bf16` and
     `shared_prefix` cases alone (`--cases lora_bf16,shared_prefix`, or one of them) is `learner_smollm2_lora`;
     `peer` on the SmolLM2 config alone (`configs=smollm2_moe`) is `peer_smollm2`, so the tiny configs'
-    comparison and its targets stay beside it; `sync` under `model.lora.rank` is `sync_lora`."""
+    comparison and its targets stay beside it; `sync` under `model.lora.rank` is `sync_lora`; `budget` is
+    one entry per set of sides (`budget:grpo,spo`), so each comparison keeps its newest record."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
         result = r.get("result") or {}
+        if r["bench"] == "budget":
+            out["budget:" + ",".join(result.get("sides") or {})] = r
+            continue
         smollm2 = r["bench"] == "learner" and result.get("model") == "smollm2_moe"
         lora_only = smollm2 and bool(result.get("cases")) and set(result["cases"]) <= {"lora_bf16", "shared_prefix"}
         peer_smollm2 = r["bench"] == "peer" and set(result.get("configs") or {}) == {"smollm2_moe"}

@@ -164,7 +164,7 @@ def bench_e2e(args: list[str], run_index: int = 0) -> dict[str, Any]:
 
 # ---- `rlhub bench presets` ---------------------------------------------------------
 
-PRESETS = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "ppo")
+PRESETS = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "ppo", "spo")
 PRESET_DEFAULTS = ["wandb.mode=disabled", "progress=false", "checkpoint.keep_final=false", "experiment.total_steps=150"]
 STALENESS_RUNS = {"grpo S=4 none": ["algorithm=grpo", "max_staleness=4", "algorithm.correction=none"],
                   "grpo S=4 tis": ["algorithm=grpo", "max_staleness=4", "algorithm.correction=tis"]}

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 POLL_S = 5.0
 DEFAULT_SETTLE_S = 240.0
-DEFAULT_RUNS = {"peer": 3, "e2e": 3, "engine": 3, "train": 3}
+DEFAULT_RUNS = {"peer": 3, "e2e": 3, "engine": 3, "train": 3, "budget": 3}
 
 
 def default_max_load() -> float:

@@ -467,6 +467,26 @@ def render_train(r: dict[str, Any]) -> list[str]:
     return table(["", "value"], rows)
 
 
+def render_budget(r: dict[str, Any]) -> list[str]:
+    sides = list(r.get("sides") or {})
+    common = " ".join((r.get("overrides") or {}).get("common") or [])
+    lines = [f"Every side stops at {num(r.get('tokens'), 0)} generated tokens" + (f"; common overrides `{common}`" if common else "") + ".", ""]
+    rows = []
+    for name in sides:
+        own = " ".join((r.get("overrides") or {}).get(name) or [])
+        rows.append([f"{name} (`{own}`)", fig(r, f"sides/{name}/held_out/pass@1", 3), fig(r, f"sides/{name}/held_out/reward_mean", 3),
+                     fig(r, f"sides/{name}/steps", 0), fig(r, f"sides/{name}/generated_tokens", 0),
+                     fig(r, f"sides/{name}/wall_s", 0), fig(r, f"sides/{name}/success_last_tenth", 3)])
+    lines += table(["side", "held-out pass@1", "held-out mean reward (sampled)", "steps", "generated tokens", "wall s",
+                    "training success, last tenth"], rows)
+    versus = r.get("vs_first") or {}
+    if versus:
+        lines += ["", *table(["", "pass@1 difference", "wall time ratio", "steps ratio"],
+                             [[k, fig(r, f"vs_first/{k}/pass@1_minus", 3), fig(r, f"vs_first/{k}/wall_s"), fig(r, f"vs_first/{k}/steps")]
+                              for k in versus])]
+    return lines
+
+
 BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "peer": ("rlhub against TRL's GRPOTrainer", render_peer),
     "peer_smollm2": ("the SmolLM2 MoE, LoRA and bf16, against TRL with peft (`rlhub bench peer configs=smollm2_moe`)", render_peer),
@@ -497,7 +517,8 @@ COMMANDS = {"learner_smollm2": "learner --model smollm2_moe", "peer_smollm2": "p
 
 
 def render_bench(name: str, record: dict[str, Any] | None, plot: str | None = None) -> list[str]:
-    title, render = BENCHES[name]
+    title, render = BENCHES[name] if not name.startswith("budget:") else (
+        f"{' against '.join(name.removeprefix('budget:').split(','))} at one generation budget", render_budget)
     lines = [f"### {name}: {title}", ""]
     if record is None:
         return lines + [f"{MISSING} (`rlhub bench {COMMANDS.get(name, name)}`)."]
@@ -520,6 +541,8 @@ def render(records: dict[str, dict], plot: str | None = None) -> str:
              "### Targets", "", *table(["target", "measured", "verdict"], [v.row() for v in targets(records)])]
     for name in BENCHES:
         lines += [""] + render_bench(name, records.get(name), plot if name == "peer" else None)
+    for name in sorted(k for k in records if k.startswith("budget:")):  # `rlhub bench budget`, one part per comparison
+        lines += [""] + render_bench(name, records[name])
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
 - `weights`: verified weight loading (probe check, rebuild, in-flight loads);
 - `turns`: turns and episodes (generation, batched or continuous, and environment steps);
 - `groups`: group assembly (judge, samples, filters, scorers, advantages, the store);
+- `branches`: SPO's rollouts branched at each sample's segment cuts, whose returns value the cuts;
 - `records`: the counters, failure reports and the store seam a worker uses.
 """
 

@@ -89,8 +89,8 @@ class Groups:
         for _, tensors in finished:
             tensors.advantages, tensors.returns = advantages(self.data_side, tensors.rewards, tensors.completion_mask,
                                                              tensors.old_logprobs, tensors.ref_logprobs, tensors.values,
-                                                             tensors.turn_rewards)
-            tensors.turn_rewards = None  # read here; the learner trains on the advantages
+                                                             tensors.turn_rewards, tensors.cut_values)
+            tensors.turn_rewards = tensors.cut_values = None  # read here; the learner trains on the advantages
         self.store.put_many(finished)
 
     def assemble(self, group: OpenGroup, judge_scores: list[float] | None, fallback_version: int) -> tuple[GroupMeta, GroupTensors] | None:
@@ -104,9 +104,8 @@ class Groups:
             reason = sample_drops.most_common(1)[0][0] if sample_drops else "too_few_samples"
             self.store.drop(gid, reason, len(group.episodes), row_idx)
             return None
-        for s in samples:  # a multi-turn episode's length is measured against the episode's budget
-            budget = self.cfg.max_new_tokens if s.loss_mask is None else self.cfg.max_episode_tokens or self.cfg.max_turns * self.cfg.max_new_tokens
-            s.reward += overlong_penalty(s.generated, budget, self.data_side.overlong_window, self.data_side.overlong_penalty)
+        for s in samples:
+            s.reward += self.overlong(s.generated, s.loss_mask is not None)
         rewards = torch.tensor([s.reward for s in samples])
         reason = drop_reason(self.data_side, rewards)
         if reason is not None:  # a filter (DAPO's dynamic sampling): admission starts another prompt instead
@@ -118,6 +117,16 @@ class Groups:
         self.stats.groups += 1
         self.stats.samples += len(samples)
         return self._meta(group, samples, sample_drops, rewards, fallback_version), tensors
+
+    def overlong(self, generated: int, multi_turn: bool) -> float:
+        """The overlong shaping of a sample that generated `generated` tokens (0 unless configured); a
+        multi-turn episode's length is measured against the episode's budget."""
+        budget = self.cfg.max_episode_tokens or self.cfg.max_turns * self.cfg.max_new_tokens if multi_turn else self.cfg.max_new_tokens
+        return overlong_penalty(generated, budget, self.data_side.overlong_window, self.data_side.overlong_penalty)
+
+    def episode_return(self, e: Episode) -> float:
+        """An ended episode's return as its sample's reward would be without a judge: its turns' rewards and the overlong shaping."""
+        return e.total_reward + self.overlong(e.generated, 0 in e.loss_mask)
 
     def _samples(self, group: OpenGroup, judge_scores: list[float] | None) -> tuple[list[Sample], Counter[str]]:
         """The group's samples (its episodes that were not dropped) and the drops by reason."""
@@ -132,7 +141,7 @@ class Groups:
             reward = e.total_reward + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
             samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
                                   e.finish_reason, episode_routes(e), e.loss_mask if 0 in e.loss_mask else None,
-                                  list(e.turn_rewards) if len(e.turn_rewards) > 1 else None))
+                                  list(e.turn_rewards) if len(e.turn_rewards) > 1 else None, e.cut_values))
         return samples, drops
 
     def _meta(self, group: OpenGroup, samples: list[Sample], drops: Counter[str], rewards: torch.Tensor, fallback_version: int) -> GroupMeta:

@@ -58,6 +58,14 @@ class WorkerStats:
     """Episodes ended at a limit (max_turns, max_tokens), kept with the rewards of the turns they took."""
     failure_reports: list[dict[str, Any]] = field(default_factory=list)
     """The first occurrences of each (environment, exception type): row and traceback, for the run's log."""
+    spo_cuts: int = 0
+    """SPO: segment cuts branched from, and the branch episodes run from them (dropped ones among them)."""
+    spo_branches: int = 0
+    spo_branches_dropped: int = 0
+    spo_branch_tokens: int = 0
+    """Tokens the branches generated (also in `generated_tokens`)."""
+    spo_unbranchable: int = 0
+    """Cuts left out: the episode kept no copy of its state for that turn."""
     peak_rss_mb: float = 0.0
     """The rollout process's peak resident memory so far (`peak_rss_mb`), set when stats are read."""
 

@@ -72,10 +72,13 @@ class Turns:
     """Episodes of one environment on one engine, a turn at a time."""
 
     def __init__(self, cfg: RolloutConfig, engine: RolloutEngine, weights: VerifiedWeights, env: Any, env_name: str,
-                 tokenizer: Any, envs: EnvRunner, stats: WorkerStats, failures: FailureLog, continuous: bool) -> None:
+                 tokenizer: Any, envs: EnvRunner, stats: WorkerStats, failures: FailureLog, continuous: bool,
+                 snapshots: bool = False) -> None:
+        """`snapshots`: every episode keeps a copy of its state before each turn, to be branched from (SPO)."""
         self.cfg, self.engine, self.weights, self.env, self.env_name = cfg, engine, weights, env, env_name
         self.tokenizer, self.chat, self.envs = tokenizer, ChatFormat(tokenizer), envs
         self.stats, self.failures, self.continuous = stats, failures, continuous
+        self.snapshots = snapshots
         self.inflight = cfg.weight_update == "inflight"
         self.last_generate_s = 0.0
 
@@ -103,13 +106,28 @@ class Turns:
                 continue
             episodes = [Episode(gid, -1, _own_copy(state) if k else state, ids, None if history is None else list(history), row=row)
                         for k in range(n)]
+            if self.snapshots:  # before any step: the first episode holds the very state reset returned
+                for e in episodes:
+                    e.snapshots = []
+                    self._snapshot(e)
             out.append(OpenGroup(gid, -1, episodes, time.perf_counter()))
         return out
 
+    def _snapshot(self, e: Episode) -> None:
+        """Keep where `e` stands before its next turn; a state that cannot be copied keeps none (a branch
+        would share it with the episode), so no branch starts after that point."""
+        from rlhub.episodes import Snapshot
+
+        state = _own_copy(e.state)
+        if state is e.state and e.snapshots:  # turn 0's state is the reset's own (never stepped yet): later ones must be copies
+            return
+        e.snapshots.append(Snapshot(len(e.ids), state, None if e.history is None else copy.deepcopy(e.history),
+                                    list(e.turn_rewards), e.turns))
+
     def budget(self, e: Episode, extra: int = 0) -> int:
         """Tokens the episode's next turn may generate (after `extra` more context tokens): the per-turn
-        limit, the episode's and the context's."""
-        left = min(self.cfg.max_new_tokens, self.cfg.max_model_len - len(e.context) - extra)
+        limit (less the turn's opening a branch inherited), the episode's and the context's."""
+        left = min(self.cfg.max_new_tokens - e.partial, self.cfg.max_model_len - len(e.context) - extra)
         if self.cfg.max_episode_tokens:
             left = min(left, self.cfg.max_episode_tokens - e.generated)
         return left
@@ -165,10 +183,10 @@ class Turns:
         for e, c in zip(episodes, completions):
             e.add_turn(c)
             e.in_env = True
-            text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(e.last_turn, skip_special_tokens=True)
             if e.history is not None:
                 e.history.append({"role": "assistant", "content": text})
-            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, c.token_ids, self.chat.tool_format)))
+            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, e.last_turn, self.chat.tool_format)))
         return TurnBatch(episodes, calls)
 
     # ---- the environment's answers -------------------------------------------------
@@ -215,6 +233,8 @@ class Turns:
         e.add_observation(ids)
         if e.history is not None:
             e.history += new
+        if e.snapshots is not None:
+            self._snapshot(e)
 
     def _count_outcome(self, result: Any) -> None:
         """The environment's own outcome label (`info["outcome"]`, e.g. the sandbox's), counted per step."""

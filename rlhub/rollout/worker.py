@@ -18,6 +18,7 @@ from rlhub.algorithms.data_side import DataSide
 from rlhub.datastore import prompt_index
 from rlhub.engines.base import RolloutEngine, SamplingConfig
 from rlhub.episodes import EnvRunner, Episode
+from rlhub.rollout.branches import Branches
 from rlhub.rollout.groups import Groups
 from rlhub.rollout.records import DataStoreClient, FailureLog, WorkerStats
 from rlhub.rollout.turns import OpenGroup, TurnBatch, Turns
@@ -68,8 +69,9 @@ class RolloutWorker:
         self.envs = EnvRunner(env_timeout_s, env_workers)
         self.weights = VerifiedWeights(actor_id, engine, weight_sync, probe_ids, cfg.probe_tolerance, self.stats)
         self.turns = Turns(cfg, engine, self.weights, env, env_name or type(env).__name__, tokenizer, self.envs, self.stats,
-                           self.failures, self.continuous)
+                           self.failures, self.continuous, snapshots=data_side.spo is not None)
         self.groups = Groups(actor_id, cfg, store, data_side, scorers, tokenizer, self.stats, self.failures, judge, judge_cfg)
+        self.branches = None if data_side.spo is None else Branches(data_side.spo, self.stats, self.groups.episode_return)
         self.open: dict[int, OpenGroup] = {}  # by group id, in admission order
         self.in_env: deque[TurnBatch] = deque()
         self.eval_requests: list[tuple[int, int, int]] = []  # (step, rows, k), from the actor's other thread
@@ -174,8 +176,23 @@ class RolloutWorker:
         """The environment's answers to one batch of turns; the groups whose episodes all ended go on to be finished."""
         self.turns.answer(batch)
         complete = [self.open.pop(gid) for gid in [g for g, group in self.open.items() if group.complete]]
+        if self.branches is not None:  # SPO: a group waits for the rollouts branched from its samples' cuts
+            complete = self._branch(complete)
         if complete:
             self.groups.complete(complete, self.engine.version)
+
+    def _branch(self, complete: list[OpenGroup]) -> list[OpenGroup]:
+        """Of these complete groups, the ones ready for their advantages: sample groups whose branches
+        all ended, and those without a cut. The others' branch groups join the open groups."""
+        ready = []
+        for group in complete:
+            if self.branches.is_branch(group):
+                ready.append(self.branches.finish(group))
+            elif (branched := self.branches.start(group)) is not None:
+                self.open[branched.group_id] = branched
+            else:
+                ready.append(group)
+        return ready
 
     # ---- evaluation -------------------------------------------------------------
     def _evaluate(self, step: int, rows: int, k: int) -> None:

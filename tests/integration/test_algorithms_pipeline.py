@@ -85,3 +85,20 @@ def test_lora_bf16_ppo_publishes_adapters_and_resumes_from_them(ray_local, run_p
     (tmp_path / "metrics.jsonl").unlink()
     _, more = run_pipeline(tmp_path, *args, "experiment.total_steps=6", "resume=true", "checkpoint.keep_final=false")
     assert [m["step"] for m in more] == [5, 6] and finite(more)
+
+
+def test_spo_branches_through_the_pipeline_and_stops_at_the_generation_budget(ray_local, run_pipeline, tmp_path):
+    budget = 2500
+    summary, metrics = run_pipeline(tmp_path, FAST, "algorithm=spo", "algorithm.spo.interval=1", "experiment.total_steps=200",
+                                    f"experiment.max_generated_tokens={budget}", "checkpoint.keep_final=false")
+    assert finite(metrics)
+    last = metrics[-1]
+    # branches are counted when they end, cuts when they are branched from (some still running at the last record)
+    assert 0 < last["spo/branches"] <= 4 * last["spo/cuts"] and last["spo/branches"] % 4 == 0 and last["spo/branch_tokens"] > 0
+    assert 0 < last["train/selected_frac"] <= 1.0  # the probability mask: cutpoint tokens only
+    # the budget ends the run: the first step past it, and the one queued behind it, are the last
+    generated = [m["perf/generated_tokens"] for m in metrics]
+    first_past = next(i for i, g in enumerate(generated) if g >= budget)
+    assert len(metrics) <= first_past + 2 < 200
+    assert summary["generated_tokens"] == generated[-1] >= budget
+    assert sum(s["generated_tokens"] for s in summary["rollout"]) >= generated[-1]

@@ -134,3 +134,20 @@ def test_micro_batches_select_against_the_whole_steps_threshold(tiny_model_path)
     # a threshold per micro-batch would keep a fraction of every row: another update
     per_row = sum(max(1, math.ceil(0.3 * int(r.sum()))) for r in batch.completion_mask)
     assert per_row != round(m_one["train/selected_frac"] * float(batch.completion_mask.sum()))
+
+
+def test_cutpoints_train_only_the_low_probability_tokens(tiny_model_path):
+    """SPO's probability mask: tokens the behaviour policy sampled with probability >= rho carry no loss."""
+    batch = collate(_batch(4), 256)  # behaviour log-probs drawn from (-3, 0]: some tokens above log 0.5, some below
+    algo = AlgorithmConfig(lr=1e-3, token_selection="cutpoints", micro_batch_size=2)
+    algo.spo.rho = 0.5
+    likely = batch.completion_mask.bool() & (batch.old_logprobs.exp() >= 0.5)
+    assert 0 < likely.sum() < batch.completion_mask.sum()
+    changed = collate(_batch(4), 256)
+    changed.advantages = torch.where(likely, changed.advantages * -50.0 + 3.0, changed.advantages)
+    weights, metrics = _step(tiny_model_path, algo, batch)
+    share = 1.0 - float(likely.sum() / batch.completion_mask.sum())
+    assert metrics["train/selected_frac"] == pytest.approx(share, abs=1e-6)
+    assert _diff(weights, _step(tiny_model_path, algo, changed)[0]) < 1e-7
+    everything = AlgorithmConfig(lr=1e-3, micro_batch_size=2)
+    assert _diff(_step(tiny_model_path, everything, batch)[0], _step(tiny_model_path, everything, changed)[0]) > 1e-4
