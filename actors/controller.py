@@ -258,7 +258,8 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
     critic, reference, starting = create_scorers(cfg, str(model_path), plan)
     weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
-    store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed)
+    store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed,
+                                cfg.data, cfg.group_size)
     learner.connect(weight_sync, store)
     judge = None
     if cfg.reward.judge.model:

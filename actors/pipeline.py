@@ -189,6 +189,9 @@ class Pipeline:
         generated = sum(s["generated_tokens"] for s in rollout_stats + self.fleet.retired)
         metrics["perf/generated_tokens_per_s"] = (generated - self._last_tokens) / max(now - self._last_time, 1e-9)
         metrics["perf/generated_tokens"] = float(generated)  # since the run began: what experiment.max_generated_tokens counts
+        if self.cfg.data.curation == "difficulty":  # the rows' solve rates, as the store's sampler holds them
+            metrics.update(self.store.curation_stats())
+            metrics["curation/replayed_groups"] = float(sum(s.get("replayed", 0) for s in rollout_stats + self.fleet.retired))
         metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - self._last_time, 1e-9)
         self._last_tokens, self._last_time = generated, now
         if not self.history:

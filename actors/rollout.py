@@ -73,6 +73,7 @@ class RolloutActor:
             env_workers=run.env.workers,
             judge=RayJudgeClient(judge) if judge is not None else None,
             judge_cfg=run.reward.judge,
+            curated=run.data.curation == "difficulty",
         )
         return self.core
 

@@ -51,8 +51,10 @@ class _Waiter:
 
 @ray.remote(num_cpus=0)
 class CoordinatorActor:
-    def __init__(self, prompts_per_step: int, max_staleness: int, num_rows: int, seed: int) -> None:
-        self.admission = Admission(prompts_per_step, max_staleness, num_rows=num_rows, seed=seed)
+    def __init__(self, prompts_per_step: int, max_staleness: int, num_rows: int, seed: int, curation: Any = None,
+                 group_size: int = 0) -> None:
+        self.admission = Admission(prompts_per_step, max_staleness, num_rows=num_rows, seed=seed, curation=curation,
+                                   group_size=group_size)
         self.waiter = _Waiter()
 
     def _has_room(self) -> bool:
@@ -63,6 +65,16 @@ class CoordinatorActor:
         """Up to n group ids; waits up to wait_s for room when there is none."""
         await self.waiter.wait(self._has_room, wait_s)
         return self.admission.admit(actor_id, n)
+
+    def plans(self, group_ids: list[int]) -> dict[int, dict[str, Any]]:
+        return self.admission.plans(group_ids)
+
+    def observe(self, outcomes: list[Any]) -> None:
+        self.admission.observe(outcomes)
+
+    def curation_stats(self) -> dict[str, float]:
+        sampler = self.admission.sampler
+        return {} if sampler is None else {**sampler.stats(), "curation/replays_offered": float(sampler.replayed)}
 
     async def finish(self, group_ids: list[int], dropped: bool = False, reason: str = "", row: int | None = None) -> None:
         for gid in group_ids:
@@ -169,8 +181,9 @@ class RayDataStore:
         self.max_staleness = max_staleness
 
     @classmethod
-    def create(cls, num_shards: int, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0) -> "RayDataStore":
-        coordinator = CoordinatorActor.remote(prompts_per_step, max_staleness, num_rows, seed)
+    def create(cls, num_shards: int, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0,
+               curation: Any = None, group_size: int = 0) -> "RayDataStore":
+        coordinator = CoordinatorActor.remote(prompts_per_step, max_staleness, num_rows, seed, curation, group_size)
         return cls(coordinator, [ShardActor.remote() for _ in range(num_shards)], max_staleness)
 
     def _shard(self, group_id: int) -> Any:
@@ -179,6 +192,17 @@ class RayDataStore:
     # ---- rollout side ----
     def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None:
         return ray.get(self.coordinator.admit.remote(actor_id, n, wait_s))
+
+    def plans(self, group_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """How each admitted group runs, under data.curation=difficulty (`Admission.plans`)."""
+        return ray.get(self.coordinator.plans.remote(group_ids))
+
+    def observe(self, outcomes: list[Any]) -> None:
+        """Finished groups' outcomes, for the rows' solve rates (not waited for)."""
+        self.coordinator.observe.remote(outcomes)
+
+    def curation_stats(self) -> dict[str, float]:
+        return ray.get(self.coordinator.curation_stats.remote())
 
     def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
         """Finished groups: their tensors as one object in the object store (owned by this rollout

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhub.algorithms.config import AlgorithmConfig
+from rlhub.curation import DataConfig
 from rlhub.datastore import DataStoreConfig
 from rlhub.data import DatasetConfig
 from rlhub.evaluation import EvalConfig
@@ -199,6 +200,8 @@ class RunConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """How strictly code rewards are isolated (rlhub.sandbox), for environments that score code."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which rows the run trains on: uniform passes or difficulty-aware curation (rlhub.curation)."""
     max_staleness: int = 1
     """How many policy versions a trained token may lag the learner (0: synchronous on-policy)."""
     prompts_per_step: int = 16
@@ -428,6 +431,7 @@ def validate(cfg: RunConfig) -> None:
     try:
         cfg.moe.check()
         cfg.sandbox.check()
+        cfg.data.check()
         cfg.model.lora.check()
         if model_is_moe(cfg.model):
             replay_enabled(cfg.moe, cfg.rollout.engine)
@@ -473,6 +477,10 @@ def validate(cfg: RunConfig) -> None:
         (0 < algo.token_selection_p <= 1, f"algorithm.token_selection_p={algo.token_selection_p}: a fraction in (0, 1]"),
         (0 < algo.spo.rho <= 1, f"algorithm.spo.rho={algo.spo.rho}: a probability in (0, 1]"),
     ]
+    if cfg.data.curation == "difficulty" and cfg.data.replay:
+        algo_checks.append((algo.correction in ("tis", "icepop", "decoupled"),
+                            f"data.curation=difficulty with data.replay: replayed trajectories are off-policy, so their importance "
+                            f"weight must be corrected: set algorithm.correction=tis (or icepop, decoupled), not {algo.correction!r}"))
     if advantage_needs(algo.advantage).segment_values:
         spo = algo.spo
         algo_checks += [

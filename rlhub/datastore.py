@@ -75,14 +75,26 @@ class Admission:
     """Hands out prompt positions under the staleness bound and tracks what is in flight."""
 
     def __init__(
-        self, prompts_per_step: int, max_staleness: int, total_prompts: int | None = None, num_rows: int = 0, seed: int = 0
+        self, prompts_per_step: int, max_staleness: int, total_prompts: int | None = None, num_rows: int = 0, seed: int = 0,
+        curation: Any = None, group_size: int = 0,
     ) -> None:
+        """`curation`: a `rlhub.curation.DataConfig` whose curation is `difficulty`: rows are then
+        picked as groups are admitted (`plans` says each group's), not read off the shuffled stream."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.prompts_per_step = prompts_per_step
         self.max_staleness = max_staleness
         self.total_prompts = total_prompts
         self.num_rows, self.seed = num_rows, seed  # the prompt stream, to name each group's dataset row
+        self.group_size = group_size
+        self.sampler = None
+        if curation is not None and curation.curation == "difficulty":
+            from rlhub.curation import DifficultySampler
+
+            if not num_rows:
+                raise ValueError("data.curation=difficulty needs the number of training rows")
+            self.sampler = DifficultySampler(curation, num_rows, seed)
+        self.rows_of: dict[int, int] = {}  # group id -> its row, where the sampler picked it
         self.events: list[dict[str, Any]] = []
         self.learner_version = 0
         self.cursor = 0  # the next position in the prompt stream
@@ -107,6 +119,8 @@ class Admission:
         if self.total_prompts is not None:
             room = min(room, self.total_prompts - self.cursor)
         fresh = max(0, min(n - len(granted), room))
+        if self.sampler is not None:  # a requeued group keeps its row
+            self.rows_of.update(zip(range(self.cursor, self.cursor + fresh), self.sampler.pick(fresh)))
         granted.extend(range(self.cursor, self.cursor + fresh))
         self.cursor += fresh
         for gid in granted:
@@ -115,7 +129,26 @@ class Admission:
         return granted
 
     def row(self, group_id: int) -> int | None:
+        if self.sampler is not None:
+            return self.rows_of.get(group_id)
         return prompt_index(group_id, self.num_rows, self.seed) if self.num_rows else None
+
+    def plans(self, group_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """How each of these admitted groups runs (`DifficultySampler.plan`: its row, samples, a trajectory
+        to replay); empty without curation (rows come from `prompt_index`, every group is group_size)."""
+        if self.sampler is None:
+            return {}
+        out = {}
+        for gid in group_ids:
+            out[gid] = plan = self.sampler.plan(self.rows_of[gid], self.group_size, self.learner_version)
+            self.sampler.replayed += plan["replay"] is not None
+        return out
+
+    def observe(self, outcomes: list[Any]) -> None:
+        """Finished groups' outcomes (`rlhub.curation.Outcome`), for the rows' solve rates."""
+        if self.sampler is not None:
+            for o in outcomes:
+                self.sampler.observe(o, self.learner_version)
 
     def finish(self, group_id: int, dropped: bool = False, reason: str = "", row: int | None = None) -> None:
         self.in_flight.pop(group_id, None)
@@ -155,13 +188,20 @@ class Admission:
 
     def state_dict(self) -> dict[str, Any]:
         # what is in flight has not been trained: it is started again after a resume
-        return {"cursor": self.cursor, "requeued": sorted(self.requeued + list(self.in_flight)), "dropped": self.dropped}
+        state = {"cursor": self.cursor, "requeued": sorted(self.requeued + list(self.in_flight)), "dropped": self.dropped}
+        if self.sampler is not None:  # every group's row (a queued one may be started again), and the rates
+            state["rows_of"] = {str(g): r for g, r in self.rows_of.items()}
+            state["curation"] = self.sampler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor = int(state["cursor"])
         self.dropped = int(state.get("dropped", 0))
         self.requeued = [int(g) for g in state["requeued"]]
         self.in_flight = {}
+        if self.sampler is not None and "curation" in state:
+            self.rows_of = {int(g): int(r) for g, r in state["rows_of"].items()}
+            self.sampler.load_state_dict(state["curation"])
 
 
 class GroupQueue:
@@ -284,13 +324,21 @@ def merge_stats(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
 class InMemoryDataStore:
     """The whole store in one process: the seam's reference implementation, used by tests."""
 
-    def __init__(self, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0) -> None:
-        self.admission = Admission(prompts_per_step, max_staleness, num_rows=num_rows, seed=seed)
+    def __init__(self, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0, curation: Any = None,
+                 group_size: int = 0) -> None:
+        self.admission = Admission(prompts_per_step, max_staleness, num_rows=num_rows, seed=seed, curation=curation,
+                                   group_size=group_size)
         self.groups = GroupQueue()
         self.max_staleness = max_staleness
 
     def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None:
         return self.admission.admit(actor_id, n)  # one process: nobody could make room while we wait
+
+    def plans(self, group_ids: list[int]) -> dict[int, dict[str, Any]]:
+        return self.admission.plans(group_ids)
+
+    def observe(self, outcomes: list[Any]) -> None:
+        self.admission.observe(outcomes)
 
     def put_many(self, groups: list[tuple[GroupMeta, Any]]) -> None:
         for meta, payload in groups:

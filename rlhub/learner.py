@@ -37,7 +37,7 @@ from rlhub.moe import BIAS_NAME, Balancer, BalanceStep, MoEConfig, set_differs
 from rlhub.parallel.fsdp import idle_row, local
 from rlhub.parallel.layout import Layout, frozen_copy
 from rlhub.parallel.ranks import Ranks
-from rlhub.learner_metrics import agreement_metrics, lag_counts, max_over_mean, merge_ranks, moments, staleness_metrics
+from rlhub.learner_metrics import agreement_metrics, lag_counts, max_over_mean, merge_ranks, moments, replay_sums, staleness_metrics
 from rlhub.types import GroupTensors, micro_batches
 
 
@@ -219,6 +219,7 @@ class Learner:
                 agreement[k] = max(agreement.get(k, v), v) if k.endswith("_max") else agreement.get(k, 0.0) + v
         with clock("optimizer"):
             grad_norm = self.layout.clip_grads(self.model, algo.grad_clip)
+        sums.update(replay_sums(batch, self.version))
         local = {"sums": sums, "agreement": agreement, "learned": learned,
                  "lags": lag_counts(batch, self.version), "rewards": moments(None if batch is None else batch.rewards)}
         step = merge_ranks(ranks.gather(local)) if ranks.distributed else local

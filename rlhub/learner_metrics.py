@@ -49,11 +49,24 @@ def staleness_metrics(lags: dict[int, int]) -> dict[str, float]:
 
 
 def lag_counts(batch: GroupTensors | None, learner_version: int) -> dict[int, int]:
-    """Trained tokens per lag (learner version - the token's version)."""
+    """Trained tokens per lag (learner version - the token's version); replayed samples (data.curation's,
+    whose age has its own bound) are left out (`replay_sums`)."""
     if batch is None:
         return {}
-    lag = learner_version - batch.versions[batch.completion_mask.bool()].long()
+    mask = batch.completion_mask.bool()
+    if batch.replayed is not None:
+        mask = mask & (batch.replayed < 0.5).unsqueeze(-1)
+    lag = learner_version - batch.versions[mask].long()
     return {int(k): int(c) for k, c in zip(*torch.unique(lag, return_counts=True))}
+
+
+def replay_sums(batch: GroupTensors | None, learner_version: int) -> dict[str, float]:
+    """Replayed samples in the batch and the oldest one's age in versions (none: empty)."""
+    if batch is None or batch.replayed is None or not bool((batch.replayed > 0.5).any()):
+        return {}
+    rows = batch.replayed > 0.5
+    versions = torch.where(batch.completion_mask[rows].bool(), batch.versions[rows], learner_version)
+    return {"replay_samples": float(rows.sum()), "replay_age_max": float(learner_version - int(versions.min()))}
 
 
 def moments(values: torch.Tensor | None) -> tuple[float, float, float]:

@@ -33,6 +33,9 @@ class Sample:
     turn_rewards: list[tuple[int, float]] | None = None
     """A multi-turn episode's rewards by turn: (index in completion_ids of the turn's last generated
     token, the reward its step returned). `reward` is their sum plus any shaping; None: one reward."""
+    replayed: bool = False
+    """A kept successful trajectory of a hard row mixed into this group (data.curation=difficulty), not
+    generated for it: its versions and behaviour log-probs are those it was sampled with."""
     cut_values: list[tuple[int, float]] | None = None
     """SPO's segment cuts: (index in completion_ids of the token a cut comes before, the Monte Carlo
     value of the state there, from rollouts branched at it). None: no cut."""
@@ -71,7 +74,11 @@ class GroupTensors:
     """[G, T-1] SPO's cut values (`Sample.cut_values`) at the targets the cuts come before, NaN elsewhere;
     read by the advantage estimator on the rollout side, dropped before the group is stored."""
 
-    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids", "turn_rewards", "cut_values")
+    replayed: torch.Tensor | None = None
+    """[G] 1.0 for a replayed sample (`Sample.replayed`), 0.0 for the group's own; None when none is.
+    Its tokens' age is bounded by data.replay_max_age, not max_staleness: the staleness metrics leave it out."""
+
+    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids", "turn_rewards", "cut_values", "replayed")
 
     def __getstate__(self) -> dict:
         # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
@@ -113,7 +120,8 @@ class GroupTensors:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         adv = advantages.float().unsqueeze(-1) * cmask if advantages.dim() == 1 else advantages.float() * cmask
         return GroupTensors(ids, attn, cmask, old, ver, adv, rewards, routes=_routes_of(samples, width),
-                            turn_rewards=_turn_rewards(samples, cmask), cut_values=_cut_values(samples, cmask))
+                            turn_rewards=_turn_rewards(samples, cmask), cut_values=_cut_values(samples, cmask),
+                            replayed=torch.tensor([float(s.replayed) for s in samples]) if any(s.replayed for s in samples) else None)
 
 
 def micro_batches(lengths: torch.Tensor, max_seqs: int, max_tokens: int) -> list[tuple[torch.Tensor, int]]:
@@ -223,7 +231,8 @@ def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
         rewards=torch.cat([g.rewards for g in groups]),
         routes=_pad_routes(groups, width),
         group_ids=_group_ids(groups),
-        **{name: optional(name) for name in GroupTensors.OPTIONAL if name not in ("routes", "group_ids")},
+        replayed=_replayed(groups),
+        **{name: optional(name) for name in GroupTensors.OPTIONAL if name not in ("routes", "group_ids", "replayed")},
     )
 
 
@@ -233,3 +242,10 @@ def _group_ids(groups: list[GroupTensors]) -> torch.Tensor | None:
         return None
     return torch.cat([g.group_ids if g.group_ids is not None else torch.full((g.input_ids.shape[0],), -1, dtype=torch.long)
                       for g in groups])
+
+
+def _replayed(groups: list[GroupTensors]) -> torch.Tensor | None:
+    """[B] 1.0 for the rows that are replayed samples, or None when no group has one."""
+    if all(g.replayed is None for g in groups):
+        return None
+    return torch.cat([g.replayed if g.replayed is not None else torch.zeros(g.input_ids.shape[0]) for g in groups])

@@ -36,6 +36,7 @@ class Groups:
         self.scorers, self.tokenizer, self.stats, self.failures = list(scorers), tokenizer, stats, failures
         self.judge, self.judge_cfg = judge, judge_cfg  # a judge client (rlhub.judge) and its JudgeConfig, or None
         self.judging: list[tuple[list[OpenGroup], Any]] = []  # complete groups waiting for their judge scores
+        self.outcomes: list[Any] = []  # data.curation=difficulty: finished groups' outcomes, for the store
         self.pad_id = tokenizer.pad_token_id or 0
 
     @property
@@ -82,6 +83,9 @@ class Groups:
         """Scored, their advantages computed, put in the store."""
         finished = [out for group, scores in zip(complete, judge_scores)
                     if (out := self.assemble(group, scores, fallback_version)) is not None]
+        if self.outcomes:  # the rows' solve rates move before these groups are trained
+            self.store.observe(self.outcomes)
+            self.outcomes = []
         if not finished:
             return
         if self.scorers:
@@ -106,6 +110,9 @@ class Groups:
             return None
         for s in samples:
             s.reward += self.overlong(s.generated, s.loss_mask is not None)
+        if group.plan is not None:  # data.curation=difficulty: the row's outcome, and a replay where it fails
+            samples = self._curate(group, samples)
+        fresh = [s for s in samples if not s.replayed]
         rewards = torch.tensor([s.reward for s in samples])
         reason = drop_reason(self.data_side, rewards)
         if reason is not None:  # a filter (DAPO's dynamic sampling): admission starts another prompt instead
@@ -115,8 +122,29 @@ class Groups:
         tensors = GroupTensors.from_samples(samples, torch.zeros(len(samples)), self.pad_id)  # advantages: _finish
         tensors.group_ids = torch.full((len(samples),), gid, dtype=torch.long)
         self.stats.groups += 1
-        self.stats.samples += len(samples)
-        return self._meta(group, samples, sample_drops, rewards, fallback_version), tensors
+        self.stats.samples += len(fresh)
+        return self._meta(group, samples, sample_drops, fallback_version), tensors
+
+    def _curate(self, group: OpenGroup, samples: list[Sample]) -> list[Sample]:
+        """The group's outcome, for its row's solve rate (with a success of a hard row, to be kept); and the
+        samples with the planned replay mixed in when none of them succeeded."""
+        from rlhub.curation import Outcome
+
+        plan = group.plan
+        won = [s for s in samples if s.success]
+        keep = None
+        if plan.get("keep_success") and won:
+            w = won[0]
+            keep = {"prompt_ids": list(w.prompt_ids), "completion_ids": list(w.completion_ids), "logprobs": list(w.logprobs),
+                    "versions": list(w.versions), "reward": float(w.reward), "success": True, "finish_reason": w.finish_reason,
+                    "loss_mask": None if w.loss_mask is None else list(w.loss_mask)}
+        self.outcomes.append(Outcome(group.row_index, len(won), len(samples), keep))
+        replay = plan.get("replay")
+        if replay is None or won:
+            return samples
+        self.stats.replayed += 1
+        return samples + [Sample(replay["prompt_ids"], replay["completion_ids"], replay["logprobs"], replay["versions"], replay["reward"],
+                                 True, replay["finish_reason"], None, replay["loss_mask"], replayed=True)]
 
     def overlong(self, generated: int, multi_turn: bool) -> float:
         """The overlong shaping of a sample that generated `generated` tokens (0 unless configured); a
@@ -141,11 +169,15 @@ class Groups:
             reward = e.total_reward + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
             samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
                                   e.finish_reason, episode_routes(e), e.loss_mask if 0 in e.loss_mask else None,
-                                  list(e.turn_rewards) if len(e.turn_rewards) > 1 else None, e.cut_values))
+                                  list(e.turn_rewards) if len(e.turn_rewards) > 1 else None, cut_values=e.cut_values))
         return samples, drops
 
-    def _meta(self, group: OpenGroup, samples: list[Sample], drops: Counter[str], rewards: torch.Tensor, fallback_version: int) -> GroupMeta:
-        versions = [v for s in samples for v in s.versions if v >= 0] or [fallback_version]
+    def _meta(self, group: OpenGroup, samples: list[Sample], drops: Counter[str], fallback_version: int) -> GroupMeta:
+        """The group's metadata. Its versions (the store's staleness bound), rewards and success are its
+        own samples'; a replayed one counts in its samples and tokens (it is trained), not in those."""
+        fresh = [s for s in samples if not s.replayed]
+        versions = [v for s in fresh for v in s.versions if v >= 0] or [fallback_version]
+        rewards = torch.tensor([s.reward for s in fresh])
         return GroupMeta(
             group_id=group.group_id,
             prompt_index=group.row_index,
@@ -155,12 +187,12 @@ class Groups:
             num_samples=len(samples),
             num_tokens=sum(s.generated for s in samples),
             reward_mean=float(rewards.mean()),
-            success_mean=sum(bool(s.success) for s in samples) / len(samples),
-            response_len_mean=sum(s.generated for s in samples) / len(samples),
+            success_mean=sum(bool(s.success) for s in fresh) / len(fresh),
+            response_len_mean=sum(s.generated for s in fresh) / len(fresh),
             generate_seconds=group.generate_seconds,
             finish_reasons=[s.finish_reason for s in samples],
-            extra={"dropped_samples": dict(drops),
-                   "turns_mean": sum(e.turns for e in group.episodes if not e.dropped) / len(samples)},
+            extra={"dropped_samples": dict(drops), "replayed": len(samples) - len(fresh),
+                   "turns_mean": sum(e.turns for e in group.episodes if not e.dropped) / len(fresh)},
         )
 
     def _score(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:

@@ -29,6 +29,11 @@ class DataStoreClient(Protocol):
         """A started group that will not be trained, and why (counted, and a ledger event)."""
         ...
 
+    # with data.curation=difficulty (the in-memory and Ray stores have them)
+    def plans(self, group_ids: list[int]) -> dict[int, dict[str, Any]]: ...
+
+    def observe(self, outcomes: list[Any]) -> None: ...
+
 
 @dataclass
 class WorkerStats:
@@ -58,6 +63,8 @@ class WorkerStats:
     """Episodes ended at a limit (max_turns, max_tokens), kept with the rewards of the turns they took."""
     failure_reports: list[dict[str, Any]] = field(default_factory=list)
     """The first occurrences of each (environment, exception type): row and traceback, for the run's log."""
+    replayed: int = 0
+    """data.curation=difficulty: groups that got a kept successful trajectory of their row mixed in."""
     spo_cuts: int = 0
     """SPO: segment cuts branched from, and the branch episodes run from them (dropped ones among them)."""
     spo_branches: int = 0

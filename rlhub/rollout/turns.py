@@ -42,6 +42,8 @@ class OpenGroup:
     episodes: list[Episode]
     started: float
     generate_seconds: float = 0.0
+    plan: dict[str, Any] | None = None
+    """What data.curation=difficulty planned for it (`rlhub.curation.DifficultySampler.plan`), or None."""
 
     @property
     def waiting(self) -> bool:
@@ -83,15 +85,18 @@ class Turns:
         self.last_generate_s = 0.0
 
     # ---- starting episodes --------------------------------------------------------
-    def start(self, rows: list[Any], group_ids: list[int], n: int, indices: list[int] | None = None) -> list[OpenGroup | str]:
-        """Per row, an OpenGroup of `n` episodes ready for their first turn, or why it could not start.
-        `indices`: each row's position in its split, passed as `reset(row, index=i)` to a reset that takes it."""
+    def start(self, rows: list[Any], group_ids: list[int], n: int | list[int], indices: list[int] | None = None) -> list[OpenGroup | str]:
+        """Per row, an OpenGroup of `n` episodes (or `n[i]` for row i) ready for their first turn, or why it
+        could not start. `indices`: each row's position in its split, passed as `reset(row, index=i)` to a
+        reset that takes it."""
         from rlhub.envs.registry import reset_at
+
+        sizes = n if isinstance(n, list) else [n] * len(rows)
 
         calls = [self.envs.submit(reset_at(self.env.reset, i), row, lane="reset")
                  for row, i in zip(rows, indices if indices is not None else [None] * len(rows))]
         out: list[OpenGroup | str] = []
-        for gid, row, (value, error) in zip(group_ids, rows, run_all(self.envs, calls)):
+        for gid, row, n, (value, error) in zip(group_ids, rows, sizes, run_all(self.envs, calls)):
             try:
                 if error is not None:
                     raise error

@@ -50,6 +50,7 @@ class RolloutWorker:
         judge: Any = None,
         judge_cfg: Any = None,
         max_groups: int = 0,
+        curated: bool = False,
     ) -> None:
         """`max_groups`: the groups admission lets this actor hold at once, all generating together
         in a continuous engine (0: twice `prompts_per_batch`)."""
@@ -72,6 +73,8 @@ class RolloutWorker:
                            self.failures, self.continuous, snapshots=data_side.spo is not None)
         self.groups = Groups(actor_id, cfg, store, data_side, scorers, tokenizer, self.stats, self.failures, judge, judge_cfg)
         self.branches = None if data_side.spo is None else Branches(data_side.spo, self.stats, self.groups.episode_return)
+        self.curated = curated
+        """data.curation=difficulty: the store plans each group (row, samples, replay) and hears each one's outcome."""
         self.open: dict[int, OpenGroup] = {}  # by group id, in admission order
         self.in_env: deque[TurnBatch] = deque()
         self.eval_requests: list[tuple[int, int, int]] = []  # (step, rows, k), from the actor's other thread
@@ -135,6 +138,10 @@ class RolloutWorker:
         self.start_groups(group_ids)
         return True
 
+    def _plans(self, group_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Each group's row, samples and replay under data.curation=difficulty (the store picks them); none otherwise."""
+        return self.store.plans(group_ids) if self.curated and group_ids else {}
+
     def drain(self) -> None:
         """Finish every open episode (the run is stopping, or a test or benchmark waits for its groups)."""
         while self.in_env or any(g.waiting for g in self.open.values()):
@@ -154,14 +161,18 @@ class RolloutWorker:
         self.drain()
 
     def start_groups(self, group_ids: list[int]) -> None:
-        """Each group's `group_size` episodes from its row, ready for their first turn; a group whose
-        reset fails or whose prompt is too long is dropped and counted."""
-        rows = [prompt_index(gid, len(self.rows), self.seed) for gid in group_ids]
-        for gid, row_idx, started in zip(group_ids, rows, self.turns.start([self.rows[r] for r in rows], group_ids, self.group_size, rows)):
+        """Each group's episodes from its row (`group_size`, or what curation planned), ready for their
+        first turn; a group whose reset fails or whose prompt is too long is dropped and counted."""
+        plans = self._plans(group_ids)
+        rows = [plans[gid]["row"] if gid in plans else prompt_index(gid, len(self.rows), self.seed) for gid in group_ids]
+        sizes = [plans[gid]["group_size"] if gid in plans else self.group_size for gid in group_ids]
+        for gid, row_idx, size, started in zip(group_ids, rows, sizes,
+                                               self.turns.start([self.rows[r] for r in rows], group_ids, sizes, rows)):
             if isinstance(started, str):
-                self.groups.drop(gid, row_idx, started, self.group_size)
+                self.groups.drop(gid, row_idx, started, size)
                 continue
             started.row_index = row_idx
+            started.plan = plans.get(gid)
             for e in started.episodes:
                 e.row_index = row_idx
             self.open[gid] = started

@@ -102,3 +102,17 @@ def test_spo_branches_through_the_pipeline_and_stops_at_the_generation_budget(ra
     assert len(metrics) <= first_past + 2 < 200
     assert summary["generated_tokens"] == generated[-1] >= budget
     assert sum(s["generated_tokens"] for s in summary["rollout"]) >= generated[-1]
+
+
+def test_difficulty_curation_runs_through_the_pipeline_and_resumes_with_its_rates(ray_local, run_pipeline, tmp_path):
+    args = (FAST, "data.curation=difficulty", "algorithm.correction=tis", "data.frontier_group_size=6", "data.hard_below=0.5")
+    summary, metrics = run_pipeline(tmp_path, *args, "experiment.total_steps=8", "checkpoint.every=8")
+    assert finite(metrics)
+    seen = metrics[-1]["curation/rows_seen"]
+    assert 0 < seen <= 8 * 4 + 8  # every finished group's row (admission runs a step or so ahead)
+    assert all("staleness/max" not in m or m["staleness/max"] <= 1 for m in metrics)  # replayed samples are counted apart
+    (tmp_path / "metrics.jsonl").unlink()
+    _, more = run_pipeline(tmp_path, *args, "experiment.total_steps=10", "resume=true", "checkpoint.keep_final=false")
+    assert [m["step"] for m in more] == [9, 10]
+    # the rates came back with the checkpoint (taken after step 8's record): a fresh sampler would have seen a step's rows or two
+    assert more[0]["curation/rows_seen"] >= seen
