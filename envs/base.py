@@ -18,6 +18,16 @@ class StepResult:
     observation: str | None = None
     """The next user message in a multi-turn episode (unused when done)."""
     info: dict[str, Any] = field(default_factory=dict)
+    # ---- a multi-agent environment's answer (`MultiAgentEnv`) ----
+    next_agent: str | None = None
+    """Who acts next (required while not done)."""
+    rewards: dict[str, float] | None = None
+    """What this step pays each agent (absent agents: 0); `reward` is then only logged."""
+    observations: dict[str, Any] | None = None
+    """What each agent sees before its next turn (text, or chat messages): the other agents' messages
+    reach an agent only this way."""
+    successes: dict[str, bool] | None = None
+    """Each agent's task success, where the task has one (read when done)."""
 
 
 class ModelMessage(str):
@@ -38,15 +48,18 @@ class ModelMessage(str):
     tool_format: str
     """The tool-call format of the model's family (`rlhub.envs.tools.FORMATS`, from its chat template):
     the format its tool instructions asked for, and the one to parse its calls with."""
+    agent: str
+    """Who spoke, in a multi-agent environment (`MultiAgentEnv.agents`); "" otherwise."""
 
     def __new__(cls, text: str, finish_reason: str = "stop", token_ids: tuple[int, ...] = (),
-                tool_format: str = "hermes") -> "ModelMessage":
+                tool_format: str = "hermes", agent: str = "") -> "ModelMessage":
         if finish_reason not in ("stop", "length"):
             raise ValueError(f"finish_reason must be stop or length, not {finish_reason!r}")
         message = super().__new__(cls, text)
         message.finish_reason = finish_reason
         message.token_ids = tuple(token_ids)
         message.tool_format = tool_format
+        message.agent = agent
         return message
 
     @property
@@ -82,3 +95,33 @@ class Env(Protocol):
     def step(self, state: Any, message: str) -> StepResult:
         """Score the model's message (a `ModelMessage`: text plus finish_reason). Single-turn environments answer done=True."""
         ...
+
+
+@runtime_checkable
+class MultiAgentEnv(Protocol):
+    """An episode in which several agents act in turn over one shared state.
+
+    `agents` names the roles. `reset(row)` gives each agent its own opening (text or chat messages:
+    its role and what it knows) and the shared state; `first_agent(state)` says who acts first.
+    Only the agent whose turn it is generates; `step(state, message)` (`message.agent` says who spoke)
+    answers a `StepResult` with what this step pays each agent (`rewards`), what each agent sees
+    before its next turn (`observations`: the other agents' words reach it only this way), and who
+    acts next (`next_agent`), until `done`. Each agent's tokens carry its own loss and its own
+    rewards: it is trained on what it said, never on what the others said.
+    """
+
+    agents: Sequence[str]
+
+    def dataset(self, split: str) -> Sequence[Mapping[str, Any]]: ...
+
+    def reset(self, row: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]: ...
+
+    def first_agent(self, state: Any) -> str: ...
+
+    def step(self, state: Any, message: "ModelMessage") -> StepResult: ...
+
+
+def is_multi_agent(env: Any) -> bool:
+    """Whether `env` names agents (a `MultiAgentEnv`)."""
+    agents = getattr(env, "agents", None)
+    return isinstance(agents, (list, tuple)) and len(agents) > 0

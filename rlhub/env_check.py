@@ -177,8 +177,11 @@ def run(name: str, overrides: list[str], rows: int = DEFAULT_ROWS) -> Report:
     for index in sorted(found.lengths)[:SHOWN_PROMPTS]:
         value = _reset(env, train[index], index, cfg.env.timeout_s)[0]
         if value is not None:
-            shown = tokenizer.decode(chat.prompt(value[0])[0])
-            report.say(f"row {index} as rendered ({found.lengths[index]} tokens):\n{_indent(shown[:800])}")
+            agents = getattr(env, "agents", None) if isinstance(value[0], dict) else None
+            for name, opening in zip(agents or [None], pl.openings(env, value[0])):
+                shown = tokenizer.decode(chat.prompt(opening)[0])
+                whose = f", agent {name}" if name else ""
+                report.say(f"row {index} as rendered{whose} ({len(chat.prompt(opening)[0])} tokens):\n{_indent(shown[:800])}")
 
     replies = scripted_replies(env, cfg.seed)
     report.say(f"episodes: rows 0-{min(rows, len(train)) - 1}, replies: {', '.join(label for label, _, _ in replies)}; "
@@ -212,10 +215,16 @@ def _episode(env: Any, row: Any, index: int, label: str, text: str, finish: str,
         report.problem(f"row {index}: reset raised {type(error).__name__}: {error}")
         return f"  row {index}, {label}: reset failed"
     state = copy.deepcopy(value[1])
+    from rlhub.envs.base import is_multi_agent
+
+    agents = tuple(env.agents) if is_multi_agent(env) else ()
+    agent = "" if not agents else env.first_agent(state) if callable(getattr(env, "first_agent", None)) else agents[0]
     runner = EnvRunner(timeout_s)
     try:
-        for turn in range(1, max_turns + 1):
-            result, error = run_all(runner, [runner.submit(env.step, state, ModelMessage(text, finish, (), tool_format))])[0]
+        for turn in range(1, max_turns * max(1, len(agents)) + 1):  # every agent's turns, for a multi-agent environment
+            result, error = run_all(runner, [runner.submit(env.step, state, ModelMessage(text, finish, (), tool_format, agent))])[0]
+            if error is None and agents and not result.done and result.next_agent not in agents:
+                error = ValueError(f"step() must name next_agent (one of {list(agents)}) while not done, got {result.next_agent!r}")
             if error is None:
                 try:
                     reward = checked_reward(result)
@@ -226,8 +235,9 @@ def _episode(env: Any, row: Any, index: int, label: str, text: str, finish: str,
             if error is not None:
                 report.problem(f"row {index}, reply {label!r}, turn {turn}: step {type(error).__name__}: {error}")
                 return f"  row {index}, {label}: failed at turn {turn}"
-            if result.done or finish == "length":
+            if result.done or (finish == "length" and not agents):
                 break
+            agent = result.next_agent if agents else agent
         seconds = time.perf_counter() - start
         ended = "done" if result.done else f"not done after {turn} turn(s)"
         return (f"  row {index}, {label}: reward {reward:g}, success {result.success}, {turn} turn(s), {ended}, "

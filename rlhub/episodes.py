@@ -161,6 +161,12 @@ class Episode:
     """The last assistant turn's tokens, a branch's inherited opening included: what the environment reads."""
     cut_values: list[tuple[int, float]] | None = None
     """SPO: (index in `ids` of the token a cut comes before, the cut's Monte Carlo value), once its branches ended."""
+    agent: str = ""
+    """Its agent, in a multi-agent environment: this episode holds that agent's context and tokens alone."""
+    match: Any = None
+    """The multi-agent episode it is one agent's part of (`rlhub.rollout.matches.Match`), or None."""
+    parked: bool = False
+    """Not this agent's turn: it waits for the others (a multi-agent episode)."""
     snapshots: list["Snapshot"] | None = None
     """Where the episode can be branched from (kept only when the advantage estimator branches): the
     state before each turn, with what the episode held then. None: not kept."""

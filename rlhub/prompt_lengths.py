@@ -69,12 +69,24 @@ def measure(env: Any, rows: Sequence[Any], tokenizer: Any, max_model_len: int, m
             try:
                 if error is not None:
                     raise error
-                out.lengths[i] = len(chat.prompt(value[0])[0])
+                out.lengths[i] = max(len(chat.prompt(o)[0]) for o in openings(env, value[0]))
             except Exception as e:  # noqa: BLE001 - a row that fails is reported with its error
                 out.failed[i] = f"{type(e).__name__}: {e}"
         return out
     finally:
         runner.close()
+
+
+def openings(env: Any, prompt: Any) -> list[Any]:
+    """The prompts a reset gave: its one prompt, or a multi-agent environment's opening of each agent
+    (a row's length is its longest)."""
+    from rlhub.envs.base import is_multi_agent
+
+    if is_multi_agent(env):
+        if not isinstance(prompt, dict) or set(prompt) != set(env.agents):
+            raise TypeError(f"reset() of a multi-agent environment returns {{agent: opening}} for agents {list(env.agents)}")
+        return [prompt[a] for a in env.agents]
+    return [prompt]
 
 
 def model_positions(model_path: Any) -> int | None:

@@ -29,6 +29,7 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
            for why in ("max_turns", "max_tokens")},
         **{f"rollout/outcome/{k}": float(v) for k, v in outcome_counts([*rollout_stats, *retired]).items()},
         **spo_metrics([*rollout_stats, *retired]),
+        **agent_metrics(metas),
         "time/step_s": step_s,
         "time/wait_s": waited,
         "time/generate_s": sum(m.generate_seconds for m in metas),
@@ -43,6 +44,24 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         "store/dropped": store_stats["dropped_total"],
         **{f"failures/{k}": float(v) for k, v in failure_counters([*rollout_stats, *retired], store_stats, restarts).items()},
     }
+
+
+def agent_metrics(metas: list[GroupMeta]) -> dict[str, float]:
+    """A multi-agent run's step, per agent (none for one agent): its samples, mean reward and success, and
+    the tokens it generated (the rollout's load by agent), over the step's groups."""
+    totals: dict[str, list[float]] = {}
+    for m in metas:
+        for name, fig in (m.extra.get("agents") or {}).items():
+            t = totals.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+            for i, v in enumerate(fig):
+                t[i] += v
+    out: dict[str, float] = {}
+    for name, (n, reward, won, tokens) in totals.items():
+        out[f"agents/{name}/samples"] = n
+        out[f"agents/{name}/reward_mean"] = reward / max(n, 1.0)
+        out[f"agents/{name}/success_rate"] = won / max(n, 1.0)
+        out[f"agents/{name}/tokens"] = tokens
+    return out
 
 
 def spo_metrics(rollout_stats: list[dict]) -> dict[str, float]:

@@ -33,6 +33,8 @@ class Sample:
     turn_rewards: list[tuple[int, float]] | None = None
     """A multi-turn episode's rewards by turn: (index in completion_ids of the turn's last generated
     token, the reward its step returned). `reward` is their sum plus any shaping; None: one reward."""
+    agent: int | None = None
+    """A multi-agent episode's agent (its index in the environment's `agents`) whose tokens these are."""
     replayed: bool = False
     """A kept successful trajectory of a hard row mixed into this group (data.curation=difficulty), not
     generated for it: its versions and behaviour log-probs are those it was sampled with."""
@@ -78,7 +80,10 @@ class GroupTensors:
     """[G] 1.0 for a replayed sample (`Sample.replayed`), 0.0 for the group's own; None when none is.
     Its tokens' age is bounded by data.replay_max_age, not max_staleness: the staleness metrics leave it out."""
 
-    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids", "turn_rewards", "cut_values", "replayed")
+    agents: torch.Tensor | None = None
+    """[G] each row's agent (`Sample.agent`) in a multi-agent group, -1 for none; None for one agent."""
+
+    OPTIONAL = ("values", "returns", "ref_logprobs", "routes", "group_ids", "turn_rewards", "cut_values", "replayed", "agents")
 
     def __getstate__(self) -> dict:
         # numpy arrays pickle (and cross Ray's object store) far faster than small torch tensors
@@ -121,7 +126,9 @@ class GroupTensors:
         adv = advantages.float().unsqueeze(-1) * cmask if advantages.dim() == 1 else advantages.float() * cmask
         return GroupTensors(ids, attn, cmask, old, ver, adv, rewards, routes=_routes_of(samples, width),
                             turn_rewards=_turn_rewards(samples, cmask), cut_values=_cut_values(samples, cmask),
-                            replayed=torch.tensor([float(s.replayed) for s in samples]) if any(s.replayed for s in samples) else None)
+                            replayed=torch.tensor([float(s.replayed) for s in samples]) if any(s.replayed for s in samples) else None,
+                            agents=torch.tensor([-1 if s.agent is None else s.agent for s in samples])
+                            if any(s.agent is not None for s in samples) else None)
 
 
 def micro_batches(lengths: torch.Tensor, max_seqs: int, max_tokens: int) -> list[tuple[torch.Tensor, int]]:
@@ -232,7 +239,9 @@ def collate(groups: list[GroupTensors], pad_id: int) -> GroupTensors:
         routes=_pad_routes(groups, width),
         group_ids=_group_ids(groups),
         replayed=_replayed(groups),
-        **{name: optional(name) for name in GroupTensors.OPTIONAL if name not in ("routes", "group_ids", "replayed")},
+        agents=None if all(g.agents is None for g in groups) else torch.cat(
+            [g.agents if g.agents is not None else torch.full((g.input_ids.shape[0],), -1, dtype=torch.long) for g in groups]),
+        **{name: optional(name) for name in GroupTensors.OPTIONAL if name not in ("routes", "group_ids", "replayed", "agents")},
     )
 
 

@@ -89,12 +89,13 @@ def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     `shared_prefix` cases alone (`--cases lora_bf16,shared_prefix`, or one of them) is `learner_smollm2_lora`;
     `peer` on the SmolLM2 config alone (`configs=smollm2_moe`) is `peer_smollm2`, so the tiny configs'
     comparison and its targets stay beside it; `sync` under `model.lora.rank` is `sync_lora`; `budget` is
-    one entry per set of sides (`budget:grpo,spo`), so each comparison keeps its newest record."""
+    one entry per set of sides and task (`budget:grpo,spo@smollm2_moe_lora`: the common overrides'
+    experiment and env), so each comparison keeps its newest record."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
         result = r.get("result") or {}
         if r["bench"] == "budget":
-            out["budget:" + ",".join(result.get("sides") or {})] = r
+            out[budget_key(result)] = r
             continue
         smollm2 = r["bench"] == "learner" and result.get("model") == "smollm2_moe"
         lora_only = smollm2 and bool(result.get("cases")) and set(result["cases"]) <= {"lora_bf16", "shared_prefix"}
@@ -103,6 +104,17 @@ def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out["learner_smollm2_lora" if lora_only else "learner_smollm2" if smollm2 else "peer_smollm2" if peer_smollm2
             else "sync_lora" if sync_lora else r["bench"]] = r
     return out
+
+
+def budget_key(result: dict[str, Any]) -> str:
+    """A `budget` record's report entry: its sides, and the experiment and env its common overrides name.
+
+    >>> budget_key({"sides": {"uniform": {}, "difficulty": {}}, "overrides": {"common": ["experiment=countdown", "eval.every=0"]}})
+    'budget:uniform,difficulty@countdown'
+    """
+    common = (result.get("overrides") or {}).get("common") or []
+    task = [o.partition("=")[2] for o in common if o.startswith(("experiment=", "env="))]
+    return "budget:" + ",".join(result.get("sides") or {}) + ("@" + ",".join(task) if task else "")
 
 
 def run(name: str, args: list[str]) -> dict[str, Any]:

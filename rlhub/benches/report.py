@@ -517,8 +517,9 @@ COMMANDS = {"learner_smollm2": "learner --model smollm2_moe", "peer_smollm2": "p
 
 
 def render_bench(name: str, record: dict[str, Any] | None, plot: str | None = None) -> list[str]:
+    sides, _, task = name.removeprefix("budget:").partition("@")
     title, render = BENCHES[name] if not name.startswith("budget:") else (
-        f"{' against '.join(name.removeprefix('budget:').split(','))} at one generation budget", render_budget)
+        f"{' against '.join(sides.split(','))} at one generation budget" + (f" ({task})" if task else ""), render_budget)
     lines = [f"### {name}: {title}", ""]
     if record is None:
         return lines + [f"{MISSING} (`rlhub bench {COMMANDS.get(name, name)}`)."]

@@ -37,6 +37,8 @@ class Groups:
         self.judge, self.judge_cfg = judge, judge_cfg  # a judge client (rlhub.judge) and its JudgeConfig, or None
         self.judging: list[tuple[list[OpenGroup], Any]] = []  # complete groups waiting for their judge scores
         self.outcomes: list[Any] = []  # data.curation=difficulty: finished groups' outcomes, for the store
+        self.agents: tuple[str, ...] = ()
+        """A multi-agent environment's agents (the worker sets them): samples carry their agent's index."""
         self.pad_id = tokenizer.pad_token_id or 0
 
     @property
@@ -91,16 +93,41 @@ class Groups:
         if self.scorers:
             self._score(finished)
         for _, tensors in finished:
-            tensors.advantages, tensors.returns = advantages(self.data_side, tensors.rewards, tensors.completion_mask,
-                                                             tensors.old_logprobs, tensors.ref_logprobs, tensors.values,
-                                                             tensors.turn_rewards, tensors.cut_values)
+            self._advantages(tensors)
             tensors.turn_rewards = tensors.cut_values = None  # read here; the learner trains on the advantages
         self.store.put_many(finished)
+
+    def _advantages(self, tensors: GroupTensors) -> None:
+        """The group's advantages (and the critic's returns); in a multi-agent group each agent's samples
+        are their own group: an agent is measured against the same agent in the other matches."""
+        def compute(t: GroupTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return advantages(self.data_side, t.rewards, t.completion_mask, t.old_logprobs, t.ref_logprobs, t.values,
+                              t.turn_rewards, t.cut_values)
+
+        if tensors.agents is None:
+            tensors.advantages, tensors.returns = compute(tensors)
+            return
+        width = tensors.input_ids.shape[1]
+        adv = torch.zeros_like(tensors.completion_mask)
+        returns = None if tensors.values is None else torch.zeros_like(tensors.completion_mask)
+        for agent in tensors.agents.unique().tolist():
+            rows = (tensors.agents == agent).nonzero().flatten()
+            a, r = compute(tensors.rows(rows, width))
+            adv[rows] = a
+            if returns is not None and r is not None:
+                returns[rows] = r
+        tensors.advantages, tensors.returns = adv, returns
 
     def assemble(self, group: OpenGroup, judge_scores: list[float] | None, fallback_version: int) -> tuple[GroupMeta, GroupTensors] | None:
         """The scored group (advantages still to compute), or None when it was dropped (and counted).
         `judge_scores`: the judge's score of each episode that was not dropped, added with its weight."""
         samples, sample_drops = self._samples(group, judge_scores)
+        if self.agents:  # each agent is its own baseline group: an agent with one sample left has none
+            for a in range(len(self.agents)):
+                mine = [s for s in samples if s.agent == a]
+                if len(mine) == 1:
+                    samples = [s for s in samples if s is not mine[0]]
+                    sample_drops["too_few_samples"] += 1
         gid, row_idx = group.group_id, group.row_index
         for reason, n in sample_drops.items():
             self._count(reason, n)
@@ -169,7 +196,8 @@ class Groups:
             reward = e.total_reward + (self.judge_cfg.weight * next(scores) if judge_scores is not None else 0.0)
             samples.append(Sample(e.prompt_ids, e.ids, e.logprobs, e.versions, reward, e.result.success,
                                   e.finish_reason, episode_routes(e), e.loss_mask if 0 in e.loss_mask else None,
-                                  list(e.turn_rewards) if len(e.turn_rewards) > 1 else None, cut_values=e.cut_values))
+                                  list(e.turn_rewards) if len(e.turn_rewards) > 1 else None, cut_values=e.cut_values,
+                                  agent=self.agents.index(e.agent) if e.agent else None))
         return samples, drops
 
     def _meta(self, group: OpenGroup, samples: list[Sample], drops: Counter[str], fallback_version: int) -> GroupMeta:
@@ -191,9 +219,23 @@ class Groups:
             response_len_mean=sum(s.generated for s in fresh) / len(fresh),
             generate_seconds=group.generate_seconds,
             finish_reasons=[s.finish_reason for s in samples],
-            extra={"dropped_samples": dict(drops), "replayed": len(samples) - len(fresh),
+            extra={"dropped_samples": dict(drops), "replayed": len(samples) - len(fresh), **self._agent_figures(fresh),
                    "turns_mean": sum(e.turns for e in group.episodes if not e.dropped) / len(fresh)},
         )
+
+    def _agent_figures(self, samples: list[Sample]) -> dict[str, Any]:
+        """Per agent of a multi-agent group: [samples, reward sum, successes, generated tokens] (what
+        the step's `agents/*` metrics add up); nothing for one agent."""
+        if not self.agents:
+            return {}
+        out = {name: [0, 0.0, 0, 0] for name in self.agents}
+        for s in samples:
+            fig = out[self.agents[s.agent]]
+            fig[0] += 1
+            fig[1] += s.reward
+            fig[2] += int(bool(s.success))
+            fig[3] += s.generated
+        return {"agents": out}
 
     def _score(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
         """One call per scorer for the whole generation batch; tensors go back to their groups, scalars to the metadata."""

@@ -48,7 +48,7 @@ class OpenGroup:
     @property
     def waiting(self) -> bool:
         """Some episode waits for its next turn to be generated."""
-        return any(e.ended is None and not e.in_env for e in self.episodes)
+        return any(e.ended is None and not e.in_env and not e.parked for e in self.episodes)
 
     @property
     def complete(self) -> bool:
@@ -81,6 +81,10 @@ class Turns:
         self.tokenizer, self.chat, self.envs = tokenizer, ChatFormat(tokenizer), envs
         self.stats, self.failures, self.continuous = stats, failures, continuous
         self.snapshots = snapshots
+        from rlhub.envs.base import is_multi_agent
+
+        self.agents: tuple[str, ...] = tuple(env.agents) if is_multi_agent(env) else ()
+        """A multi-agent environment's agents (`rlhub.rollout.matches`); () for one agent."""
         self.inflight = cfg.weight_update == "inflight"
         self.last_generate_s = 0.0
 
@@ -101,6 +105,9 @@ class Turns:
                 if error is not None:
                     raise error
                 prompt, state = value
+                if self.agents:  # a multi-agent environment: each episode is a match of one episode per agent
+                    out.append(self._start_matches(gid, row, prompt, state, n))
+                    continue
                 ids, history = self.chat.prompt(prompt)
             except Exception as e:  # a broken row or environment loses this group only
                 self.failures.record(self.env_name, "reset", row, e)
@@ -117,6 +124,32 @@ class Turns:
                     self._snapshot(e)
             out.append(OpenGroup(gid, -1, episodes, time.perf_counter()))
         return out
+
+    def _start_matches(self, gid: int, row: Any, openings: Any, state: Any, n: int) -> OpenGroup | str:
+        """`n` matches of a row (an OpenGroup of n x agents episodes, the first agent's turn first), or
+        why they could not start. ValueError names an opening or a first agent the environment got wrong."""
+        from rlhub.rollout.matches import Match
+
+        if not isinstance(openings, Mapping) or set(openings) != set(self.agents):
+            raise ValueError(f"reset() of a multi-agent environment returns {{agent: opening}} for agents {list(self.agents)}, "
+                             f"got {sorted(openings) if isinstance(openings, Mapping) else type(openings).__name__}")
+        rendered = {a: self.chat.prompt(openings[a]) for a in self.agents}
+        if any(len(ids) + self.cfg.max_new_tokens > self.cfg.max_model_len for ids, _ in rendered.values()):
+            return "prompt_too_long"
+        episodes = []
+        for k in range(n):
+            own = _own_copy(state) if k else state
+            first = self.env.first_agent(own) if callable(getattr(self.env, "first_agent", None)) else self.agents[0]
+            if first not in self.agents:
+                raise ValueError(f"first_agent() returned {first!r}, not one of {list(self.agents)}")
+            match = Match(self.agents, own, first, dict(openings), pending={a: [] for a in self.agents})
+            for a in self.agents:
+                ids, history = rendered[a]
+                e = Episode(gid, -1, own, list(ids), None if history is None else list(history), row=row, agent=a, match=match,
+                            parked=a != first)
+                match.episodes[a] = e
+                episodes.append(e)
+        return OpenGroup(gid, -1, episodes, time.perf_counter())
 
     def _snapshot(self, e: Episode) -> None:
         """Keep where `e` stands before its next turn; a state that cannot be copied keeps none (a branch
@@ -142,7 +175,7 @@ class Turns:
         """One generate call for every episode of `groups` waiting for a turn (first turns and later ones
         interleaved); their environment steps go to the runner and the batch to `queue`. False when
         none was waiting."""
-        episodes = [e for g in groups.values() for e in g.episodes if e.ended is None and not e.in_env]
+        episodes = [e for g in groups.values() for e in g.episodes if e.ended is None and not e.in_env and not e.parked]
         if not episodes:
             return False
         self.weights.sync()
@@ -161,7 +194,7 @@ class Turns:
         are taken first (in flight for the episodes already running). False when nothing is generating."""
         for g in groups.values():
             for e in g.episodes:
-                if e.ended is None and not e.in_env and not e.in_engine:
+                if e.ended is None and not e.in_env and not e.in_engine and not e.parked:
                     self.engine.submit(e, e.context, sampling, self.budget(e), e.routes)
                     e.in_engine = True
         running = Counter(e.group_id for g in groups.values() for e in g.episodes if e.in_engine)
@@ -191,7 +224,8 @@ class Turns:
             text = self.tokenizer.decode(e.last_turn, skip_special_tokens=True)
             if e.history is not None:
                 e.history.append({"role": "assistant", "content": text})
-            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, e.last_turn, self.chat.tool_format)))
+            calls.append(self.envs.submit(self.env.step, e.state, ModelMessage(text, c.finish_reason, e.last_turn, self.chat.tool_format,
+                                                                           e.agent)))
         return TurnBatch(episodes, calls)
 
     # ---- the environment's answers -------------------------------------------------
@@ -205,6 +239,8 @@ class Turns:
 
     def _advance(self, e: Episode, result: Any, error: BaseException | None) -> None:
         """Apply one step's answer to its episode: dropped (counted, reported), ended, or given its observation."""
+        if e.match is not None:
+            return self._advance_match(e, result, error)
         if error is None:
             try:
                 reward = checked_reward(result)
@@ -240,6 +276,85 @@ class Turns:
             e.history += new
         if e.snapshots is not None:
             self._snapshot(e)
+
+    def _advance_match(self, e: Episode, result: Any, error: BaseException | None) -> None:
+        """Apply one step of a multi-agent environment to the match of `e` (the agent that spoke): pay
+        each agent, queue what each sees, and give the next agent its turn, shown what was queued for it;
+        or end the match for every agent (done, a limit, a failure)."""
+        m = e.match
+        if error is None:
+            try:
+                checked_reward(result)
+                pay = {a: float(r) for a, r in (result.rewards or {}).items()}
+                unknown = sorted((set(pay) | set(result.observations or {})) - set(m.agents))
+                if unknown or not all(math.isfinite(r) for r in pay.values()):
+                    raise BadReward(f"step() paid or showed agents {unknown or sorted(pay)} with rewards {pay}; agents are {list(m.agents)}")
+                if not result.done and result.next_agent not in m.agents:
+                    raise ValueError(f"step() must name next_agent (one of {list(m.agents)}) while not done, got {result.next_agent!r}")
+            except (BadReward, ValueError, TypeError) as bad:
+                error = bad
+        if error is not None:
+            reason = "env_timeout" if isinstance(error, EnvTimeout) else "bad_reward" if isinstance(error, BadReward) else "env_error"
+            self.failures.record(self.env_name, "step", e.row, error)
+            return self._end_match(m, reason, dropped=True)
+        e.result = result
+        self._count_outcome(result)
+        for a, r in pay.items():
+            agent = m.episodes[a]
+            if agent.turn_end >= 0:
+                agent.turn_rewards.append((agent.turn_end, r))
+            else:
+                m.deferred[a] = m.deferred.get(a, 0.0) + r
+        for a, seen in (result.observations or {}).items():
+            m.pending[a].append(seen)
+        if result.done:
+            return self._end_match(m, "done", successes=result.successes or {})
+        n = m.episodes[result.next_agent]
+        if self.cfg.max_turns and n.turns >= self.cfg.max_turns:
+            return self._end_match(m, "max_turns", truncated=True)
+        if m.pending[n.agent]:
+            from rlhub.rollout.matches import extended, merged
+
+            seen, m.pending[n.agent] = merged(m.pending[n.agent]), []
+            try:
+                if n.turns == 0:  # before its first turn, what it was shown becomes part of its opening
+                    m.openings[n.agent] = extended(m.openings[n.agent], seen)
+                    n.prompt_ids, n.history = self.chat.prompt(m.openings[n.agent])
+                    extra = 0
+                else:
+                    ids, new = self.chat.observation(n.history, seen, n.finish_reason == "stop")
+                    extra = len(ids)
+            except Exception as bad:  # noqa: BLE001 - a malformed observation loses this match only
+                self.failures.record(self.env_name, "observation", e.row, bad)
+                return self._end_match(m, "env_error", dropped=True)
+            if self.budget(n, extra=extra) < 1:
+                return self._end_match(m, "max_tokens", truncated=True)
+            if n.turns:
+                n.add_observation(ids)
+                if n.history is not None:
+                    n.history += new
+        for a, agent in m.episodes.items():
+            agent.parked = a != n.agent
+        m.turn = n.agent
+
+    def _end_match(self, m: Any, why: str, dropped: bool = False, truncated: bool = False,
+                   successes: Mapping[str, bool] | None = None) -> None:
+        """Every agent's episode of the match ends with `why`; an agent that never acted has no sample."""
+        from rlhub.envs.base import StepResult
+
+        if truncated:
+            self.stats.truncated[why] = self.stats.truncated.get(why, 0) + 1
+        for a, agent in m.episodes.items():
+            agent.parked = False
+            if agent.ended is not None:
+                continue
+            if a in m.deferred and agent.turn_end >= 0:
+                agent.turn_rewards.append((agent.turn_end, m.deferred.pop(a)))
+            agent.ended, agent.dropped = why, dropped
+            if not dropped and agent.turns == 0:
+                agent.ended, agent.dropped = "no_turn", True
+            elif not dropped:  # the agent's own view of the outcome: its return and its success
+                agent.result = StepResult(agent.total_reward, done=True, success=(successes or {}).get(a))
 
     def _count_outcome(self, result: Any) -> None:
         """The environment's own outcome label (`info["outcome"]`, e.g. the sandbox's), counted per step."""

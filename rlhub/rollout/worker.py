@@ -72,6 +72,9 @@ class RolloutWorker:
         self.turns = Turns(cfg, engine, self.weights, env, env_name or type(env).__name__, tokenizer, self.envs, self.stats,
                            self.failures, self.continuous, snapshots=data_side.spo is not None)
         self.groups = Groups(actor_id, cfg, store, data_side, scorers, tokenizer, self.stats, self.failures, judge, judge_cfg)
+        self.groups.agents = self.turns.agents
+        if data_side.spo is not None and self.turns.agents:
+            raise ValueError("algorithm.advantage=spo branches one agent's episodes; a multi-agent environment's matches are not branched")
         self.branches = None if data_side.spo is None else Branches(data_side.spo, self.stats, self.groups.episode_return)
         self.curated = curated
         """data.curation=difficulty: the store plans each group (row, samples, replay) and hears each one's outcome."""
@@ -228,10 +231,12 @@ class RolloutWorker:
     def run_episodes(self, rows: list[Any], n: int, sampling: SamplingConfig) -> list[list[Episode] | str]:
         """`n` episodes of each row to their end with `sampling`, outside training (evaluation): per
         row its episodes, or why it could not start. Nothing goes to the store. `rows` are a prefix of
-        the eval split (`rlhub.evaluation.eval_rows`): a row's index is its position."""
+        the eval split (`rlhub.evaluation.eval_rows`): a row's index is its position. Of a multi-agent
+        environment's matches, the first agent's episodes (its own return and success) are returned."""
         started = self.turns.start(rows, [-1 - i for i in range(len(rows))], n, list(range(len(rows))))
         groups = {-1 - i: g for i, g in enumerate(started) if not isinstance(g, str)}
         queue: deque[TurnBatch] = deque()
         while self.turns.generate(groups, sampling, queue):
             self.turns.answer(queue.popleft())
-        return [g if isinstance(g, str) else g.episodes for g in started]
+        first = self.turns.agents[0] if self.turns.agents else ""
+        return [g if isinstance(g, str) else [e for e in g.episodes if e.agent == first] for g in started]

@@ -60,11 +60,14 @@ def test_each_comparison_is_its_own_report_entry_with_every_sides_figures():
                   "repeat": {"quiet_runs": 3, "runs": []}}
         return {"bench": "budget", "command": "rlhub bench budget ...", "result": result}
 
+    other_task = record(["uniform", "difficulty"], [0.1, 0.2])
+    other_task["result"]["overrides"]["common"] = ["env=reasoning_gym"]
     records = latest([record(["grpo", "spo"], [0.2, 0.1]), record(["uniform", "difficulty"], [0.3, 0.35]),
-                      record(["grpo", "spo"], [0.25, 0.3])])
-    assert set(k for k in records if k.startswith("budget:")) == {"budget:grpo,spo", "budget:uniform,difficulty"}
+                      record(["grpo", "spo"], [0.25, 0.3]), other_task])
+    assert set(k for k in records if k.startswith("budget:")) == {"budget:grpo,spo@countdown", "budget:uniform,difficulty@countdown",
+                                                                  "budget:uniform,difficulty@reasoning_gym"}
     text = render(records)
-    assert "### budget:grpo,spo: grpo against spo at one generation budget" in text
+    assert "### budget:grpo,spo@countdown: grpo against spo at one generation budget (countdown)" in text
     assert "| spo (`algorithm=spo`) | 0.300 [0.100–0.400] |" in text  # the newest record of that comparison
     assert "| spo_vs_grpo | 0.050 |" in text
-    assert "### budget:uniform,difficulty" in text
+    assert "### budget:uniform,difficulty@countdown" in text and "### budget:uniform,difficulty@reasoning_gym" in text
