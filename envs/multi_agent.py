@@ -100,17 +100,20 @@ class ProposeCheckEnv:
         if agent == "checker":
             state["check"] = said
             if said is not None and said == state["proposals"][-1]:
-                return self._end(state, said == answer)
+                return self._end(state, said == answer, "agreed_right" if said == answer else "agreed_wrong")
             shown = "?" if said is None else str(said)
             return StepResult(0.0, done=False, next_agent="proposer", rewards={},
                               observations={"proposer": self._say(f"The checker says {shown}. Your final answer:" if self.chat else f"{shown}!")})
         state["proposals"].append(said)  # the proposer's final answer
-        return self._end(state, said is not None and said == state["check"] and said == answer)
+        agreed = said is not None and said == state["check"]
+        how = "disagreed" if not agreed else "agreed_right" if said == answer else "agreed_wrong"
+        return self._end(state, agreed and said == answer, how)
 
-    def _end(self, state: dict[str, Any], agreed_and_right: bool) -> StepResult:
+    def _end(self, state: dict[str, Any], agreed_and_right: bool, how: str) -> StepResult:
+        """The end of a match; `info["outcome"]` (rollout/outcome/*) says how it ended."""
         pay = float(agreed_and_right)
         return StepResult(pay, done=True, success=agreed_and_right, rewards={a: pay for a in self.agents},
-                          successes={a: agreed_and_right for a in self.agents})
+                          successes={a: agreed_and_right for a in self.agents}, info={"outcome": how})
 
     def format_examples(self, n: int, rng: random.Random) -> list[tuple[Any, str]]:
         """(prompt, answer) pairs of the right shape whose numbers are drawn at random, not computed, for a
@@ -167,17 +170,19 @@ class NimEnv:
         other = self.agents[1 - self.agents.index(agent)]
         take = first_integer(message) if ended_turn(message) else None
         if take is None or not 1 <= take <= min(3, state["pile"]):
-            return self._won(other, agent)  # an illegal move loses
+            return self._won(other, agent, "illegal_move")  # an illegal move loses
         state["pile"] -= take
         state["moves"].append((agent, take))
         if state["pile"] == 0:
-            return self._won(agent, other)
+            return self._won(agent, other, "took_last")
         seen = (f"Your opponent took {take}; {state['pile']} left. How many do you take?" if self.chat
                 else f"{take}>{state['pile']}:")
         return StepResult(0.0, done=False, next_agent=other, rewards={}, observations={other: self._say(seen)})
 
-    def _won(self, winner: str, loser: str) -> StepResult:
-        return StepResult(1.0, done=True, success=True, rewards={winner: 1.0, loser: 0.0}, successes={winner: True, loser: False})
+    def _won(self, winner: str, loser: str, how: str) -> StepResult:
+        """The end of a game; `info["outcome"]` (counted per step as rollout/outcome/*) says how it ended."""
+        return StepResult(1.0, done=True, success=True, rewards={winner: 1.0, loser: 0.0}, successes={winner: True, loser: False},
+                          info={"outcome": how})
 
     def format_examples(self, n: int, rng: random.Random) -> list[tuple[Any, str]]:
         """Opening moves of the right shape (a number from 1 to 3, at random), for a format warm start."""
