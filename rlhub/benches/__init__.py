@@ -128,6 +128,9 @@ def run(name: str, args: list[str]) -> dict[str, Any]:
         raise KeyError(f"unknown benchmark {name!r}; one of: {', '.join(BENCHES)}, report")
     opts, own = split_args(name, args)
     module = importlib.import_module(BENCHES[name])
+    check = getattr(module, "check_args", None)
+    if check is not None and name != "presets":  # bad arguments are answered at once, not after waiting for a quiet machine
+        check(own)
     result = repeated(module.bench_presets if name == "presets" else module.run, own, opts)
     record(name, args, result)
     return result

@@ -53,6 +53,15 @@ def parse(args: list[str]) -> tuple[int, dict[str, list[str]], list[str]]:
     return tokens, sides, common
 
 
+def check_args(args: list[str]) -> None:
+    """ValueError naming a bad argument, and the config error of a side's overrides, before any run starts."""
+    from rlhub.config import load_config
+
+    _, sides, common = parse(args)
+    for own in sides.values():
+        load_config([*DEFAULTS, *common, *own])
+
+
 def run_side(overrides: list[str]) -> dict[str, Any]:
     """One training run with these overrides: its figures (module docstring)."""
     from rlhub.actors.controller import train

@@ -114,9 +114,9 @@ def _pipeline(overrides: list[str], staleness: int, skip: int, threshold: float)
     }
 
 
-def bench_e2e(args: list[str], run_index: int = 0) -> dict[str, Any]:
-    """Odd `run_index`es (`rlhub.benches.repeat`) run the pipeline's stalenesses in the reverse order,
-    then the isolated phases; even ones the phases first."""
+def check_args(args: list[str]) -> tuple[list[int], float, list[str], Any]:
+    """(stalenesses, success threshold, overrides, config) of `rlhub bench e2e`'s arguments; a ConfigError
+    names what is wrong (before any run waits for a quiet machine)."""
     from rlhub.config import ConfigError, load_config
 
     stalenesses, threshold, overrides = [0, 1, 2, 4], 0.5, []
@@ -134,8 +134,18 @@ def bench_e2e(args: list[str], run_index: int = 0) -> dict[str, Any]:
     algo = cfg.algorithm
     if advantage_needs(algo.advantage).critic or (algo.kl_coef > 0 and algo.reference == "actor"):
         raise ConfigError("bench e2e measures algorithms without scorer actors (no critic, reference=learner); use rlhub bench presets")
+    if advantage_needs(algo.advantage).segment_values:
+        raise ConfigError("bench e2e measures the pipeline on the training groups alone; SPO's branches are compared at one "
+                          "generation budget by rlhub bench budget")
     if 0 not in stalenesses:
         raise ConfigError("bench e2e: staleness= must include 0 (the synchronous baseline)")
+    return stalenesses, threshold, overrides, cfg
+
+
+def bench_e2e(args: list[str], run_index: int = 0) -> dict[str, Any]:
+    """Odd `run_index`es (`rlhub.benches.repeat`) run the pipeline's stalenesses in the reverse order,
+    then the isolated phases; even ones the phases first."""
+    stalenesses, threshold, overrides, cfg = check_args(args)
     skip = steady_skip(cfg.experiment.total_steps)  # start-up steps are not steady state
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor

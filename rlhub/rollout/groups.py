@@ -164,14 +164,14 @@ class Groups:
             w = won[0]
             keep = {"prompt_ids": list(w.prompt_ids), "completion_ids": list(w.completion_ids), "logprobs": list(w.logprobs),
                     "versions": list(w.versions), "reward": float(w.reward), "success": True, "finish_reason": w.finish_reason,
-                    "loss_mask": None if w.loss_mask is None else list(w.loss_mask)}
+                    "loss_mask": None if w.loss_mask is None else list(w.loss_mask), "agent": w.agent}
         self.outcomes.append(Outcome(group.row_index, len(won), len(samples), keep))
         replay = plan.get("replay")
         if replay is None or won:
             return samples
         self.stats.replayed += 1
         return samples + [Sample(replay["prompt_ids"], replay["completion_ids"], replay["logprobs"], replay["versions"], replay["reward"],
-                                 True, replay["finish_reason"], None, replay["loss_mask"], replayed=True)]
+                                 True, replay["finish_reason"], None, replay["loss_mask"], agent=replay.get("agent"), replayed=True)]
 
     def overlong(self, generated: int, multi_turn: bool) -> float:
         """The overlong shaping of a sample that generated `generated` tokens (0 unless configured); a
