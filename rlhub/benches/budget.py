@@ -18,9 +18,6 @@ the sides run in the reverse order in odd runs. `rlhub bench budget` takes three
 
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 DEFAULTS = ["wandb.mode=disabled", "progress=false", "experiment.total_steps=100000"]
@@ -64,19 +61,9 @@ def check_args(args: list[str]) -> None:
 
 def run_side(overrides: list[str]) -> dict[str, Any]:
     """One training run with these overrides: its figures (module docstring)."""
-    from rlhub.actors.controller import train
-    from rlhub.config import load_config
-    from rlhub.tracking import read_rows
+    from rlhub.benches.train import timed_run
 
-    with tempfile.TemporaryDirectory(prefix="rlhub-bench-budget-") as tmp:
-        run_dir = Path(tmp) / "run"
-        cfg = load_config([*DEFAULTS, *overrides, f"run_dir={run_dir}"])
-        start = time.perf_counter()
-        summary = train(cfg)
-        wall = time.perf_counter() - start
-        rows = read_rows(run_dir / "metrics.jsonl")
-    if summary.get("status") != "ok":
-        raise RuntimeError(f"bench budget: the run with {overrides} ended with status {summary.get('status')}: {summary.get('error')}")
+    _, summary, rows, wall = timed_run([*DEFAULTS, *overrides], "budget")
     final = summary.get("eval") or {}
     tenth = max(1, len(rows) // 10)
     return {

@@ -56,22 +56,30 @@ def summarize(rows: list[dict[str, Any]], summary: dict[str, Any], wall_s: float
     }
 
 
-def run(args: list[str]) -> dict[str, Any]:
+def timed_run(overrides: list[str], bench: str) -> tuple[Any, dict[str, Any], list[dict[str, Any]], float]:
+    """(config, summary, metrics rows, wall seconds from the config to the return) of one training run with
+    these overrides, in a temporary run directory; RuntimeError when it did not end ok."""
     from rlhub.actors.controller import train
     from rlhub.config import load_config
-    from rlhub.rollout.records import peak_rss_mb
     from rlhub.tracking import read_rows
 
-    overrides = list(args) if any(a.startswith("experiment=") for a in args) else [DEFAULT_EXPERIMENT, *args]
-    with tempfile.TemporaryDirectory(prefix="rlhub-bench-train-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"rlhub-bench-{bench}-") as tmp:
         run_dir = Path(tmp) / "run"
-        cfg = load_config([*DEFAULTS, *overrides, f"run_dir={run_dir}"])
+        cfg = load_config([*overrides, f"run_dir={run_dir}"])
         start = time.perf_counter()
         summary = train(cfg)
         wall = time.perf_counter() - start
         rows = read_rows(run_dir / "metrics.jsonl")
     if summary.get("status") != "ok":
-        raise RuntimeError(f"bench train: the run ended with status {summary.get('status')}: {summary.get('error')}")
+        raise RuntimeError(f"bench {bench}: the run with {overrides} ended with status {summary.get('status')}: {summary.get('error')}")
+    return cfg, summary, rows, wall
+
+
+def run(args: list[str]) -> dict[str, Any]:
+    from rlhub.rollout.records import peak_rss_mb
+
+    overrides = list(args) if any(a.startswith("experiment=") for a in args) else [DEFAULT_EXPERIMENT, *args]
+    cfg, summary, rows, wall = timed_run([*DEFAULTS, *overrides], "train")
     out = summarize(rows, summary, wall)
     out["peak_rss_mb"]["driver"] = peak_rss_mb()
     out["overrides"] = overrides
