@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rlhub.algorithms.advantages import spo_advantages
-from rlhub.algorithms.config import AlgorithmConfig, SpoConfig
+from rlhub.algorithms.config import SpoConfig
 from rlhub.algorithms.data_side import DataSide, advantages
 from rlhub.datastore import InMemoryDataStore
 from rlhub.engines.base import Completion
