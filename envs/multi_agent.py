@@ -38,43 +38,48 @@ def first_integer(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
-def _split(rows: list[dict[str, Any]], test_fraction: float, seed: int) -> dict[str, list[dict[str, Any]]]:
-    random.Random(seed).shuffle(rows)
-    n_test = max(1, int(len(rows) * test_fraction))
-    return {"train": rows[n_test:], "test": rows[:n_test]}
+@dataclass
+class _Game:
+    """What both games share: prompts as raw text or chat, and rows split once into train and test."""
+
+    chat: bool = False
+    """Ask in words through the chat template (pretrained chat models) instead of the tiny MoE's short raw text."""
+    test_fraction: float = 0.2
+    seed: int = 0
+    rows: dict[str, list[dict[str, Any]]] = field(init=False)
+
+    def _split(self, rows: list[dict[str, Any]]) -> None:
+        random.Random(self.seed).shuffle(rows)
+        n_test = max(1, int(len(rows) * self.test_fraction))
+        self.rows = {"train": rows[n_test:], "test": rows[:n_test]}
+
+    def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
+        return self.rows[split]
+
+    def _say(self, text: str) -> Any:
+        return [{"role": "user", "content": text}] if self.chat else text
 
 
 @dataclass
-class ProposeCheckEnv:
+class ProposeCheckEnv(_Game):
     """The cooperative task (module docstring)."""
 
     max_operand: int = 9
     ops: str = "+"
     """+ or max: the question is a + b, or the larger of a and b."""
-    chat: bool = False
-    test_fraction: float = 0.2
-    seed: int = 0
     agents: tuple[str, ...] = ("proposer", "checker")
-    rows: dict[str, list[dict[str, Any]]] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.ops not in ("+", "max"):
             raise ValueError(f"env.kwargs.ops={self.ops!r}: use + or max")
-        rows = [{"a": a, "b": b, "answer": a + b if self.ops == "+" else max(a, b)}
-                for a in range(self.max_operand + 1) for b in range(self.max_operand + 1)]
-        self.rows = _split(rows, self.test_fraction, self.seed)
-
-    def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
-        return self.rows[split]
+        self._split([{"a": a, "b": b, "answer": a + b if self.ops == "+" else max(a, b)}
+                     for a in range(self.max_operand + 1) for b in range(self.max_operand + 1)])
 
     def _task(self, row: Mapping[str, Any]) -> str:
         a, b = row["a"], row["b"]
         if self.chat:
             return f"What is {a} + {b}?" if self.ops == "+" else f"What is the larger of {a} and {b}?"
         return f"{a}+{b}=" if self.ops == "+" else f"max({a},{b})="
-
-    def _say(self, text: str) -> Any:
-        return [{"role": "user", "content": text}] if self.chat else text
 
     def reset(self, row: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         task = self._task(row)
@@ -128,29 +133,19 @@ class ProposeCheckEnv:
 
 
 @dataclass
-class NimEnv:
+class NimEnv(_Game):
     """The competitive game (module docstring)."""
 
     min_pile: int = 4
     max_pile: int = 9
-    chat: bool = False
     test_fraction: float = 0.25
-    seed: int = 0
     agents: tuple[str, ...] = ("first", "second")
-    rows: dict[str, list[dict[str, Any]]] = field(init=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_pile <= self.max_pile:
             raise ValueError("env.kwargs: 1 <= min_pile <= max_pile")
         # every pile several times over: rows differ by their index, the game by its pile
-        rows = [{"pile": p, "copy": c} for p in range(self.min_pile, self.max_pile + 1) for c in range(8)]
-        self.rows = _split(rows, self.test_fraction, self.seed)
-
-    def dataset(self, split: str) -> Sequence[Mapping[str, Any]]:
-        return self.rows[split]
-
-    def _say(self, text: str) -> Any:
-        return [{"role": "user", "content": text}] if self.chat else text
+        self._split([{"pile": p, "copy": c} for p in range(self.min_pile, self.max_pile + 1) for c in range(8)])
 
     def reset(self, row: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         pile = row["pile"]
