@@ -67,7 +67,7 @@ class ProposeCheckEnv(_Game):
     max_operand: int = 9
     ops: str = "+"
     """+ or max: the question is a + b, or the larger of a and b."""
-    agents: tuple[str, ...] = ("proposer", "checker")
+    agents: tuple[str, ...] = field(default=("proposer", "checker"), init=False)
 
     def __post_init__(self) -> None:
         if self.ops not in ("+", "max"):
@@ -139,7 +139,7 @@ class NimEnv(_Game):
     min_pile: int = 4
     max_pile: int = 9
     test_fraction: float = 0.25
-    agents: tuple[str, ...] = ("first", "second")
+    agents: tuple[str, ...] = field(default=("first", "second"), init=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_pile <= self.max_pile:
