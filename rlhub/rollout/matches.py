@@ -25,9 +25,6 @@ from rlhub.episodes import Episode
 @dataclass
 class Match:
     agents: tuple[str, ...]
-    state: Any
-    turn: str
-    """The agent acting now."""
     openings: dict[str, Any]
     """Each agent's opening as `reset` gave it, with what it was shown before its first turn."""
     episodes: dict[str, Episode] = field(default_factory=dict)

@@ -142,7 +142,7 @@ class Turns:
             first = self.env.first_agent(own) if callable(getattr(self.env, "first_agent", None)) else self.agents[0]
             if first not in self.agents:
                 raise ValueError(f"first_agent() returned {first!r}, not one of {list(self.agents)}")
-            match = Match(self.agents, own, first, dict(openings), pending={a: [] for a in self.agents})
+            match = Match(self.agents, dict(openings), pending={a: [] for a in self.agents})
             for a in self.agents:
                 ids, history = rendered[a]
                 e = Episode(gid, -1, own, list(ids), None if history is None else list(history), row=row, agent=a, match=match,
@@ -335,7 +335,6 @@ class Turns:
                     n.history += new
         for a, agent in m.episodes.items():
             agent.parked = a != n.agent
-        m.turn = n.agent
 
     def _end_match(self, m: Any, why: str, dropped: bool = False, truncated: bool = False,
                    successes: Mapping[str, bool] | None = None) -> None:
