@@ -232,6 +232,7 @@ class Actors:
     """The run's actors (handles), created at once so that their start-ups overlap."""
 
     weight_sync: Any
+    """The weight sync, or under separate policies {policy: its weight sync}."""
     store: Any
     learner: Any
     critic: Any
@@ -246,20 +247,30 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     """Every actor of the run, without waiting for any: each imports its libraries and loads its model meanwhile."""
     import ray
 
-    from rlhub.actors.learner import LearnerGroup
+    from rlhub.actors.learner import LearnerGroup, PolicyLearners
     from rlhub.actors.rollout import RolloutFleet
     from rlhub.actors.store import RayDataStore
+    from rlhub.envs.base import is_multi_agent
     from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
 
     vocab = json.loads((model_path / "config.json").read_text()).get("vocab_size", 256)
     probe = probe_sequence(vocab)
+    agents = tuple(env.agents) if is_multi_agent(env) else ()
+    policy_of = cfg.agents.policy_of(agents)
     # the slow starters first, so they take the workers Ray started ahead; they are wired up after
-    learner = LearnerGroup(cfg, str(model_path), probe, plan.learner)
+    if policy_of:  # separate policies: a learner, a weight registry and (in each rollout actor) an engine each
+        learner: Any = PolicyLearners(cfg, str(model_path), probe, plan.learner, policy_of, agents)
+    else:
+        learner = LearnerGroup(cfg, str(model_path), probe, plan.learner)
     fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
     critic, reference, starting = create_scorers(cfg, str(model_path), plan)
-    weight_sync = ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
+
+    def registry() -> Any:
+        return ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
+
+    weight_sync = {name: registry() for name in learner.names} if policy_of else registry()
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed,
-                                cfg.data, cfg.group_size)
+                                cfg.data, cfg.group_size, tuple(learner.names) if policy_of else ())
     learner.connect(weight_sync, store)
     judge = None
     if cfg.reward.judge.model:
@@ -320,6 +331,9 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
     log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.time() - t0)
     pipeline = Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version, t0)
     pipeline.eval_rows = len(eval_rows(env, cfg.eval.rows))
+    from rlhub.envs.base import is_multi_agent
+
+    pipeline.policy_of = cfg.agents.policy_of(tuple(env.agents) if is_multi_agent(env) else ())
     return pipeline
 
 

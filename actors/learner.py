@@ -36,6 +36,10 @@ class LearnerActor:
         self.run, self.model_path, self.probe_ids, self.rank = run, model_path, probe_ids, rank
         self.weight_sync: Any = None
         self.store: Any = None
+        self.policy: str | None = None
+        """Under agents.policies=separate, the policy this learner trains (None: the run's one policy)."""
+        self.agents: frozenset[int] | None = None
+        """...and the agents (indices into the environment's agents) whose samples it trains on."""
         self._last_end = 0.0  # when the previous step returned: the gap to the next is idle time
         self.learner: Any = None
         if run.learner.world_size == 1:
@@ -70,8 +74,11 @@ class LearnerActor:
         cfg = self.run.learner
         self._build(join(host, port, self.rank, cfg.world_size, cfg.expert_parallel, cfg.collective_timeout_s))
 
-    def connect(self, weight_sync: Any, store: Any) -> None:
+    def connect(self, weight_sync: Any, store: Any, policy: str | None = None, agents: list[int] | None = None) -> None:
+        """The weight registry this learner publishes to and the store whose admission it opens; a policy
+        of its own (agents.policies=separate) also names itself and the agents it trains on."""
         self.weight_sync, self.store = weight_sync, store
+        self.policy, self.agents = policy, None if agents is None else frozenset(agents)
 
     def publish(self, version: int | None = None) -> float:
         """Publish the current weights and probe, then open admission for the version's prompts; returns
@@ -91,7 +98,7 @@ class LearnerActor:
         else:
             self.weight_sync.push(self.learner.published_state(), self.learner.version, probe)
         if self.rank == 0:
-            self.store.set_version(self.learner.version)
+            self.store.set_version(self.learner.version, self.policy)
         return time.perf_counter() - start
 
     def train_step(self, parts: list[tuple[Any, list[int], list[int]]]) -> dict[str, Any]:
@@ -103,6 +110,8 @@ class LearnerActor:
 
         start = time.perf_counter()
         tensors, lost = resolve_batch(parts)
+        if self.agents is not None:  # a policy of its own: its agent's rows, and groups that hold none are not its
+            tensors = [t for t in (g.of_agents(self.agents) for g in tensors) if t is not None]
         fetched = time.perf_counter()
         ranks = self.learner.ranks
         if ranks.distributed:
@@ -146,7 +155,7 @@ class LearnerActor:
     def load(self, directory: str, version: int) -> None:
         self.learner.load(Path(directory), version)
         if self.rank == 0:
-            self.store.set_version(version)
+            self.store.set_version(version, self.policy)
 
 
 def resolve_batch(parts: list[tuple[Any, list[int], list[int]]], timeout_s: float = 60.0) -> tuple[list[Any], list[int]]:
@@ -217,8 +226,12 @@ class LearnerGroup:
     def _all(self, method: str, *args: Any) -> list[Any]:
         return [getattr(a, method).remote(*args) for a in self.actors]
 
-    def connect(self, weight_sync: Any, store: Any) -> list[Any]:
-        return self._all("connect", weight_sync, store)
+    def connect(self, weight_sync: Any, store: Any, policy: str | None = None, agents: list[int] | None = None) -> list[Any]:
+        return self._all("connect", weight_sync, store, policy, agents)
+
+    def metrics(self, learned: list[Any]) -> dict[str, Any]:
+        """A step's metrics from its train calls (`train_step`'s refs): rank 0's, which merged the ranks'."""
+        return ray.get(learned[0])
 
     def train_step(self, shares: list[list[tuple[Any, list[int], list[int]]]]) -> list[Any]:
         """`shares[r]`: rank r's parts (see `split_parts`)."""
@@ -262,6 +275,106 @@ class LearnerGroup:
                 pid = self.where[r]["pid"] if r < len(self.where) else "?"
                 return f"learner rank {r} of {self.world_size} (node {node}, pid {pid}) died: {str(error).splitlines()[0]}"
         return f"a learner rank of {self.world_size} died: {str(error).splitlines()[0]}"
+
+
+class PolicyLearners:
+    """Separate policies' learners (agents.policies=separate): one `LearnerGroup` per policy, each with
+    its own weights, optimizer, version and weight registry, training on its agents' rows of every
+    group only. The controller calls it as it calls one `LearnerGroup`: each method calls every
+    policy's ranks and returns their refs, policy after policy in `names` order (rank 0's first
+    within each); `metrics` merges the policies' step metrics (`merge_policy_metrics`). Checkpoints
+    hold each policy under policies/<name>/."""
+
+    def __init__(self, run: Any, model_path: str, probe_ids: list[int], core: int | None, policy_of: dict[str, str],
+                 agents: tuple[str, ...]) -> None:
+        self.names = list(dict.fromkeys(policy_of.values()))
+        self.agents_of = {n: [agents.index(a) for a, p in policy_of.items() if p == n] for n in self.names}
+        self.groups = {n: LearnerGroup(run, model_path, probe_ids, core) for n in self.names}
+        self.world_size = run.learner.world_size
+        self.where: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        for name, group in self.groups.items():
+            group.start()
+            self.where += [{**w, "policy": name} for w in group.where]
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.close()
+
+    def _each(self, call: Any) -> list[Any]:
+        return [ref for name, group in self.groups.items() for ref in call(name, group)]
+
+    def connect(self, weight_syncs: dict[str, Any], store: Any) -> list[Any]:
+        return self._each(lambda n, g: g.connect(weight_syncs[n], store, n, self.agents_of[n]))
+
+    def train_step(self, shares: list[list[tuple[Any, list[int], list[int]]]]) -> list[Any]:
+        """Every policy steps on the same shares; each learner keeps its agents' rows."""
+        return self._each(lambda n, g: g.train_step(shares))
+
+    def by_policy(self, refs: list[Any]) -> dict[str, list[Any]]:
+        """Refs of a call to every policy (as the methods return them), by policy."""
+        w = self.world_size
+        return {n: refs[i * w:(i + 1) * w] for i, n in enumerate(self.names)}
+
+    def metrics(self, learned: list[Any]) -> dict[str, Any]:
+        return merge_policy_metrics({n: ray.get(refs[0]) for n, refs in self.by_policy(learned).items()})
+
+    def publish(self, version: int | None = None) -> list[Any]:
+        return self._each(lambda n, g: g.publish(version))
+
+    def warm_start(self, *args: Any) -> list[Any]:
+        """The same warm start for every policy, one after another: the first computes it, the others
+        (with the warm-start cache) load it, so the policies start from the same weights."""
+        refs: list[Any] = []
+        for group in self.groups.values():
+            calls = group.warm_start(*args)
+            group.get(calls)
+            refs += calls
+        return refs
+
+    def save(self, directory: str) -> list[Any]:
+        return self._each(lambda n, g: g.save(str(Path(directory) / "policies" / n)))
+
+    def load(self, directory: str, version: int) -> list[Any]:
+        return self._each(lambda n, g: g.load(str(Path(directory) / "policies" / n), version))
+
+    def get(self, refs: list[Any]) -> list[Any]:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            self.check(ready)
+        return ray.get(refs)
+
+    def check(self, ready: list[Any]) -> None:
+        for name, group in self.groups.items():
+            try:
+                group.check(ready)
+            except RankFailed as e:
+                raise RankFailed(f"policy {name}: {e}") from None
+
+
+def merge_policy_metrics(per_policy: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One step's metrics from each separate policy's: the first policy's as the step's, each policy's
+    train/* also as policies/<name>/train/*, the tokens and groups over all of them, and what the
+    controller reads per policy: "learned" {policy: (group id, tokens) pairs} and "policies_updated"
+    {policy: bool}. The policies step in lockstep: a version that differs is an error."""
+    versions = {n: int(m["version"]) for n, m in per_policy.items()}
+    if len(set(versions.values())) != 1:
+        raise RuntimeError(f"separate policies out of step: versions {versions}")
+    first = next(iter(per_policy.values()))
+    out = {k: v for k, v in first.items() if k not in ("learned", "lost_groups")}
+    for name, m in per_policy.items():
+        out.update({f"policies/{name}/{k}": v for k, v in m.items() if k.startswith("train/")})
+    out["train/tokens"] = float(sum(m.get("train/tokens", 0.0) for m in per_policy.values()))
+    out["train/groups"] = float(len({g for m in per_policy.values() for g, _ in m["learned"]}))
+    out["train/policy_updated"] = float(any(m.get("train/policy_updated") for m in per_policy.values()))
+    out["train/nonfinite_skipped"] = float(any(m.get("train/nonfinite_skipped") for m in per_policy.values()))
+    out["train/nonfinite_in_row"] = float(max(m.get("train/nonfinite_in_row", 0.0) for m in per_policy.values()))
+    out["learned"] = {n: m["learned"] for n, m in per_policy.items()}
+    out["policies_updated"] = {n: bool(m.get("train/policy_updated")) for n, m in per_policy.items()}
+    out["lost_groups"] = sorted({g for m in per_policy.values() for g in m["lost_groups"]})
+    return out
 
 
 class RankFailed(RuntimeError):

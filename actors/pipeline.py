@@ -59,6 +59,7 @@ class Pipeline:
         self.nonfinite_steps = 0
         self.lost_groups = 0
         self._last_tokens, self._last_time = 0, time.perf_counter()
+        self.policy_of: dict[str, str] = {}  # separate policies: each agent's (set by the controller)
         self.eval_rows = 0  # how many eval rows the environment has (set by the controller)
         self.evals_pending = 0
         self.eval_requested = -1
@@ -125,7 +126,7 @@ class Pipeline:
             if len(ready) == len(step.calls):
                 break
             self.fleet.check()
-        metrics = ray.get(step.learned[0])
+        metrics = self.learner.metrics(step.learned)
         learner_calls = set(step.learned) | set(step.published)
         critic_metrics = ray.get([c for c in step.calls if c not in learner_calls])
         metrics["time/publish_s"] = max(ray.get(step.published))
@@ -145,6 +146,7 @@ class Pipeline:
         if version != step.version + 1:  # one version per submitted step, in order: the loop relies on it
             raise RuntimeError(f"the learner reached version {version} where the controller expected {step.version + 1}")
         learned = metrics.pop("learned")
+        updated_by = metrics.pop("policies_updated", None)  # separate policies: each one's, beside its "learned"
         lost = set(metrics.pop("lost_groups"))
         if lost:  # their tensors died with a rollout actor: never trained, started again
             self.lost_groups += len(lost)
@@ -159,8 +161,12 @@ class Pipeline:
         updated = bool(metrics.get("train/policy_updated"))
         not_trained = "nonfinite_step" if skipped else None if updated else "critic_warmup"
         # issued before trained: the store's events first
-        self.ledger.write(self.store.take_events() + step_events(kept, learned, version, not_trained))
-        if not_trained:
+        if updated_by is None:
+            events = step_events(kept, learned, version, not_trained)
+        else:
+            events = policy_step_events(kept, learned, updated_by, self.policy_of, version)
+        self.ledger.write(self.store.take_events() + events)
+        if not_trained and updated_by is None:  # (separate policies count the groups their moving policies trained on)
             metrics["train/groups"] = 0.0
         metrics.update(self._evaluations(version))
         self._log(version, step, kept, metrics)
@@ -300,6 +306,30 @@ def step_events(kept: list, learned: list, version: int, not_trained: str | None
                            "version": version - 1, "step": version, "tokens": meta.num_tokens})
     events.append({"event": "step", "step": version, "version": version - 1, "updated": not_trained is None,
                    "groups": [[int(g), int(t)] for g, t in learned]})
+    return events
+
+
+def policy_step_events(kept: list, learned: dict[str, list], updated: dict[str, bool], policy_of: dict[str, str],
+                       version: int) -> list[dict[str, Any]]:
+    """`step_events` under separate policies: a group is trained when a policy that moved trained on
+    some of its agents' tokens; its "trained" event records each such policy's tokens as its rollout
+    counted them (`policies`), and each policy's learner gives its own "step" report, which
+    `rlhub.ledger` reconciles with those, policy by policy. A group no moving policy trained on is
+    dropped (nonfinite_step: the policies holding its tokens skipped the step)."""
+    events: list[dict[str, Any]] = []
+    for meta, _ in kept:
+        tokens: dict[str, int] = {}
+        for agent, n in meta.extra.get("agent_tokens", {}).items():
+            tokens[policy_of[agent]] = tokens.get(policy_of[agent], 0) + int(n)
+        by = {p: n for p, n in tokens.items() if n and updated[p]}
+        if by:
+            events.append({"event": "trained", "group": meta.group_id, "row": meta.prompt_index, "actor": meta.actor_id,
+                           "version": version - 1, "step": version, "tokens": meta.num_tokens, "policies": by})
+        else:
+            events.append({"event": "dropped", "group": meta.group_id, "row": meta.prompt_index, "reason": "nonfinite_step"})
+    for policy, pairs in learned.items():
+        events.append({"event": "step", "step": version, "version": version - 1, "updated": updated[policy], "policy": policy,
+                       "groups": [[int(g), int(t)] for g, t in pairs]})
     return events
 
 

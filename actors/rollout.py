@@ -34,10 +34,16 @@ class RolloutActor:
         seed = run.seed * 1000 + actor_id
         torch.manual_seed(seed)
         self.actor_id, self.core, self.run_cfg, self.probe_ids = actor_id, core, run, probe_ids
-        self.engine = make_engine(cfg, model_path, cfg.dtype or run.model.dtype, seed, core, run.cluster.torch_threads,
-                                  routing=replay_enabled(run.moe, cfg.engine), selection_bias=run.moe.balance == "aux_free",
-                                  lora_rank=run.model.lora.rank)
         self.env = build_env(run.env, run.seed)
+        from rlhub.envs.base import is_multi_agent
+
+        self.policy_of = run.agents.policy_of(tuple(self.env.agents) if is_multi_agent(self.env) else ())
+        names = list(dict.fromkeys(self.policy_of.values())) or [None]
+        # one engine per policy (agents.policies=separate), each sampling with its own seed
+        self.engines = {name: make_engine(cfg, model_path, cfg.dtype or run.model.dtype, seed + 7919 * k, core, run.cluster.torch_threads,
+                                          routing=replay_enabled(run.moe, cfg.engine), selection_bias=run.moe.balance == "aux_free",
+                                          lora_rank=run.model.lora.rank) for k, name in enumerate(names)}
+        self.engine = next(iter(self.engines.values()))
         if getattr(self.env, "uses_sandbox", False):  # this node's kernel may differ from the driver's: checked again here
             from rlhub import sandbox
 
@@ -46,13 +52,17 @@ class RolloutActor:
         self.worker: Any = None
 
     def connect(self, store: Any, weight_sync: Any, scorers: list, judge: Any = None) -> int | None:
-        """The worker loop's partners: the store, the weights, the data-side scorers, the model judge (or
-        None); returns the actor's core."""
+        """The worker loop's partners: the store, the weights (separate policies: {policy: its weight
+        sync}), the data-side scorers, the model judge (or None); returns the actor's core."""
         from rlhub.actors.judge import RayJudgeClient
         from rlhub.actors.scorers import RemoteScorer
         from rlhub.rollout import DataSide, RolloutWorker
 
         run = self.run_cfg
+        policies = None
+        if self.policy_of:
+            policies = {name: (self.engines[name], weight_sync[name]) for name in self.engines}
+            weight_sync = weight_sync[next(iter(self.engines))]
         self.worker = RolloutWorker(
             actor_id=self.actor_id,
             cfg=run.rollout,
@@ -74,6 +84,8 @@ class RolloutActor:
             judge=RayJudgeClient(judge) if judge is not None else None,
             judge_cfg=run.reward.judge,
             curated=run.data.curation == "difficulty",
+            policies=policies,
+            policy_of=self.policy_of or None,
         )
         return self.core
 

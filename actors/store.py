@@ -52,9 +52,9 @@ class _Waiter:
 @ray.remote(num_cpus=0)
 class CoordinatorActor:
     def __init__(self, prompts_per_step: int, max_staleness: int, num_rows: int, seed: int, curation: Any = None,
-                 group_size: int = 0) -> None:
+                 group_size: int = 0, policies: tuple[str, ...] = ()) -> None:
         self.admission = Admission(prompts_per_step, max_staleness, num_rows=num_rows, seed=seed, curation=curation,
-                                   group_size=group_size)
+                                   group_size=group_size, policies=policies)
         self.waiter = _Waiter()
 
     def _has_room(self) -> bool:
@@ -86,8 +86,8 @@ class CoordinatorActor:
         self.admission.count_dropped(n)
         await self.waiter.notify()
 
-    async def set_version(self, version: int) -> None:
-        self.admission.set_version(version)
+    async def set_version(self, version: int, policy: str | None = None) -> None:
+        self.admission.set_version(version, policy)
         await self.waiter.notify()
 
     async def stop(self) -> None:
@@ -182,8 +182,9 @@ class RayDataStore:
 
     @classmethod
     def create(cls, num_shards: int, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0,
-               curation: Any = None, group_size: int = 0) -> "RayDataStore":
-        coordinator = CoordinatorActor.remote(prompts_per_step, max_staleness, num_rows, seed, curation, group_size)
+               curation: Any = None, group_size: int = 0, policies: tuple[str, ...] = ()) -> "RayDataStore":
+        """`policies`: separate policies' names (agents.policies=separate): admission waits for each one's publish."""
+        coordinator = CoordinatorActor.remote(prompts_per_step, max_staleness, num_rows, seed, curation, group_size, tuple(policies))
         return cls(coordinator, [ShardActor.remote() for _ in range(num_shards)], max_staleness)
 
     def _shard(self, group_id: int) -> Any:
@@ -250,8 +251,8 @@ class RayDataStore:
             if on_wait is not None:
                 on_wait()
 
-    def set_version(self, version: int) -> None:
-        ray.get(self.coordinator.set_version.remote(version))
+    def set_version(self, version: int, policy: str | None = None) -> None:
+        ray.get(self.coordinator.set_version.remote(version, policy))
 
     def requeue_actor(self, actor_id: int) -> list[int]:
         """Start again everything of a crashed actor that was not trained: in flight or queued."""

@@ -182,6 +182,29 @@ class WandbConfig:
 
 
 @dataclass
+class AgentsConfig:
+    """Which policy speaks for each agent of a multi-agent environment (`agents.*`; `rlhub.rollout.matches`)."""
+
+    policies: str = "shared"
+    """shared: one policy acts for every agent (roles come from the environment's prompts); separate:
+    each agent has a policy of its own, named after it, with its own learner, optimizer, weights,
+    version counter, weight registry and engine in every rollout actor, trained only on its agent's
+    samples. Separate policies step together: one controller step trains each on its agent's samples
+    of the same matches, so their versions advance in lockstep and one admission window, opened
+    once every policy has published, bounds the staleness of each agent's tokens by its own policy's
+    version (max_staleness, the same bound for all)."""
+
+    def check(self) -> None:
+        if self.policies not in ("shared", "separate"):
+            raise ValueError(f"agents.policies={self.policies!r}: use shared or separate")
+
+    def policy_of(self, agents: tuple[str, ...] | list[str]) -> dict[str, str]:
+        """{agent: its policy's name} under `separate` (each agent its own, named after it); {} where one
+        policy acts for all (shared, or an environment of one agent)."""
+        return {a: a for a in agents} if self.policies == "separate" and agents else {}
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -202,6 +225,8 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     data: DataConfig = field(default_factory=DataConfig)
     """Which rows the run trains on: uniform passes or difficulty-aware curation (rlhub.curation)."""
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    """A multi-agent environment's policies: one shared, or one per agent."""
     max_staleness: int = 1
     """How many policy versions a trained token may lag the learner (0: synchronous on-policy)."""
     prompts_per_step: int = 16
@@ -432,6 +457,7 @@ def validate(cfg: RunConfig) -> None:
         cfg.moe.check()
         cfg.sandbox.check()
         cfg.data.check()
+        cfg.agents.check()
         cfg.model.lora.check()
         if model_is_moe(cfg.model):
             replay_enabled(cfg.moe, cfg.rollout.engine)

@@ -76,10 +76,12 @@ class Admission:
 
     def __init__(
         self, prompts_per_step: int, max_staleness: int, total_prompts: int | None = None, num_rows: int = 0, seed: int = 0,
-        curation: Any = None, group_size: int = 0,
+        curation: Any = None, group_size: int = 0, policies: tuple[str, ...] = (),
     ) -> None:
         """`curation`: a `rlhub.curation.DataConfig` whose curation is `difficulty`: rows are then
-        picked as groups are admitted (`plans` says each group's), not read off the shuffled stream."""
+        picked as groups are admitted (`plans` says each group's), not read off the shuffled stream.
+        `policies`: the names of separate policies (agents.policies=separate), each of which reports its
+        version; admission opens for the version all of them have published."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.prompts_per_step = prompts_per_step
@@ -97,6 +99,7 @@ class Admission:
         self.rows_of: dict[int, int] = {}  # group id -> its row, where the sampler picked it
         self.events: list[dict[str, Any]] = []
         self.learner_version = 0
+        self.policy_versions: dict[str, int | None] = {p: None for p in policies}  # each separate policy's latest publish
         self.cursor = 0  # the next position in the prompt stream
         self.in_flight: dict[int, int] = {}  # group id -> actor id
         self.requeued: list[int] = []  # positions to start again (after a crash or a resume)
@@ -183,8 +186,17 @@ class Admission:
         events, self.events = self.events, []
         return events
 
-    def set_version(self, version: int) -> None:
-        self.learner_version = version
+    def set_version(self, version: int, policy: str | None = None) -> None:
+        """The learner published `version` (a separate policy names itself: admission follows the
+        oldest version among the policies, once each has published one)."""
+        if not self.policy_versions:
+            self.learner_version = version
+            return
+        if policy not in self.policy_versions:
+            raise ValueError(f"set_version: policy {policy!r} is not one of {sorted(self.policy_versions)}")
+        self.policy_versions[policy] = version
+        if all(v is not None for v in self.policy_versions.values()):
+            self.learner_version = min(v for v in self.policy_versions.values() if v is not None)
 
     def state_dict(self) -> dict[str, Any]:
         # what is in flight has not been trained: it is started again after a resume
@@ -358,8 +370,8 @@ class InMemoryDataStore:
         chosen = select_batch([(t, gid, 0) for t, gid in ready], n)
         return None if chosen is None else self.groups.take([gid for _, gid, _ in chosen])
 
-    def set_version(self, version: int) -> None:
-        self.admission.set_version(version)
+    def set_version(self, version: int, policy: str | None = None) -> None:
+        self.admission.set_version(version, policy)
 
     def stats(self) -> dict[str, Any]:
         return {**merge_stats([self.groups.stats()]), "in_flight": len(self.admission.in_flight)}

@@ -77,7 +77,28 @@ def check_env(cfg: RunConfig) -> Any:
                     "notice goes)", cfg.warm_start.steps, cfg.env.name)
     if getattr(env, "uses_sandbox", False):
         check_sandbox(cfg, env)
+    check_policies(cfg, env)
     return env
+
+
+def check_policies(cfg: RunConfig, env: Any) -> None:
+    """agents.policies=separate needs several agents, and trains what each policy's learner trains
+    alone: no critic or reference actor (they score one policy's tokens)."""
+    from rlhub.algorithms import advantage_needs
+    from rlhub.envs.base import is_multi_agent
+
+    if cfg.agents.policies != "separate":
+        return
+    if not is_multi_agent(env):
+        raise ConfigError(f"agents.policies=separate: env.name={cfg.env.name!r} has one agent (a multi-agent environment names its "
+                          "agents; see docs/environments.md)")
+    algo = cfg.algorithm
+    if advantage_needs(algo.advantage).critic:
+        raise ConfigError(f"agents.policies=separate with algorithm.advantage={algo.advantage}: the critic values one policy's "
+                          "tokens; use an estimator without a critic (grpo, rloo, reinforce_pp, ...)")
+    if algo.reference == "actor" and algo.kl_coef > 0:
+        raise ConfigError("agents.policies=separate with algorithm.reference=actor: the reference actor scores one policy; "
+                          "use algorithm.reference=learner or algorithm.kl_coef=0")
 
 
 def check_prompt_lengths(cfg: RunConfig, env: Any, model_path: Path) -> None:

@@ -51,6 +51,10 @@ def find_policy(path: Path | str) -> Path:
     ckpt = latest_checkpoint(path)
     if ckpt is not None and (ckpt / "policy" / "config.json").is_file():
         return ckpt / "policy"
+    for at in (path, ckpt):  # separate policies (agents.policies=separate): one directory each, none to pick for the user
+        if at is not None and (at / "policies").is_dir():
+            raise FileNotFoundError(f"export: {at} holds one policy per agent; name one: "
+                                    + ", ".join(str(p) for p in sorted((at / "policies").iterdir())))
     raise FileNotFoundError(f"export: {path} is neither a run directory with a checkpoint (checkpoints/step_N/policy/) "
                             "nor a checkpoint directory (policy/config.json)")
 

@@ -19,6 +19,13 @@ RUN_DIR/ledger.jsonl holds one object per line:
     {"event": "step",     "step": int, "version": int, "updated": bool, "groups": [[int, int], ...]}
         the learner's own account of optimizer step `step`: the (group id, tokens) pairs read off the
         tensors its loss was computed on, and whether the policy moved.
+
+Separate policies (agents.policies=separate) train each group once, each on its own agents' tokens:
+a "trained" event adds `"policies": {policy: tokens}`, the tokens of each policy that trained on
+the group (its agents' generated tokens, as the rollout counted them), and every policy's learner
+gives its own "step" report with `"policy": name`. Each policy's report is reconciled with the
+tokens the trained events give that policy, so a policy that trained on another agent's rows
+breaks the check.
     {"event": "run",      "version": int, "resumed": bool}
         a run (or a resume) started; only reported.
 
@@ -170,8 +177,9 @@ def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], allow_open: 
     drop_reason: dict[int, str] = {}
     issued: set[int] = set()
     requeued: Counter[str] = Counter()
-    per_step: dict[int, dict[int, int | None]] = {}  # step -> {group: tokens its rollout counted (None: not recorded)}
-    reports: dict[int, dict[str, Any]] = {}  # step -> the learner's "step" event
+    # (step, policy or None) -> {group: tokens its rollout counted for it (None: not recorded)}
+    per_step: dict[tuple[int, str | None], dict[int, int | None]] = {}
+    reports: dict[tuple[int, str | None], dict[str, Any]] = {}  # (step, policy or None) -> the learner's "step" event
     for line, ev in numbered:
         kind = ev.get("event") if isinstance(ev, dict) else None
         if kind not in FIELDS:
@@ -186,9 +194,10 @@ def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], allow_open: 
             rec.resumes += bool(ev["resumed"])
             continue
         if kind == "step":
-            if ev["step"] in reports:
-                rec.add(None, f"line {line}: a second learner report for step {ev['step']}")
-            reports[ev["step"]] = ev
+            key = (ev["step"], ev.get("policy"))
+            if key in reports:
+                rec.add(None, f"line {line}: a second learner report for step {_name(key)}")
+            reports[key] = ev
             continue
         gid, before = ev["group"], state.get(ev["group"])
         if (kind, before) in REFUSED:
@@ -201,8 +210,12 @@ def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], allow_open: 
             requeued[ev["reason"]] += 1
         elif kind == "dropped":
             drop_reason[gid] = ev["reason"]
+        elif isinstance(ev.get("policies"), dict):  # separate policies: each one's share of the group
+            for policy, tokens in ev["policies"].items():
+                per_step.setdefault((ev["step"], policy), {})[gid] = tokens if isinstance(tokens, int) else None
         else:
-            per_step.setdefault(ev["step"], {})[gid] = ev["tokens"] if isinstance(ev.get("tokens"), int) else None
+            per_step.setdefault((ev["step"], None), {})[gid] = ev["tokens"] if isinstance(ev.get("tokens"), int) else None
+        if kind == "trained":
             if ev["step"] != ev["version"] + 1:
                 rec.add(gid, f"trained at version {ev['version']} by step {ev['step']}, not version + 1 (line {line})")
     _check_ids(rec, issued)
@@ -226,14 +239,23 @@ def _check_ids(rec: Reconciliation, issued: set[int]) -> None:
         rec.add(ids[0], f"id gap: groups {ids[0]}..{ids[-1]} never issued (a handed-out id was not recorded)")
 
 
-def _check_steps(rec: Reconciliation, per_step: dict[int, dict[int, int | None]], reports: dict[int, dict[str, Any]]) -> None:
+def _name(key: tuple[int, str | None]) -> str:
+    step, policy = key
+    return f"{step}" if policy is None else f"{step} (policy {policy})"
+
+
+def _check_steps(rec: Reconciliation, per_step: dict[tuple[int, str | None], dict[int, int | None]],
+                 reports: dict[tuple[int, str | None], dict[str, Any]]) -> None:
     """Each step's trained events (what the controller handed the learner) against the learner's report
-    (what its tensors held), group by group and token count by token count."""
-    for step in sorted(per_step.keys() - reports.keys()):
-        rec.add(None, f"step {step}: {len(per_step[step])} groups recorded as trained, but no learner report for the step")
-    for step in sorted(reports):
-        rec.steps_checked += 1
-        report, sent = reports[step], per_step.get(step, {})
+    (what its tensors held), group by group and token count by token count; per policy where the
+    policies are separate."""
+    order = lambda k: (k[0], k[1] or "")  # noqa: E731
+    for key in sorted(per_step.keys() - reports.keys(), key=order):
+        rec.add(None, f"step {_name(key)}: {len(per_step[key])} groups recorded as trained, but no learner report for the step")
+    rec.steps_checked += len({step for step, _ in reports})
+    for key in sorted(reports, key=order):
+        step = _name(key)
+        report, sent = reports[key], per_step.get(key, {})
         if not report["updated"]:
             for gid in sorted(sent):
                 rec.add(gid, f"recorded as trained at step {step}, where the learner did not move the policy")

@@ -26,6 +26,10 @@ class RolloutConfig:
     ((max_staleness + 1) x prompts_per_step / num_actors groups) runs in one batch, new prompts joining
     as others finish, and new weights are taken between decode steps (in flight), whatever
     `weight_update` says. The hf engine generates per call (`prompts_per_batch` prompts at a time)."""
+    policy_slice_s: float = 0.05
+    """Continuous engines of several policies (agents.policies=separate) take turns: each runs decode
+    steps for at most this long before the next one's turn, so one agent's long turns do not hold
+    back the turns the other agents' policies finish meanwhile."""
     max_new_tokens: int = 8
     """Tokens one assistant turn may generate."""
     max_turns: int = 8

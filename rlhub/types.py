@@ -102,6 +102,16 @@ class GroupTensors:
 
         return GroupTensors(**{k: take(t, width if k in ("input_ids", "attention_mask") else width - 1) for k, t in vars(self).items()})
 
+    def of_agents(self, agents: set[int] | frozenset[int]) -> "GroupTensors | None":
+        """The rows of these agents (indices into the environment's `agents`), whole width; None when the
+        group has none. A policy of its own trains on its agent's rows only (agents.policies=separate)."""
+        if self.agents is None:
+            raise ValueError("of_agents: a group without agent indices (one agent's group) has no agent's rows to select")
+        index = torch.tensor([i for i, a in enumerate(self.agents.tolist()) if a in agents], dtype=torch.long)
+        if len(index) == 0:
+            return None
+        return self.rows(index, self.input_ids.shape[1])
+
     def to(self, device: torch.device | str) -> "GroupTensors":
         return GroupTensors(**{k: None if t is None else t.to(device) for k, t in vars(self).items()})
 

@@ -264,14 +264,16 @@ class VLLMEngine:
         """Submitted completions not yet returned by `poll`."""
         return sum(1 for r in self._requests.values() if r.submitted)
 
-    def poll(self, min_seconds: float = 0.02) -> list[tuple[Hashable, Completion]]:
+    def poll(self, min_seconds: float = 0.02, max_seconds: float | None = None) -> list[tuple[Hashable, Completion]]:
         """Run decode steps until a submitted completion finished and `min_seconds` passed (or nothing
-        is left to run); returns those that finished, with their keys."""
+        is left to run), or, with `max_seconds`, until that long passed (possibly with none finished);
+        returns those that finished, with their keys."""
         t0 = time.perf_counter()
         while True:
             done = [i for i, r in self._requests.items() if r.submitted and i in self._finished]
             running = len(self._requests) > len(self._finished)
-            if not running or (done and time.perf_counter() - t0 >= min_seconds):
+            spent = time.perf_counter() - t0
+            if not running or (done and spent >= min_seconds) or (max_seconds is not None and spent >= max_seconds):
                 break
             self._step()
         out = [(self._requests[i].key, self._completion_of(i)) for i in done]

@@ -220,6 +220,7 @@ class Groups:
             generate_seconds=group.generate_seconds,
             finish_reasons=[s.finish_reason for s in samples],
             extra={"dropped_samples": dict(drops), "replayed": len(samples) - len(fresh), **self._agent_figures(fresh),
+                   **self._agent_tokens(samples),
                    "turns_mean": sum(e.turns for e in group.episodes if not e.dropped) / len(fresh)},
         )
 
@@ -236,6 +237,16 @@ class Groups:
             fig[2] += int(bool(s.success))
             fig[3] += s.generated
         return {"agents": out}
+
+    def _agent_tokens(self, samples: list[Sample]) -> dict[str, Any]:
+        """Per agent of a multi-agent group, the generated tokens of all its samples, replayed ones
+        included (what a separate policy trains on: the ledger checks each policy's learner against it)."""
+        if not self.agents:
+            return {}
+        tokens = {name: 0 for name in self.agents}
+        for s in samples:
+            tokens[self.agents[s.agent]] += s.generated
+        return {"agent_tokens": tokens}
 
     def _score(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
         """One call per scorer for the whole generation batch; tensors go back to their groups, scalars to the metadata."""

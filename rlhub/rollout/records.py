@@ -73,6 +73,9 @@ class WorkerStats:
     """Tokens the branches generated (also in `generated_tokens`)."""
     spo_unbranchable: int = 0
     """Cuts left out: the episode kept no copy of its state for that turn."""
+    agent_generate_seconds: dict[str, float] = field(default_factory=dict)
+    """A multi-agent environment's engine time by agent: each call's (or poll's) time shared by the
+    episodes it generated for (the rollout load per agent, beside `agents/<name>/tokens`)."""
     peak_rss_mb: float = 0.0
     """The rollout process's peak resident memory so far (`peak_rss_mb`), set when stats are read."""
 

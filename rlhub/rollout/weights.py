@@ -35,6 +35,8 @@ class VerifiedWeights:
         self.probe_ids, self.tolerance, self.stats = probe_ids, 1e-4 if tolerance is None else tolerance, stats
         self.held = False
         """While True (an evaluation runs with one version throughout), nothing new is loaded."""
+        self.loads = 0
+        """Versions this engine loaded (the worker's counters add up every engine's)."""
         self._base: dict[str, Any] | None = None
         """Under LoRA: the engine's base weights (its model directory's), which each version's adapters are merged into."""
 
@@ -44,7 +46,7 @@ class VerifiedWeights:
             return
         # until its first load an engine holds the weights it was built from, whatever its version
         # says: the first published version (0: the policy after the warm start) is always loaded
-        published = self.weight_sync.pull(self.engine.version if self.stats.syncs else -1)
+        published = self.weight_sync.pull(self.engine.version if self.loads else -1)
         if published is not None:
             self.load(published)
 
@@ -76,6 +78,7 @@ class VerifiedWeights:
                 raise SyncError(f"actor {self.actor_id}: probe error {err:.3g} persists after a rebuild at version "
                                 f"{published.version} (tolerance {self.tolerance:.3g}); not sampling with unverified weights")
         elapsed = time.perf_counter() - start
+        self.loads += 1
         self.stats.syncs += 1
         self.stats.sync_seconds += elapsed
         self.stats.last_sync_seconds = elapsed

@@ -21,7 +21,7 @@ from rlhub.episodes import EnvRunner, Episode
 from rlhub.rollout.branches import Branches
 from rlhub.rollout.groups import Groups
 from rlhub.rollout.records import DataStoreClient, FailureLog, WorkerStats
-from rlhub.rollout.turns import OpenGroup, TurnBatch, Turns
+from rlhub.rollout.turns import Lane, OpenGroup, TurnBatch, Turns
 from rlhub.rollout.weights import VerifiedWeights
 from rlhub.rollout_config import RolloutConfig
 from rlhub.scorers import Scorer
@@ -51,9 +51,13 @@ class RolloutWorker:
         judge_cfg: Any = None,
         max_groups: int = 0,
         curated: bool = False,
+        policies: dict[str, tuple[RolloutEngine, WeightSync]] | None = None,
+        policy_of: dict[str, str] | None = None,
     ) -> None:
         """`max_groups`: the groups admission lets this actor hold at once, all generating together
-        in a continuous engine (0: twice `prompts_per_batch`)."""
+        in a continuous engine (0: twice `prompts_per_batch`). `policies` (agents.policies=separate):
+        each policy's (engine, weight sync), the first being `engine` and `weight_sync`; `policy_of`:
+        each agent's policy."""
         self.actor_id = actor_id
         self.cfg = cfg
         self.group_size = group_size
@@ -69,8 +73,15 @@ class RolloutWorker:
         self.failures = FailureLog(self.stats.env_errors, self.stats.failure_reports)
         self.envs = EnvRunner(env_timeout_s, env_workers)
         self.weights = VerifiedWeights(actor_id, engine, weight_sync, probe_ids, cfg.probe_tolerance, self.stats)
+        lanes = None
+        if policies:
+            if next(iter(policies.values())) != (engine, weight_sync):
+                raise ValueError("policies: the first policy's (engine, weight sync) must be `engine` and `weight_sync`")
+            self.continuous = cfg.continuous and all(hasattr(e, "submit") for e, _ in policies.values())
+            lanes = {name: Lane(e, self.weights if e is engine else VerifiedWeights(actor_id, e, ws, probe_ids, cfg.probe_tolerance, self.stats))
+                     for name, (e, ws) in policies.items()}
         self.turns = Turns(cfg, engine, self.weights, env, env_name or type(env).__name__, tokenizer, self.envs, self.stats,
-                           self.failures, self.continuous, snapshots=data_side.spo is not None)
+                           self.failures, self.continuous, snapshots=data_side.spo is not None, policies=lanes, policy_of=policy_of)
         self.groups = Groups(actor_id, cfg, store, data_side, scorers, tokenizer, self.stats, self.failures, judge, judge_cfg)
         self.groups.agents = self.turns.agents
         if data_side.spo is not None and self.turns.agents:
@@ -155,7 +166,9 @@ class RolloutWorker:
 
     # ---- weights ------------------------------------------------------------
     def sync_weights(self) -> None:
-        self.weights.sync()
+        """Every policy's engine to its newest published version."""
+        for lane in self.turns.lanes.values():
+            lane.weights.sync()
 
     # ---- episodes -------------------------------------------------------------
     def generate_groups(self, group_ids: list[int]) -> None:
@@ -215,16 +228,21 @@ class RolloutWorker:
         from rlhub.evaluation import eval_rows, evaluate
 
         start = time.perf_counter()
+        lanes = list(self.turns.lanes.values())
         if step > 0:
-            self.weights.sync()
-        self.weights.held = True
-        kept = (self.stats.generated_tokens, self.stats.generate_seconds, dict(self.stats.truncated), dict(self.stats.outcomes))
+            self.sync_weights()
+        for lane in lanes:
+            lane.weights.held = True
+        kept = (self.stats.generated_tokens, self.stats.generate_seconds, dict(self.stats.truncated), dict(self.stats.outcomes),
+                dict(self.stats.agent_generate_seconds))
         try:  # the environment's failures on eval rows are eval/failed, not the run's counters
             with self.failures.aside():
                 result = evaluate(self, eval_rows(self.env, rows), k)
         finally:  # the training throughput, truncation, outcome and failure counters leave evaluation out
-            self.weights.held = False
-            (self.stats.generated_tokens, self.stats.generate_seconds, self.stats.truncated, self.stats.outcomes) = kept
+            for lane in lanes:
+                lane.weights.held = False
+            (self.stats.generated_tokens, self.stats.generate_seconds, self.stats.truncated, self.stats.outcomes,
+             self.stats.agent_generate_seconds) = kept
         result.update({"eval/step": float(step), "eval/seconds": time.perf_counter() - start})
         self.eval_results.append(result)
 
