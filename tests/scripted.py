@@ -32,3 +32,36 @@ class ScriptedEngine:
 
     def load_weights(self, state, version):
         self.version = version
+
+
+class SteppedEngine:
+    """A fake continuous engine for the seam, whose clock is its decode steps: every submitted
+    completion is `length` tokens long (the last one EOS) and gains one token a step. `poll` steps
+    until something finished or, given `max_seconds`, takes one step only (a slice)."""
+
+    def __init__(self, length: int, token: int, eos: int, version: int = 0) -> None:
+        self.length, self.token, self.eos, self.version = length, token, eos, version
+        self.running: dict = {}  # id(key) -> (key, tokens so far): keys (episodes) need not be hashable
+        self.steps = 0
+
+    def submit(self, key, prompt, sampling, max_tokens, routes=None):
+        self.running[id(key)] = (key, [])
+
+    def pending(self) -> int:
+        return len(self.running)
+
+    def poll(self, min_seconds: float = 0.0, max_seconds: float | None = None):
+        while self.running:
+            self.steps += 1
+            for _, tokens in self.running.values():
+                tokens.append(self.eos if len(tokens) == self.length - 1 else self.token)
+            done = [self.running.pop(i) for i in [i for i, (_, t) in self.running.items() if len(t) == self.length]]
+            if done or max_seconds is not None:
+                return [(k, Completion(t, [-0.5] * self.length, [self.version] * self.length, "stop")) for k, t in done]
+        return []
+
+    def prompt_logprobs(self, ids):
+        return torch.zeros(len(ids) - 1)
+
+    def load_weights(self, state, version):
+        self.version = version

@@ -267,15 +267,18 @@ class VLLMEngine:
     def poll(self, min_seconds: float = 0.02, max_seconds: float | None = None) -> list[tuple[Hashable, Completion]]:
         """Run decode steps until a submitted completion finished and `min_seconds` passed (or nothing
         is left to run), or, with `max_seconds`, until that long passed (possibly with none finished);
-        returns those that finished, with their keys."""
+        returns those that finished, with their keys. A poll with something running takes one decode
+        step at least."""
         t0 = time.perf_counter()
+        stepped = False
         while True:
             done = [i for i, r in self._requests.items() if r.submitted and i in self._finished]
             running = len(self._requests) > len(self._finished)
             spent = time.perf_counter() - t0
-            if not running or (done and spent >= min_seconds) or (max_seconds is not None and spent >= max_seconds):
+            if not running or (done and spent >= min_seconds) or (stepped and max_seconds is not None and spent >= max_seconds):
                 break
             self._step()
+            stepped = True
         out = [(self._requests[i].key, self._completion_of(i)) for i in done]
         self.stats.generate_seconds += time.perf_counter() - t0
         self.stats.generated_tokens += sum(len(c.token_ids) for _, c in out)

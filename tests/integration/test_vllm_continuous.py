@@ -157,3 +157,12 @@ def test_a_probe_failure_mid_batch_rebuilds_and_every_group_completes(engine, st
                                     for m in trained]
     ledger = reconcile(sorted(events, key=lambda e: e.get("t", float("inf"))))
     assert ledger.ok and ledger.issued == 8 and ledger.trained + sum(ledger.dropped.values()) == 8, ledger
+
+
+def test_a_poll_with_a_time_slice_returns_before_long_completions_finish(engine, state):
+    # several policies' engines take turns (rlhub.rollout.turns.stream): a slice ends the poll whatever is running
+    engine.load_weights(state, 5)
+    engine.submit("long", PROMPTS[1], GREEDY, 24)
+    assert engine.poll(max_seconds=0.0) == [] and engine.pending() == 1  # one decode step, nothing finished yet
+    got = drain(engine)
+    assert list(got) == ["long"] and len(got["long"].token_ids) > 1

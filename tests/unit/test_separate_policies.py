@@ -168,3 +168,43 @@ def test_separate_policies_are_refused_where_they_cannot_work():
         load_config(["agents.policies=each"])
     assert load_config(["agents.policies=separate"]).agents.policy_of(("x", "y")) == {"x": "x", "y": "y"}
     assert load_config([]).agents.policy_of(("x", "y")) == {}
+
+
+class Either(Relay):
+    """Relay, but row 1's match opens with agent b (whose one message ends it)."""
+
+    def dataset(self, split):
+        return [{"first": "a"}, {"first": "b"}]
+
+    def reset(self, row):
+        return {"a": "A:", "b": "B:"}, {"said": None, "first": row["first"]}
+
+    def first_agent(self, state):
+        return state["first"]
+
+
+def test_one_policys_long_turns_do_not_hold_back_the_groups_another_policy_finishes(tokenizer):
+    """Continuous engines of two policies take turns a slice at a time (rollout.policy_slice_s): while a's
+    engine is still on its long turn, the group where b acts comes back, finished."""
+    from collections import deque
+
+    from scripted import SteppedEngine
+
+    eos = tokenizer.eos_token_id
+    slow, quick = SteppedEngine(40, 5, eos), SteppedEngine(2, 5, eos)
+    sync_a, sync_b = InMemoryWeightSync(), InMemoryWeightSync()
+    cfg = RolloutConfig(max_new_tokens=48, max_model_len=128, max_turns=3, continuous=True)
+    store = InMemoryDataStore(prompts_per_step=2, max_staleness=100)
+    worker = RolloutWorker(0, cfg, 2, 2, slow, Either(), tokenizer, store, sync_a, DataSide(), PROBE, env_name="either",
+                           policies={"a": (slow, sync_a), "b": (quick, sync_b)}, policy_of={"a": "a", "b": "b"})
+    assert worker.continuous
+    worker.start_groups([0, 1])
+    queue: deque = deque()
+    first = None
+    while first is None or not first.episodes:  # each call: a slice of each engine
+        assert worker.turns.stream(worker.open, worker.sampling, queue)
+        first = queue.popleft()
+    assert {e.agent for e in first.episodes} == {"b"} and len(first.episodes) == 2  # b's turns of the match it opened
+    assert slow.pending() == 2 and slow.steps == 2  # a's long turns still generating, as many steps in as b's took
+    worker.turns.answer(first)
+    assert sum(g.complete for g in worker.open.values()) == 1  # b's match ended: its group is done before a's turns are
