@@ -30,6 +30,7 @@ def step_metrics(metas: list[GroupMeta], rollout_stats: list[dict], store_stats:
         **{f"rollout/outcome/{k}": float(v) for k, v in outcome_counts([*rollout_stats, *retired]).items()},
         **spo_metrics([*rollout_stats, *retired]),
         **agent_metrics(metas),
+        **agent_engine_seconds([*rollout_stats, *retired]),
         "time/step_s": step_s,
         "time/wait_s": waited,
         "time/generate_s": sum(m.generate_seconds for m in metas),
@@ -62,6 +63,17 @@ def agent_metrics(metas: list[GroupMeta]) -> dict[str, float]:
         out[f"agents/{name}/success_rate"] = won / max(n, 1.0)
         out[f"agents/{name}/tokens"] = tokens
     return out
+
+
+def agent_engine_seconds(rollout_stats: list[dict]) -> dict[str, float]:
+    """A multi-agent run's engine time by agent since the run began (`WorkerStats.agent_generate_seconds`:
+    each engine call's time shared by the episodes it generated for): the rollout load per agent in
+    time, beside the step's tokens."""
+    totals: dict[str, float] = {}
+    for s in rollout_stats:
+        for agent, seconds in (s.get("agent_generate_seconds") or {}).items():
+            totals[agent] = totals.get(agent, 0.0) + seconds
+    return {f"agents/{a}/engine_s": v for a, v in sorted(totals.items())}
 
 
 def spo_metrics(rollout_stats: list[dict]) -> dict[str, float]:

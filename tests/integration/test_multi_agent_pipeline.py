@@ -48,6 +48,9 @@ def test_separate_policies_each_train_on_their_own_agents_samples_and_resume(ray
             learned = sum(t for _, t in reports[agent]["groups"])
             assert learned == m.get(f"agents/{agent}/tokens", 0.0) == m[f"policies/{agent}/train/tokens"]
         assert m["policies/proposer/train/tokens"] > 0
+    # the rollout's engine time by agent, since the run began: both policies' engines worked, and it only grows
+    assert 0 < metrics[0]["agents/proposer/engine_s"] <= metrics[-1]["agents/proposer/engine_s"]
+    assert metrics[-1]["agents/checker/engine_s"] > 0
     trained = [e for e in events if e["event"] == "trained"]
     assert trained and all(set(e["policies"]) <= {"proposer", "checker"} for e in trained)
     assert any("checker" in e["policies"] for e in trained)

@@ -143,6 +143,14 @@ def test_the_ledger_reconciles_each_policy_with_its_own_agents_tokens():
     assert reconcile(issued + skipped).ok
 
 
+def test_engine_time_per_agent_adds_up_over_rollout_actors():
+    from rlhub.run_report import agent_engine_seconds
+
+    stats = [{"agent_generate_seconds": {"a": 1.0}}, {"agent_generate_seconds": {"a": 0.5, "b": 2.0}}, {}]
+    assert agent_engine_seconds(stats) == {"agents/a/engine_s": 1.5, "agents/b/engine_s": 2.0}
+    assert agent_engine_seconds([{}]) == {}
+
+
 def test_policy_metrics_merge_per_policy_and_refuse_policies_out_of_step():
     def m(tokens: float, version: int, learned: list) -> dict:
         return {"train/loss": tokens / 10, "train/tokens": tokens, "train/policy_updated": 1.0, "version": version,
