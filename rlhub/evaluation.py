@@ -96,6 +96,9 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
 
         policy_dir = Path(tempfile.mkdtemp(prefix="rlhub-eval-")) / "policy"
         export(checkpoint, policy_dir)
+    if checkpoint is not None and (checkpoint / "policies").is_dir():
+        raise ConfigError(f"{target}: a run of separate policies (agents.policies=separate); `rlhub eval` loads one policy. The run's "
+                          "own evaluations (eval.every, eval.final: metrics.jsonl, summary.json) play each agent with its own policy")
     if checkpoint is None or not (policy_dir / "config.json").is_file():
         raise ConfigError(f"{target}: neither a run directory with a checkpoint nor a checkpoint directory (policy/ missing)")
     if not (run_dir / "config.yaml").is_file():

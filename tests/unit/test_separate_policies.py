@@ -216,3 +216,19 @@ def test_one_policys_long_turns_do_not_hold_back_the_groups_another_policy_finis
     assert slow.pending() == 2 and slow.steps == 2  # a's long turns still generating, as many steps in as b's took
     worker.turns.answer(first)
     assert sum(g.complete for g in worker.open.values()) == 1  # b's match ended: its group is done before a's turns are
+
+
+def test_export_and_eval_ask_for_one_policy_of_a_separate_policies_checkpoint(tmp_path):
+    from rlhub.config import ConfigError
+    from rlhub.evaluation import evaluate_checkpoint
+    from rlhub.export import find_policy
+
+    ckpt = tmp_path / "checkpoints" / "step_000004"
+    for agent in ("checker", "proposer"):
+        (ckpt / "policies" / agent / "policy").mkdir(parents=True)
+        (ckpt / "policies" / agent / "policy" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="one policy per agent; name one: .*policies/checker, .*policies/proposer"):
+        find_policy(ckpt)
+    assert find_policy(ckpt / "policies" / "proposer") == ckpt / "policies" / "proposer" / "policy"
+    with pytest.raises(ConfigError, match="separate policies"):
+        evaluate_checkpoint(str(ckpt), [])
