@@ -20,8 +20,10 @@ from rlhub.config import WORKER_ENV, ConfigError, RunConfig
 log = logging.getLogger("rlhub")
 
 
-def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
-    """Start a local Ray or join the configured cluster; True if this process started it."""
+def init_ray(cfg: RunConfig, plan: CorePlan, policies: int = 1) -> bool:
+    """Start a local Ray or join the configured cluster; True if this process started it. `policies`:
+    how many learners the run has (agents.policies=separate: one per agent, each with the learner's
+    resources, cluster.learner_num_cpus/gpus a rank)."""
     import ray
 
     if ray.is_initialized():
@@ -34,16 +36,17 @@ def init_ray(cfg: RunConfig, plan: CorePlan) -> bool:
         except ConnectionError as e:
             raise ConfigError(f"cluster.address={cfg.cluster.address!r}: {str(e).splitlines()[0]}") from None
         try:
-            check_placement(cfg)
+            check_placement(cfg, policies)
         except ConfigError:
             ray.shutdown()
             raise
         return True
-    wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus * cfg.learner.world_size
+    wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus * cfg.learner.world_size * policies
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
     if wanted > (os.cpu_count() or 1):  # placed all the same, sharing cores: said now, not after a silent wait
-        log.warning("%d rollout actors and the learner want %g CPUs on a %d-core machine: they share cores, and each "
-                    "actor's start-up takes longer (rollout.num_actors)", cfg.rollout.num_actors, wanted, os.cpu_count() or 1)
+        log.warning("%d rollout actors and %d learner(s) want %g CPUs on a %d-core machine: they share cores, and each "
+                    "actor's start-up takes longer (rollout.num_actors, agents.policies)", cfg.rollout.num_actors, policies, wanted,
+                    os.cpu_count() or 1)
     reaped = reap_dead_local_rays()
     if reaped:
         log.warning("stopped %d Ray processes left behind by a run that was killed", reaped)
@@ -127,15 +130,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"cluster.address={address!r}: nothing answers at {host}:{port} ({e})") from None
 
 
-def check_placement(cfg: RunConfig) -> None:
-    """Say at start, not after minutes of silence, when the cluster cannot place the actors."""
+def check_placement(cfg: RunConfig, policies: int = 1) -> None:
+    """Say at start, not after minutes of silence, when the cluster cannot place the actors (`policies`
+    learners of `learner.world_size` ranks each)."""
     import ray
 
     have = ray.cluster_resources()
     from rlhub.algorithms import advantage_needs
 
     scorers = int(advantage_needs(cfg.algorithm.advantage).critic) + int(cfg.algorithm.reference == "actor" and cfg.algorithm.kl_coef > 0)
-    ranks = cfg.learner.world_size
+    ranks = cfg.learner.world_size * policies
     need = {"CPU": cfg.cluster.learner_num_cpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus,
             "GPU": cfg.cluster.learner_num_gpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus + scorers * cfg.cluster.scorer_num_gpus}
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}

@@ -142,7 +142,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     save_resolved_config(cfg, run_dir)
     plan = plan_cores(cfg)
     everywhere = os.sched_getaffinity(0)  # confine_ray moves this process too: a later run in it plans afresh
-    started_ray = init_ray(cfg, plan)
+    from rlhub.envs.base import is_multi_agent
+
+    policies = len(set(cfg.agents.policy_of(tuple(env.agents) if is_multi_agent(env) else ()).values())) or 1
+    started_ray = init_ray(cfg, plan, policies)
     actors = None
     try:
         actors = create_actors(cfg, model_path, env, plan)  # their start-ups (imports, model loads) run meanwhile

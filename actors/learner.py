@@ -347,11 +347,17 @@ class PolicyLearners:
         return ray.get(refs)
 
     def check(self, ready: list[Any]) -> None:
-        for name, group in self.groups.items():
+        """`LearnerGroup.check` over every policy's ranks: a dead rank is named with its policy."""
+        for ref in ready:
             try:
-                group.check(ready)
-            except RankFailed as e:
-                raise RankFailed(f"policy {name}: {e}") from None
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as e:
+                for name, group in self.groups.items():
+                    if any(a._actor_id.hex() in str(e) or getattr(e, "actor_id", None) == a._actor_id.hex() for a in group.actors):
+                        raise RankFailed(f"policy {name}: {group._describe(e)}") from None
+                raise RankFailed(f"a learner rank died: {str(e).splitlines()[0]}") from None
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                continue  # another error: raised where the result is read
 
 
 def merge_policy_metrics(per_policy: dict[str, dict[str, Any]]) -> dict[str, Any]:

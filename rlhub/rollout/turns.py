@@ -214,7 +214,7 @@ class Turns:
         return self.lanes[self.policy_of[e.agent]] if self.policy_of else self.lanes[None]
 
     def _by_lane(self, episodes: list[Episode]) -> list[tuple[Lane, list[Episode]]]:
-        """`episodes` by the lane that generates them, in the lanes' order."""
+        """`episodes` by the lane that generates them (lanes in the order of their first episode)."""
         out: dict[int, tuple[Lane, list[Episode]]] = {}
         for e in episodes:
             lane = self.lane(e)

@@ -77,8 +77,13 @@ def test_learner_ranks_spread_over_two_nodes_of_a_cluster(two_nodes, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
 
 
-def test_a_killed_learner_rank_ends_the_run_named_within_30_s(tmp_path):
-    driver = subprocess.Popen(train_args(tmp_path, "learner.world_size=2", "experiment.total_steps=100000"), stdout=subprocess.DEVNULL,
+@pytest.mark.parametrize("overrides, named", [
+    (["learner.world_size=2"], "learner rank 1 of 2"),
+    # separate policies: the second policy's learner (its one rank) is the second in learner_ranks.json
+    (["experiment=propose_check", "agents.policies=separate", "warm_start.steps=0", "eval.every=0"], "policy checker: learner rank 0 of 1"),
+], ids=["ranks", "separate_policies"])
+def test_a_killed_learner_rank_ends_the_run_named_within_30_s(tmp_path, overrides, named):
+    driver = subprocess.Popen(train_args(tmp_path, *overrides, "experiment.total_steps=100000"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     try:
         deadline = time.monotonic() + 240
@@ -93,5 +98,5 @@ def test_a_killed_learner_rank_ends_the_run_named_within_30_s(tmp_path):
     finally:
         driver.kill()
     assert driver.returncode != 0
-    assert f"learner rank 1 of 2 (node {rank1['node']}, pid {rank1['pid']}) died" in err, err[-3000:]
+    assert f"{named} (node {rank1['node']}, pid {rank1['pid']}) died" in err, err[-3000:]
     assert took < 30, took
