@@ -22,7 +22,7 @@ from typing import Any
 
 from rlhub.actors.cluster import CorePlan, check_reachable, confine_ray, forget_local_ray, init_ray, plan_cores
 from rlhub.config import ConfigError, RunConfig
-from rlhub.env_check import check_env, check_prompt_lengths, check_sandbox, has_format_examples  # noqa: F401 - the checks a run starts with
+from rlhub.env_check import agent_policies, check_env, check_prompt_lengths, check_sandbox, has_format_examples  # noqa: F401 - the checks a run starts with
 
 log = logging.getLogger("rlhub")
 
@@ -142,10 +142,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     save_resolved_config(cfg, run_dir)
     plan = plan_cores(cfg)
     everywhere = os.sched_getaffinity(0)  # confine_ray moves this process too: a later run in it plans afresh
-    from rlhub.envs.base import is_multi_agent
-
-    policies = len(set(cfg.agents.policy_of(tuple(env.agents) if is_multi_agent(env) else ()).values())) or 1
-    started_ray = init_ray(cfg, plan, policies)
+    started_ray = init_ray(cfg, plan, len(set(agent_policies(cfg, env).values())) or 1)
     actors = None
     try:
         actors = create_actors(cfg, model_path, env, plan)  # their start-ups (imports, model loads) run meanwhile
@@ -253,16 +250,14 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     from rlhub.actors.learner import LearnerGroup, PolicyLearners
     from rlhub.actors.rollout import RolloutFleet
     from rlhub.actors.store import RayDataStore
-    from rlhub.envs.base import is_multi_agent
     from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
 
     vocab = json.loads((model_path / "config.json").read_text()).get("vocab_size", 256)
     probe = probe_sequence(vocab)
-    agents = tuple(env.agents) if is_multi_agent(env) else ()
-    policy_of = cfg.agents.policy_of(agents)
+    policy_of = agent_policies(cfg, env)
     # the slow starters first, so they take the workers Ray started ahead; they are wired up after
     if policy_of:  # separate policies: a learner, a weight registry and (in each rollout actor) an engine each
-        learner: Any = PolicyLearners(cfg, str(model_path), probe, plan.learner, policy_of, agents)
+        learner: Any = PolicyLearners(cfg, str(model_path), probe, plan.learner, policy_of, tuple(env.agents))
     else:
         learner = LearnerGroup(cfg, str(model_path), probe, plan.learner)
     fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
@@ -334,9 +329,7 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
     log.info("%d rollout actor(s) generating; training (%.1f s)", cfg.rollout.num_actors, time.time() - t0)
     pipeline = Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version, t0)
     pipeline.eval_rows = len(eval_rows(env, cfg.eval.rows))
-    from rlhub.envs.base import is_multi_agent
-
-    pipeline.policy_of = cfg.agents.policy_of(tuple(env.agents) if is_multi_agent(env) else ())
+    pipeline.policy_of = agent_policies(cfg, env)
     return pipeline
 
 

@@ -35,9 +35,9 @@ class RolloutActor:
         torch.manual_seed(seed)
         self.actor_id, self.core, self.run_cfg, self.probe_ids = actor_id, core, run, probe_ids
         self.env = build_env(run.env, run.seed)
-        from rlhub.envs.base import is_multi_agent
+        from rlhub.env_check import agent_policies
 
-        self.policy_of = run.agents.policy_of(tuple(self.env.agents) if is_multi_agent(self.env) else ())
+        self.policy_of = agent_policies(run, self.env)
         names = list(dict.fromkeys(self.policy_of.values())) or [None]
         # one engine per policy (agents.policies=separate), each sampling with its own seed
         self.engines = {name: make_engine(cfg, model_path, cfg.dtype or run.model.dtype, seed + 7919 * k, core, run.cluster.torch_threads,

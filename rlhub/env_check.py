@@ -81,6 +81,13 @@ def check_env(cfg: RunConfig) -> Any:
     return env
 
 
+def agent_policies(cfg: RunConfig, env: Any) -> dict[str, str]:
+    """{agent: its policy} under agents.policies=separate; {} where one policy acts for every agent."""
+    from rlhub.envs.base import is_multi_agent
+
+    return cfg.agents.policy_of(tuple(env.agents) if is_multi_agent(env) else ())
+
+
 def check_policies(cfg: RunConfig, env: Any) -> None:
     """agents.policies=separate needs several agents, and trains what each policy's learner trains
     alone: no critic or reference actor (they score one policy's tokens)."""
