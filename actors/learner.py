@@ -252,25 +252,25 @@ class LearnerGroup:
     def get(self, refs: list[Any]) -> list[Any]:
         """ray.get of calls to the ranks, watching them: a rank that dies raises `RankFailed` at once,
         even while the others wait for it in a collective."""
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            self.check(ready)
-        return ray.get(refs)
+        return watched_get(refs, self.check)
 
     def check(self, ready: list[Any]) -> None:
         """Raise `RankFailed` if any of `ready` (refs of calls to the ranks) holds a dead rank's error."""
-        for ref in ready:
-            try:
-                ray.get(ref, timeout=0)
-            except ray.exceptions.RayActorError as e:
-                raise RankFailed(self._describe(e)) from None
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                continue  # another error: raised where the result is read
+        error = dead_rank(ready)
+        if error is not None:
+            raise RankFailed(self._describe(error))
+
+    def owns(self, error: Exception) -> bool:
+        """Whether `error` is one of these ranks' deaths."""
+        return any(self._is(actor, error) for actor in self.actors)
+
+    @staticmethod
+    def _is(actor: Any, error: Exception) -> bool:
+        return actor._actor_id.hex() in str(error) or getattr(error, "actor_id", None) == actor._actor_id.hex()
 
     def _describe(self, error: Exception) -> str:
         for r, actor in enumerate(self.actors):
-            if actor._actor_id.hex() in str(error) or getattr(error, "actor_id", None) == actor._actor_id.hex():
+            if self._is(actor, error):
                 node = self.where[r]["node"] if r < len(self.where) else "?"
                 pid = self.where[r]["pid"] if r < len(self.where) else "?"
                 return f"learner rank {r} of {self.world_size} (node {node}, pid {pid}) died: {str(error).splitlines()[0]}"
@@ -340,24 +340,39 @@ class PolicyLearners:
         return self._each(lambda n, g: g.load(str(Path(directory) / "policies" / n), version))
 
     def get(self, refs: list[Any]) -> list[Any]:
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            self.check(ready)
-        return ray.get(refs)
+        return watched_get(refs, self.check)
 
     def check(self, ready: list[Any]) -> None:
         """`LearnerGroup.check` over every policy's ranks: a dead rank is named with its policy."""
-        for ref in ready:
-            try:
-                ray.get(ref, timeout=0)
-            except ray.exceptions.RayActorError as e:
-                for name, group in self.groups.items():
-                    if any(a._actor_id.hex() in str(e) or getattr(e, "actor_id", None) == a._actor_id.hex() for a in group.actors):
-                        raise RankFailed(f"policy {name}: {group._describe(e)}") from None
-                raise RankFailed(f"a learner rank died: {str(e).splitlines()[0]}") from None
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                continue  # another error: raised where the result is read
+        error = dead_rank(ready)
+        if error is None:
+            return
+        for name, group in self.groups.items():
+            if group.owns(error):
+                raise RankFailed(f"policy {name}: {group._describe(error)}")
+        raise RankFailed(f"a learner rank died: {str(error).splitlines()[0]}")
+
+
+def watched_get(refs: list[Any], check: Any) -> list[Any]:
+    """ray.get of `refs`, calling `check` on those done every second (it raises for a dead rank)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        check(ready)
+    return ray.get(refs)
+
+
+def dead_rank(ready: list[Any]) -> Exception | None:
+    """The first of `ready` (refs of finished calls) that holds a dead actor's error, or None; other
+    errors are left to be raised where the result is read."""
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError as e:
+            return e
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            continue
+    return None
 
 
 def merge_policy_metrics(per_policy: dict[str, dict[str, Any]]) -> dict[str, Any]:
