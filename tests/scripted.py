@@ -65,3 +65,25 @@ class SteppedEngine:
 
     def load_weights(self, state, version):
         self.version = version
+
+
+def random_groups(seed: int, size: int = 2, agents: int = 0) -> list:
+    """Three groups of `size` random samples (prompts of 4 tokens, completions of 4-8, behaviour log-probs in
+    (-3, 0]): the first half of each group lost (reward 0, advantage -1), the second won (1, +1); with
+    `agents`, sample j is agent j % agents's. Each group's rows carry its id."""
+    from rlhub.types import GroupTensors, Sample
+
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for gid in range(3):
+        samples = []
+        for j in range(size):
+            prompt = torch.randint(0, 250, (4,), generator=g).tolist()
+            completion = torch.randint(0, 250, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
+            won = j // (size // 2)
+            samples.append(Sample(prompt, completion, (-torch.rand(len(completion), generator=g) * 3).tolist(), [0] * len(completion),
+                                  float(won), bool(won), "stop", agent=j % agents if agents else None))
+        t = GroupTensors.from_samples(samples, torch.tensor([-1.0] * (size // 2) + [1.0] * (size - size // 2)), 256)
+        t.group_ids = torch.full((size,), gid)
+        groups.append(t)
+    return groups

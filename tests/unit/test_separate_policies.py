@@ -22,7 +22,7 @@ from rlhub.ledger import reconcile
 from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
 from rlhub.types import GroupTensors, Sample, collate
 from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
-from scripted import ScriptedEngine
+from scripted import ScriptedEngine, random_groups
 from test_multi_agent import Relay
 
 PROBE = probe_sequence(259)
@@ -30,20 +30,10 @@ PROBE = probe_sequence(259)
 
 def _match_batch(seed: int, bump: dict[int, float] | None = None) -> GroupTensors:
     """Three groups of two matches, agents 0 and 1 alternating; `bump` adds to the advantages of an agent's rows."""
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for gid in range(3):
-        samples = []
-        for j in range(4):
-            prompt = torch.randint(0, 250, (4,), generator=g).tolist()
-            completion = torch.randint(0, 250, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
-            samples.append(Sample(prompt, completion, (-torch.rand(len(completion), generator=g) * 3).tolist(), [0] * len(completion),
-                                  float(j // 2), bool(j // 2), "stop", agent=j % 2))
-        t = GroupTensors.from_samples(samples, torch.tensor([-1.0, -1.0, 1.0, 1.0]), 256)
+    groups = random_groups(seed, size=4, agents=2)
+    for t in groups:
         for agent, extra in (bump or {}).items():
             t.advantages[t.agents == agent] += extra * t.completion_mask[t.agents == agent]
-        t.group_ids = torch.full((4,), gid)
-        groups.append(t)
     return collate(groups, 256)
 
 

@@ -18,8 +18,9 @@ import torch
 from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.selection import entropy_threshold, select
 from rlhub.models.logprobs import entropy_of
-from rlhub.types import GroupTensors, Sample, collate
+from rlhub.types import GroupTensors, collate
 from rlhub.weight_sync import probe_sequence
+from scripted import random_groups
 
 
 def _uniform_logits(widths: list[list[int]], vocab: int = 16) -> torch.Tensor:
@@ -57,19 +58,7 @@ PROBE = probe_sequence(259)
 
 
 def _batch(seed: int) -> list[GroupTensors]:
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for gid in range(3):
-        samples = []
-        for j in range(2):
-            prompt = torch.randint(0, 250, (4,), generator=g).tolist()
-            completion = torch.randint(0, 250, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
-            samples.append(Sample(prompt, completion, (-torch.rand(len(completion), generator=g) * 3).tolist(), [0] * len(completion),
-                                  float(j), bool(j), "stop"))
-        t = GroupTensors.from_samples(samples, torch.tensor([-1.0, 1.0]), 256)
-        t.group_ids = torch.full((2,), gid)
-        groups.append(t)
-    return groups
+    return random_groups(seed)
 
 
 def _learner(model_path: str, algo: AlgorithmConfig):
