@@ -222,3 +222,19 @@ def test_export_and_eval_ask_for_one_policy_of_a_separate_policies_checkpoint(tm
     assert find_policy(ckpt / "policies" / "proposer") == ckpt / "policies" / "proposer" / "policy"
     with pytest.raises(ConfigError, match="separate policies"):
         evaluate_checkpoint(str(ckpt), [])
+
+
+def test_each_policys_engine_loads_the_first_version_published_to_it_whatever_the_others_loaded(tokenizer):
+    """The worker's counters are shared by its engines; whether an engine has loaded anything yet is its own."""
+    from rlhub.rollout import VerifiedWeights
+    from rlhub.rollout.records import WorkerStats
+
+    eos = tokenizer.eos_token_id
+    stats = WorkerStats()
+    (engine_a, sync_a), (engine_b, sync_b) = [(ScriptedEngine([[eos]], eos), InMemoryWeightSync()) for _ in range(2)]
+    weights = [VerifiedWeights(0, e, s, PROBE, 1e-4, stats) for e, s in ((engine_a, sync_a), (engine_b, sync_b))]
+    for sync in (sync_a, sync_b):  # version 0 of each policy: the warm-started weights, not the ones the engines were built from
+        sync.push({"w": torch.zeros(1)}, 0, torch.zeros(len(PROBE) - 1))
+    for w in weights:
+        w.sync()
+    assert [w.loads for w in weights] == [1, 1] and stats.syncs == 2
