@@ -195,8 +195,9 @@ class Admission:
         if policy not in self.policy_versions:
             raise ValueError(f"set_version: policy {policy!r} is not one of {sorted(self.policy_versions)}")
         self.policy_versions[policy] = version
-        if all(v is not None for v in self.policy_versions.values()):
-            self.learner_version = min(v for v in self.policy_versions.values() if v is not None)
+        published = [v for v in self.policy_versions.values() if v is not None]
+        if len(published) == len(self.policy_versions):
+            self.learner_version = min(published)
 
     def state_dict(self) -> dict[str, Any]:
         # what is in flight has not been trained: it is started again after a resume

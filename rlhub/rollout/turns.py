@@ -98,7 +98,7 @@ class Turns:
 
         self.agents: tuple[str, ...] = tuple(env.agents) if is_multi_agent(env) else ()
         """A multi-agent environment's agents (`rlhub.rollout.matches`); () for one agent."""
-        if self.policy_of and set(self.policy_of) != set(self.agents) or not set(self.policy_of.values()) <= set(self.lanes):
+        if (self.policy_of and set(self.policy_of) != set(self.agents)) or not set(self.policy_of.values()) <= set(self.lanes):
             raise ValueError(f"policy_of {self.policy_of} must give each agent of {list(self.agents)} one of the policies {sorted(self.lanes)}")
         self.inflight = cfg.weight_update == "inflight"
         self.last_generate_s = 0.0
