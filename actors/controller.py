@@ -84,10 +84,11 @@ def format_examples(cfg: RunConfig, env: Any) -> list[tuple[str, str]]:
     return env.format_examples(cfg.warm_start.examples, random.Random(cfg.seed))
 
 
-def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any, Any, list[Any]]:
-    """(critic actor or None, reference actor or None, the critic ranks' start-ups to wait for), as the
-    algorithm needs them; weights come in init_scorers. With `learner.world_size` N > 1 the critic is
-    sharded over N ranks of its own, as the policy is; the handle returned is rank 0's, the front."""
+def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """(critic actor or None, reference actor or None, the critic ranks' start-ups to wait for, every
+    rank's handle by name), as the algorithm needs them; weights come in init_scorers. With
+    `learner.world_size` N > 1 the critic is sharded over N ranks of its own, as the policy is; the
+    handle returned is rank 0's, the front."""
     import ray
 
     from rlhub.actors.scorers import CriticActor, ReferenceActor
@@ -97,10 +98,13 @@ def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any
     options = {"num_cpus": 0, "num_gpus": cfg.cluster.scorer_num_gpus}
     cores = plan.system or None
     starting: list[Any] = []
+    handles: dict[str, Any] = {}
 
     def ranked(cls: Any) -> Any:
         """The scorer's rank actors, their start-ups queued; rank 0's handle."""
         ranks = [cls.options(**options).remote(cfg, model_path, cores, r) for r in range(cfg.learner.world_size)]
+        name = "critic" if cls is CriticActor else "reference"
+        handles.update({name if len(ranks) == 1 else f"{name} rank {r}": a for r, a in enumerate(ranks)})
         if len(ranks) > 1:
             where = ray.get(ranks[0].where.remote())
             starting.extend(a.start.remote(where["node"], where["port"], ranks[1:] if r == 0 else []) for r, a in enumerate(ranks))
@@ -108,7 +112,7 @@ def create_scorers(cfg: RunConfig, model_path: str, plan: CorePlan) -> tuple[Any
 
     critic = ranked(CriticActor) if advantage_needs(algo.advantage).critic else None
     reference = ranked(ReferenceActor) if algo.reference == "actor" and algo.kl_coef > 0 else None
-    return critic, reference, starting
+    return critic, reference, starting, handles
 
 
 def init_scorers(critic: Any, reference: Any, weight_sync: Any, resume_from: Path | None) -> None:
@@ -149,7 +153,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         _setup_logging(run_dir)
         log.info("run directory %s; model %s; Ray %s (%.1f s)", run_dir, model_path, "started" if started_ray else "joined",
                  time.time() - t0)
-        return _train(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0)
+        return _train(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0, model_path)
     finally:
         if actors is not None and not started_ray:
             actors.learner.close()  # the learner ranks' placement group, in a Ray that outlives the run
@@ -163,14 +167,19 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,
-           t0: float) -> dict[str, Any]:
+           t0: float, model_path: Path) -> dict[str, Any]:
     from rlhub.actors.pipeline import RunFailed
 
     p = start_pipeline(cfg, run_dir, resume_from, actors, tokenizer, env, plan, t0)
     failure: str | None = None
     final_eval = None
     try:
-        version = run_loop(p, p.version, cfg.experiment.total_steps)
+        version = None
+        while version is None:
+            try:
+                version = run_loop(p, p.version, cfg.experiment.total_steps)
+            except lost_actor_errors() as e:
+                p = recover(p, actors, actors.lost(e), cfg, run_dir, tokenizer, env, plan, t0, model_path)
         if cfg.checkpoint.keep_final and not p.checkpoint_due(version):
             p.checkpoint(version)
         final_eval = p.final_eval(version)
@@ -186,6 +195,59 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Acto
     if failure:
         raise RunFailed(failure)
     return summary
+
+
+def lost_actor_errors() -> tuple[type, ...]:
+    """What a lost actor surfaces as in the loop: `ActorLost` (a dead learner rank, a partner a probe
+    found dead or silent), or Ray's own error from a call to a dead actor."""
+    import ray
+
+    from rlhub.actors.learner import RankFailed
+    from rlhub.actors.pipeline import ActorLost
+
+    return ActorLost, RankFailed, ray.exceptions.RayActorError
+
+
+def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, tokenizer: Any, env: Any, plan: CorePlan, t0: float,
+            model_path: Path) -> Any:
+    """After losing an actor the run cannot replace alone: every actor ended and started anew, the last
+    checkpoint (or the run's start) restored, what was queued or in flight started again, and the
+    ledger told (a "rollback" event: what came after the checkpoint is undone, its steps redone).
+    Returns the new pipeline; raises RunFailed once `checkpoint.max_recoveries` are spent, or when the
+    new actors fail too often to start."""
+    from rlhub.actors.pipeline import RunFailed
+    from rlhub.checkpoint import latest_checkpoint, read_state
+    from rlhub.tracking import truncate_steps
+
+    limit = cfg.checkpoint.max_recoveries
+    while True:
+        if len(p.recoveries) >= limit:
+            raise RunFailed(lost if not limit else f"{lost} (after {len(p.recoveries)} recoveries: checkpoint.max_recoveries={limit})")
+        began = time.time()
+        ckpt = latest_checkpoint(run_dir)
+        state = read_state(ckpt) if ckpt is not None else {}
+        restored = int(state.get("version", 0))
+        log.warning("%s; restoring %s and starting every actor again (recovery %d of at most %d)", lost,
+                    ckpt.name if ckpt is not None else "the run's start (no checkpoint yet)", len(p.recoveries) + 1, limit)
+        p.tracker.close_bar()
+        actors.kill()
+        p.ledger.write([{"event": "rollback", "offset": int(state.get("ledger_offset", p.ledger_start)), "step": restored,
+                         "from_step": p.last_version, "reason": lost}])
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_steps(run_dir / name, restored)
+        record = {"lost": lost, "at_step": p.last_version, "restored": restored}
+        p.recoveries.append(record)
+        try:
+            vars(actors).update(vars(create_actors(cfg, model_path, env, plan)))
+            new = start_pipeline(cfg, run_dir, ckpt, actors, tokenizer, env, plan, t0, carried=p)
+        except lost_actor_errors() as e:  # an actor of the new set died while starting: that is one more
+            lost = actors.lost(e)
+            record["seconds"] = time.time() - began
+            continue
+        record["seconds"] = time.time() - began
+        redo = f"steps {restored + 1}..{p.last_version} are redone" if p.last_version > restored else "no step to redo"
+        log.warning("recovered in %.1f s: back at step %d (%s)", record["seconds"], restored, redo)
+        return new
 
 
 def run_loop(p: Any, version: int, total: int) -> int:
@@ -241,6 +303,72 @@ class Actors:
     judge: Any = None
     starting: list = field(default_factory=list)
     """Start-ups still running (a sharded critic's ranks joining their group)."""
+    partners: dict[str, Any] = field(default_factory=dict)
+    """Every actor but the learner ranks and the rollout actors, by name ("store shard 1", "critic",
+    "weight registry", ...): what `probe` asks and `describe` names."""
+
+    def lost(self, error: BaseException) -> str:
+        """One line naming the actor lost: a partner a probe finds dead or silent first (a call that
+        failed because a partner died names the caller), else the actor `error` names."""
+        from rlhub.actors.pipeline import ActorLost
+
+        if isinstance(error, ActorLost):
+            return str(error)
+        try:
+            self.probe()
+        except ActorLost as e:
+            return str(e)
+        return self.describe(error)
+
+    def describe(self, error: BaseException) -> str:
+        """One line naming the actor whose death `error` reports."""
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        if not isinstance(error, ray_actor_error()):
+            return first
+        groups = getattr(self.learner, "groups", {None: self.learner})
+        for policy, group in groups.items():
+            if group.owns(error):
+                return (f"policy {policy}: " if policy else "") + group._describe(error)
+        for name, handle in self.partners.items():
+            if _is_actor(handle, error):
+                return f"{name} died: {first}"
+        return f"an actor died: {first}"
+
+    def probe(self, timeout_s: float = 30.0) -> None:
+        """Raise ActorLost naming the first partner (store, scorer, weight registry) that is dead or
+        does not answer within `timeout_s`."""
+        import ray
+
+        from rlhub.actors.pipeline import ActorLost
+
+        asked = {handle.__ray_ready__.remote(): name for name, handle in self.partners.items()}
+        ready, pending = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise ActorLost(f"{asked[ref]} died: {str(e).splitlines()[0]}") from None
+        if pending:
+            raise ActorLost(f"{asked[pending[0]]} did not answer within {timeout_s:.0f} s")
+
+    def kill(self) -> None:
+        """End every actor of the run: a recovery starts a new set."""
+        import ray
+
+        self.fleet.kill()
+        self.learner.close()
+        for handle in [*self.partners.values(), *([self.judge] if self.judge is not None else [])]:
+            ray.kill(handle, no_restart=True)
+
+
+def ray_actor_error() -> type:
+    import ray
+
+    return ray.exceptions.RayActorError
+
+
+def _is_actor(actor: Any, error: BaseException) -> bool:
+    return actor._actor_id.hex() in str(error) or getattr(error, "actor_id", None) == actor._actor_id.hex()
 
 
 def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) -> Actors:
@@ -261,7 +389,7 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     else:
         learner = LearnerGroup(cfg, str(model_path), probe, plan.learner)
     fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
-    critic, reference, starting = create_scorers(cfg, str(model_path), plan)
+    critic, reference, starting, partners = create_scorers(cfg, str(model_path), plan)
 
     def registry() -> Any:
         return ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
@@ -274,14 +402,20 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     if cfg.reward.judge.model:
         from rlhub.actors.judge import JudgeActor
 
-        judge = JudgeActor.options(num_cpus=0, num_gpus=cfg.reward.judge.num_gpus).remote(cfg)
-    return Actors(weight_sync, store, learner, critic, reference, fleet, judge, starting)
+        # stateless: Ray restarts it in place and sends it again the calls that were in flight
+        judge = JudgeActor.options(num_cpus=0, num_gpus=cfg.reward.judge.num_gpus, max_restarts=-1, max_task_retries=-1).remote(cfg)
+    partners["store coordinator"] = store.coordinator
+    partners.update({f"store shard {i}": shard for i, shard in enumerate(store.shards)})
+    syncs = weight_sync if policy_of else {"": weight_sync}
+    partners.update({f"weight registry {name}".strip(): ws.registry for name, ws in syncs.items()})
+    return Actors(weight_sync, store, learner, critic, reference, fleet, judge, starting, partners)
 
 
 def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,
-                   t0: float) -> Any:
+                   t0: float, carried: Any = None) -> Any:
     """The policy trained up to its starting point (warm start, or the checkpoint), published, the
-    scorers loaded, the rollout loops running, and the run's records opened."""
+    scorers loaded, the rollout loops running, and the run's records opened; or, in a recovery, the
+    `carried` pipeline's records (ledger, tracker, history, counters) taken over."""
     import ray
 
     from rlhub.actors.pipeline import Pipeline, RunFailed
@@ -301,19 +435,25 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
                  time.time() - t0)
     state: dict[str, Any] = read_state(resume_from) if resume_from is not None else {}
     version = int(state.get("version", 0))
-    if resume_from is not None:  # the run's records go back to the checkpoint: what came after it is redone
-        truncate(run_dir / "ledger.jsonl", state["ledger_offset"])
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            truncate_steps(run_dir / name, version)
-    ledger = Ledger(run_dir / "ledger.jsonl")
-    ledger.write([{"event": "run", "version": version, "resumed": resume_from is not None}])
-    tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, state.get("wandb_id"))
+    if carried is not None:  # a recovery: the records go on (its "rollback" event undid what came after the checkpoint)
+        ledger, tracker, ledger_start = carried.ledger, carried.tracker, carried.ledger_start
+    else:
+        if resume_from is not None:  # the run's records go back to the checkpoint: what came after it is redone
+            truncate(run_dir / "ledger.jsonl", state["ledger_offset"])
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_steps(run_dir / name, version)
+        ledger = Ledger(run_dir / "ledger.jsonl")
+        ledger_start = ledger.offset()
+        ledger.write([{"event": "run", "version": version, "resumed": resume_from is not None}])
+        tracker = Tracker(run_dir, cfg, cfg.experiment.total_steps, version, state.get("wandb_id"))
     if resume_from is not None:
         learner.get(learner.load(str(resume_from), version))
         store.load_state_dict(state["store"])
         restart = state["store"]["admission"]["requeued"]
-        ledger.write([{"event": "requeued", "group": g, "reason": "resume"} for g in restart])
-        log.info("resumed from %s at version %d; %d groups to start again (%.1f s)", resume_from, version, len(restart), time.time() - t0)
+        reason = "recovery" if carried is not None else "resume"
+        ledger.write([{"event": "requeued", "group": g, "reason": reason} for g in restart])
+        log.info("%s from %s at version %d; %d groups to start again (%.1f s)", "restored" if carried else "resumed", resume_from,
+                 version, len(restart), time.time() - t0)
     elif cfg.warm_start.steps and has_format_examples(env):
         warm = learner.get(learner.warm_start(format_examples(cfg, env), cfg.warm_start.steps, cfg.warm_start.batch_size,
                                               cfg.warm_start.lr, cfg.seed, cfg.warm_start.cache))[0]
@@ -323,6 +463,9 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
     learner.get(learner.publish())  # engines start from the learner's weights and probe
     ray.get(actors.starting)
     init_scorers(critic, reference, actors.weight_sync, resume_from)
+    fleet.partner_check = actors.probe
+    if carried is not None:
+        fleet.inherit(carried.fleet)
     fleet.start(store, actors.weight_sync, [s for s in (reference, critic) if s], actors.judge)
     if plan is not None and not cfg.cluster.address:
         confine_ray(plan)
@@ -330,7 +473,42 @@ def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, acto
     pipeline = Pipeline(cfg, run_dir, store, learner, fleet, critic, reference, tracker, ledger, tokenizer, version, t0)
     pipeline.eval_rows = len(eval_rows(env, cfg.eval.rows))
     pipeline.policy_of = agent_policies(cfg, env)
+    pipeline.ledger_start = ledger_start
+    if carried is not None:
+        pipeline.carry(carried)
+    pipeline.record_processes = lambda: record_processes(run_dir, actors)
+    pipeline.record_processes()
     return pipeline
+
+
+def record_processes(run_dir: Path, actors: Actors) -> dict[str, dict[str, Any]]:
+    """run_dir/processes.json: every process of the run by role ("driver", "learner rank 0", "rollout
+    actor 1", "store shard 0", "critic", ...) -> {pid, node}; what `rlhub fault` picks its target from.
+    Written again whenever the run replaces a process."""
+    import ray
+
+    named = {**{f"rollout actor {i}": a for i, a in enumerate(actors.fleet.actors)}, **actors.partners}
+    if actors.judge is not None:
+        named["judge"] = actors.judge
+    asked = {name: handle.__ray_call__.remote(_whereabouts) for name, handle in named.items()}
+    found: dict[str, dict[str, Any]] = {"driver": {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}}
+    for w in actors.learner.where:
+        found[(f"policy {w['policy']} " if "policy" in w else "") + f"learner rank {w['rank']}"] = {"pid": w["pid"], "node": w["node_id"]}
+    for name, ref in asked.items():
+        try:
+            found[name] = ray.get(ref, timeout=30)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):  # dead or busy: the next record finds it
+            continue
+    tmp = run_dir / ".processes.json.tmp"
+    tmp.write_text(json.dumps(found, indent=1))
+    os.replace(tmp, run_dir / "processes.json")
+    return found
+
+
+def _whereabouts(_actor: Any) -> dict[str, Any]:
+    import ray
+
+    return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
 
 def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_stats: list, failure: str | None,
@@ -366,6 +544,7 @@ def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_
         "store": store_stats,
         "rollout": rollout_stats,
         "max_staleness": cfg.max_staleness,
+        "recoveries": p.recoveries,
         "eval": final_eval,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -368,6 +368,8 @@ def dead_rank(ready: list[Any]) -> Exception | None:
     for ref in ready:
         try:
             ray.get(ref, timeout=0)
+        except ray.exceptions.RayTaskError:  # the rank lives: its call raised (a partner's death among the causes)
+            continue
         except ray.exceptions.RayActorError as e:
             return e
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):

@@ -29,6 +29,12 @@ class RunFailed(RuntimeError):
     """The run cannot go on; the message says why (the command exits non-zero)."""
 
 
+class ActorLost(RunFailed):
+    """An actor the run cannot replace on its own died or stopped answering: a learner rank, the
+    critic or reference, the store, a weight registry. The controller restores the last checkpoint
+    and goes on (`checkpoint.max_recoveries`); past that, the run fails with this message."""
+
+
 @dataclass
 class Step:
     """A learner step: its groups [(meta, (ref, index))], the version it trains at, the wait for its
@@ -64,6 +70,23 @@ class Pipeline:
         self.evals_pending = 0
         self.eval_requested = -1
         self.last_eval: dict[str, float] | None = None
+        self.last_version = version  # the version the last recorded step made
+        self.history_start = version  # the version before history[0]
+        self.ledger_start = 0  # the ledger's offset where this run began (what a recovery with no checkpoint goes back to)
+        self.recoveries: list[dict[str, Any]] = []  # {lost, at_step, restored, seconds}: the controller's recoveries
+        self._store_stats: dict[str, Any] = {}  # the store's counters at the last step (what remains if the store dies)
+        self.record_processes: Any = lambda: None  # rewrites run_dir/processes.json (set by the controller)
+        self._recorded_restarts = 0
+
+    def carry(self, old: "Pipeline") -> None:
+        """Take over what a pipeline lost in a recovery had recorded up to the checkpoint this one starts
+        from: its steps' history and its failure counters (the fleet carries its own)."""
+        self.history = old.history[: max(0, self.version - old.history_start)]
+        self.history_start = old.history_start
+        self.nonfinite_steps, self.lost_groups = old.nonfinite_steps, old.lost_groups
+        self.recoveries = old.recoveries
+        self._last_tokens = old._last_tokens
+        self._recorded_restarts = self.fleet.restarts
 
     # ---- 1. rollout -> store ---------------------------------------------------------
     def fetch(self, version: int) -> Step:
@@ -93,7 +116,7 @@ class Pipeline:
         try:
             self.learner.check([c for c in ready if c in ranks])
         except RankFailed as e:
-            raise RunFailed(str(e)) from None
+            raise ActorLost(str(e)) from None
 
     # ---- 2. learn ------------------------------------------------------------------------
     def submit(self, step: Step) -> Step:
@@ -192,6 +215,7 @@ class Pipeline:
         metrics.update({f"failures/actor_crash/{kind}": float(n) for kind, n in self.fleet.crashes.items()})
         metrics["failures/nonfinite_steps"] = float(self.nonfinite_steps)
         metrics["failures/lost_groups"] = float(self.lost_groups)
+        metrics["failures/recoveries"] = float(len(self.recoveries))
         generated = sum(s["generated_tokens"] for s in rollout_stats + self.fleet.retired)
         metrics["perf/generated_tokens_per_s"] = (generated - self._last_tokens) / max(now - self._last_time, 1e-9)
         metrics["perf/generated_tokens"] = float(generated)  # since the run began: what experiment.max_generated_tokens counts
@@ -199,10 +223,15 @@ class Pipeline:
             metrics.update(self.store.curation_stats())
             metrics["curation/replayed_groups"] = float(sum(s.get("replayed", 0) for s in rollout_stats + self.fleet.retired))
         metrics["perf/trained_tokens_per_s"] = metrics["train/tokens"] / max(now - self._last_time, 1e-9)
+        metrics["time/unix"] = time.time()  # when the step was recorded: what `rlhub fault` measures recoveries by
         self._last_tokens, self._last_time = generated, now
         if not self.history:
             log.info("first step done (%.1f s after the command)", time.time() - self.started)
         self.history.append(metrics)
+        self.last_version, self._store_stats = version, store_stats
+        if self.fleet.restarts != self._recorded_restarts:  # a rollout actor was replaced: its new pid
+            self._recorded_restarts = self.fleet.restarts
+            self.record_processes()
         self.tracker.log(version, metrics)
         if self.cfg.rollout.log_samples:
             self._log_samples(version, kept[: self.cfg.rollout.log_samples])
@@ -276,9 +305,14 @@ class Pipeline:
         write_checkpoint(self.run_dir, version, save, state, self.cfg.checkpoint.keep_last)
 
     def finish(self) -> tuple[dict, list]:
-        """Stop admission, let the rollout actors end, count what was left: (store stats, actor stats)."""
+        """Stop admission, let the rollout actors end, count what was left: (store stats, actor stats).
+        A run that failed with its store dead keeps the store's counters of its last step."""
         self.tracker.close_bar()
-        self.store.stop()
+        try:
+            self.store.stop()
+        except ray.exceptions.RayActorError as e:
+            log.warning("the store is gone (%s): its counters are those of step %d", str(e).splitlines()[0], self.last_version)
+            return self._store_stats or {"dropped": {}}, self.fleet.join(timeout_s=30) if self.fleet.runs else []
         finished = self.fleet.join()
         self.store.drain("run_end")
         self.store.close_out("run_end")
@@ -286,7 +320,7 @@ class Pipeline:
         return self.store.stats(), finished
 
     def failures(self, store_stats: dict, rollout_stats: list[dict]) -> dict[str, int]:
-        learner = {"nonfinite_steps": self.nonfinite_steps, "lost_groups": self.lost_groups,
+        learner = {"nonfinite_steps": self.nonfinite_steps, "lost_groups": self.lost_groups, "recoveries": len(self.recoveries),
                    "nonfinite_metrics": sum(self.tracker.nonfinite.values()),
                    **{f"actor_crash/{kind}": n for kind, n in self.fleet.crashes.items()}}
         return failure_counters(rollout_stats, store_stats, self.fleet.restarts, learner)

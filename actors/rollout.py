@@ -135,6 +135,19 @@ class RolloutFleet:
         self.crashes: dict[str, int] = {}  # by kind (the exception the actor died of)
         self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]  # they build their engines meanwhile
         self.runs: list = []
+        self.partner_check: Any = None
+        """Called before a crash is counted: raises when the actor died of a partner's death (the store,
+        a scorer), which replacing the actor cannot cure (`rlhub.actors.controller.Actors.probe`)."""
+
+    def inherit(self, old: "RolloutFleet") -> None:
+        """Carry a replaced fleet's counters (a recovery starts new actors): its crashes and restarts,
+        and the last counters of all its actors, which still count (tokens generated, drops)."""
+        self.restarts, self.crashes = old.restarts, dict(old.crashes)
+        self.retired = old.retired + [s for s in old._last if s is not None]
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
 
     def start(self, store: Any, weight_sync: Any, scorers: list, judge: Any = None, timeout_s: float = 600.0) -> None:
         """Wait until every actor has built its engine, connect it to its partners, and start the loops."""
@@ -167,6 +180,8 @@ class RolloutFleet:
                 continue  # a clean end: the run is stopping
             except Exception as e:  # noqa: BLE001 (any crash of the actor or its loop)
                 error = e
+            if self.partner_check is not None:
+                self.partner_check()  # a dead store or scorer: not this actor's fault, and not cured by replacing it
             kind = type(getattr(error, "cause", None) or error).__name__  # a task error carries the actor's own
             self.crashes[kind] = self.crashes.get(kind, 0) + 1
             self.restarts += 1

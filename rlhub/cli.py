@@ -14,6 +14,11 @@ USAGE = """usage: rlhub <command> [hydra overrides...]
 commands:
   train          run asynchronous RL training (default config: conf/config.yaml); exits 0 only
                  when the run ended with every group accounted for and finite metrics
+  fault RUN_DIR TARGET [--at-step N] [--delay S] [--signal kill|stop] [--seed K] [--wait]
+                 fault injection: once a running run has recorded step N (default 3), SIGKILL (or
+                 SIGSTOP) its process TARGET ("learner rank 0", "store shard", "rollout actor",
+                 "critic", "driver", ...; a kind picks one at random); --wait: until the run ends,
+                 then how long it took to train again (JSON)
   check RUN_DIR  reconcile a run's ledger (every group handed out trained or dropped exactly
                  once); exit 1 when it does not reconcile
   plot RUN_DIR   draw RUN_DIR/plots/*.png (success and reward, staleness, step time; for an MoE
@@ -91,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "envs":
             print("rlhub envs: use `rlhub envs list`, `rlhub envs show NAME [key=value ...]` or `rlhub envs check NAME [key=value ...]`", file=sys.stderr)
             return 2
+        if command == "fault" and len(rest) >= 2:
+            return _fault(rest)
         if command == "eval" and rest:
             from rlhub.evaluation import evaluate_checkpoint
 
@@ -186,6 +193,43 @@ def _train(overrides: list[str]) -> int:
     if summary["status"] != "ok":
         print(f"rlhub: the run ended with status {summary['status']} (see summary.json)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _fault(rest: list[str]) -> int:
+    import argparse
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rlhub.faults import inject, recovery
+
+    parser = argparse.ArgumentParser(prog="rlhub fault")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("target")
+    parser.add_argument("--at-step", type=int, default=3)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait after that step")
+    parser.add_argument("--signal", choices=("kill", "stop"), default="kill")
+    parser.add_argument("--seed", type=int, default=None, help="which process of a kind, and the delay when --delay<0 (random up to -delay)")
+    parser.add_argument("--wait", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    a = parser.parse_args(rest)
+    import random
+
+    delay = random.Random(a.seed).uniform(0, -a.delay) if a.delay < 0 else a.delay
+    try:
+        fault = inject(a.run_dir, a.target, a.at_step, a.signal, delay, a.seed, a.timeout)
+    except (ValueError, TimeoutError) as e:
+        print(f"rlhub fault: {e}", file=sys.stderr)
+        return 2
+    print(f"rlhub fault: {fault.how} {fault.target} (pid {fault.pid}) after step {fault.at_step}", file=sys.stderr)
+    if not a.wait:
+        print(json.dumps(asdict(fault)))
+        return 0
+    deadline = time.monotonic() + a.timeout
+    while not (a.run_dir / "summary.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(json.dumps(recovery(a.run_dir, fault), indent=1))
     return 0
 
 

@@ -110,10 +110,14 @@ class ExperimentConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0
-    """Write a checkpoint every N learner steps (0: only at the end when keep_final)."""
+    every: int = 50
+    """Write a checkpoint every N learner steps (0: only at the end when keep_final). A recovery goes
+    back to the last one, so a lost learner costs at most N steps."""
     keep_last: int = 2
     keep_final: bool = True
+    max_recoveries: int = 3
+    """How many times a run restores its last checkpoint after losing a learner rank, the critic or
+    reference, the store or a weight registry, before it fails (0: the first such loss ends the run)."""
 
 
 @dataclass

@@ -28,6 +28,12 @@ tokens the trained events give that policy, so a policy that trained on another 
 breaks the check.
     {"event": "run",      "version": int, "resumed": bool}
         a run (or a resume) started; only reported.
+    {"event": "rollback", "offset": int, "step": int, "from_step": int, "reason": str}
+        the run restored its last checkpoint (at version `step`) after losing an actor it cannot
+        replace (a learner rank, the critic, the store): every event from byte `offset` (the
+        checkpoint's `Ledger.offset()`) up to this line is undone, and steps step+1..from_step
+        are redone after it. The undone lines stay in the file, so the ledger shows what was lost
+        and redone; the check reads the run as if they had not happened.
 
 The check is independent where it matters: "trained" says what the controller
 handed over, "step" what the learner's tensors held. A step whose learner
@@ -36,7 +42,8 @@ tokens for it, or did not move the policy while groups are recorded as
 trained there, is a violation.
 
 A checkpoint records `Ledger.offset()`; a resume `truncate()`s back to it, since
-the resumed run redoes (and re-logs) everything after the checkpoint.
+the resumed run redoes (and re-logs) everything after the checkpoint. A recovery
+inside a run does not truncate: it appends a "rollback" event instead.
 """
 
 from __future__ import annotations
@@ -57,10 +64,11 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "dropped": ("group", "row", "reason"),
     "step": ("step", "version", "updated", "groups"),
     "run": ("version", "resumed"),
+    "rollback": ("offset", "step", "from_step", "reason"),
 }
 TYPES: dict[str, type | tuple[type, ...]] = {
     "group": int, "row": (int, type(None)), "actor": int, "version": int, "step": int, "reason": str, "resumed": bool,
-    "updated": bool, "groups": list, "tokens": int,
+    "updated": bool, "groups": list, "tokens": int, "offset": int, "from_step": int,
 }
 # The state machine, by its refusals: (event, state before) -> violation; any pair not here is allowed.
 # States are None (never seen), "issued", "requeued", "trained", "dropped".
@@ -150,6 +158,9 @@ class Reconciliation:
     open: int = 0  # groups still issued or requeued at the end
     runs: int = 0  # "run" markers, of which `resumes` resumed
     resumes: int = 0
+    rollbacks: int = 0  # in-run recoveries from a checkpoint
+    undone: int = 0  # events a rollback undid
+    redone_steps: int = 0  # optimizer steps a rollback undid (redone after it)
     steps_checked: int = 0  # optimizer steps whose learner report was reconciled with the trained events
     violations: list[Violation] = field(default_factory=list)  # the first KEEP_VIOLATIONS
     violation_count: int = 0  # all of them
@@ -166,10 +177,34 @@ class Reconciliation:
 
 def reconcile(events: Iterable[Any], allow_open: bool = False) -> Reconciliation:
     """Walk each group's events in order through the state machine (REFUSED), then check ids and the
-    learner's reports."""
-    rec = Reconciliation()
-    _walk(rec, enumerate(events, 1), allow_open)
+    learner's reports. A rollback's offset counts the bytes `Ledger.write` would have written."""
+    rec, numbered, offset = Reconciliation(), [], 0
+    for line, event in enumerate(events, 1):
+        numbered.append((line, offset, event))
+        offset += len(json.dumps(event).encode()) + 1
+    _walk(rec, _rolled_back(rec, numbered), allow_open)
     return rec
+
+
+def _rolled_back(rec: Reconciliation, numbered: list[tuple[int, int, Any]]) -> list[tuple[int, Any]]:
+    """(line, event) pairs with what each rollback undid left out: the events from its offset to it."""
+    kept: list[tuple[int, int, Any]] = []
+    for line, offset, event in numbered:
+        if isinstance(event, dict) and event.get("event") == "rollback":
+            bad = [k for k in FIELDS["rollback"] if not isinstance(event.get(k), TYPES[k])]
+            if bad or not 0 <= event["offset"] <= offset:
+                rec.add(None, f"line {line}: rollback event with missing, mistyped or impossible {bad or ['offset']}")
+                continue
+            undone = [e for e in kept if e[1] >= event["offset"]]
+            if undone and undone[0][1] != event["offset"]:
+                rec.add(None, f"line {line}: rollback to offset {event['offset']}, which is not a line boundary")
+            kept = kept[: len(kept) - len(undone)]
+            rec.rollbacks += 1
+            rec.undone += len(undone)
+            rec.redone_steps += max(0, event["from_step"] - event["step"])
+            continue
+        kept.append((line, offset, event))
+    return [(line, event) for line, _, event in kept]
 
 
 def _walk(rec: Reconciliation, numbered: Iterable[tuple[int, Any]], allow_open: bool) -> None:
@@ -280,22 +315,27 @@ def check_run(run_dir: Path, allow_open: bool = False) -> Reconciliation:
     if not path.is_file():
         raise FileNotFoundError(f"no ledger: {path}")
     rec, numbered = Reconciliation(), []
-    for line, text, event in _read_jsonl(path):
+    for line, offset, text, event in _read_jsonl(path):
         if event is None:
             rec.add(None, f"line {line}: unparseable: {text[:80]!r}")
         else:
-            numbered.append((line, event))
-    _walk(rec, numbered, allow_open)
+            numbered.append((line, offset, event))
+    _walk(rec, _rolled_back(rec, numbered), allow_open)
     return rec
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """(line number, text, parsed value or None where it does not parse)."""
-    for line, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+def _read_jsonl(path: Path) -> Iterator[tuple[int, int, str, Any]]:
+    """(line number, byte offset of its start, text, parsed value or None where it does not parse)."""
+    offset = 0
+    for line, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw:
+            continue
+        text = raw.decode(errors="replace")
         try:
-            yield line, text, json.loads(text)
+            yield line, start, text, json.loads(text)
         except json.JSONDecodeError:
-            yield line, text, None
+            yield line, start, text, None
 
 
 def format_report(rec: Reconciliation) -> str:
@@ -308,6 +348,8 @@ def format_report(rec: Reconciliation) -> str:
     )
     lines = [head + (" — reconciled" if rec.ok else f" — NOT reconciled: {rec.violation_count} violations")]
     lines.append(f"  {rec.runs} run markers ({rec.resumes} resumes), {rec.steps_checked} learner steps reconciled with what they trained on")
+    if rec.rollbacks:
+        lines.append(f"  {rec.rollbacks} recoveries from a checkpoint: {rec.undone} events undone, {rec.redone_steps} steps redone")
     lines += [f"  {v}" for v in rec.violations[:10]]
     if rec.violation_count > 10:
         lines.append(f"  ... and {rec.violation_count - 10} more")

@@ -83,7 +83,9 @@ def test_learner_ranks_spread_over_two_nodes_of_a_cluster(two_nodes, tmp_path):
     (["experiment=propose_check", "agents.policies=separate", "warm_start.steps=0", "eval.every=0"], "policy checker: learner rank 0 of 1"),
 ], ids=["ranks", "separate_policies"])
 def test_a_killed_learner_rank_ends_the_run_named_within_30_s(tmp_path, overrides, named):
-    driver = subprocess.Popen(train_args(tmp_path, *overrides, "experiment.total_steps=100000"), stdout=subprocess.DEVNULL,
+    # with recoveries off: the loss is found and named at once (tests/integration/test_faults.py recovers from it)
+    driver = subprocess.Popen(train_args(tmp_path, *overrides, "experiment.total_steps=100000", "checkpoint.max_recoveries=0"),
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     try:
         deadline = time.monotonic() + 240

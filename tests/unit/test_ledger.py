@@ -89,6 +89,44 @@ def test_resume_truncates_and_redoes_work(tmp_path: Path):
     assert (rec.runs, rec.resumes, rec.steps_checked) == (2, 1, 2)
 
 
+def rolled_back_run(offset_shift: int = 0) -> tuple[list[dict], int]:
+    """A run that loses its learner after step 2, restores the checkpoint at version 1 and redoes step 2:
+    (events, the checkpoint's offset into them)."""
+    before = [{"event": "run", "version": 0, "resumed": False}, issued(0), issued(1), issued(2), trained(0), step(0, {0: 5})]
+    offset = sum(len(json.dumps(e).encode()) + 1 for e in before)
+    lost = [trained(1, version=1), issued(3, version=1), step(1, {1: 5})]  # undone by the rollback
+    redo = [{"event": "rollback", "offset": offset + offset_shift, "step": 1, "from_step": 2, "reason": "learner rank 0 died"},
+            requeued(1, "recovery"), requeued(2, "recovery"), issued(1, version=1), issued(2, version=1), issued(3, version=1),
+            trained(1, version=1), trained(2, version=1), dropped(3, "run_end"), step(1, {1: 5, 2: 5})]
+    return before + lost + redo, offset
+
+
+def test_a_rollback_undoes_what_came_after_its_checkpoint_and_the_redone_steps_reconcile(tmp_path: Path):
+    events, _ = rolled_back_run()
+    with Ledger(tmp_path / "ledger.jsonl") as ledger:
+        ledger.write(events)
+    for rec in (reconcile(events), check_run(tmp_path)):
+        assert rec.ok, messages(rec)
+        assert (rec.issued, rec.trained, rec.requeued, rec.steps_checked) == (4, 3, {"recovery": 2}, 2)
+        assert (rec.rollbacks, rec.undone, rec.redone_steps) == (1, 3, 1)
+    assert "1 recoveries from a checkpoint: 3 events undone, 1 steps redone" in format_report(rec)
+
+
+def test_without_the_rollback_the_redone_work_is_caught():
+    events, _ = rolled_back_run()
+    rec = reconcile([e for e in events if e["event"] != "rollback"])
+    assert "group 1: trained, then re-issued: would train twice" in messages(rec)[0]
+    assert not rec.ok
+
+
+def test_a_rollback_to_the_wrong_offset_is_caught():
+    events, _ = rolled_back_run(offset_shift=3)  # mid-line: the first undone event is not where the checkpoint was
+    rec = reconcile(events)
+    assert any("not a line boundary" in m for m in messages(rec)), messages(rec)
+    events, offset = rolled_back_run(offset_shift=10**6)  # past the rollback itself
+    assert "rollback event with missing, mistyped or impossible ['offset']" in messages(reconcile(events))[0]
+
+
 def test_without_truncation_the_resume_is_caught(tmp_path: Path):
     # the same resume, but the lost work left in place: group 1 was trained, then re-issued
     rec = reconcile([issued(0), issued(1), trained(0), trained(1, version=1), requeued(1, "resume"), issued(1, version=1), trained(1, version=1)])
