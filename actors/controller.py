@@ -74,7 +74,10 @@ def load_tokenizer(model_path: Path) -> Any:
 def save_resolved_config(cfg: RunConfig, run_dir: Path) -> None:
     from omegaconf import OmegaConf
 
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    from rlhub.redact import redact_config
+
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact_config(resolved)))  # no secret in it: rlhub.redact
 
 
 def format_examples(cfg: RunConfig, env: Any) -> list[tuple[str, str]]:
@@ -179,7 +182,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Acto
             try:
                 version = run_loop(p, p.version, cfg.experiment.total_steps)
             except lost_actor_errors() as e:
-                p = recover(p, actors, actors.lost(e), cfg, run_dir, tokenizer, env, plan, t0, model_path)
+                lost = actors.lost(e)
+                if lost is None:  # a call failed, but every actor lives: a bug, not a loss
+                    raise
+                p = recover(p, actors, lost, cfg, run_dir, tokenizer, env, plan, t0, model_path)
         if cfg.checkpoint.keep_final and not p.checkpoint_due(version):
             p.checkpoint(version)
         final_eval = p.final_eval(version)
@@ -199,13 +205,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Acto
 
 def lost_actor_errors() -> tuple[type, ...]:
     """What a lost actor surfaces as in the loop: `ActorLost` (a dead learner rank, a partner a probe
-    found dead or silent), or Ray's own error from a call to a dead actor."""
+    found dead or silent), Ray's own error from a call to a dead actor, or a call's error caused by a
+    peer's death (a sharded scorer's collective with a dead rank): `Actors.lost` tells which."""
     import ray
 
     from rlhub.actors.learner import RankFailed
     from rlhub.actors.pipeline import ActorLost
 
-    return ActorLost, RankFailed, ray.exceptions.RayActorError
+    return ActorLost, RankFailed, ray.exceptions.RayActorError, ray.exceptions.RayTaskError
 
 
 def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, tokenizer: Any, env: Any, plan: CorePlan, t0: float,
@@ -241,7 +248,9 @@ def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, to
             vars(actors).update(vars(create_actors(cfg, model_path, env, plan)))
             new = start_pipeline(cfg, run_dir, ckpt, actors, tokenizer, env, plan, t0, carried=p)
         except lost_actor_errors() as e:  # an actor of the new set died while starting: that is one more
-            lost = actors.lost(e)
+            if (again := actors.lost(e)) is None:
+                raise
+            lost = again
             record["seconds"] = time.time() - began
             continue
         record["seconds"] = time.time() - began
@@ -307,17 +316,23 @@ class Actors:
     """Every actor but the learner ranks and the rollout actors, by name ("store shard 1", "critic",
     "weight registry", ...): what `probe` asks and `describe` names."""
 
-    def lost(self, error: BaseException) -> str:
+    def lost(self, error: BaseException) -> str | None:
         """One line naming the actor lost: a partner a probe finds dead or silent first (a call that
-        failed because a partner died names the caller), else the actor `error` names."""
+        failed because a partner died names the caller), else the actor `error` names; None when
+        `error` is a call's own failure and no actor is lost."""
+        import ray
+
+        from rlhub.actors.learner import RankFailed
         from rlhub.actors.pipeline import ActorLost
 
-        if isinstance(error, ActorLost):
+        if isinstance(error, (ActorLost, RankFailed)):
             return str(error)
         try:
             self.probe()
         except ActorLost as e:
             return str(e)
+        if isinstance(error, ray.exceptions.RayTaskError) and not isinstance(error, ray.exceptions.RayActorError):
+            return None
         return self.describe(error)
 
     def describe(self, error: BaseException) -> str:
@@ -570,9 +585,13 @@ def _setup_logging(run_dir: Path) -> None:
     for h in [h for h in log.handlers if isinstance(h, (logging.FileHandler, _Console))]:
         log.removeHandler(h)
         h.close()
+    from rlhub.redact import RedactFilter
+
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.addHandler(_Console(logging.INFO))
+    console = _Console(logging.INFO)
+    for h in (handler, console):
+        h.addFilter(RedactFilter())  # no secret in train.log or on the terminal
+        log.addHandler(h)
     log.setLevel(logging.INFO)
     log.propagate = False

@@ -143,6 +143,7 @@ class Pipeline:
     def wait(self, step: Step) -> dict[str, Any]:
         """The step's metrics once it is learned and published; watches the rollout fleet meanwhile (a
         crashed actor is replaced)."""
+        self.fleet.check()  # also when every step's data is ready at once: a dead actor is found each step
         while True:
             ready = ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]
             self._check_ranks(ready, [step])

@@ -245,6 +245,9 @@ class RayDataStore:
                     by_shard.setdefault(i, []).append(gid)
                 taken = ray.get([self.shards[i].take.remote(g) for i, g in by_shard.items()])
                 groups = [(meta, box) for part in taken for meta, box in part]
+                # a group queued by an actor killed before it told the coordinator is still "in flight" there:
+                # taken, it is no longer, so neither that actor's requeue nor the run's end can start or drop it again
+                ray.get(self.coordinator.finish.remote([meta.group_id for meta, _ in groups]))
                 return sorted(groups, key=lambda mg: mg[0].put_time)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no batch of {n} groups within {timeout_s:.0f} s; store: {self.stats()}")

@@ -83,3 +83,83 @@ def test_a_lost_learner_or_store_is_recovered_from_the_last_checkpoint(tmp_path,
     assert (ledger.rollbacks, ledger.redone_steps) == (1, at - restored)  # the ledger shows the redone steps
     assert summary["failures"]["recoveries"] == 1
     record(fault, run_dir, f"{target} killed", RESTORES, summary)
+
+
+PPO = ("algorithm=ppo", "algorithm.critic_warmup=1")
+
+
+@pytest.mark.parametrize("target,overrides,kind", [
+    ("critic", PPO, "critic killed"),
+    ("reference", PPO, "reference killed"),
+    # a scorer's rank behind its front: the critic sharded over two ranks, as the policy is
+    ("critic rank 1", (*PPO, "learner.world_size=2"), "a scorer rank (critic rank 1 of 2) killed"),
+])
+def test_a_lost_scorer_is_recovered_from_the_last_checkpoint(tmp_path, target, overrides, kind):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = start(run_dir, "experiment.total_steps=7", "checkpoint.every=2", *overrides)
+    fault = inject(run_dir, target, 3, alive=lambda: proc.poll() is None, timeout_s=300)
+    summary, err = finish(proc, run_dir)
+    [recovered] = summary["recoveries"]
+    assert target.split()[0] in recovered["lost"] and recovered["restored"] >= 2, recovered
+    assert check_run(run_dir).rollbacks == 1
+    ckpt = run_dir / "checkpoints" / "step_000007"
+    assert (ckpt / "critic").is_dir() and (ckpt / "reference").is_dir()  # the new scorers were saved with the policy
+    record(fault, run_dir, kind, RESTORES, summary)
+
+
+def test_a_killed_rollout_actor_is_replaced_and_its_groups_start_again(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = start(run_dir, "experiment.total_steps=7", "rollout.num_actors=2")
+    fault = inject(run_dir, "rollout actor", 3, seed=1, alive=lambda: proc.poll() is None, timeout_s=300)
+    summary, _ = finish(proc, run_dir)
+    assert summary["recoveries"] == [] and summary["failures"]["actor_restarts"] == 1
+    assert json.loads((run_dir / "processes.json").read_text())[fault.target]["pid"] != fault.pid  # its replacement
+    ledger = check_run(run_dir)
+    assert ledger.requeued.get("actor_crash", 0) + ledger.requeued.get("lost_object", 0) >= 1, format_report(ledger)
+    record(fault, run_dir, "a rollout actor killed", "replaces the actor; its queued and in-flight groups start again", summary)
+
+
+def test_a_killed_judge_is_restarted_in_place(tmp_path, tiny_model_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = start(run_dir, "experiment.total_steps=6", f"reward.judge.model={tiny_model_path}", "reward.judge.weight=0.5")
+    fault = inject(run_dir, "judge", 2, alive=lambda: proc.poll() is None, timeout_s=300)
+    summary, _ = finish(proc, run_dir)
+    assert summary["recoveries"] == [] and summary["failures"]["actor_restarts"] == 0, summary["failures"]
+    rows = read_rows(run_dir / "metrics.jsonl")
+    assert all(m["rollout/reward_mean"] > m["rollout/success_rate"] for m in rows)  # every step's samples were judged
+    record(fault, run_dir, "the judge killed", "Ray restarts it in place and sends it again the calls it had", summary)
+
+
+def test_a_killed_driver_resumes_from_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = start(run_dir, "experiment.total_steps=100000", "checkpoint.every=2")
+    fault = inject(run_dir, "driver", 3, alive=lambda: proc.poll() is None, timeout_s=300)
+    assert proc.wait(timeout=60) == -9
+    total = fault.at_step + 3
+    resumed = start(run_dir, f"experiment.total_steps={total}", "checkpoint.every=2", "resume=true", log="resume.err")
+    summary, err = finish(resumed, run_dir)
+    assert summary["steps"] >= 3 and check_run(run_dir).resumes == 1
+    record(fault, run_dir, "the driver killed (`kill -9`), then `resume=true`",
+           "the next run stops the dead run's Ray, resumes at the last checkpoint, re-issues what was queued or in flight", summary)
+
+
+def test_a_group_queued_by_an_actor_killed_before_it_told_the_coordinator_ends_once(ray_local):
+    """The window `rlhub fault` can hit: the shard holds the group, the coordinator still has it in flight."""
+    import ray
+
+    from rlhub.actors.store import RayDataStore
+    from rlhub.datastore import GroupMeta
+
+    store = RayDataStore.create(1, prompts_per_step=2, max_staleness=0, num_rows=10)
+    ids = store.admit(0, 2)
+    metas = [GroupMeta(g, g, 0, 0, 0, 2, 4, 0.5, 0.5, 2.0, 0.1) for g in ids]
+    ray.get(store.shards[0].put_many.remote(metas, [(ray.put(None), i) for i in range(len(ids))]))  # and then it died
+    batch = store.get_batch(2, 0, timeout_s=10)
+    assert sorted(m.group_id for m, _ in batch) == ids
+    assert store.requeue_actor(0) == []  # taken for training: its actor's crash cannot start it again
+    assert store.close_out("run_end") == 0  # nor can the run's end drop it
+    assert not [e for e in store.take_events() if e["event"] in ("requeued", "dropped")]
