@@ -63,11 +63,28 @@ def defaults_of(name: str) -> dict[str, Any]:
     found = available_envs().get(name)
     if found is None:
         return {}
-    return dict(getattr(found.load(), "rlhub_defaults", {}) or {})
+    return dict(getattr(load_factory(name, found), "rlhub_defaults", {}) or {})
 
 
 def available_envs() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+class EnvLoadError(ValueError):
+    """An environment's entry point names a module or factory that does not import."""
+
+
+def load_factory(name: str, entry_point: Any) -> Callable[..., Any]:
+    """The factory `entry_point` names; EnvLoadError in one line naming the environment, the entry
+    point, its package and what the import raised (a plugin's own bug or a missing dependency)."""
+    try:
+        return entry_point.load()
+    except Exception as e:  # noqa: BLE001 - whatever the plugin's import raises, said in one line
+        dist = getattr(entry_point, "dist", None)
+        package = f" (package {dist.metadata['Name']} {dist.version})" if dist else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise EnvLoadError(f"env.name={name!r}: its entry point {entry_point.value!r}{package} does not import: "
+                           f"{type(e).__name__}: {first}") from None
 
 
 def make_env(name: str, **kwargs: Any) -> Env:
@@ -75,8 +92,11 @@ def make_env(name: str, **kwargs: Any) -> Env:
     found = available_envs()
     if name not in found:
         raise ValueError(f"env.name={name!r}: no such environment; installed: {sorted(found)} (rlhub envs list)")
-    factory = found[name].load()
-    env = factory(**kwargs)
+    factory = load_factory(name, found[name])
+    try:
+        env = factory(**kwargs)
+    except TypeError as e:  # most often an argument the factory does not take (env.kwargs.*), or one it needs
+        raise TypeError(f"env.name={name!r} with env.kwargs={kwargs}: {e}") from None
     if not hasattr(env, "step") and callable(env):
         return RewardFunctionEnv(env)
     check_env_methods(env, name)
@@ -183,7 +203,7 @@ def describe(name: str) -> dict[str, Any]:
     """Where environment `name` comes from and what it is: package, version, one line of description."""
     ep = available_envs()[name]
     dist = getattr(ep, "dist", None)
-    factory = ep.load()
+    factory = load_factory(name, ep)
     module = inspect.getmodule(factory)
     doc = inspect.getdoc(factory) or (inspect.getdoc(module) if module else "") or ""
     return {

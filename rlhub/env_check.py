@@ -1,5 +1,5 @@
-"""Environments checked before a run: what `rlhub train` checks before Ray starts (`check_env`,
-`check_prompt_lengths`), and `rlhub envs check NAME [key=value ...]`, an environment tried as a run
+"""Environments checked before a run: what `rlhub train` checks before Ray starts (`check_run_dir`,
+`check_env`, `check_prompt_lengths`), and `rlhub envs check NAME [key=value ...]`, an environment tried as a run
 would use it, without Ray or a model.
 
 What `rlhub envs check` does, each finding with the row it came from:
@@ -65,8 +65,8 @@ def check_env(cfg: RunConfig) -> Any:
     try:
         env = build_env(cfg.env, cfg.seed)
         rows = env.dataset("train")
-    except (ValueError, TypeError, KeyError) as e:  # DataError is a ValueError
-        raise ConfigError(str(e).strip("'\"")) from None
+    except (ValueError, TypeError, KeyError) as e:  # DataError is a ValueError; a KeyError's message without its quotes
+        raise ConfigError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from None
     if not rows:
         raise ConfigError(f"env.name={cfg.env.name!r}: the train split is empty")
     if cfg.eval.every and not eval_rows(env, 1):
@@ -79,6 +79,22 @@ def check_env(cfg: RunConfig) -> Any:
         check_sandbox(cfg, env)
     check_policies(cfg, env)
     return env
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    """ConfigError unless the run directory (`run_dir`, or runs/<experiment.name>/ that holds the new
+    ones) can be made and written: a path under /proc or /sys, a read-only place, a file in the way."""
+    import tempfile
+
+    target = Path(cfg.run_dir).expanduser() if cfg.run_dir else Path("runs") / cfg.experiment.name
+    key = f"run_dir={cfg.run_dir!r}" if cfg.run_dir else f"{target} (where run directories go; set run_dir)"
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{key}: {target} is a file, not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=target, prefix=".rlhub-write-check-").close()  # made and removed
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot make or write a directory there ({e.strerror or type(e).__name__}: {e.filename})") from None
 
 
 def agent_policies(cfg: RunConfig, env: Any) -> dict[str, str]:

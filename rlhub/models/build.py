@@ -29,11 +29,19 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
-    """The HF directory for this config, building the tiny MoE on first use."""
+    """The HF directory for this config, building the tiny MoE on first use. A given `model.path` is
+    checked first (`rlhub.models.check`): a damaged directory is a ConfigError naming the file."""
     if cfg.path:
         path = Path(cfg.path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path={cfg.path!r}: no Hugging Face model directory there (config.json missing)")
+        from rlhub.config import ConfigError
+        from rlhub.models.check import check_model_dir
+
+        try:
+            check_model_dir(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return path
     if cfg.source in ("smollm2", "smollm2_moe"):
         return build_smollm2(cfg)

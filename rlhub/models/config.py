@@ -75,3 +75,16 @@ class ModelConfig:
     MoE training (routing replay, load balancing) is configured under `moe.*` (`rlhub.moe.MoEConfig`)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (`rlhub.lora`): `model.lora.rank=16` trains, publishes and checkpoints adapters only."""
+
+    def check(self) -> None:
+        """ValueError naming the first size of a built model (`path` unset) that cannot make one."""
+        sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts", "experts_per_token",
+                 "expert_intermediate_size", "max_position_embeddings")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(f"model.experts_per_token={self.experts_per_token} must be <= model.num_experts={self.num_experts} "
+                             "(each token takes that many distinct experts)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads} (grouped-query attention)")

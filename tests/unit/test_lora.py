@@ -270,7 +270,7 @@ def test_a_lora_checkpoint_holds_adapters_and_resumes_the_same_next_step(tiny_mo
     for batch in steps[:2]:
         a.train_step(batch)
     ckpt = write_checkpoint(tmp_path, 2, a.save, {}, keep_last=1)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["adapters", "state.json"]  # no base model, no full policy
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapters", "manifest.json", "state.json"]  # no base model, no full policy
     size = sum(f.stat().st_size for f in (ckpt / "adapters").iterdir())
     assert size < 0.5 * sum(f.stat().st_size for f in Path(tiny_model_path).glob("*.safetensors"))
     b = make_learner(tiny_model_path)
