@@ -2,7 +2,8 @@
 
 Everything here answers fast or fails naming the cause: an address where
 nothing listens, a cluster too small for the actors, the Ray processes a
-killed run left behind (cleaned up before a new local Ray starts).
+killed run left behind (cleaned up before a new local Ray starts). A local Ray
+listens on loopback only unless `cluster.bind_host` says otherwise (`listening_on`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import logging
 import os
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from rlhub.config import WORKER_ENV, ConfigError, RunConfig
+from rlhub.config import LOOPBACK, WORKER_ENV, ConfigError, RunConfig
 
 log = logging.getLogger("rlhub")
 
@@ -41,6 +44,7 @@ def init_ray(cfg: RunConfig, plan: CorePlan, policies: int = 1) -> bool:
             ray.shutdown()
             raise
         return True
+    check_local_gpus(cfg, policies)
     wanted = cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus + cfg.cluster.learner_num_cpus * cfg.learner.world_size * policies
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
     if wanted > (os.cpu_count() or 1):  # placed all the same, sharing cores: said now, not after a silent wait
@@ -53,9 +57,44 @@ def init_ray(cfg: RunConfig, plan: CorePlan, policies: int = 1) -> bool:
     # a local Ray's workers inherit this process's environment: no runtime env to set up per worker, so
     # actors start in the workers Ray starts ahead
     os.environ.update(WORKER_ENV)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # address="local": a Ray of its own; without it ray.init joins any Ray it finds running on the machine
+    with listening_on(cfg.cluster.bind_host):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
     _record_file().write_text(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0)}))
     return True
+
+
+@contextmanager
+def listening_on(bind_host: str) -> Iterator[None]:
+    """Around `ray.init`: where the local Ray it starts, and the servers of its workers, listen
+    (`cluster.bind_host`).
+
+    On Linux Ray advertises the node's network IP, and its servers (GCS, raylet, object manager, each
+    worker's gRPC server, the agents) listen on every interface, whatever `ray.init` is told (it maps
+    127.0.0.1 back to the network IP). Its switch for clusters, off by default on macOS and Windows,
+    makes the node's IP 127.0.0.1 and every one of those servers listen on loopback only: a local run
+    needs no other node. Ray reads the switch when imported: it goes into the environment, which the
+    processes Ray starts inherit, and into this process's already imported copy, both put back once
+    Ray has started (this Ray keeps its node IP; a later `ray.init` in this process is not affected).
+    Torch's store and gloo's sockets follow the node IP (`rlhub.parallel.ranks`); vLLM's is pinned."""
+    from ray._private import ray_constants
+
+    if bind_host not in LOOPBACK:
+        yield
+        return
+    settings = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0", "VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")}
+    kept_env, kept_flag = {k: os.environ.get(k) for k in settings}, ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(settings)  # VLLM_HOST_IP: the address of the actors' vLLM engines
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        for key, value in kept_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        ray_constants.ENABLE_RAY_CLUSTER = kept_flag
 
 
 def confine_ray(plan: CorePlan) -> int:
@@ -130,18 +169,46 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"cluster.address={address!r}: nothing answers at {host}:{port} ({e})") from None
 
 
+def needed(cfg: RunConfig, policies: int = 1) -> dict[str, float]:
+    """The CPUs and GPUs the run's actors ask Ray for: `policies` learners of `learner.world_size` ranks,
+    the rollout actors, the scorers (critic, reference) and a model judge."""
+    from rlhub.algorithms import advantage_needs
+
+    scorers = int(advantage_needs(cfg.algorithm.advantage).critic) + int(cfg.algorithm.reference == "actor" and cfg.algorithm.kl_coef > 0)
+    ranks = cfg.learner.world_size * policies
+    judge = cfg.reward.judge.num_gpus if cfg.reward.judge.model else 0.0
+    return {"CPU": cfg.cluster.learner_num_cpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus,
+            "GPU": cfg.cluster.learner_num_gpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus
+            + scorers * cfg.cluster.scorer_num_gpus + judge}
+
+
+def local_gpus() -> int:
+    """GPUs this machine has (what a local Ray would offer)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_local_gpus(cfg: RunConfig, policies: int = 1) -> None:
+    """Before a local Ray starts: GPUs asked for (cluster.*_num_gpus, reward.judge.num_gpus) that this
+    machine does not have would leave those actors waiting for ever to be placed."""
+    want = needed(cfg, policies)["GPU"]
+    have = local_gpus() if want else 0
+    if want > have + 1e-9:
+        asked = [f"cluster.{k}={getattr(cfg.cluster, k):g}" for k in ("learner_num_gpus", "rollout_num_gpus", "scorer_num_gpus")
+                 if getattr(cfg.cluster, k)]
+        asked += [f"reward.judge.num_gpus={cfg.reward.judge.num_gpus:g}"] if cfg.reward.judge.model and cfg.reward.judge.num_gpus else []
+        raise ConfigError(f"{', '.join(asked)}: the run's actors need {want:g} GPU(s) and this machine has {have} "
+                          "(set them to 0 to run on CPUs, or cluster.address to join a cluster with GPUs)")
+
+
 def check_placement(cfg: RunConfig, policies: int = 1) -> None:
     """Say at start, not after minutes of silence, when the cluster cannot place the actors (`policies`
     learners of `learner.world_size` ranks each)."""
     import ray
 
     have = ray.cluster_resources()
-    from rlhub.algorithms import advantage_needs
-
-    scorers = int(advantage_needs(cfg.algorithm.advantage).critic) + int(cfg.algorithm.reference == "actor" and cfg.algorithm.kl_coef > 0)
-    ranks = cfg.learner.world_size * policies
-    need = {"CPU": cfg.cluster.learner_num_cpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_cpus,
-            "GPU": cfg.cluster.learner_num_gpus * ranks + cfg.rollout.num_actors * cfg.cluster.rollout_num_gpus + scorers * cfg.cluster.scorer_num_gpus}
+    need = needed(cfg, policies)
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
     if short:
         what = ", ".join(f"{v:g} {k} needed, {h:g} in the cluster" for k, (v, h) in short.items())

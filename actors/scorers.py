@@ -50,9 +50,13 @@ class _Scorer:
         raise NotImplementedError
 
     def where(self) -> dict[str, Any]:
-        from rlhub.parallel.ranks import free_address
+        from rlhub.parallel.ranks import free_address, listen, node_host
 
-        host, port = free_address()
+        if self.rank == 0:  # held open until `start`: the group's store serves on it, at this node's address only
+            self._listener = listen(node_host())
+            host, port = self._listener.getsockname()[:2]
+        else:
+            host, port = free_address()
         return {"rank": self.rank, "node": host, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "port": port}
 
     def start(self, host: str, port: int, others: list[Any]) -> None:
@@ -60,7 +64,8 @@ class _Scorer:
         from rlhub.parallel.ranks import join
 
         self.others = others
-        self._build(join(host, port, self.rank, self.run.learner.world_size, 1, self.run.learner.collective_timeout_s))
+        listener, self._listener = getattr(self, "_listener", None), None
+        self._build(join(host, port, self.rank, self.run.learner.world_size, 1, self.run.learner.collective_timeout_s, listener=listener))
 
     def _fan(self, method: str, mine, shares: list[Any] | None = None) -> Any:
         """Run `mine()` here and `method` on the other ranks (with their `shares`, else no argument

@@ -46,6 +46,12 @@ ADAPTERS_DIR = "adapters"
 ADAPTERS_FILE = "adapters.safetensors"
 REFERENCE_FILE = "reference_adapters.safetensors"
 META_FILE = "lora.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+"""The optimizer's tensors by `<param index>.<name>` (AdamW's moments and step counts)."""
+OPTIMIZER_META = "optimizer.json"
+"""The rest of the optimizer's state: its parameter groups' hyperparameters and any non-tensor values."""
+LEGACY_OPTIMIZER = "optimizer.pt"
+"""Earlier checkpoints' optimizer state (`torch.save`); read with `weights_only=True` only."""
 
 
 def apply(model: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> dict[str, str]:
@@ -225,7 +231,8 @@ def nbytes(state: dict[str, torch.Tensor]) -> int:
 
 def save(directory: Path, model: torch.nn.Module, cfg: LoraConfig, optimizer: torch.optim.Optimizer, base_model: str,
          reference: torch.nn.Module | None = None) -> None:
-    """`directory/adapters/`: the adapters (published form), the optimizer's state and `lora.json`
+    """`directory/adapters/`: the adapters (published form), the optimizer's state (tensors in safetensors, the
+    rest in JSON: nothing here is unpickled on resume) and `lora.json`
     (rank, alpha, targets and the base model's directory, which `rlhub export` merges into); with a
     KL `reference` (a frozen copy of the adapted policy), its adapters too."""
     from safetensors.torch import save_file
@@ -235,7 +242,9 @@ def save(directory: Path, model: torch.nn.Module, cfg: LoraConfig, optimizer: to
     save_file({k: v.contiguous() for k, v in adapter_items(model, cfg.scaling)}, str(target / ADAPTERS_FILE))
     if reference is not None:
         save_file({k: v.contiguous() for k, v in adapter_items(reference, cfg.scaling)}, str(target / REFERENCE_FILE))
-    torch.save(optimizer.state_dict(), target / "optimizer.pt")
+    tensors, values = flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(target / OPTIMIZER_FILE))
+    (target / OPTIMIZER_META).write_text(json.dumps(values, indent=1) + "\n")
     meta = {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets), "base_model": str(Path(base_model).resolve())}
     (target / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -266,6 +275,40 @@ def load(directory: Path, model: torch.nn.Module, cfg: LoraConfig, optimizer: to
         raise ValueError(f"{directory}: adapters of rank {meta['rank']} on {meta['targets']}; this run has model.lora.rank="
                          f"{cfg.rank} on {list(cfg.targets)}")
     load_adapter_state(model, adapters)
-    optimizer.load_state_dict(torch.load(directory / ADAPTERS_DIR / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(read_optimizer(directory / ADAPTERS_DIR, optimizer))
     if reference is not None:
         load_adapter_state(reference, load_file(str(directory / ADAPTERS_DIR / REFERENCE_FILE)))
+
+
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state dict as (tensors by "<param index>.<name>", the rest as JSON-ready values)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def read_optimizer(target: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state saved in `target` (an adapters/ directory): safetensors and JSON, or an earlier
+    checkpoint's optimizer.pt read with `weights_only=True`. Values that were tuples (AdamW's betas) come
+    back as tuples."""
+    from safetensors.torch import load_file
+
+    if not (target / OPTIMIZER_FILE).is_file() and (target / LEGACY_OPTIMIZER).is_file():
+        return torch.load(target / LEGACY_OPTIMIZER, weights_only=True)
+    meta = json.loads((target / OPTIMIZER_META).read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in load_file(str(target / OPTIMIZER_FILE)).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = tensor
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    live = optimizer.state_dict()["param_groups"]
+    groups = [{k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in saved.items()}
+              for saved, now in zip(meta["param_groups"], live)] + meta["param_groups"][len(live):]
+    return {"state": state, "param_groups": groups}

@@ -22,7 +22,7 @@ def _main(fn: Callable, rank: int, world_size: int, expert_parallel: int, port: 
 
     torch.set_num_threads(threads)
     try:
-        ranks = join("127.0.0.1", port, rank, world_size, expert_parallel, timeout_s=300.0)
+        ranks = join("127.0.0.1", port, rank, world_size, expert_parallel, timeout_s=300.0)  # rank 0 listens on loopback only
         result = fn(ranks, *args)
         out.put((rank, True, pickle.dumps(result)))  # bytes: tensors through the queue would need this process alive
         leave()
@@ -51,7 +51,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, expert_parallel: int = 
                 raise TimeoutError(f"run_ranks: {world_size - len(results)} rank(s) gave no result in {timeout_s:.0f} s") from None
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = pickle.loads(value)
+            results[rank] = pickle.loads(value)  # from a rank this call spawned, through its own pipe: no file, no other party
     finally:
         for p in procs:
             p.join(timeout=30)

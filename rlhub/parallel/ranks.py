@@ -16,6 +16,8 @@ and the update differs; a test checks that it does.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -109,26 +111,61 @@ class Ranks:
         return out
 
 
-def free_address() -> tuple[str, int]:
-    """(this node's IP, a port free right now) for the group's rendezvous; rank 0 asks, all ranks join."""
+class PortInUse(RuntimeError):
+    """The rendezvous port rank 0 chose was taken before rank 0 could listen on it."""
+
+
+def node_host() -> str:
+    """This node's address for the group's sockets: Ray's node IP inside Ray (127.0.0.1 in a local run,
+    which keeps every server on loopback: `cluster.bind_host`), else 127.0.0.1."""
     try:
         import ray
 
-        host = ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 (outside Ray: this machine)
-        host = "127.0.0.1"
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return host, s.getsockname()[1]
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+def listen(host: str, port: int = 0) -> socket.socket:
+    """A socket listening at `host` on `port` (0: a free one), for rank 0 to hand to the group's store (`join`): the
+    store then listens on that address only (torch's TCPStore, given a port, listens on every interface),
+    and no other process can take the port between choosing it and joining."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.bind((host, port))
+    s.listen(128)
+    return s
+
+
+def free_address() -> tuple[str, int]:
+    """(this node's address, a port free right now); `listen` holds the port instead of only naming it."""
+    with listen(node_host()) as s:
+        return s.getsockname()[0], s.getsockname()[1]
+
+
+def use_interface(host: str) -> None:
+    """Bind gloo's and NCCL's sockets on the interface that holds `host` (this rank's node address),
+    unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME already name one; left alone if no interface holds it."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == host for a in addresses):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+            return
 
 
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def join(host: str, port: int, rank: int, world_size: int, expert_parallel: int = 1, timeout_s: float = 120.0) -> Ranks:
+def join(host: str, port: int, rank: int, world_size: int, expert_parallel: int = 1, timeout_s: float = 120.0,
+         listener: socket.socket | None = None) -> Ranks:
     """Join the N-rank group at host:port as `rank`; builds the meshes and the expert groups. A
-    collective that waits longer than `timeout_s` on a rank raises instead of hanging."""
+    collective that waits longer than `timeout_s` on a rank raises instead of hanging. Rank 0 passes
+    the `listener` it opened at host:port (`listen`): the group's store serves on it. Every rank's own
+    sockets bind the interface of its node's address (`use_interface`)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -137,8 +174,20 @@ def join(host: str, port: int, rank: int, world_size: int, expert_parallel: int 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())  # under Ray each rank sees its own GPU only, as device 0
-    dist.init_process_group(backend(), init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    use_interface(host if rank == 0 else node_host())
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        if rank == 0 and listener is None:
+            listener = listen(host, port)
+        # the store serves on rank 0's listener, which it takes over (closed when the group ends)
+        fd = listener.detach() if listener is not None and rank == 0 else None
+        store = dist.TCPStore(host, port, world_size, rank == 0, timeout, master_listen_fd=fd)
+        dist.init_process_group(backend(), store=store, rank=rank, world_size=world_size, timeout=timeout)
+    except (OSError, dist.DistNetworkError) as e:
+        if "EADDRINUSE" not in str(e) and getattr(e, "errno", None) != errno.EADDRINUSE:
+            raise
+        raise PortInUse(f"learner rank 0 cannot listen at {host}:{port} for the ranks' rendezvous: the port is in use "
+                        "(EADDRINUSE; another process took it after it was chosen; start the run again)") from None
     ranks = Ranks(rank, world_size, expert_parallel, mesh=init_device_mesh(device, (world_size,)))
     if expert_parallel > 1:
         replicas = world_size // expert_parallel

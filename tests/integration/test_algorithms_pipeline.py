@@ -44,7 +44,7 @@ def test_ppo_critic_trains_beside_the_policy_and_resumes(ray_local, run_pipeline
     assert metrics[0]["critic/value_loss"] == pytest.approx(metrics[0]["critic/zero_value_loss"], rel=1e-4)
     assert any(m["critic/values_mean"] != 0.0 for m in metrics[1:])
     ckpt = latest_checkpoint(tmp_path)
-    assert (ckpt / "critic" / "learner" / ".metadata").is_file() and (ckpt / "reference" / "learner" / ".metadata").is_file()
+    assert (ckpt / "critic" / "learner" / "index.json").is_file() and (ckpt / "reference" / "learner" / "index.json").is_file()
     (tmp_path / "metrics.jsonl").unlink()
     _, more = run_pipeline(tmp_path, FAST, "algorithm=ppo", f"experiment.total_steps={steps + 2}", "max_staleness=1", "resume=true", "checkpoint.keep_final=false")
     assert [m["critic/version"] for m in more] == [steps + 1, steps + 2]

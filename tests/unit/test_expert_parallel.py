@@ -168,7 +168,7 @@ def ep_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         if p.is_alive():
             p.kill()
     assert [p.exitcode for p in procs] == [0] * WORLD, "an EP rank failed (its traceback is in the captured stderr)"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 # ---- the unsharded reference -------------------------------------------------------------------

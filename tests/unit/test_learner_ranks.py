@@ -205,7 +205,7 @@ def resume(ranks, model_path: str, directory: str) -> dict[str, torch.Tensor]:
 
 def test_a_sharded_checkpoint_resumes_at_one_and_two_ranks_and_back(tiny_model_path, tmp_path):
     saved = run_ranks(save_after_two_steps, 2, tiny_model_path, str(tmp_path / "two"))[0]
-    assert (tmp_path / "two" / "learner" / ".metadata").is_file() and (tmp_path / "two" / "policy" / "config.json").is_file()
+    assert (tmp_path / "two" / "learner" / "index.json").is_file() and (tmp_path / "two" / "policy" / "config.json").is_file()
     fresh = run_ranks(full_state_of_fresh, 1, tiny_model_path)[0]
     assert max_diff({k: v for k, v in saved.items() if k.startswith("param/")}, fresh) > 1e-3  # the steps moved the weights
     for world in (1, 2):
