@@ -33,7 +33,7 @@ from rlhub.algorithms.selection import cutpoints, entropy_threshold, select
 from rlhub.models.build import ModelConfig, is_moe
 from rlhub.models.logprobs import RAW, SamplingPolicy, completion_span, probe_logprobs, shared_prefix, token_logprobs
 from rlhub.models.precision import autocast, head_in_fp32
-from rlhub.moe import BIAS_NAME, Balancer, BalanceStep, MoEConfig, set_differs
+from rlhub.moe import BIAS_NAME, EXPERT_LOAD, Balancer, BalanceStep, MoEConfig, set_differs
 from rlhub.parallel.fsdp import idle_row, local
 from rlhub.parallel.layout import Layout, frozen_copy
 from rlhub.parallel.ranks import Ranks
@@ -507,8 +507,10 @@ class Learner:
             from rlhub import lora
 
             lora.save(directory, self.model, self.lora, self.optimizer, self.model_path, self._reference)
+            self._save_expert_load(directory)
             return
         sharded.save(directory, self.model, self.optimizer, self._reference, self.layout)
+        self._save_expert_load(directory)
         if not self.ranks.distributed:
             self.model.save_pretrained(str(directory / "policy"))
         else:
@@ -518,12 +520,26 @@ class Learner:
         if self.ranks.is_main:
             _copy_tokenizer(Path(self.model_path), directory / "policy")  # the policy directory is a whole HF model
 
+    def _expert_load_path(self, directory: Path) -> Path:
+        """Beside the learner's own state (`learner/`, or `adapters/` under LoRA): the expert counts of the
+        steps the dead-expert count looks back over, so that it goes on across a resume."""
+        from rlhub.lora import ADAPTERS_DIR
+        from rlhub.parallel.checkpoint import DIRNAME
+
+        return directory / (ADAPTERS_DIR if self.lora is not None else DIRNAME) / EXPERT_LOAD
+
+    def _save_expert_load(self, directory: Path) -> None:
+        if self.balancer is not None and self.ranks.is_main:
+            self.balancer.load.save(self._expert_load_path(directory))
+
     def load(self, directory: Path, version: int) -> None:
         """From either layout `save` writes, at any world size: a sharded checkpoint is read by each rank
         for its own part (or whole, by one process); a one-process checkpoint only by one process."""
         from rlhub.parallel import checkpoint as sharded
 
         self.version = version
+        if self.balancer is not None:  # (absent from a checkpoint of an earlier rlhub: the window starts empty)
+            self.balancer.load.load(self._expert_load_path(directory))
         if self.lora is not None:
             from rlhub import lora
 

@@ -47,6 +47,7 @@ from collections import deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -242,6 +243,10 @@ def load_balancing_loss(micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
 
 
 # ---- metrics ---------------------------------------------------------------------
+EXPERT_LOAD = "expert_load.safetensors"
+"""Beside a learner's or critic's checkpointed state: the expert counts of the steps the dead-expert count looks back over."""
+
+
 class ExpertLoad:
     """Per-step expert-load metrics, and dead experts over a window of steps."""
 
@@ -264,6 +269,20 @@ class ExpertLoad:
         out["moe/dead_experts"] = float((recent == 0).sum())
         out["moe/router_entropy"] = float(entropy.mean())
         return out
+
+    def save(self, path: Path) -> None:
+        """The window's counts (a checkpoint's: a resumed run counts dead experts over the steps before it too)."""
+        from safetensors.torch import save_file
+
+        save_file({"counts": torch.stack(list(self.history)) if self.history else torch.zeros(0)}, str(path))
+
+    def load(self, path: Path) -> None:
+        """The window `save` wrote; none (a checkpoint of an earlier rlhub) starts it empty."""
+        from safetensors.torch import load_file
+
+        self.history.clear()
+        if path.is_file():
+            self.history.extend(load_file(str(path))["counts"])
 
 
 def router_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from rlhub.algorithms.config import AlgorithmConfig
 from rlhub.algorithms.losses import BatchNorms, aggregate, value_loss
 from rlhub.models.build import ModelConfig
 from rlhub.models.logprobs import RAW, SamplingPolicy, positions_from_mask, token_logprobs
-from rlhub.moe import Balancer, MoEConfig, find_routers
+from rlhub.moe import EXPERT_LOAD, Balancer, MoEConfig, find_routers
 from rlhub.parallel.fsdp import idle_row
 from rlhub.parallel.layout import Layout
 from rlhub.parallel.ranks import Ranks
@@ -222,12 +222,16 @@ class Critic:
         sharded.save(directory, self.model, self.optimizer, None, self.layout)
         if self.ranks.is_main:
             (directory / "critic.json").write_text(json.dumps({"version": self.version}))
+            if self.balancer is not None:
+                self.balancer.load.save(directory / EXPERT_LOAD)
 
     def load(self, directory: Path) -> None:
         from rlhub.parallel import checkpoint as sharded
 
         meta = json.loads((directory / "critic.json").read_text())
         self.version = int(meta["version"])
+        if self.balancer is not None:
+            self.balancer.load.load(directory / EXPERT_LOAD)
         if sharded.has_sharded(directory):
             sharded.load(directory, self.model, self.optimizer, None, self.layout)
             return

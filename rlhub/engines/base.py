@@ -24,6 +24,13 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a sequence ends after it samples one of these ids (kept in the output)."""
     seed: int | None = None
+    """Reseeds the engine's own random stream at the start of the call (None: it goes on)."""
+    seeds: tuple[int, ...] | None = None
+    """Per prompt of the call, the seed (0 <= seed < 2**63) of that prompt's own random stream, in
+    place of the engine's: its tokens are then a function of the seed, the prompt and the weights,
+    whatever else the call holds and whatever the engine drew before, so a resumed run's fresh engine
+    draws what the interrupted one drew (`rlhub.rollout.turns.sampling_seed`). The hf engine draws
+    from them; vLLM keeps its own seeded stream."""
 
 
 @dataclass

@@ -6,6 +6,10 @@ between decode steps (in flight): tokens after the swap carry the new version,
 while the KV cache of earlier tokens keeps the old weights' keys and values,
 as in pipelined RL systems.
 
+Each row samples its tokens with its own random numbers where the call gives it a seed
+(`SamplingConfig.seeds`: a function of the seed and the decode step, `seeded_uniforms`), so what a
+row samples does not depend on what the engine drew before; else from the engine's seeded generator.
+
 Rows with the same prompt (a group's samples) are prefilled once (`shared_prompts`).
 A multi-turn episode's next turn prefills its whole context again; the routes
 its earlier turns recorded are replayed there (`routes`), so each position keeps
@@ -25,15 +29,44 @@ from rlhub.models.logprobs import SamplingPolicy, positions_from_mask, probe_log
 from rlhub.moe import Routing, find_routers, route_dtype
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """[B] one index per row of `probs` [B, V], drawn with probability probs / its row sum: the first
-    index whose cumulative sum exceeds a uniform draw. One random number a row, where
-    `torch.multinomial` draws an exponential for every entry (on the SmolLM2 vocabulary, 53 ms a
-    decode step of 32 rows, 15% of a rollout's generation)."""
+    index whose cumulative sum exceeds the row's uniform draw (`uniforms` [B], in [0, 1)). One random
+    number a row, where `torch.multinomial` draws an exponential for every entry (on the SmolLM2
+    vocabulary, 53 ms a decode step of 32 rows, 15% of a rollout's generation)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    u = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     ids = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return ids.clamp_(max=probs.shape[-1] - 1)  # u equal to the total (rounding) falls on the last index
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, twice) of int64 values below 2**32; products stay
+    below 2**59, so nothing overflows."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def seeded_uniforms(seeds: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B, steps] float32 draws in [0, 1) (24 bits, as `torch.rand` gives): row i's draw at decode step t
+    is a function of its seed (`seeds` [B] int64, >= 0) and t alone, so a row draws the same numbers
+    whatever else runs beside it and whatever was drawn before. A whole call's are made at once (per
+    step they cost more than the decode step's sampling).
+
+    >>> u = seeded_uniforms(torch.tensor([1, 2, 2**62 + 5]), 4)
+    >>> bool(((u >= 0) & (u < 1)).all()), torch.equal(u[:1, :2], seeded_uniforms(torch.tensor([1]), 2))
+    (True, True)
+    >>> len(set(u.flatten().tolist()))
+    12
+    """
+    x = _mix32((torch.arange(steps) + 0x9E3779B9) & _MASK32).unsqueeze(0)  # [1, steps]
+    x = _mix32(x ^ ((seeds >> 32) & _MASK32).unsqueeze(-1))  # [B, steps]
+    x = _mix32(x ^ (seeds & _MASK32).unsqueeze(-1))
+    return (x >> 8).to(torch.float32) / float(1 << 24)
 
 
 def shared_prompts(prompts: list[list[int]], routes: list[torch.Tensor | None] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -103,6 +136,8 @@ class HFEngine:
         if sampling.seed is not None:
             self._generator.manual_seed(sampling.seed)
         batch = len(prompts)
+        if sampling.seeds is not None and len(sampling.seeds) != batch:
+            raise ValueError(f"sampling.seeds: {len(sampling.seeds)} seeds for {batch} prompts")
         width = max(len(p) for p in prompts)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -113,6 +148,9 @@ class HFEngine:
         replay = self._prefill_replay(routes, prompts, width)  # [B, width, layers, k] or None
 
         caps = [sampling.max_new_tokens] * batch if max_tokens is None else [min(c, sampling.max_new_tokens) for c in max_tokens]
+        draws = None  # [B, steps] each row's own random numbers, or None: the engine's generator
+        if sampling.seeds is not None and sampling.temperature > 0:
+            draws = seeded_uniforms(torch.tensor(sampling.seeds, dtype=torch.long), max(0, *caps))
         cap = torch.tensor(caps)  # [B]
         produced = torch.zeros(batch, dtype=torch.long)  # [B] tokens each row has sampled so far
         done = cap <= 0  # [B]
@@ -139,7 +177,7 @@ class HFEngine:
                 if capture is not None:
                     steps_routes.append(self._step_routes(capture, batch))
             cache = out.past_key_values
-            next_ids, next_logp = self._sample(logits.float(), sampling)
+            next_ids, next_logp = self._sample(logits.float(), sampling, None if draws is None else draws[:, step])
             sampled.append(next_ids)
             sampled_logps.append(next_logp)
             step_versions.append(self.version)
@@ -188,15 +226,19 @@ class HFEngine:
         prefill, decoded = routes
         return torch.cat([prefill[row, pad:], decoded[row, : max(generated - 1, 0)]])[: prefill.shape[1] - pad + generated - 1]
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token ids [B], their log-probs [B] under the sampling distribution: temperature, then the top-p nucleus).
+    def _sample(self, logits: torch.Tensor, sampling: SamplingConfig, uniforms: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids [B], their log-probs [B] under the sampling distribution: temperature, then the top-p
+        nucleus), drawn with each row's uniform number (`uniforms` [B]; None: the engine's generator's).
 
         Greedy decoding (temperature 0) samples from a point mass: log-prob 0."""
         if sampling.temperature <= 0:
             ids = logits.argmax(-1)
             return ids, torch.zeros(ids.shape)
         logp = SamplingPolicy(sampling.temperature, sampling.top_p).log_probs(logits)  # [B, V], the learner's computation
-        ids = sample_categorical(logp.exp(), self._generator)
+        if uniforms is None:
+            uniforms = torch.rand(logp.shape[0], generator=self._generator)
+        ids = sample_categorical(logp.exp(), uniforms)
         return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
     # ---- weights ----------------------------------------------------------

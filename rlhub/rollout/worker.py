@@ -81,7 +81,8 @@ class RolloutWorker:
             lanes = {name: Lane(e, self.weights if e is engine else VerifiedWeights(actor_id, e, ws, probe_ids, cfg.probe_tolerance, self.stats))
                      for name, (e, ws) in policies.items()}
         self.turns = Turns(cfg, engine, self.weights, env, env_name or type(env).__name__, tokenizer, self.envs, self.stats,
-                           self.failures, self.continuous, snapshots=data_side.spo is not None, policies=lanes, policy_of=policy_of)
+                           self.failures, self.continuous, snapshots=data_side.spo is not None, policies=lanes, policy_of=policy_of,
+                           seed=seed)
         self.groups = Groups(actor_id, cfg, store, data_side, scorers, tokenizer, self.stats, self.failures, judge, judge_cfg)
         self.groups.agents = self.turns.agents
         if data_side.spo is not None and self.turns.agents:

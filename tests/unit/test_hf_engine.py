@@ -37,6 +37,28 @@ def test_same_seed_same_samples(tiny_model_path):
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
 
 
+def test_seeded_rows_sample_what_their_seeds_say_whatever_the_engine_drew_before(tiny_model_path):
+    import doctest
+
+    import rlhub.engines.hf
+    import rlhub.rollout.turns
+
+    assert doctest.testmod(rlhub.engines.hf).failed == 0 and doctest.testmod(rlhub.rollout.turns).failed == 0
+    prompts = [[51, 61]] * 4 + [[49, 61]] * 4
+    seeded = SamplingConfig(max_new_tokens=8, seeds=tuple(range(100, 108)))
+    first = HFEngine(tiny_model_path, seed=0).generate(prompts, seeded)
+    used = HFEngine(tiny_model_path, seed=5)  # another engine seed, and draws before: the engine's stream is not used
+    used.generate(prompts, SamplingConfig(max_new_tokens=8))
+    again = used.generate(prompts, seeded)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [c.logprobs for c in first] == [c.logprobs for c in again]
+    assert len({tuple(c.token_ids) for c in first[:4]}) > 1  # each row its own numbers: a group's samples differ
+    other = used.generate(prompts, SamplingConfig(max_new_tokens=8, seeds=tuple(range(200, 208))))
+    assert [c.token_ids for c in other] != [c.token_ids for c in first]
+    with pytest.raises(ValueError, match="3 seeds for 8 prompts"):
+        used.generate(prompts, SamplingConfig(seeds=(1, 2, 3)))
+
+
 def test_load_weights_changes_probe_and_rebuild_matches(tiny_model_path):
     eng = HFEngine(tiny_model_path)
     probe = probe_sequence(259)

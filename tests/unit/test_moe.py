@@ -409,6 +409,22 @@ def test_expert_load_metrics_count_dead_experts_over_the_window():
     assert m3["moe/layer0/dead_experts"] == 2  # expert 1's last tokens left the window
 
 
+def test_the_dead_expert_window_goes_on_across_a_checkpoint(tmp_path):
+    steps = [torch.tensor([[6.0, 2.0, 0.0, 0.0]]), torch.tensor([[4.0, 0.0, 4.0, 0.0]]), torch.tensor([[4.0, 0.0, 0.0, 4.0]])]
+    whole = ExpertLoad(num_layers=1, num_experts=4, window=3)
+    for counts in steps[:2]:
+        whole.metrics(counts, torch.tensor([0.5]))
+    whole.save(tmp_path / "load.safetensors")
+    resumed = ExpertLoad(num_layers=1, num_experts=4, window=3)
+    resumed.load(tmp_path / "load.safetensors")
+    after = whole.metrics(steps[2], torch.tensor([0.5]))
+    assert resumed.metrics(steps[2], torch.tensor([0.5])) == after and after["moe/dead_experts"] == 0
+    fresh = ExpertLoad(num_layers=1, num_experts=4, window=3)  # without the window: experts 1 and 2 look dead
+    assert fresh.metrics(steps[2], torch.tensor([0.5]))["moe/dead_experts"] == 2
+    fresh.load(tmp_path / "absent.safetensors")  # a checkpoint of an earlier rlhub: the window starts empty
+    assert not fresh.history
+
+
 def test_router_entropy_of_a_tied_router_is_log_of_the_expert_count(tied_router_path):
     batch = generate_batch(HFEngine(str(tied_router_path), seed=0))
     m = learner_for(tied_router_path, True).train_step(batch)

@@ -161,11 +161,16 @@ def test_the_engine_prefills_each_distinct_prompt_once_and_samples_as_before(tin
         assert torch.equal(a.routed_experts, b.routed_experts)
 
 
-def test_one_draw_a_row_samples_the_categorical_distribution():
-    from rlhub.engines.hf import sample_categorical
+@pytest.mark.parametrize("draws", ["generator", "seeded"])
+def test_one_draw_a_row_samples_the_categorical_distribution(draws):
+    from rlhub.engines.hf import sample_categorical, seeded_uniforms
 
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.7]]).repeat(4000, 1)
-    ids = sample_categorical(probs, torch.Generator().manual_seed(0)).view(4000, 3)
+    if draws == "generator":
+        uniforms = torch.rand(len(probs), generator=torch.Generator().manual_seed(0))
+    else:  # each row's own seed, one decode step: the rollout's per-sample numbers (rlhub.rollout.turns.sampling_seed)
+        uniforms = seeded_uniforms(torch.arange(len(probs)) * 7919 + 3, 1)[:, 0]
+    ids = sample_categorical(probs, uniforms).view(4000, 3)
     for row, p in enumerate(probs[:3]):
         freq = torch.bincount(ids[:, row], minlength=4).float() / 4000
         assert torch.all((freq - p).abs() < 0.03), (row, freq, p)
