@@ -9,6 +9,7 @@ loop itself is `run_loop`; each of its stages is a method of `Pipeline`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -133,6 +134,7 @@ def init_scorers(critic: Any, reference: Any, weight_sync: Any, resume_from: Pat
 def train(cfg: RunConfig) -> dict[str, Any]:
     """One training run (or its resumption); returns the summary. Raises ConfigError before Ray starts
     on bad input, RunFailed when the run cannot go on."""
+    from rlhub.checkpoint import resume_checkpoint
     from rlhub.models.build import resolve_model_path
 
     import psutil
@@ -142,10 +144,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     env = check_env(cfg)
     check_judge(cfg)
     model_path = resolve_model_path(cfg.model)
+    resume_from = resume_checkpoint(run_dir, model_path) if resume_from is not None else None  # the newest that verifies
     if cfg.cluster.address:
         check_reachable(cfg.cluster.address)
     tokenizer = load_tokenizer(model_path)
     check_prompt_lengths(cfg, env, model_path)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))  # the actors see it (`rlhub fault`'s triggers are there)
     save_resolved_config(cfg, run_dir)
     plan = plan_cores(cfg)
     everywhere = os.sched_getaffinity(0)  # confine_ray moves this process too: a later run in it plans afresh
@@ -212,7 +216,7 @@ def lost_actor_errors() -> tuple[type, ...]:
     from rlhub.actors.learner import RankFailed
     from rlhub.actors.pipeline import ActorLost
 
-    return ActorLost, RankFailed, ray.exceptions.RayActorError, ray.exceptions.RayTaskError
+    return ActorLost, RankFailed, ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError
 
 
 def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, tokenizer: Any, env: Any, plan: CorePlan, t0: float,
@@ -223,7 +227,7 @@ def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, to
     Returns the new pipeline; raises RunFailed once `checkpoint.max_recoveries` are spent, or when the
     new actors fail too often to start."""
     from rlhub.actors.pipeline import RunFailed
-    from rlhub.checkpoint import latest_checkpoint, read_state
+    from rlhub.checkpoint import read_state, resume_checkpoint
     from rlhub.tracking import truncate_steps
 
     limit = cfg.checkpoint.max_recoveries
@@ -231,7 +235,7 @@ def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, to
         if len(p.recoveries) >= limit:
             raise RunFailed(lost if not limit else f"{lost} (after {len(p.recoveries)} recoveries: checkpoint.max_recoveries={limit})")
         began = time.time()
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = resume_checkpoint(run_dir, model_path)  # the newest that verifies (a damaged one is moved aside)
         state = read_state(ckpt) if ckpt is not None else {}
         restored = int(state.get("version", 0))
         log.warning("%s; restoring %s and starting every actor again (recovery %d of at most %d)", lost,
@@ -242,7 +246,7 @@ def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, to
                          "from_step": p.last_version, "reason": lost}])
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_steps(run_dir / name, restored)
-        record = {"lost": lost, "at_step": p.last_version, "restored": restored}
+        record = {"lost": lost, "at_step": p.last_version, "restored": restored, "at": began}
         p.recoveries.append(record)
         try:
             vars(actors).update(vars(create_actors(cfg, model_path, env, plan)))
@@ -253,7 +257,7 @@ def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, to
             lost = again
             record["seconds"] = time.time() - began
             continue
-        record["seconds"] = time.time() - began
+        record["seconds"], record["done"] = time.time() - began, time.time()
         redo = f"steps {restored + 1}..{p.last_version} are redone" if p.last_version > restored else "no step to redo"
         log.warning("recovered in %.1f s: back at step %d (%s)", record["seconds"], restored, redo)
         return new
@@ -315,6 +319,8 @@ class Actors:
     partners: dict[str, Any] = field(default_factory=dict)
     """Every actor but the learner ranks and the rollout actors, by name ("store shard 1", "critic",
     "weight registry", ...): what `probe` asks and `describe` names."""
+    call_timeout_s: float = 60.0
+    """How long `probe` waits for an answer."""
 
     def lost(self, error: BaseException) -> str | None:
         """One line naming the actor lost: a partner a probe finds dead or silent first (a call that
@@ -331,7 +337,7 @@ class Actors:
             self.probe()
         except ActorLost as e:
             return str(e)
-        if isinstance(error, ray.exceptions.RayTaskError) and not isinstance(error, ray.exceptions.RayActorError):
+        if isinstance(error, (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError)) and not isinstance(error, ray.exceptions.RayActorError):
             return None
         return self.describe(error)
 
@@ -349,13 +355,14 @@ class Actors:
                 return f"{name} died: {first}"
         return f"an actor died: {first}"
 
-    def probe(self, timeout_s: float = 30.0) -> None:
+    def probe(self, timeout_s: float | None = None) -> None:
         """Raise ActorLost naming the first partner (store, scorer, weight registry) that is dead or
-        does not answer within `timeout_s`."""
+        does not answer within `timeout_s` (default: cluster.call_timeout_s)."""
         import ray
 
         from rlhub.actors.pipeline import ActorLost
 
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
         asked = {handle.__ray_ready__.remote(): name for name, handle in self.partners.items()}
         ready, pending = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
         for ref in ready:
@@ -392,6 +399,8 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
 
     from rlhub.actors.learner import LearnerGroup, PolicyLearners
     from rlhub.actors.rollout import RolloutFleet
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from rlhub.actors.store import RayDataStore
     from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry, probe_sequence
 
@@ -406,12 +415,17 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     fleet = RolloutFleet(cfg, str(model_path), probe, plan.rollout)
     critic, reference, starting, partners = create_scorers(cfg, str(model_path), plan)
 
+    # the store and the weight registries hold no model: they live beside the controller, so that a lost
+    # worker node takes only what it computed (rollout actors are replaced; a learner rank is recovered)
+    home = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
     def registry() -> Any:
-        return ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).remote())
+        return ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).options(**home).remote())
 
     weight_sync = {name: registry() for name in learner.names} if policy_of else registry()
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed,
-                                cfg.data, cfg.group_size, tuple(learner.names) if policy_of else ())
+                                cfg.data, cfg.group_size, tuple(learner.names) if policy_of else (), options=home,
+                                call_timeout_s=cfg.cluster.call_timeout_s)
     learner.connect(weight_sync, store)
     judge = None
     if cfg.reward.judge.model:
@@ -423,7 +437,7 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     partners.update({f"store shard {i}": shard for i, shard in enumerate(store.shards)})
     syncs = weight_sync if policy_of else {"": weight_sync}
     partners.update({f"weight registry {name}".strip(): ws.registry for name, ws in syncs.items()})
-    return Actors(weight_sync, store, learner, critic, reference, fleet, judge, starting, partners)
+    return Actors(weight_sync, store, learner, critic, reference, fleet, judge, starting, partners, cfg.cluster.call_timeout_s)
 
 
 def start_pipeline(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Actors, tokenizer: Any, env: Any, plan: CorePlan,

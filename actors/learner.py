@@ -62,9 +62,13 @@ class LearnerActor:
 
     def where(self) -> dict[str, Any]:
         """This rank's node and process, and (rank 0) a free port on its node for the group's rendezvous."""
-        from rlhub.parallel.ranks import free_address
+        from rlhub.parallel.ranks import free_address, listen, node_host
 
-        host, port = free_address()
+        if self.rank == 0:  # held open until `start`: the group's store serves on it, at this node's address only
+            self._listener = listen(node_host())
+            host, port = self._listener.getsockname()[:2]
+        else:
+            host, port = free_address()
         return {"rank": self.rank, "node": host, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "port": port}
 
     def start(self, host: str, port: int) -> None:
@@ -72,7 +76,8 @@ class LearnerActor:
         from rlhub.parallel.ranks import join
 
         cfg = self.run.learner
-        self._build(join(host, port, self.rank, cfg.world_size, cfg.expert_parallel, cfg.collective_timeout_s))
+        listener, self._listener = getattr(self, "_listener", None), None
+        self._build(join(host, port, self.rank, cfg.world_size, cfg.expert_parallel, cfg.collective_timeout_s, listener=listener))
 
     def connect(self, weight_sync: Any, store: Any, policy: str | None = None, agents: list[int] | None = None) -> None:
         """The weight registry this learner publishes to and the store whose admission it opens; a policy
@@ -220,7 +225,11 @@ class LearnerGroup:
         self.where = ray.get([a.where.remote() for a in self.actors])
         if self.world_size > 1:
             host, port = self.where[0]["node"], self.where[0]["port"]
-            self.get([a.start.remote(host, port) for a in self.actors])
+            try:
+                self.get([a.start.remote(host, port) for a in self.actors])
+            except ray.exceptions.RayTaskError as e:  # a rank's own error (its rendezvous port taken, ...): its first line
+                cause = getattr(e, "cause", None) or e
+                raise RankFailed(f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from None
 
     # ---- calls to every rank -----------------------------------------------------------------
     def _all(self, method: str, *args: Any) -> list[Any]:

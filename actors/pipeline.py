@@ -144,11 +144,19 @@ class Pipeline:
         """The step's metrics once it is learned and published; watches the rollout fleet meanwhile (a
         crashed actor is replaced)."""
         self.fleet.check()  # also when every step's data is ready at once: a dead actor is found each step
+        deadline = time.monotonic() + self.cfg.learner.step_timeout_s
         while True:
             ready = ray.wait(step.calls, num_returns=len(step.calls), timeout=1.0)[0]
             self._check_ranks(ready, [step])
             if len(ready) == len(step.calls):
                 break
+            if time.monotonic() > deadline:
+                late = [c for c in step.calls if c not in ready]
+                ranks = {*step.learned, *step.published}
+                who = " and ".join(w for w, hit in (("the learner", any(c in ranks for c in late)),
+                                                    ("the critic", any(c not in ranks for c in late))) if hit)
+                raise ActorLost(f"{who} did not finish step {step.version + 1} within learner.step_timeout_s="
+                                f"{self.cfg.learner.step_timeout_s:g} s: hung")
             self.fleet.check()
         metrics = self.learner.metrics(step.learned)
         learner_calls = set(step.learned) | set(step.published)
@@ -311,7 +319,7 @@ class Pipeline:
         self.tracker.close_bar()
         try:
             self.store.stop()
-        except ray.exceptions.RayActorError as e:
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             log.warning("the store is gone (%s): its counters are those of step %d", str(e).splitlines()[0], self.last_version)
             return self._store_stats or {"dropped": {}}, self.fleet.join(timeout_s=30) if self.fleet.runs else []
         finished = self.fleet.join()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -16,6 +19,78 @@ from rlhub.rollout_config import RolloutConfig
 
 # torch, the engine and the worker are imported inside the actor: the controller's process, which
 # only holds handles, starts without them
+
+
+HUNG = ("Unresponsive", "EngineHung")
+"""The kinds of a rollout actor's end that the fleet found (by `stats`) rather than the actor raised."""
+ENGINE_CALLS = ("generate", "poll", "load_weights", "load_adapters", "rebuild", "prompt_logprobs")
+
+
+class EngineWatch:
+    """When each engine call in progress began, so that a hung one is seen from another thread
+    (`longest`); and, for `rlhub fault`, a call started while the run directory holds the trigger
+    `faults/hang-engine-<actor>` hangs (the trigger is used up)."""
+
+    def __init__(self, trigger: Path | None = None) -> None:
+        self.calls: dict[int, tuple[str, float]] = {}
+        self.trigger = trigger
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, engine: Any) -> Any:
+        for name in ENGINE_CALLS:
+            fn = getattr(engine, name, None)
+            if callable(fn):
+                setattr(engine, name, self._watched(name, fn))
+        return engine
+
+    def _watched(self, name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                key, self._next = self._next, self._next + 1
+            self.calls[key] = (name, time.monotonic())
+            try:
+                if self.trigger is not None and take_trigger(self.trigger):
+                    while True:  # an injected hang: the call never returns
+                        time.sleep(3600)
+                return fn(*args, **kwargs)
+            finally:
+                self.calls.pop(key, None)
+
+        return call
+
+    def longest(self) -> tuple[str, float]:
+        """(method, seconds) of the engine call running longest now; ("", 0.0) when none runs."""
+        now = time.monotonic()
+        running = [(name, now - start) for name, start in list(self.calls.values())]
+        return max(running, key=lambda c: c[1], default=("", 0.0))
+
+
+def take_trigger(path: Path) -> bool:
+    """Use up one hang of a fault trigger file (its text: how many calls still to hang); False when none is left."""
+    try:
+        left = int(path.read_text() or "1")
+    except (FileNotFoundError, ValueError):
+        return False
+    if left <= 1:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(str(left - 1))
+    return left >= 1
+
+
+def hang_on_trigger(fn: Any, trigger: Path, lock: threading.Lock) -> Any:
+    """`fn`, except that a call made while `trigger` holds hangs left hangs (one is used up)."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            hang = take_trigger(trigger)
+        while hang:
+            time.sleep(3600)
+        return fn(*args, **kwargs)
+
+    return call
 
 
 @ray.remote(max_concurrency=2)  # a second thread answers stats() while run() loops
@@ -43,12 +118,18 @@ class RolloutActor:
         self.engines = {name: make_engine(cfg, model_path, cfg.dtype or run.model.dtype, seed + 7919 * k, core, run.cluster.torch_threads,
                                           routing=replay_enabled(run.moe, cfg.engine), selection_bias=run.moe.balance == "aux_free",
                                           lora_rank=run.model.lora.rank) for k, name in enumerate(names)}
+        faults = Path(run.run_dir) / "faults" if run.run_dir else None  # `rlhub fault`'s triggers
+        self.watch = EngineWatch(faults / f"hang-engine-{actor_id}" if faults else None)
+        for engine in self.engines.values():
+            self.watch.wrap(engine)
         self.engine = next(iter(self.engines.values()))
         if getattr(self.env, "uses_sandbox", False):  # this node's kernel may differ from the driver's: checked again here
             from rlhub import sandbox
 
             sandbox.adopt(run.sandbox)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if faults is not None:  # a step made while `faults/hang-env-<actor>` holds hangs left hangs
+            self.env.step = hang_on_trigger(self.env.step, faults / f"hang-env-{actor_id}", threading.Lock())
         self.worker: Any = None
 
     def connect(self, store: Any, weight_sync: Any, scorers: list, judge: Any = None) -> int | None:
@@ -98,10 +179,10 @@ class RolloutActor:
         self.worker.stats.peak_rss_mb = peak_rss_mb()
         for _ in range(5):  # the loop's thread may add a key to one of the counters' dicts meanwhile
             try:
-                return asdict(self.worker.stats)
+                return {**asdict(self.worker.stats), "engine_call": self.watch.longest()}
             except RuntimeError:
                 time.sleep(0.001)
-        return asdict(self.worker.stats)
+        return {**asdict(self.worker.stats), "engine_call": self.watch.longest()}
 
     def request_eval(self, step: int, rows: int, k: int) -> None:
         """Evaluate between the loop's next rounds (rlhub.evaluation); the result comes from eval_results()."""
@@ -135,6 +216,8 @@ class RolloutFleet:
         self.crashes: dict[str, int] = {}  # by kind (the exception the actor died of)
         self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]  # they build their engines meanwhile
         self.runs: list = []
+        self.hung: dict[int, tuple[str, str]] = {}  # actor -> (kind, why), found by `stats`, replaced by `check`
+        self._asked = time.monotonic()
         self.partner_check: Any = None
         """Called before a crash is counted: raises when the actor died of a partner's death (the store,
         a scorer), which replacing the actor cannot cure (`rlhub.actors.controller.Actors.probe`)."""
@@ -171,7 +254,9 @@ class RolloutFleet:
         return options.remote(actor_id, self.cores[actor_id], *self.args)
 
     def check(self) -> None:
-        """Replace crashed actors; raise once they crash more than max_restarts times in all."""
+        """Replace crashed and hung actors; raise once they crash more than max_restarts times in all.
+        Every `cluster.call_timeout_s / 4` seconds it also asks each actor for its counters (`stats`),
+        which is how a hung actor is found."""
         done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
         for ref in done:
             i = self.runs.index(ref)
@@ -182,35 +267,60 @@ class RolloutFleet:
                 error = e
             if self.partner_check is not None:
                 self.partner_check()  # a dead store or scorer: not this actor's fault, and not cured by replacing it
-            kind = type(getattr(error, "cause", None) or error).__name__  # a task error carries the actor's own
-            self.crashes[kind] = self.crashes.get(kind, 0) + 1
-            self.restarts += 1
-            if self._last[i] is not None:
-                self.retired.append(self._last[i])
-                self._last[i] = None
-            if self.restarts > self.max_restarts:
-                from rlhub.actors.pipeline import RunFailed
+            self._replace(i, type(getattr(error, "cause", None) or error).__name__, error)  # a task error carries the actor's own
+        if time.monotonic() - self._asked > self.cfg.cluster.call_timeout_s / 4:
+            self.stats()
+        for i, (kind, why) in list(self.hung.items()):
+            self._replace(i, kind, why)
 
-                raise RunFailed(f"rollout actor {i} crashed ({self.restarts} crashes in all, more than {self.max_restarts}): {error}")
-            lost = self.store.requeue_actor(i)
-            logging.getLogger("rlhub").warning("rollout actor %d crashed (%s); %d groups to start again; restarting it", i, kind, len(lost))
-            ray.kill(self.actors[i], no_restart=True)
-            self.actors[i] = self._new(i)
-            self._reported[i] = 0
-            ray.get(self.actors[i].connect.remote(*self.partners))
-            self.runs[i] = self.actors[i].run.remote()
+    def _replace(self, i: int, kind: str, error: Any) -> None:
+        """Count actor i's end (crash or hang), start its groups again, and start a new actor in its place."""
+        self.hung.pop(i, None)
+        self.crashes[kind] = self.crashes.get(kind, 0) + 1
+        self.restarts += 1
+        if self._last[i] is not None:
+            self.retired.append(self._last[i])
+            self._last[i] = None
+        if self.restarts > self.max_restarts:
+            from rlhub.actors.pipeline import RunFailed
+
+            raise RunFailed(f"rollout actor {i} crashed ({self.restarts} crashes in all, more than {self.max_restarts}): {error}")
+        ray.kill(self.actors[i], no_restart=True)  # first: a hung actor must not queue a group after its groups are started again
+        lost = self.store.requeue_actor(i)
+        what = "crashed" if kind not in HUNG else "hung"
+        cause = str(getattr(error, "cause", None) or error).strip()  # a task error carries the actor's own
+        logging.getLogger("rlhub").warning("rollout actor %d %s (%s: %s); %d groups to start again; restarting it", i, what, kind,
+                                           cause.splitlines()[0] if cause else "", len(lost))
+        self.actors[i] = self._new(i)
+        self._reported[i] = 0
+        ray.get(self.actors[i].connect.remote(*self.partners), timeout=600)
+        self.runs[i] = self.actors[i].run.remote()
 
     def stats(self) -> list[dict[str, Any]]:
-        """Each actor's counters; a crashed one (replaced at the next check) reports zeros."""
+        """Each actor's counters; a crashed one (replaced at the next check) reports zeros. An actor that
+        does not answer within `cluster.call_timeout_s`, or whose engine call has run past
+        `rollout.engine_timeout_s`, is marked hung (replaced at the next check)."""
+        from rlhub.rollout import WorkerStats
+
+        self._asked = time.monotonic()
+        refs = [a.stats.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.call_timeout_s)
         out = []
-        for i, ref in enumerate([a.stats.remote() for a in self.actors]):
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                self.hung[i] = ("Unresponsive", f"no answer within cluster.call_timeout_s={self.cfg.cluster.call_timeout_s:g} s")
+                out.append(self._last[i] or asdict(WorkerStats()))
+                continue
             try:
                 out.append(ray.get(ref))
                 self._last[i] = out[-1]
             except ray.exceptions.RayError:
-                from rlhub.rollout import WorkerStats
-
                 out.append(asdict(WorkerStats()))
+                continue
+            call, seconds = out[-1].get("engine_call") or ("", 0.0)
+            if seconds > self.cfg.rollout.engine_timeout_s:
+                self.hung[i] = ("EngineHung", f"its engine's {call} call has run {seconds:.0f} s, past "
+                                              f"rollout.engine_timeout_s={self.cfg.rollout.engine_timeout_s:g} s")
         return out
 
     def request_eval(self, step: int, rows: int, k: int) -> None:

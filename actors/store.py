@@ -175,35 +175,45 @@ class ShardActor:
 class RayDataStore:
     """Client of the coordinator and shards (picklable: passed to every rollout actor)."""
 
-    def __init__(self, coordinator: Any, shards: list[Any], max_staleness: int) -> None:
+    def __init__(self, coordinator: Any, shards: list[Any], max_staleness: int, call_timeout_s: float = 60.0) -> None:
         self.coordinator = coordinator
         self.shards = shards
         self.max_staleness = max_staleness
+        self.call_timeout_s = call_timeout_s
+        """Every call waits at most this long: a store actor that does not answer raises GetTimeoutError,
+        and the controller's probe names it (`rlhub.actors.controller.Actors.probe`)."""
+
+    def _get(self, refs: Any) -> Any:
+        return ray.get(refs, timeout=self.call_timeout_s)
 
     @classmethod
     def create(cls, num_shards: int, prompts_per_step: int, max_staleness: int, num_rows: int = 0, seed: int = 0,
-               curation: Any = None, group_size: int = 0, policies: tuple[str, ...] = ()) -> "RayDataStore":
-        """`policies`: separate policies' names (agents.policies=separate): admission waits for each one's publish."""
-        coordinator = CoordinatorActor.remote(prompts_per_step, max_staleness, num_rows, seed, curation, group_size, tuple(policies))
-        return cls(coordinator, [ShardActor.remote() for _ in range(num_shards)], max_staleness)
+               curation: Any = None, group_size: int = 0, policies: tuple[str, ...] = (), options: dict | None = None,
+               call_timeout_s: float = 60.0) -> "RayDataStore":
+        """`policies`: separate policies' names (agents.policies=separate): admission waits for each one's publish.
+        `options`: Ray actor options of every store actor (where the controller keeps them)."""
+        options = options or {}
+        coordinator = CoordinatorActor.options(**options).remote(prompts_per_step, max_staleness, num_rows, seed, curation, group_size,
+                                                                 tuple(policies))
+        return cls(coordinator, [ShardActor.options(**options).remote() for _ in range(num_shards)], max_staleness, call_timeout_s)
 
     def _shard(self, group_id: int) -> Any:
         return self.shards[group_id % len(self.shards)]
 
     # ---- rollout side ----
     def admit(self, actor_id: int, n: int, wait_s: float = 0.0) -> list[int] | None:
-        return ray.get(self.coordinator.admit.remote(actor_id, n, wait_s))
+        return self._get(self.coordinator.admit.remote(actor_id, n, wait_s))
 
     def plans(self, group_ids: list[int]) -> dict[int, dict[str, Any]]:
         """How each admitted group runs, under data.curation=difficulty (`Admission.plans`)."""
-        return ray.get(self.coordinator.plans.remote(group_ids))
+        return self._get(self.coordinator.plans.remote(group_ids))
 
     def observe(self, outcomes: list[Any]) -> None:
         """Finished groups' outcomes, for the rows' solve rates (not waited for)."""
         self.coordinator.observe.remote(outcomes)
 
     def curation_stats(self) -> dict[str, float]:
-        return ray.get(self.coordinator.curation_stats.remote())
+        return self._get(self.coordinator.curation_stats.remote())
 
     def put_many(self, groups: list[tuple[GroupMeta, GroupTensors]]) -> None:
         """Finished groups: their tensors as one object in the object store (owned by this rollout
@@ -214,13 +224,13 @@ class RayDataStore:
             metas, boxes = by_shard.setdefault(meta.group_id % len(self.shards), ([], []))
             metas.append(meta)
             boxes.append((ref, i))
-        ray.get([self.shards[i].put_many.remote(metas, boxes) for i, (metas, boxes) in by_shard.items()])
+        self._get([self.shards[i].put_many.remote(metas, boxes) for i, (metas, boxes) in by_shard.items()])
         # waited for: a group queued in a shard is never also in flight for an actor that may crash
-        ray.get(self.coordinator.finish.remote([meta.group_id for meta, _ in groups]))
+        self._get(self.coordinator.finish.remote([meta.group_id for meta, _ in groups]))
 
     def drop(self, group_id: int, reason: str, samples: int, row: int | None = None) -> None:
-        ray.get(self._shard(group_id).count_drop.remote(reason, 1, samples))
-        ray.get(self.coordinator.finish.remote([group_id], True, reason, row))
+        self._get(self._shard(group_id).count_drop.remote(reason, 1, samples))
+        self._get(self.coordinator.finish.remote([group_id], True, reason, row))
 
     # ---- learner side ----
     def get_batch(
@@ -233,21 +243,21 @@ class RayDataStore:
         deadline = time.monotonic() + timeout_s
         each = -(-n // len(self.shards))  # groups spread evenly over shards by id
         while True:
-            answers = ray.get([s.peek.remote(learner_version, self.max_staleness, each, wait_s) for s in self.shards])
+            answers = self._get([s.peek.remote(learner_version, self.max_staleness, each, wait_s) for s in self.shards])
             stale = sum(n for _, n in answers)
             if stale:  # never trained: admission makes room for as many
-                ray.get(self.coordinator.count_dropped.remote(stale))
+                self._get(self.coordinator.count_dropped.remote(stale))
             candidates = [(t, gid, i) for i, (p, _) in enumerate(answers) for t, gid in p]
             chosen = select_batch(candidates, n)
             if chosen is not None:
                 by_shard: dict[int, list[int]] = {}
                 for _, gid, i in chosen:
                     by_shard.setdefault(i, []).append(gid)
-                taken = ray.get([self.shards[i].take.remote(g) for i, g in by_shard.items()])
+                taken = self._get([self.shards[i].take.remote(g) for i, g in by_shard.items()])
                 groups = [(meta, box) for part in taken for meta, box in part]
                 # a group queued by an actor killed before it told the coordinator is still "in flight" there:
                 # taken, it is no longer, so neither that actor's requeue nor the run's end can start or drop it again
-                ray.get(self.coordinator.finish.remote([meta.group_id for meta, _ in groups]))
+                self._get(self.coordinator.finish.remote([meta.group_id for meta, _ in groups]))
                 return sorted(groups, key=lambda mg: mg[0].put_time)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no batch of {n} groups within {timeout_s:.0f} s; store: {self.stats()}")
@@ -255,39 +265,39 @@ class RayDataStore:
                 on_wait()
 
     def set_version(self, version: int, policy: str | None = None) -> None:
-        ray.get(self.coordinator.set_version.remote(version, policy))
+        self._get(self.coordinator.set_version.remote(version, policy))
 
     def requeue_actor(self, actor_id: int) -> list[int]:
         """Start again everything of a crashed actor that was not trained: in flight or queued."""
-        queued = [g for ids in ray.get([s.remove_actor.remote(actor_id) for s in self.shards]) for g in ids]
-        return ray.get(self.coordinator.requeue_actor.remote(actor_id, queued))
+        queued = [g for ids in self._get([s.remove_actor.remote(actor_id) for s in self.shards]) for g in ids]
+        return self._get(self.coordinator.requeue_actor.remote(actor_id, queued))
 
     def requeue_taken(self, group_ids: list[int], reason: str) -> None:
         """Groups taken for a learner step that never happened (its data was lost): start them again."""
         by_shard: dict[int, list[int]] = {}
         for gid in group_ids:
             by_shard.setdefault(gid % len(self.shards), []).append(gid)
-        ray.get([self.shards[i].release.remote(ids) for i, ids in by_shard.items()])
-        ray.get(self.coordinator.requeue.remote(group_ids, reason))
+        self._get([self.shards[i].release.remote(ids) for i, ids in by_shard.items()])
+        self._get(self.coordinator.requeue.remote(group_ids, reason))
 
     def take_events(self) -> list[dict[str, Any]]:
         """Ledger events recorded since the last call, in the order they happened."""
-        parts = ray.get([self.coordinator.take_events.remote(), *[s.take_events.remote() for s in self.shards]])
+        parts = self._get([self.coordinator.take_events.remote(), *[s.take_events.remote() for s in self.shards]])
         return sorted((e for part in parts for e in part), key=lambda e: e["t"])
 
     def close_out(self, reason: str) -> int:
-        return ray.get(self.coordinator.close_out.remote(reason))
+        return self._get(self.coordinator.close_out.remote(reason))
 
     def stop(self) -> None:
-        ray.get(self.coordinator.stop.remote())
+        self._get(self.coordinator.stop.remote())
 
     def stats(self) -> dict[str, Any]:
-        merged = merge_stats(ray.get([s.stats.remote() for s in self.shards]))
-        merged["in_flight"] = ray.get(self.coordinator.in_flight.remote())
+        merged = merge_stats(self._get([s.stats.remote() for s in self.shards]))
+        merged["in_flight"] = self._get(self.coordinator.in_flight.remote())
         return merged
 
     def drain(self, reason: str) -> int:
-        return sum(ray.get([s.drain.remote(reason) for s in self.shards]))
+        return sum(self._get([s.drain.remote(reason) for s in self.shards]))
 
     # ---- checkpoints ----
     def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -295,12 +305,12 @@ class RayDataStore:
         of what the state has seen, so a checkpoint's ledger offset and its state agree. Untrained groups
         (queued or in flight) are started again after a resume, and their counts undone. Call with no
         learner step outstanding (shards change only when the controller asks)."""
-        events, admission = ray.get(self.coordinator.snapshot.remote())
-        events += [e for part in ray.get([s.take_events.remote() for s in self.shards]) for e in part]
-        queued = [g for ids in ray.get([s.queued_ids.remote() for s in self.shards]) for g in ids]
+        events, admission = self._get(self.coordinator.snapshot.remote())
+        events += [e for part in self._get([s.take_events.remote() for s in self.shards]) for e in part]
+        queued = [g for ids in self._get([s.queued_ids.remote() for s in self.shards]) for g in ids]
         # a group put after the coordinator's snapshot was issued after it too: the cursor restarts it
         admission["requeued"] = sorted(set(admission["requeued"]) | {g for g in queued if g < admission["cursor"]})
-        stats = merge_stats(ray.get([s.stats.remote() for s in self.shards]))
+        stats = merge_stats(self._get([s.stats.remote() for s in self.shards]))
         state = {
             "admission": admission,
             "produced": stats["produced"] - stats["queued"],
@@ -311,5 +321,5 @@ class RayDataStore:
         return sorted(events, key=lambda e: e["t"]), state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ray.get(self.coordinator.load_state_dict.remote(state["admission"]))
-        ray.get(self.shards[0].load_counters.remote(state["produced"], state["consumed"], state["dropped"], state["dropped_samples"]))
+        self._get(self.coordinator.load_state_dict.remote(state["admission"]))
+        self._get(self.shards[0].load_counters.remote(state["produced"], state["consumed"], state["dropped"], state["dropped_samples"]))

@@ -14,11 +14,12 @@ USAGE = """usage: rlhub <command> [hydra overrides...]
 commands:
   train          run asynchronous RL training (default config: conf/config.yaml); exits 0 only
                  when the run ended with every group accounted for and finite metrics
-  fault RUN_DIR TARGET [--at-step N] [--delay S] [--signal kill|stop] [--seed K] [--wait]
+  fault RUN_DIR TARGET [--at-step N] [--delay S] [--signal kill|stop|hang-engine|hang-env] [--seed K] [--wait]
                  fault injection: once a running run has recorded step N (default 3), SIGKILL (or
                  SIGSTOP) its process TARGET ("learner rank 0", "store shard", "rollout actor",
-                 "critic", "driver", ...; a kind picks one at random); --wait: until the run ends,
-                 then how long it took to train again (JSON)
+                 "critic", "driver", ...; a kind picks one at random), or hang a rollout actor's next
+                 engine call or --count environment steps; --wait: until the run ends, then how long
+                 it took to train again (JSON)
   check RUN_DIR  reconcile a run's ledger (every group handed out trained or dropped exactly
                  once); exit 1 when it does not reconcile
   plot RUN_DIR   draw RUN_DIR/plots/*.png (success and reward, staleness, step time; for an MoE
@@ -183,12 +184,18 @@ def _train(overrides: list[str]) -> int:
     cfg = load_config(overrides)
     from rlhub.actors.controller import train
     from rlhub.actors.pipeline import RunFailed
+    from rlhub.checkpoint import CheckpointError, CheckpointNotWritten
+    from rlhub.env_check import check_run_dir
 
+    check_run_dir(cfg)
     try:
         summary = train(cfg)
     except RunFailed as e:
         print(f"rlhub: run failed: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:  # not written (a full disk: the run stops), or a resume refused (bad input)
+        print(f"rlhub: {e}", file=sys.stderr)
+        return 1 if isinstance(e, CheckpointNotWritten) else 2
     print(json.dumps({k: v for k, v in summary.items() if k != "rollout"}, indent=1))
     if summary["status"] != "ok":
         print(f"rlhub: the run ended with status {summary['status']} (see summary.json)", file=sys.stderr)
@@ -209,7 +216,8 @@ def _fault(rest: list[str]) -> int:
     parser.add_argument("target")
     parser.add_argument("--at-step", type=int, default=3)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait after that step")
-    parser.add_argument("--signal", choices=("kill", "stop"), default="kill")
+    parser.add_argument("--signal", choices=("kill", "stop", "hang-engine", "hang-env"), default="kill")
+    parser.add_argument("--count", type=int, default=1, help="hang-env: how many environment steps hang")
     parser.add_argument("--seed", type=int, default=None, help="which process of a kind, and the delay when --delay<0 (random up to -delay)")
     parser.add_argument("--wait", action="store_true")
     parser.add_argument("--timeout", type=float, default=600.0)
@@ -218,7 +226,7 @@ def _fault(rest: list[str]) -> int:
 
     delay = random.Random(a.seed).uniform(0, -a.delay) if a.delay < 0 else a.delay
     try:
-        fault = inject(a.run_dir, a.target, a.at_step, a.signal, delay, a.seed, a.timeout)
+        fault = inject(a.run_dir, a.target, a.at_step, a.signal, delay, a.seed, a.timeout, count=a.count)
     except (ValueError, TimeoutError) as e:
         print(f"rlhub fault: {e}", file=sys.stderr)
         return 2
@@ -229,7 +237,9 @@ def _fault(rest: list[str]) -> int:
     deadline = time.monotonic() + a.timeout
     while not (a.run_dir / "summary.json").is_file() and time.monotonic() < deadline:
         time.sleep(0.5)
-    print(json.dumps(recovery(a.run_dir, fault), indent=1))
+    summary = a.run_dir / "summary.json"
+    recoveries = json.loads(summary.read_text()).get("recoveries", []) if summary.is_file() else []
+    print(json.dumps(recovery(a.run_dir, fault, recoveries), indent=1))
     return 0
 
 

@@ -50,6 +50,11 @@ WORKER_ENV = {
 """Environment of the command and of every Ray worker it starts: offline, quiet."""
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+BIND_HOSTS = (*LOOPBACK, "0.0.0.0")
+"""cluster.bind_host's values: Ray itself can listen on loopback only or on every interface, nothing between."""
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
 
@@ -93,6 +98,26 @@ class ClusterConfig:
     """GPUs for each data-side scorer actor (critic, reference); on CPU they share the cores beside the learner's."""
     torch_threads: int = 1
     """Threads per actor for torch on CPU."""
+    call_timeout_s: float = 60.0
+    """The longest a call to the store, a weight registry or a rollout actor's counters, or a health probe
+    of any of them, may take: past it the actor counts as hung (a rollout actor is replaced; the store or
+    a registry is recovered from the last checkpoint)."""
+    bind_host: str = "127.0.0.1"
+    """Where a local run's servers listen. A loopback address (`127.0.0.1`, `localhost`, `::1`) keeps
+    them all on this machine: Ray's (GCS, raylet, workers, agents; no dashboard) and the learner ranks'
+    rendezvous and gloo/NCCL sockets. `0.0.0.0` gives Ray its own defaults (it advertises this node's IP
+    and listens on every interface) and the ranks bind that IP. Joining a cluster (`cluster.address`)
+    ignores it: the cluster's Ray is already running, and each rank binds its own node's IP."""
+
+    def check(self) -> None:
+        """ValueError naming a resource asked for below zero, or a bind_host it cannot honour."""
+        if self.bind_host not in BIND_HOSTS:
+            raise ValueError(f"cluster.bind_host={self.bind_host!r}: use a loopback address ({', '.join(LOOPBACK)}) or 0.0.0.0")
+        for name in ("learner_num_cpus", "rollout_num_cpus", "learner_num_gpus", "rollout_num_gpus", "scorer_num_gpus"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"cluster.{name}={getattr(self, name)} must be >= 0")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"cluster.num_cpus={self.num_cpus} must be >= 1 (or null: all)")
 
 
 @dataclass
@@ -159,6 +184,9 @@ class LearnerConfig:
     """llep: no rank computes more than this times the mean pairs per rank (>= 1)."""
     collective_timeout_s: float = 120.0
     """A collective that waits longer than this on a rank raises (a dead rank is noticed sooner by the controller)."""
+    step_timeout_s: float = 1800.0
+    """A learner step (with its publication) not done after this long is hung: the controller restores the
+    last checkpoint with new actors, as for a dead rank (`checkpoint.max_recoveries`)."""
     place_timeout_s: float = 120.0
     """How long the controller waits for the cluster to place the ranks before it gives up, naming why."""
     attention: str = "sdpa"
@@ -266,10 +294,13 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from rlhub.overrides import check_overrides, type_error
+
     register_configs()
     GlobalHydra.instance().clear()
+    overrides = list(overrides or [])
+    check_overrides(overrides, config_dir, RunConfig)  # an unknown key, named with the nearest known one
     try:
-        overrides = list(overrides or [])
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             composed = compose(config_name="config", overrides=[_open_kwargs(_env_by_name(o, config_dir)) for o in overrides])
             # the environment the composition selected (env=NAME, an experiment file) may bring its own settings
@@ -282,7 +313,7 @@ def load_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR)
             raise ConfigError(f"unknown top-level key(s) {unknown}; known: {sorted(known)}")
         cfg: RunConfig = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(type_error(e, RunConfig) or _one_line(e)) from None
     cfg.rollout.engine = resolve_engine(cfg)
     validate(cfg)
     return cfg
@@ -345,8 +376,12 @@ def env_default_overrides(name: str, overrides: list[str]) -> list[str]:
     from rlhub.envs.registry import defaults_of
 
     given = [k for k in (o.partition("=")[0].lstrip("+~") for o in overrides) if k not in ("env", "env.name")]  # not the selection
+    try:
+        declared = defaults_of(name)
+    except ValueError as e:  # its entry point does not import (rlhub.envs.registry.EnvLoadError)
+        raise ConfigError(str(e)) from None
     out = []
-    for key, value in defaults_of(name).items():
+    for key, value in declared.items():
         if not any(key == g or key.startswith(f"{g}.") for g in given):
             out.append(f"{key}={_override_value(value)}")
     return out
@@ -420,6 +455,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.vllm_lora in ("auto", "on", "off"), f"rollout.vllm_lora must be auto, on or off, not {cfg.rollout.vllm_lora!r}"),
         (cfg.rollout.weight_update in ("batch", "inflight"), f"rollout.weight_update must be batch or inflight, not {cfg.rollout.weight_update!r}"),
         (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (cfg.rollout.max_model_len > cfg.rollout.max_new_tokens,
+         f"rollout.max_model_len={cfg.rollout.max_model_len} leaves no room for a prompt beside rollout.max_new_tokens="
+         f"{cfg.rollout.max_new_tokens} (the model length holds both)"),
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (training needs a sampling distribution; greedy has none)"),
         (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
         (cfg.datastore.num_shards >= 1, "datastore.num_shards must be >= 1"),
@@ -459,6 +497,9 @@ def validate(cfg: RunConfig) -> None:
         cfg.rollout.probe_tolerance = BF16_PROBE_TOLERANCE if uses_bf16(cfg) else FP32_PROBE_TOLERANCE
     try:
         cfg.moe.check()
+        cfg.cluster.check()
+        if cfg.model.path is None:
+            cfg.model.check()
         cfg.sandbox.check()
         cfg.data.check()
         cfg.agents.check()
@@ -471,7 +512,11 @@ def validate(cfg: RunConfig) -> None:
     from rlhub.envs.registry import available_envs
 
     if cfg.env.name not in available_envs():
-        raise ConfigError(f"env.name={cfg.env.name!r}: no such environment; installed: {sorted(available_envs())} (rlhub envs list)")
+        import difflib
+
+        guess = difflib.get_close_matches(cfg.env.name, list(available_envs()), n=1, cutoff=0.6)
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        raise ConfigError(f"env.name={cfg.env.name!r}: no such environment{hint}; installed: {sorted(available_envs())} (rlhub envs list)")
     from rlhub.algorithms import ADVANTAGES, POLICY_LOSSES
 
     if cfg.algorithm.advantage not in ADVANTAGES:

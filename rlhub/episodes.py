@@ -243,13 +243,19 @@ def checked_reward(result: Any) -> float:
     return value if math.isfinite(value) else math.nan
 
 
+class EnvHung(RuntimeError):
+    """Every thread of an environment pool is held by a call that ran past its deadline: the process
+    must end to get them back (a rollout actor that raises this is replaced, and counted)."""
+
+
 class EnvRunner:
     """Environment calls off the caller's thread, each with a deadline.
 
     A call that runs past its deadline is abandoned: its result is never read. An
     `async def` call is cancelled; a plain one cannot be stopped from outside and
-    keeps its pool thread, so once `workers` threads are stuck the pool is
-    replaced by a fresh one (the stuck threads end when their call does).
+    keeps its pool thread. Once `workers` threads of a pool are held so, the next
+    `submit` raises `EnvHung`: threads cannot be killed, so the process that holds
+    them has to end (the rollout actor is replaced; its groups start again).
     """
 
     def __init__(self, timeout_s: float, workers: int = 4) -> None:
@@ -257,7 +263,7 @@ class EnvRunner:
         self.workers = workers
         # resets have a pool of their own: new episodes start while slow steps fill the other
         self._pools = {lane: self._new_pool(lane) for lane in ("reset", "step")}
-        self._stuck = {lane: 0 for lane in self._pools}
+        self._stuck: dict[str, list[Call]] = {lane: [] for lane in self._pools}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rlhub-env-async", daemon=True)
         self._thread.start()
@@ -266,6 +272,10 @@ class EnvRunner:
         return concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=f"rlhub-env-{lane}")
 
     def submit(self, fn: Callable[..., Any], *args: Any, lane: str = "step") -> "Call":
+        stuck = self.stuck(lane)
+        if stuck >= self.workers:
+            raise EnvHung(f"{stuck} {lane} calls of the environment still run past env.timeout_s={self.timeout_s:g} s, "
+                          f"holding all {self.workers} threads of their pool")
         now = time.monotonic()
         call = Call(None, now, self.timeout_s, lane)  # type: ignore[arg-type]
         if inspect.iscoroutinefunction(fn):  # an event loop runs them all at once: each starts now
@@ -291,13 +301,14 @@ class EnvRunner:
             except concurrent.futures.TimeoutError:
                 if call.deadline - time.monotonic() > 0:
                     continue
-            if not call.future.cancel():  # a plain call already running: its thread stays busy
-                self._stuck[call.lane] += 1
-                if self._stuck[call.lane] >= self.workers:
-                    self._pools[call.lane].shutdown(wait=False)
-                    self._pools[call.lane] = self._new_pool(call.lane)
-                    self._stuck[call.lane] = 0
+            if not call.future.cancel():
+                self._stuck[call.lane].append(call)  # a plain call already running: its thread stays busy
             raise EnvTimeout(f"no answer within env.timeout_s={self.timeout_s:g} s") from None
+
+    def stuck(self, lane: str) -> int:
+        """Threads of `lane`'s pool still held by calls that ran past their deadline."""
+        self._stuck[lane] = [c for c in self._stuck[lane] if not c.future.done()]
+        return len(self._stuck[lane])
 
     def close(self) -> None:
         for pool in self._pools.values():

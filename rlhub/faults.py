@@ -6,7 +6,8 @@ A run lists its processes by role in `run_dir/processes.json` ("driver", "learne
 "weight registry"), written at start and again whenever it replaces one. `inject` waits until the
 run has recorded a given step, picks the target (a role, or a kind such as "rollout actor" for a
 random one of them), and sends it SIGKILL (`how="kill"`) or SIGSTOP (`how="stop"`: a process that
-hangs without dying). Every metrics row carries `time/unix`, so `recovery` can say, from
+hangs without dying), or hangs one of a rollout actor's engine calls or environment steps while the
+rest of it lives on (`hang-engine`, `hang-env`). Every metrics row carries `time/unix`, so `recovery` can say, from
 metrics.jsonl alone, when the first step after the fault was recorded (`resumed_s`) and when the run
 got past the step it had reached when the fault came (`caught_up_s`; a recovery from a checkpoint
 redoes the steps after it first).
@@ -36,7 +37,7 @@ class Fault:
     """The role hit, as processes.json names it."""
     pid: int
     how: str
-    """"kill" (SIGKILL) or "stop" (SIGSTOP)."""
+    """One of `HOW`."""
     at_step: int
     """The last step the run had recorded when the fault came."""
     time: float
@@ -90,31 +91,49 @@ def wait_for_step(run_dir: Path, step: int, timeout_s: float, alive: Any = None)
     return reached
 
 
+HOW = ("kill", "stop", "hang-engine", "hang-env")
+"""kill: SIGKILL; stop: SIGSTOP (the whole process hangs); hang-engine, hang-env (a rollout actor only):
+its next engine call, or its next `count` environment steps, never return while the process lives on."""
+
+
 def inject(run_dir: Path, target: str, at_step: int, how: str = "kill", delay_s: float = 0.0, seed: int | None = None,
-           timeout_s: float = 600.0, alive: Any = None) -> Fault:
+           timeout_s: float = 600.0, alive: Any = None, count: int = 1) -> Fault:
     """Once the run has recorded `at_step` (and `delay_s` more seconds passed), send the target's process
-    SIGKILL or SIGSTOP. The role is looked up just before the signal, so a process the run replaced
-    meanwhile is the one hit."""
-    if how not in ("kill", "stop"):
-        raise ValueError(f"how={how!r}: kill or stop")
+    SIGKILL or SIGSTOP, or leave the trigger that hangs a rollout actor's engine or environment calls
+    (run_dir/faults/hang-engine-<actor>, hang-env-<actor>: the actor reads them). The role is looked up
+    just before, so a process the run replaced meanwhile is the one hit."""
+    if how not in HOW:
+        raise ValueError(f"how={how!r}: one of {', '.join(HOW)}")
     wait_for_step(run_dir, at_step, timeout_s, alive)
     time.sleep(delay_s)
     role, pid = pick(processes(run_dir), target, random.Random(seed))
     reached = last_step(run_dir)
     sent = time.time()
-    os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    if how.startswith("hang-"):
+        if not role.startswith("rollout actor "):
+            raise ValueError(f"{how} hangs a rollout actor's calls, not {role}'s")
+        trigger = Path(run_dir) / "faults" / f"{how}-{role.split()[-1]}"
+        trigger.parent.mkdir(exist_ok=True)
+        trigger.write_text(str(count))
+    else:
+        os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     return Fault(role, pid, how, reached, sent)
 
 
-def recovery(run_dir: Path, fault: Fault) -> dict[str, Any]:
+def recovery(run_dir: Path, fault: Fault, recoveries: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """How the run went on after `fault`, from metrics.jsonl: seconds until it recorded a step again
     (`resumed_s`), and until it recorded a step past `fault.at_step` (`caught_up_s`); None where it
-    never did."""
-    rows = [r for r in _rows(Path(run_dir) / "metrics.jsonl") if (r.get("time/unix") or 0) > fault.time]
+    never did. With the run's `recoveries` (summary.json), steps that were still on their way when the
+    fault came and were recorded before the recovery ended are not counted as training again, and
+    `detected_s` says when the run found the loss."""
+    since = max([fault.time, *(r["done"] for r in recoveries if "done" in r)])
+    rows = [r for r in _rows(Path(run_dir) / "metrics.jsonl") if (r.get("time/unix") or 0) > since]
     resumed = min((r["time/unix"] for r in rows), default=None)
     caught_up = min((r["time/unix"] for r in rows if r.get("step", 0) > fault.at_step), default=None)
+    found = min((r["at"] for r in recoveries if "at" in r), default=None)
     return {**asdict(fault), "resumed_s": None if resumed is None else resumed - fault.time,
-            "caught_up_s": None if caught_up is None else caught_up - fault.time}
+            "caught_up_s": None if caught_up is None else caught_up - fault.time,
+            "detected_s": None if found is None else found - fault.time}
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -131,11 +150,11 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 def table(records: list[dict[str, Any]]) -> list[str]:
     """The README's table of faults from the fault tests' records: each kind's fault, what rlhub
     does, and the seconds measured until training went on and caught up."""
-    lines = ["| fault | what rlhub does | first step after it | back past the step it hit | recoveries | ledger |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| fault | what rlhub does | loss found after | training again after | past the step it hit after | recoveries | ledger |",
+             "|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['fault']} | {r['response']} | {_s(r.get('resumed_s'))} | {_s(r.get('caught_up_s'))} | "
-                     f"{r.get('recoveries', 0)} | {r.get('ledger', '')} |")
+        lines.append(f"| {r['fault']} | {r['response']} | {_s(r.get('detected_s'))} | {_s(r.get('resumed_s'))} | "
+                     f"{_s(r.get('caught_up_s'))} | {r.get('recoveries', 0)} | {r.get('ledger', '')} |")
     return lines
 
 

@@ -189,15 +189,16 @@ def reconcile(events: Iterable[Any], allow_open: bool = False) -> Reconciliation
 def _rolled_back(rec: Reconciliation, numbered: list[tuple[int, int, Any]]) -> list[tuple[int, Any]]:
     """(line, event) pairs with what each rollback undid left out: the events from its offset to it."""
     kept: list[tuple[int, int, Any]] = []
+    starts = {offset for _, offset, _ in numbered}  # where lines begin: the offsets a checkpoint can record
     for line, offset, event in numbered:
         if isinstance(event, dict) and event.get("event") == "rollback":
             bad = [k for k in FIELDS["rollback"] if not isinstance(event.get(k), TYPES[k])]
             if bad or not 0 <= event["offset"] <= offset:
                 rec.add(None, f"line {line}: rollback event with missing, mistyped or impossible {bad or ['offset']}")
                 continue
-            undone = [e for e in kept if e[1] >= event["offset"]]
-            if undone and undone[0][1] != event["offset"]:
+            if event["offset"] not in starts:
                 rec.add(None, f"line {line}: rollback to offset {event['offset']}, which is not a line boundary")
+            undone = [e for e in kept if e[1] >= event["offset"]]
             kept = kept[: len(kept) - len(undone)]
             rec.rollbacks += 1
             rec.undone += len(undone)

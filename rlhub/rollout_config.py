@@ -62,3 +62,6 @@ class RolloutConfig:
     log_samples: int = 0
     """Trained groups per step whose samples go to run_dir/samples.jsonl and a W&B table (0: none; off by
     default: one group a step made the default run's steps 13 % slower)."""
+    engine_timeout_s: float = 600.0
+    """An engine call (a generate, a decode poll, a weight load) running longer than this is hung: its
+    rollout actor is replaced and its groups start again (`failures/actor_crash/EngineHung`)."""

@@ -2,18 +2,22 @@
 
 Non-finite metric values are never dropped silently: they are written as
 null, counted per key (`nonfinite`), and a run that had any does not report
-success.
+success. `wandb.mode=online` without W&B credentials logs offline, with one
+warning, instead of prompting or failing at start (`wandb_mode`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("rlhub")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -41,6 +45,33 @@ def truncate_steps(path: Path, last_step: int) -> int:
     return removed
 
 
+def wandb_mode(mode: str) -> str:
+    """`wandb.mode`, or offline (with one warning) for `online` without credentials: W&B would ask for a
+    key on the terminal or fail at start. Credentials are WANDB_API_KEY (or WANDB_IDENTITY_TOKEN_FILE) or
+    an entry in the netrc file ($NETRC, else ~/.netrc) for the W&B host; nothing touches the network."""
+    if mode != "online" or has_wandb_credentials():
+        return mode
+    log.warning("wandb.mode=online but no W&B credentials (WANDB_API_KEY or `wandb login`): logging offline instead; "
+                "`wandb sync RUN_DIR/wandb/offline-run-*` uploads it later")
+    return "offline"
+
+
+def has_wandb_credentials() -> bool:
+    import netrc
+    import os
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    try:
+        found = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(found and found[2])
+
+
 class Tracker:
     def __init__(self, run_dir: Path, cfg: Any, total_steps: int, start_step: int, resume_id: str | None = None) -> None:
         self.run_dir = run_dir
@@ -49,21 +80,25 @@ class Tracker:
         self.nonfinite: Counter[str] = Counter()
         self.wandb_run = None
         self.run_id: str | None = None
-        if cfg.wandb.mode != "disabled":
+        mode = wandb_mode(cfg.wandb.mode)
+        if mode != "disabled":
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity,
-                mode=cfg.wandb.mode,
-                dir=str(run_dir),
-                name=f"{cfg.experiment.name}-{run_dir.name}",
-                config=asdict(cfg),
-                tags=list(cfg.wandb.tags),
-                id=resume_id,
-                resume="allow" if resume_id else None,
-                settings=wandb.Settings(console="off", silent=True),
-            )
+            from rlhub.redact import redact_config, redact_text, redacted_argv
+
+            with redacted_argv():  # W&B records the command line as the run's metadata
+                self.wandb_run = wandb.init(
+                    project=cfg.wandb.project,
+                    entity=cfg.wandb.entity,
+                    mode=mode,
+                    dir=str(run_dir),
+                    name=redact_text(f"{cfg.experiment.name}-{run_dir.name}"),
+                    config=redact_config(asdict(cfg)),  # no secret (rlhub.redact) in the config W&B keeps
+                    tags=redact_config(list(cfg.wandb.tags)),
+                    id=resume_id,
+                    resume="allow" if resume_id else None,
+                    settings=wandb.Settings(console="off", silent=True),
+                )
             self.run_id = self.wandb_run.id  # the resolved config is the run's W&B config (and run_dir/config.yaml)
         self.bar = None
         self._bar_args = dict(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)

@@ -49,7 +49,7 @@ def finish(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 600) -> tup
 def record(fault: Fault, run_dir: Path, kind: str, response: str, summary: dict) -> dict:
     """The measured record of one fault (appended to $RLHUB_FAULT_RECORDS when set)."""
     ledger = check_run(run_dir)
-    out = {**recovery(run_dir, fault), "fault": kind, "response": response, "recoveries": len(summary.get("recoveries", [])),
+    out = {**recovery(run_dir, fault, summary.get("recoveries", [])), "fault": kind, "response": response, "recoveries": len(summary.get("recoveries", [])),
            "ledger": f"reconciled: {ledger.issued} issued, {ledger.trained} trained, 0 lost, 0 twice"}
     assert out["resumed_s"] is not None and out["caught_up_s"] is not None, out  # it trained again, and past where it was hit
     if os.environ.get("RLHUB_FAULT_RECORDS"):
@@ -163,3 +163,98 @@ def test_a_group_queued_by_an_actor_killed_before_it_told_the_coordinator_ends_o
     assert store.requeue_actor(0) == []  # taken for training: its actor's crash cannot start it again
     assert store.close_out("run_end") == 0  # nor can the run's end drop it
     assert not [e for e in store.take_events() if e["event"] in ("requeued", "dropped")]
+
+
+@pytest.fixture()
+def four_nodes():
+    """A head with no CPU of its own (the driver and the store's zero-CPU actors) and four one-CPU nodes:
+    three for the learner and two rollout actors, one spare for what a lost node held."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(4):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.mark.parametrize("holding", ["rollout actor 0", "learner rank 0"])
+def test_a_lost_node_is_survived(four_nodes, tmp_path, holding):
+    import time
+
+    from rlhub.faults import processes, wait_for_step
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = start(run_dir, f"cluster.address={four_nodes.address}", "rollout.num_actors=2", "experiment.total_steps=8",
+                 "checkpoint.every=2")
+    alive = lambda: proc.poll() is None  # noqa: E731
+    wait_for_step(run_dir, 3, 300, alive)
+    found = processes(run_dir)
+    # nodes on one machine share an address, so the driver (and beside it the store and the weight registry)
+    # may sit on any of them: a rollout actor's node is lost where the driver is not (the other actor's, if need be)
+    home = found["driver"]["node"]
+    assert all(w["node"] == home for role, w in found.items() if role.startswith(("store", "weight registry")))
+    if holding.startswith("rollout") and found[holding]["node"] == home:
+        holding = "rollout actor 1"
+    node_id = found[holding]["node"]
+    [node] = [n for n in four_nodes.list_all_nodes() if n.node_id == node_id and n is not four_nodes.head_node]
+    held = sorted(role for role, w in found.items() if w["node"] == node_id)
+    raylet = node.all_processes["raylet"][0].process.pid
+    at, sent = wait_for_step(run_dir, 3, 10), time.time()
+    four_nodes.remove_node(node, allow_graceful=False)  # every process of the node at once, its raylet among them
+    fault = Fault(f"the node of {holding}", raylet, "kill", at, sent)
+    summary, _ = finish(proc, run_dir)
+    if any(r.startswith("learner") for r in held):
+        assert len(summary["recoveries"]) >= 1, summary["recoveries"]
+        response = "restores the last checkpoint, starts every actor again on the nodes left"
+    else:
+        assert summary["recoveries"] == [] and summary["failures"]["actor_restarts"] == len(held), (held, summary["failures"])
+        response = "replaces the node's rollout actors on the nodes left; their groups start again"
+    record(fault, run_dir, f"a node holding {', '.join(held)} lost", response, summary)
+
+
+HANGS = ("cluster.call_timeout_s=8", "learner.step_timeout_s=20", "rollout.engine_timeout_s=5")
+"""Short deadlines, so that a hang is found within seconds."""
+
+
+@pytest.mark.parametrize("target,how,overrides,kind,response", [
+    ("store shard", "stop", ("datastore.num_shards=2",), "a store shard hung (SIGSTOP)",
+     "a call past cluster.call_timeout_s: the probe names the shard; restored from the last checkpoint"),
+    ("learner rank 0", "stop", (), "a learner rank hung (SIGSTOP)",
+     "a step past learner.step_timeout_s: restored from the last checkpoint"),
+    ("rollout actor 0", "stop", ("rollout.num_actors=2",), "a rollout actor hung (SIGSTOP)",
+     "no answer within cluster.call_timeout_s: the actor is replaced, its groups start again"),
+    ("rollout actor 0", "hang-engine", ("rollout.num_actors=2",), "a rollout actor's engine call hung",
+     "an engine call past rollout.engine_timeout_s: the actor is replaced, its groups start again"),
+])
+def test_a_hang_is_found_and_its_process_replaced(tmp_path, target, how, overrides, kind, response):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # long enough that the run cannot end on its other actor's groups before the hang is found
+    proc = start(run_dir, f"experiment.total_steps={80 if how == 'hang-engine' else 8}", "checkpoint.every=2", *HANGS, *overrides)
+    fault = inject(run_dir, target, 3, how=how, alive=lambda: proc.poll() is None, timeout_s=300)
+    summary, err = finish(proc, run_dir)
+    if target.startswith("rollout"):
+        hung = "Unresponsive" if how == "stop" else "EngineHung"
+        assert summary["recoveries"] == [] and summary["failures"].get(f"actor_crash/{hung}") == 1, summary["failures"]
+        assert f"rollout actor 0 hung ({hung}" in err
+    else:
+        [recovered] = summary["recoveries"]
+        assert ("did not answer" in recovered["lost"] or "did not finish" in recovered["lost"]), recovered
+    record(fault, run_dir, kind, response, summary)
+
+
+def test_a_hung_environment_thread_restarts_its_actor(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # two environment threads: once both hold a step that never returns, the actor restarts to free them
+    proc = start(run_dir, "experiment.total_steps=80", "env.timeout_s=0.3", "env.workers=2", "rollout.num_actors=2")
+    fault = inject(run_dir, "rollout actor 1", 3, how="hang-env", count=2, alive=lambda: proc.poll() is None, timeout_s=300)
+    summary, err = finish(proc, run_dir)
+    assert summary["recoveries"] == [] and summary["failures"].get("actor_crash/EnvHung") == 1, summary["failures"]
+    assert "rollout actor 1 crashed (EnvHung: 2 step calls of the environment still run past env.timeout_s=0.3 s" in err
+    assert summary["failures"]["dropped/env_timeout"] >= 1
+    record(fault, run_dir, "an environment thread hung (two steps that never return)",
+           "each step past env.timeout_s drops its sample; once every thread of the pool is held, the actor is replaced", summary)

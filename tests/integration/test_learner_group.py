@@ -36,7 +36,7 @@ def test_expert_parallel_llep_run_resumes_at_one_rank_with_its_ledger_whole(ray_
     assert all(r["learner/ep_pairs_max_over_mean"] <= 1.0 + 0.1 for r in rows)  # capacity 1.0: every rank near the mean
     assert any(r["learner/ep_weights_moved"] > 0 for r in rows)
     sharded = tmp_path / "checkpoints" / "step_000004"
-    assert (sharded / "learner" / ".metadata").is_file()
+    assert (sharded / "learner" / "index.json").is_file()
     # rlhub export of the 2-rank checkpoint: the weights the ranks' shards hold, read back by another route
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ import torch
 
 from rlhub.datastore import InMemoryDataStore
 from rlhub.envs.base import StepResult
-from rlhub.episodes import ChatFormat, EnvRunner, EnvTimeout
+from rlhub.episodes import ChatFormat, EnvHung, EnvRunner, EnvTimeout
 from rlhub.rollout import DataSide, RolloutConfig, RolloutWorker
 from rlhub.weight_sync import InMemoryWeightSync, probe_sequence
 from scripted import ScriptedEngine
@@ -182,8 +182,13 @@ def test_env_runner_deadline_for_plain_and_async_calls():
         call = runner.submit(fn)
         with pytest.raises(EnvTimeout):
             runner.result(call)
-    # the one pool thread was stuck: a fresh pool answers the next call at once
-    assert runner.result(runner.submit(lambda: 7)) == 7
+    # the async call was cancelled; the plain one holds the pool's one thread: its process has to end
+    assert runner.stuck("step") == 1
+    with pytest.raises(EnvHung, match="1 step calls of the environment still run past env.timeout_s=0.2 s, holding all 1 threads"):
+        runner.submit(lambda: 7)
+    assert runner.result(runner.submit(lambda: 8, lane="reset")) == 8  # the other pool is free
+    time.sleep(1)  # the stuck call ends: its thread is back
+    assert runner.stuck("step") == 0 and runner.result(runner.submit(lambda: 7)) == 7
     runner.close()
 
 
@@ -388,3 +393,33 @@ def test_every_turns_reward_reaches_the_return_and_a_token_level_estimator(token
         else:  # GRPO over the returns [1.25, 0.25]: +1 and -1 on every token
             assert torch.allclose(torch.cat([first, second]), torch.full((2 * len(turn_ids),), 1.0 if i == 0 else -1.0), atol=1e-4)
     assert batch.turn_rewards is None  # read on the rollout side, not sent to the learner
+
+
+def test_once_every_environment_thread_is_held_by_a_hung_call_the_worker_ends(tokenizer):
+    hang = threading.Event()
+
+    class HangsTwice:
+        """Row 1's two samples step forever (until the test ends); every other step answers at once."""
+
+        def dataset(self, split):
+            return [{"i": i} for i in range(4)]
+
+        def reset(self, row):
+            return f"{row['i']}?", row["i"]
+
+        def step(self, state, message):
+            if state == 1:
+                hang.wait()
+            return StepResult(1.0)
+
+    a = tokenizer.encode("1", add_special_tokens=False) + [tokenizer.eos_token_id]
+    worker, store = make_worker(tokenizer, HangsTwice(), ScriptedEngine([a], tokenizer.eos_token_id), prompts_per_batch=4,
+                                env_timeout_s=0.3)
+    worker.envs.workers = 2  # two threads a pool: the two hung steps hold both
+    try:
+        worker.generate_groups([0, 1, 2, 3])
+        assert worker.stats.dropped == {"env_timeout": 2}  # row 1's two samples; the other groups went to the store
+        with pytest.raises(EnvHung, match="2 step calls of the environment still run past env.timeout_s=0.3 s"):
+            worker.generate_groups([4, 5])
+    finally:
+        hang.set()

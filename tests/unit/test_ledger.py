@@ -112,6 +112,16 @@ def test_a_rollback_undoes_what_came_after_its_checkpoint_and_the_redone_steps_r
     assert "1 recoveries from a checkpoint: 3 events undone, 1 steps redone" in format_report(rec)
 
 
+def test_a_second_rollback_to_the_same_checkpoint_undoes_only_what_is_left():
+    events, offset = rolled_back_run()
+    cut = next(i for i, e in enumerate(events) if e["event"] == "rollback")
+    again = {"event": "rollback", "offset": offset, "step": 1, "from_step": 1, "reason": "store shard 0 died"}
+    twice = events[: cut + 4] + [again] + events[cut + 1:]  # lost again after re-issuing groups 1 and 2
+    rec = reconcile(twice)
+    assert rec.ok, messages(rec)
+    assert (rec.rollbacks, rec.trained, rec.requeued) == (2, 3, {"recovery": 2})
+
+
 def test_without_the_rollback_the_redone_work_is_caught():
     events, _ = rolled_back_run()
     rec = reconcile([e for e in events if e["event"] != "rollback"])
