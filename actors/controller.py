@@ -141,6 +141,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     t0 = psutil.Process().create_time()  # the phases below are timed from the command's start
     run_dir, resume_from = prepare_run_dir(cfg)
+    (run_dir / "STOP").unlink(missing_ok=True)  # a resumed run goes on, whatever stopped it before
     env = check_env(cfg)
     check_judge(cfg)
     model_path = resolve_model_path(cfg.model)
@@ -232,14 +233,16 @@ def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, to
 
     limit = cfg.checkpoint.max_recoveries
     while True:
-        if len(p.recoveries) >= limit:
-            raise RunFailed(lost if not limit else f"{lost} (after {len(p.recoveries)} recoveries: checkpoint.max_recoveries={limit})")
+        if p.recoveries_in_a_row >= limit:
+            raise RunFailed(lost if not limit else f"{lost} (after {p.recoveries_in_a_row} recoveries in a row, none of which got past "
+                                                   f"the step it was lost at: checkpoint.max_recoveries={limit})")
         began = time.time()
         ckpt = resume_checkpoint(run_dir, model_path)  # the newest that verifies (a damaged one is moved aside)
         state = read_state(ckpt) if ckpt is not None else {}
         restored = int(state.get("version", 0))
-        log.warning("%s; restoring %s and starting every actor again (recovery %d of at most %d)", lost,
-                    ckpt.name if ckpt is not None else "the run's start (no checkpoint yet)", len(p.recoveries) + 1, limit)
+        log.warning("%s; restoring %s and starting every actor again (recovery %d, %d in a row of at most %d)", lost,
+                    ckpt.name if ckpt is not None else "the run's start (no checkpoint yet)", len(p.recoveries) + 1,
+                    p.recoveries_in_a_row + 1, limit)
         p.tracker.close_bar()
         actors.kill()
         p.ledger.write([{"event": "rollback", "offset": int(state.get("ledger_offset", p.ledger_start)), "step": restored,
@@ -248,6 +251,7 @@ def recover(p: Any, actors: Actors, lost: str, cfg: RunConfig, run_dir: Path, to
             truncate_steps(run_dir / name, restored)
         record = {"lost": lost, "at_step": p.last_version, "restored": restored, "at": began}
         p.recoveries.append(record)
+        p.recoveries_in_a_row += 1
         try:
             vars(actors).update(vars(create_actors(cfg, model_path, env, plan)))
             new = start_pipeline(cfg, run_dir, ckpt, actors, tokenizer, env, plan, t0, carried=p)
@@ -267,16 +271,21 @@ def run_loop(p: Any, version: int, total: int) -> int:
     """Train from `version` to `total`, or until the generation budget (experiment.max_generated_tokens)
     is spent; returns the final version. The next step waits queued on the learner while the current
     one trains, except across a checkpoint; once the budget is spent no step is queued, and the queued
-    one still trains."""
+    one still trains. A file RUN_DIR/STOP (`rlhub stop RUN_DIR`) ends the run the same way."""
     steps: deque = deque()
     budget = p.cfg.experiment.max_generated_tokens
     while version < total:
-        while (len(steps) < 2 and version + len(steps) < total and not (budget and p.generated_tokens >= budget)
+        stop = (p.run_dir / "STOP").exists()
+        while (len(steps) < 2 and version + len(steps) < total and not (budget and p.generated_tokens >= budget) and not stop
                and not (steps and p.checkpoint_due(version + len(steps)))):
             # 1. rollout -> store, 2. learn at that version, 3. sync: the new weights out, admission opened
             steps.append(p.publish(p.submit(p.fetch(version + len(steps)))))
-        if not steps:  # the generation budget is spent
-            log.info("experiment.max_generated_tokens=%d reached after %d generated tokens, at step %d", budget, p.generated_tokens, version)
+        if not steps:  # the generation budget is spent, or a stop was asked for
+            if stop:
+                log.info("stopped at step %d: %s asked for it", version, p.run_dir / "STOP")
+            else:
+                log.info("experiment.max_generated_tokens=%d reached after %d generated tokens, at step %d", budget, p.generated_tokens,
+                         version)
             break
         step = steps.popleft()
         metrics = p.wait(step)
@@ -574,6 +583,8 @@ def close_run(cfg: RunConfig, run_dir: Path, p: Any, store_stats: dict, rollout_
         "rollout": rollout_stats,
         "max_staleness": cfg.max_staleness,
         "recoveries": p.recoveries,
+        "checkpoints": {"written": len(p.checkpoint_seconds), "mean_s": sum(p.checkpoint_seconds) / len(p.checkpoint_seconds)
+                        if p.checkpoint_seconds else None},
         "eval": final_eval,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

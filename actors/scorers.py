@@ -170,10 +170,12 @@ class ReferenceActor(_Scorer):
 
 
 class RemoteScorer:
-    """A scorer actor as a rollout worker sees it: a blocking `score`."""
+    """A scorer actor as a rollout worker sees it: a blocking `score`, waiting at most `timeout_s` (a hung
+    scorer fails the rollout actor, and the controller's probe then names the scorer)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, timeout_s: float = 600.0) -> None:
         self.handle = handle
+        self.timeout_s = timeout_s
 
     def score(self, batch: GroupTensors) -> dict[str, Any]:
-        return ray.get(self.handle.score.remote(batch))
+        return ray.get(self.handle.score.remote(batch), timeout=self.timeout_s)

@@ -20,6 +20,10 @@ commands:
                  "critic", "driver", ...; a kind picks one at random), or hang a rollout actor's next
                  engine call or --count environment steps; --wait: until the run ends, then how long
                  it took to train again (JSON)
+  fault table [FILE]
+                 the README's table of faults from the fault tests' records (default bench/faults.jsonl)
+  stop RUN_DIR   end a running run after the step it is on (RUN_DIR/STOP): its last checkpoint, ledger
+                 and summary are written as at its last step
   check RUN_DIR  reconcile a run's ledger (every group handed out trained or dropped exactly
                  once); exit 1 when it does not reconcile
   plot RUN_DIR   draw RUN_DIR/plots/*.png (success and reward, staleness, step time; for an MoE
@@ -97,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         if command == "envs":
             print("rlhub envs: use `rlhub envs list`, `rlhub envs show NAME [key=value ...]` or `rlhub envs check NAME [key=value ...]`", file=sys.stderr)
             return 2
+        if command == "stop" and len(rest) == 1:
+            from pathlib import Path
+
+            if not (Path(rest[0]) / "config.yaml").is_file():
+                print(f"rlhub stop: {rest[0]} is not a run directory (no config.yaml)", file=sys.stderr)
+                return 2
+            (Path(rest[0]) / "STOP").touch()
+            return 0
+        if command == "fault" and rest[:1] == ["table"]:
+            from rlhub.faults import read_records, table
+
+            print("\n".join(table(read_records(rest[1] if len(rest) > 1 else None))))
+            return 0
         if command == "fault" and len(rest) >= 2:
             return _fault(rest)
         if command == "eval" and rest:

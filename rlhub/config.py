@@ -141,8 +141,10 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_final: bool = True
     max_recoveries: int = 3
-    """How many times a run restores its last checkpoint after losing a learner rank, the critic or
-    reference, the store or a weight registry, before it fails (0: the first such loss ends the run)."""
+    """How many times in a row a run restores its last checkpoint after losing a learner rank, the critic
+    or reference, the store or a weight registry, before it fails (0: the first such loss ends the run).
+    "In a row": the count starts again once the run trains past the step where it last lost one, so a
+    long run survives a loss now and then, and a loss that comes back at once ends it."""
 
 
 @dataclass

@@ -126,11 +126,13 @@ def recovery(run_dir: Path, fault: Fault, recoveries: list[dict[str, Any]] = ())
     never did. With the run's `recoveries` (summary.json), steps that were still on their way when the
     fault came and were recorded before the recovery ended are not counted as training again, and
     `detected_s` says when the run found the loss."""
-    since = max([fault.time, *(r["done"] for r in recoveries if "done" in r)])
+    role = fault.target.removeprefix("the node of ").split()[0]  # "learner", "store", "critic", ...
+    mine = [r for r in recoveries if r.get("at", 0) >= fault.time and role in r.get("lost", "")][:1]  # the recovery it caused, if any
+    since = max([fault.time, *(r["done"] for r in mine if "done" in r)])
     rows = [r for r in _rows(Path(run_dir) / "metrics.jsonl") if (r.get("time/unix") or 0) > since]
     resumed = min((r["time/unix"] for r in rows), default=None)
     caught_up = min((r["time/unix"] for r in rows if r.get("step", 0) > fault.at_step), default=None)
-    found = min((r["at"] for r in recoveries if "at" in r), default=None)
+    found = min((r["at"] for r in mine), default=None)
     return {**asdict(fault), "resumed_s": None if resumed is None else resumed - fault.time,
             "caught_up_s": None if caught_up is None else caught_up - fault.time,
             "detected_s": None if found is None else found - fault.time}
@@ -147,10 +149,22 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+RECORDS = Path(__file__).resolve().parents[1] / "bench" / "faults.jsonl"
+"""The fault tests' records the README's table is made from (RLHUB_FAULT_RECORDS=FILE pytest tests/integration/test_faults.py)."""
+
+
+def read_records(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The records of `path` (default `RECORDS`), the last one of each fault kind, in the order first seen."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in _rows(Path(path) if path else RECORDS):
+        out[r["fault"]] = r
+    return list(out.values())
+
+
 def table(records: list[dict[str, Any]]) -> list[str]:
     """The README's table of faults from the fault tests' records: each kind's fault, what rlhub
     does, and the seconds measured until training went on and caught up."""
-    lines = ["| fault | what rlhub does | loss found after | training again after | past the step it hit after | recoveries | ledger |",
+    lines = ["| fault | what rlhub does | loss found after | training again after | past the step it hit after | recoveries in its run | ledger of its run |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['fault']} | {r['response']} | {_s(r.get('detected_s'))} | {_s(r.get('resumed_s'))} | "

@@ -104,7 +104,11 @@ class WeightRegistry:
 
 
 class ObjectStoreWeightSync:
-    """Client of a `WeightRegistry` actor; picklable, so every actor holds one."""
+    """Client of a `WeightRegistry` actor; picklable, so every actor holds one. Every call waits at most
+    `timeout_s`: a registry (or weights) that does not come fails the caller, whose loss the
+    controller then finds (a rollout actor is replaced; a hung learner step is recovered)."""
+
+    timeout_s: float = 600.0
 
     def __init__(self, registry: Any) -> None:
         self.registry = registry
@@ -113,27 +117,27 @@ class ObjectStoreWeightSync:
         import ray
 
         ref = ray.put(state_to_arrays(state))  # owned by the learner, which lives as long as the run
-        ray.get(self.registry.publish.remote(version, [ref, probe_logprobs.float().cpu().numpy()]))
+        ray.get(self.registry.publish.remote(version, [ref, probe_logprobs.float().cpu().numpy()]), timeout=self.timeout_s)
 
     def push_stream(self, items: Iterable[tuple[str, torch.Tensor]], version: int, probe_logprobs: torch.Tensor) -> None:
         import ray
 
         refs = {name: ray.put(state_to_arrays({name: t})[name]) for name, t in items}  # one object per tensor
-        ray.get(self.registry.publish.remote(version, [refs, probe_logprobs.float().cpu().numpy()]))
+        ray.get(self.registry.publish.remote(version, [refs, probe_logprobs.float().cpu().numpy()]), timeout=self.timeout_s)
 
     def pull(self, have_version: int) -> Published | None:
         import ray
 
-        found = ray.get(self.registry.latest.remote(have_version))
+        found = ray.get(self.registry.latest.remote(have_version), timeout=self.timeout_s)
         if found is None:
             return None
         import torch
 
         version, (ref, probe) = found
         if isinstance(ref, dict):  # pushed a tensor at a time
-            arrays = dict(zip(ref, ray.get(list(ref.values()))))
+            arrays = dict(zip(ref, ray.get(list(ref.values()), timeout=self.timeout_s)))
         else:
-            arrays = ray.get(ref)
+            arrays = ray.get(ref, timeout=self.timeout_s)
         return Published(version, arrays_to_state(arrays), torch.from_numpy(probe.copy()))
 
 

@@ -62,50 +62,53 @@ def record(fault: Fault, run_dir: Path, kind: str, response: str, summary: dict)
 RESTORES = "restores the last checkpoint in the same run, starts every actor again, re-issues what was queued or in flight"
 
 
-@pytest.mark.parametrize("target,overrides", [
-    ("learner rank 0", ()),
-    ("store shard", ("datastore.num_shards=2",)),
-    ("store coordinator", ()),
-    ("weight registry", ()),
-])
-def test_a_lost_learner_or_store_is_recovered_from_the_last_checkpoint(tmp_path, target, overrides):
+def run_sequence(run_dir: Path, faults: list[tuple[str, int]], *overrides: str) -> tuple[list[Fault], dict, str]:
+    """One run that loses each (target, at step) of `faults` in turn, each after the run recovered from the
+    one before: (the faults, the summary, stderr). Every loss must be recovered from the newest checkpoint
+    written before it (every 2 steps), named, and shown in the ledger."""
+    proc = start(run_dir, f"experiment.total_steps={faults[-1][1] + 3}", "checkpoint.every=2", *overrides)
+    sent = [inject(run_dir, target, step, alive=lambda: proc.poll() is None, timeout_s=300) for target, step in faults]
+    summary, err = finish(proc, run_dir)
+    recoveries = summary["recoveries"]
+    assert len(recoveries) == len(faults) and summary["failures"]["recoveries"] == len(faults), recoveries
+    for (target, step), recovered in zip(faults, recoveries):
+        at, restored = recovered["at_step"], recovered["restored"]
+        assert at >= step and restored % 2 == 0 and at - 2 <= restored <= at, recovered  # the newest checkpoint before the loss
+        assert target.split()[0] in recovered["lost"], (target, recovered)
+        assert f"restoring step_{restored:06d}" in err
+    ledger = check_run(run_dir)
+    assert (ledger.rollbacks, ledger.redone_steps) == (len(faults), sum(r["at_step"] - r["restored"] for r in recoveries))
+    return sent, summary, err
+
+
+def test_a_lost_learner_rank_store_shard_coordinator_and_weight_registry_are_each_recovered(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    proc = start(run_dir, "experiment.total_steps=8", "checkpoint.every=2", *overrides)
-    fault = inject(run_dir, target, 3, alive=lambda: proc.poll() is None, timeout_s=300)
-    summary, err = finish(proc, run_dir)
-    [recovered] = summary["recoveries"]
-    at, restored = recovered["at_step"], recovered["restored"]
-    assert at >= 3 and restored % 2 == 0 and at - 2 <= restored <= at, recovered  # the newest checkpoint written before the loss
-    assert target.split()[0] in recovered["lost"], recovered
-    assert "recovered in" in err and f"restoring step_{restored:06d}" in err
-    ledger = check_run(run_dir)
-    assert (ledger.rollbacks, ledger.redone_steps) == (1, at - restored)  # the ledger shows the redone steps
-    assert summary["failures"]["recoveries"] == 1
-    record(fault, run_dir, f"{target} killed", RESTORES, summary)
+    order = [("learner rank 0", 3), ("store shard", 7), ("store coordinator", 11), ("weight registry", 15)]
+    sent, summary, _ = run_sequence(run_dir, order, "datastore.num_shards=2")
+    for fault, (target, _) in zip(sent, order):
+        record(fault, run_dir, f"{target} killed", RESTORES, summary)
 
 
 PPO = ("algorithm=ppo", "algorithm.critic_warmup=1")
 
 
-@pytest.mark.parametrize("target,overrides,kind", [
-    ("critic", PPO, "critic killed"),
-    ("reference", PPO, "reference killed"),
-    # a scorer's rank behind its front: the critic sharded over two ranks, as the policy is
-    ("critic rank 1", (*PPO, "learner.world_size=2"), "a scorer rank (critic rank 1 of 2) killed"),
-])
-def test_a_lost_scorer_is_recovered_from_the_last_checkpoint(tmp_path, target, overrides, kind):
+def test_a_lost_critic_and_reference_are_each_recovered(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    proc = start(run_dir, "experiment.total_steps=7", "checkpoint.every=2", *overrides)
-    fault = inject(run_dir, target, 3, alive=lambda: proc.poll() is None, timeout_s=300)
-    summary, err = finish(proc, run_dir)
-    [recovered] = summary["recoveries"]
-    assert target.split()[0] in recovered["lost"] and recovered["restored"] >= 2, recovered
-    assert check_run(run_dir).rollbacks == 1
-    ckpt = run_dir / "checkpoints" / "step_000007"
+    sent, summary, _ = run_sequence(run_dir, [("critic", 3), ("reference", 7)], *PPO)
+    ckpt = run_dir / "checkpoints" / "step_000010"
     assert (ckpt / "critic").is_dir() and (ckpt / "reference").is_dir()  # the new scorers were saved with the policy
-    record(fault, run_dir, kind, RESTORES, summary)
+    for fault, kind in zip(sent, ("critic killed", "reference killed")):
+        record(fault, run_dir, kind, RESTORES, summary)
+
+
+def test_a_lost_rank_of_a_sharded_scorer_is_recovered(tmp_path):
+    """A scorer's rank behind its front: the critic sharded over two ranks, as the policy is."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    [fault], summary, _ = run_sequence(run_dir, [("critic rank 1", 3)], *PPO, "learner.world_size=2")
+    record(fault, run_dir, "a scorer rank (critic rank 1 of 2) killed", RESTORES, summary)
 
 
 def test_a_killed_rollout_actor_is_replaced_and_its_groups_start_again(tmp_path):
@@ -215,7 +218,7 @@ def test_a_lost_node_is_survived(four_nodes, tmp_path, holding):
     record(fault, run_dir, f"a node holding {', '.join(held)} lost", response, summary)
 
 
-HANGS = ("cluster.call_timeout_s=8", "learner.step_timeout_s=20", "rollout.engine_timeout_s=5")
+HANGS = ("cluster.call_timeout_s=5", "learner.step_timeout_s=10", "rollout.engine_timeout_s=4")
 """Short deadlines, so that a hang is found within seconds."""
 
 
@@ -258,3 +261,37 @@ def test_a_hung_environment_thread_restarts_its_actor(tmp_path):
     assert summary["failures"]["dropped/env_timeout"] >= 1
     record(fault, run_dir, "an environment thread hung (two steps that never return)",
            "each step past env.timeout_s drops its sample; once every thread of the pool is held, the actor is replaced", summary)
+
+
+def test_rlhub_stop_ends_a_run_after_its_step_with_everything_written(tmp_path):
+    from rlhub.faults import wait_for_step
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = start(run_dir, "experiment.total_steps=100000", "checkpoint.every=0")
+    wait_for_step(run_dir, 2, 300, lambda: proc.poll() is None)
+    assert subprocess.run([sys.executable, "-m", "rlhub.cli", "stop", str(run_dir)]).returncode == 0
+    summary, err = finish(proc, run_dir, timeout_s=120)
+    assert 2 <= summary["steps"] < 100 and "stopped at step" in err
+    assert (run_dir / "checkpoints" / f"step_{summary['steps']:06d}").is_dir()  # the final checkpoint, as at a planned end
+
+
+def test_a_loss_that_comes_back_at_once_ends_the_run_after_max_recoveries(tmp_path):
+    import signal
+    import time
+
+    from rlhub.faults import processes
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = start(run_dir, "experiment.total_steps=100000", "checkpoint.every=2", "checkpoint.max_recoveries=1")
+    first = inject(run_dir, "learner rank 0", 3, alive=lambda: proc.poll() is None, timeout_s=300)
+    deadline = time.monotonic() + 120
+    while processes(run_dir)["learner rank 0"]["pid"] == first.pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(processes(run_dir)["learner rank 0"]["pid"], signal.SIGKILL)  # the new learner, before it gets past step 3
+    assert proc.wait(timeout=120) == 1
+    err = proc.err_path.read_text()  # type: ignore[attr-defined]
+    assert "after 1 recoveries in a row, none of which got past the step it was lost at: checkpoint.max_recoveries=1" in err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    assert check_run(run_dir, allow_open=True).ok  # failed, and still nothing trained twice
