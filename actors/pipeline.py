@@ -83,7 +83,7 @@ class Pipeline:
         self.ledger_start = 0  # the ledger's offset where this run began (what a recovery with no checkpoint goes back to)
         self.recoveries: list[dict[str, Any]] = []  # {lost, at_step, restored, seconds}: the controller's recoveries
         self.recoveries_in_a_row = 0  # since the run last got past the step where it lost an actor
-        self.checkpoint_seconds: list[float] = []  # each checkpoint's writing time (summary: checkpoint_s)
+        self.checkpoint_seconds: list[float] = []  # each checkpoint's writing time (summary: checkpoints)
         self._store_stats: dict[str, Any] = {}  # the store's counters at the last step (what remains if the store dies)
         self.record_processes: Any = lambda: None  # rewrites run_dir/processes.json (set by the controller)
         self._recorded_restarts = 0
