@@ -352,15 +352,19 @@ class Actors:
 
     def describe(self, error: BaseException) -> str:
         """One line naming the actor whose death `error` reports."""
+        import ray
+
+        from rlhub.actors.learner import is_actor
+
         first = (str(error).splitlines() or [type(error).__name__])[0]
-        if not isinstance(error, ray_actor_error()):
+        if not isinstance(error, ray.exceptions.RayActorError):
             return first
         groups = getattr(self.learner, "groups", {None: self.learner})
         for policy, group in groups.items():
             if group.owns(error):
                 return (f"policy {policy}: " if policy else "") + group._describe(error)
         for name, handle in self.partners.items():
-            if _is_actor(handle, error):
+            if is_actor(handle, error):
                 return f"{name} died: {first}"
         return f"an actor died: {first}"
 
@@ -392,14 +396,6 @@ class Actors:
             ray.kill(handle, no_restart=True)
 
 
-def ray_actor_error() -> type:
-    import ray
-
-    return ray.exceptions.RayActorError
-
-
-def _is_actor(actor: Any, error: BaseException) -> bool:
-    return actor._actor_id.hex() in str(error) or getattr(error, "actor_id", None) == actor._actor_id.hex()
 
 
 def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) -> Actors:

@@ -271,15 +271,12 @@ class LearnerGroup:
 
     def owns(self, error: Exception) -> bool:
         """Whether `error` is one of these ranks' deaths."""
-        return any(self._is(actor, error) for actor in self.actors)
+        return any(is_actor(actor, error) for actor in self.actors)
 
-    @staticmethod
-    def _is(actor: Any, error: Exception) -> bool:
-        return actor._actor_id.hex() in str(error) or getattr(error, "actor_id", None) == actor._actor_id.hex()
 
     def _describe(self, error: Exception) -> str:
         for r, actor in enumerate(self.actors):
-            if self._is(actor, error):
+            if is_actor(actor, error):
                 node = self.where[r]["node"] if r < len(self.where) else "?"
                 pid = self.where[r]["pid"] if r < len(self.where) else "?"
                 return f"learner rank {r} of {self.world_size} (node {node}, pid {pid}) died: {str(error).splitlines()[0]}"
@@ -360,6 +357,11 @@ class PolicyLearners:
             if group.owns(error):
                 raise RankFailed(f"policy {name}: {group._describe(error)}")
         raise RankFailed(f"a learner rank died: {str(error).splitlines()[0]}")
+
+
+def is_actor(actor: Any, error: BaseException) -> bool:
+    """Whether `error` (a Ray error) is about `actor`."""
+    return actor._actor_id.hex() in str(error) or getattr(error, "actor_id", None) == actor._actor_id.hex()
 
 
 def watched_get(refs: list[Any], check: Any) -> list[Any]:

@@ -45,16 +45,15 @@ class EngineWatch:
         return engine
 
     def _watched(self, name: str, fn: Any) -> Any:
+        run = fn if self.trigger is None else hang_on_trigger(fn, self.trigger, self._lock)  # an injected hang never returns
+
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
                 key, self._next = self._next, self._next + 1
             self.calls[key] = (name, time.monotonic())
             try:
-                if self.trigger is not None and take_trigger(self.trigger):
-                    while True:  # an injected hang: the call never returns
-                        time.sleep(3600)
-                return fn(*args, **kwargs)
+                return run(*args, **kwargs)
             finally:
                 self.calls.pop(key, None)
 
