@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,15 @@ def test_a_killed_rollout_actor_is_replaced_and_its_groups_start_again(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     proc = start(run_dir, "experiment.total_steps=7", "rollout.num_actors=2")
-    fault = inject(run_dir, "rollout actor", 3, seed=1, alive=lambda: proc.poll() is None, timeout_s=300)
+    # killed while it surely holds a group: inside an environment step that never returns (an actor
+    # killed at a random moment may be waiting for work, with nothing of its own to start again)
+    held = inject(run_dir, "rollout actor", 3, how="hang-env", seed=1, alive=lambda: proc.poll() is None, timeout_s=300)
+    trigger = run_dir / "faults" / f"hang-env-{held.target.split()[-1]}"
+    deadline = time.monotonic() + 120
+    while trigger.exists():  # used up when the step begins
+        assert time.monotonic() < deadline and proc.poll() is None, "the actor never took an environment step"
+        time.sleep(0.02)
+    fault = inject(run_dir, held.target, 0, alive=lambda: proc.poll() is None)
     summary, _ = finish(proc, run_dir)
     assert summary["recoveries"] == [] and summary["failures"]["actor_restarts"] == 1
     assert json.loads((run_dir / "processes.json").read_text())[fault.target]["pid"] != fault.pid  # its replacement
@@ -184,7 +193,6 @@ def four_nodes():
 
 @pytest.mark.parametrize("holding", ["rollout actor 0", "learner rank 0"])
 def test_a_lost_node_is_survived(four_nodes, tmp_path, holding):
-    import time
 
     from rlhub.faults import processes, wait_for_step
 
@@ -278,7 +286,6 @@ def test_rlhub_stop_ends_a_run_after_its_step_with_everything_written(tmp_path):
 
 def test_a_loss_that_comes_back_at_once_ends_the_run_after_max_recoveries(tmp_path):
     import signal
-    import time
 
     from rlhub.faults import processes
 
