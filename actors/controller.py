@@ -208,6 +208,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume_from: Path | None, actors: Acto
     return summary
 
 
+def ping(handle: Any) -> Any:
+    """The method that answers a probe of `handle`: its `alive` where it has one (a scorer's, on a
+    thread of its own), else Ray's `__ray_ready__`, which waits behind the actor's running call."""
+    try:
+        return handle.alive
+    except AttributeError:
+        return handle.__ray_ready__
+
+
 def lost_actor_errors() -> tuple[type, ...]:
     """What a lost actor surfaces as in the loop: `ActorLost` (a dead learner rank, a partner a probe
     found dead or silent), Ray's own error from a call to a dead actor, or a call's error caused by a
@@ -370,13 +379,16 @@ class Actors:
 
     def probe(self, timeout_s: float | None = None) -> None:
         """Raise ActorLost naming the first partner (store, scorer, weight registry) that is dead or
-        does not answer within `timeout_s` (default: cluster.call_timeout_s)."""
+        does not answer within `timeout_s` (default: cluster.call_timeout_s). A scorer answers on a
+        thread of its own (`alive`), so a long score or critic step does not make it look silent; the
+        store's actors are asyncio ones and the registry's calls are short, so their plain
+        `__ray_ready__` answers between calls."""
         import ray
 
         from rlhub.actors.pipeline import ActorLost
 
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
-        asked = {handle.__ray_ready__.remote(): name for name, handle in self.partners.items()}
+        asked = {ping(handle).remote(): name for name, handle in self.partners.items()}
         ready, pending = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
         for ref in ready:
             try:
@@ -425,7 +437,7 @@ def create_actors(cfg: RunConfig, model_path: Path, env: Any, plan: CorePlan) ->
     home = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
     def registry() -> Any:
-        return ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).options(**home).remote())
+        return ObjectStoreWeightSync(ray.remote(num_cpus=0)(WeightRegistry).options(**home).remote(), cfg.cluster.transfer_timeout_s)
 
     weight_sync = {name: registry() for name in learner.names} if policy_of else registry()
     store = RayDataStore.create(cfg.datastore.num_shards, cfg.prompts_per_step, cfg.max_staleness, len(env.dataset("train")), cfg.seed,

@@ -64,8 +64,9 @@ class JudgeActor:
 class RayJudgeClient:
     """What a rollout worker holds: requests go out at once, results are picked up when ready."""
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, timeout_s: float = 600.0) -> None:
         self.actor = actor
+        self.timeout_s = timeout_s
 
     def submit(self, texts: list[str]) -> Any:
         return self.actor.score.remote(texts)
@@ -73,5 +74,5 @@ class RayJudgeClient:
     def ready(self, handle: Any) -> bool:
         return bool(ray.wait([handle], timeout=0)[0])
 
-    def result(self, handle: Any, timeout_s: float = 600.0) -> list[float]:
-        return ray.get(handle, timeout=timeout_s)  # a hung judge fails these groups (judge_error), not the loop
+    def result(self, handle: Any) -> list[float]:
+        return ray.get(handle, timeout=self.timeout_s)  # a hung judge fails these groups (judge_error), not the loop

@@ -29,6 +29,11 @@ def _pin(run: Any, cores: set[int] | None) -> None:
     torch.set_num_threads(run.cluster.torch_threads)
 
 
+PROBE = {"probe": 1}
+"""A concurrency group of its own for `alive`, so a scorer busy with a long call (a big batch to score,
+a critic step) still answers the controller's probe at once; only a dead or frozen one is silent."""
+
+
 class _Scorer:
     """A scorer actor (critic or reference), or one rank of a scorer sharded as the policy is
     (`learner.world_size` ranks, their own torch.distributed group). Rank 0 is then the front every
@@ -48,6 +53,11 @@ class _Scorer:
 
     def _build(self, ranks: Any) -> None:
         raise NotImplementedError
+
+    @ray.method(concurrency_group="probe")
+    def alive(self) -> bool:
+        """The controller's probe (`Actors.probe`), answered beside whatever call is running."""
+        return True
 
     def where(self) -> dict[str, Any]:
         from rlhub.parallel.ranks import free_address, listen, node_host
@@ -118,7 +128,7 @@ class _Scorer:
         self._fan("load", lambda: self.model.load(Path(directory)), [directory] * (len(self.others) + 1))
 
 
-@ray.remote(max_concurrency=2)  # scoring for the rollout actors goes on while the critic trains
+@ray.remote(max_concurrency=2, concurrency_groups=PROBE)  # scoring for the rollout actors goes on while the critic trains
 class CriticActor(_Scorer):
     def _build(self, ranks: Any) -> None:
         from rlhub.parallel.layout import Layout
@@ -153,7 +163,7 @@ class CriticActor(_Scorer):
         return self.critic.train_step(collate(tensors, self.pad_id) if tensors else None, at_version)
 
 
-@ray.remote
+@ray.remote(concurrency_groups=PROBE)
 class ReferenceActor(_Scorer):
     def _build(self, ranks: Any) -> None:
         from rlhub.models.logprobs import SamplingPolicy

@@ -102,6 +102,11 @@ class ClusterConfig:
     """The longest a call to the store, a weight registry or a rollout actor's counters, or a health probe
     of any of them, may take: past it the actor counts as hung (a rollout actor is replaced; the store or
     a registry is recovered from the last checkpoint)."""
+    transfer_timeout_s: float = 600.0
+    """The longest a call that moves a model's worth of data or work may take: a weight push or pull
+    through a weight registry, a data-side scorer's `score` for a rollout actor, the judge's answer.
+    Past it the caller fails (a rollout actor is replaced; a learner step is recovered). Raise it for
+    models whose weights take longer than this to cross the network."""
     bind_host: str = "127.0.0.1"
     """Where a local run's servers listen. A loopback address (`127.0.0.1`, `localhost`, `::1`) keeps
     them all on this machine: Ray's (GCS, raylet, workers, agents; no dashboard) and the learner ranks'

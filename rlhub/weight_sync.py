@@ -108,10 +108,9 @@ class ObjectStoreWeightSync:
     `timeout_s`: a registry (or weights) that does not come fails the caller, whose loss the
     controller then finds (a rollout actor is replaced; a hung learner step is recovered)."""
 
-    timeout_s: float = 600.0
-
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: Any, timeout_s: float = 600.0) -> None:
         self.registry = registry
+        self.timeout_s = timeout_s
 
     def push(self, state: dict[str, torch.Tensor], version: int, probe_logprobs: torch.Tensor) -> None:
         import ray

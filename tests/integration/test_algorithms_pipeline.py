@@ -116,3 +116,58 @@ def test_difficulty_curation_runs_through_the_pipeline_and_resumes_with_its_rate
     assert [m["step"] for m in more] == [9, 10]
     # the rates came back with the checkpoint (taken after step 8's record): a fresh sampler would have seen a step's rows or two
     assert more[0]["curation/rows_seen"] >= seen
+
+
+def test_a_scorer_busy_with_a_long_call_answers_the_probe_and_a_frozen_one_does_not(ray_local, tiny_model_path):
+    """The controller's probe must not take a reference in the middle of a long score for a lost one
+    (that would restart the whole run), yet must still find one that is frozen."""
+    import os
+    import signal
+    import time
+
+    import ray
+    from rlhub.actors.controller import Actors
+    from rlhub.actors.pipeline import ActorLost
+    from rlhub.actors.scorers import ReferenceActor
+
+    from rlhub.config import load_config
+
+    cfg = load_config(["algorithm=ppo", f"model.path={tiny_model_path}", "wandb.mode=disabled"])
+    reference = ReferenceActor.options(num_cpus=0).remote(cfg, tiny_model_path, None)
+    pid = ray.get(reference.__ray_call__.remote(lambda self: os.getpid()))
+    actors = Actors(weight_sync=None, store=None, learner=None, critic=None, reference=reference, fleet=None, partners={"reference": reference},
+                    call_timeout_s=3)
+    busy = reference.__ray_call__.remote(lambda self: time.sleep(12))  # the actor's one calling thread, held
+    time.sleep(0.5)
+    # Ray's own readiness call waits behind the running one: a probe by it would find this reference silent
+    assert ray.wait([reference.__ray_ready__.remote()], timeout=3)[1]
+    actors.probe()  # busy, not lost
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ActorLost, match="reference did not answer within 3 s"):
+            actors.probe()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ray.get(busy)
+    ray.kill(reference)
+
+
+def test_a_weight_pull_waits_at_most_the_transfer_deadline(ray_local):
+    """cluster.transfer_timeout_s bounds a pull: a registry that does not answer fails the puller (whose
+    loss the controller then handles) instead of holding it forever."""
+    import time
+
+    import ray
+
+    from rlhub.weight_sync import ObjectStoreWeightSync, WeightRegistry
+
+    registry = ray.remote(num_cpus=0)(WeightRegistry).remote()
+    busy = registry.__ray_call__.remote(lambda self: time.sleep(8))
+    sync = ObjectStoreWeightSync(registry, timeout_s=1.0)
+    began = time.monotonic()
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        sync.pull(-1)
+    assert time.monotonic() - began < 4
+    ray.get(busy)
+    assert sync.pull(-1) is None  # answered once free: nothing published yet
+    ray.kill(registry)
