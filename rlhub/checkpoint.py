@@ -206,3 +206,24 @@ def resume_checkpoint(run_dir: Path, model_path: Path | None = None) -> Path | N
     if damaged:
         raise CheckpointError(f"{damaged[0]}; no checkpoint of {run_dir} verifies (moved aside: {', '.join(moved)}): start a new run")
     return None
+
+
+
+def readable_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of `run_dir` that a command which only reads one (`rlhub eval`, `rlhub export`)
+    takes: the newest that verifies against its manifest, a damaged newer one named in one warning and
+    left where it is (a resume moves it aside); None when the run has none; CheckpointError when none
+    verifies. (A checkpoint directory given by name is checked with `verify_checkpoint`.)"""
+    damaged: list[CheckpointError] = []
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointError as e:
+            damaged.append(e)
+            continue
+        if damaged:
+            log.warning("%s; reading %s, the newest checkpoint that verifies", damaged[0], checkpoint.name)
+        return checkpoint
+    if damaged:
+        raise CheckpointError(f"{damaged[0]}; no checkpoint of {run_dir} verifies")
+    return None

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import os
 
+    from rlhub.checkpoint import CheckpointError
     from rlhub.config import WORKER_ENV, ConfigError
 
     for key, value in WORKER_ENV.items():  # quiet, offline defaults for this process and what it starts
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlhub: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:  # CheckpointError: `eval` of a damaged checkpoint
         print(f"rlhub: {e}", file=sys.stderr)
         return 2
     print(f"rlhub: unknown command {' '.join(args[:2])!r}\n\n{USAGE}", file=sys.stderr)
@@ -292,11 +293,12 @@ def _export(args: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: PATH/export")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
     a = parser.parse_args(args)
+    from rlhub.checkpoint import CheckpointError
     from rlhub.export import export
 
     try:
         report = export(a.path, a.out or a.path / "export", a.dtype)
-    except (FileExistsError, ValueError) as e:
+    except (FileExistsError, ValueError, CheckpointError) as e:
         print(f"rlhub: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1))

@@ -82,11 +82,15 @@ def evaluate_checkpoint(target: str, overrides: list[str]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from rlhub import lora
-    from rlhub.checkpoint import latest_checkpoint
+    from rlhub.checkpoint import readable_checkpoint, verify_checkpoint
     from rlhub.config import ConfigError, RunConfig, validate
 
     path = Path(target)
-    checkpoint = latest_checkpoint(path) if (path / "config.yaml").is_file() else path
+    if (path / "config.yaml").is_file():  # a run directory: its newest checkpoint that verifies
+        checkpoint = readable_checkpoint(path)
+    else:  # a checkpoint directory, verified against its manifest
+        checkpoint = path
+        verify_checkpoint(path)
     run_dir = checkpoint.parent.parent if checkpoint is not None else path
     policy_dir = None if checkpoint is None else checkpoint / "policy"
     if checkpoint is not None and lora.has_adapters(checkpoint):  # LoRA: the adapters merged into the base, aside

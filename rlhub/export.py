@@ -25,7 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhub.checkpoint import latest_checkpoint
+from rlhub.checkpoint import (
+    MANIFEST,
+    latest_checkpoint,
+    list_checkpoints,
+    readable_checkpoint,
+    verify_checkpoint,
+)
 from rlhub.moe import BIAS_NAME
 from rlhub.moe_config import GROUPS_KEY
 
@@ -37,6 +43,21 @@ EXPORT_RECORD = "rlhub_export.json"
 BIAS_SUFFIX = f".{BIAS_NAME}"
 """The names of the routers' selection biases end with it."""
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens", "chat_template", "added_tokens", "vocab", "merges")
+
+
+def verified(path: Path | str) -> Path:
+    """What `export` reads at `path`, verified against its checkpoint's manifest first: for a run
+    directory, its newest checkpoint that verifies (`rlhub.checkpoint.readable_checkpoint`: a damaged
+    newer one is named in a warning); a checkpoint directory, or a checkpoint's policy directory, as
+    given once it verifies (CheckpointError naming the damaged file otherwise)."""
+    path = Path(path)
+    if path.is_dir() and list_checkpoints(path):
+        return readable_checkpoint(path) or path  # never None here: the run has checkpoints
+    for at in (path, path.parent):
+        if (at / MANIFEST).is_file():
+            verify_checkpoint(at)
+            break
+    return path
 
 
 def find_policy(path: Path | str) -> Path:
@@ -79,6 +100,7 @@ def export(path: Path | str, out: Path | str, dtype: str | None = None) -> dict[
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
+    path = verified(path)
     adapters_at = find_adapters(path)
     adapters, meta = ({}, {}) if adapters_at is None else _read_adapters(adapters_at)
     policy = Path(meta["base_model"]) if adapters_at is not None else find_policy(path)

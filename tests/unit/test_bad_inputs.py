@@ -287,6 +287,28 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumes(run_dir
     assert "\n" not in str(e.value)
 
 
+def test_eval_and_export_read_the_newest_checkpoint_that_verifies_and_refuse_a_damaged_one_by_name(run_dir, rlhub_log, says, capsys):
+    from rlhub.checkpoint import readable_checkpoint
+    from rlhub.cli import main
+    from rlhub.export import find_policy, verified
+
+    newest, older = run_dir / "checkpoints/step_000010", run_dir / "checkpoints/step_000005"
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+    assert readable_checkpoint(run_dir) == newest and not rlhub_log
+    (newest / "policy/model.safetensors").write_bytes(b"\0" * (64 * 256))  # same size, other bytes
+    cause = f"checkpoint {newest}: policy/model.safetensors: sha256 mismatch (corrupt)"
+    assert find_policy(verified(run_dir)) == older / "policy"  # a run directory: the newest that verifies, named and left in place
+    assert [r.getMessage() for r in rlhub_log] == [f"{cause}; reading step_000005, the newest checkpoint that verifies"]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_000005", "step_000010"]
+    for named in (newest, newest / "policy"):  # named: refused
+        with pytest.raises(CheckpointError, match=re.escape(cause)):
+            verified(named)
+    assert main(["export", str(newest), "--out", str(run_dir / "out")]) == 2 and capsys.readouterr().err == f"rlhub: {cause}\n"
+    assert says("eval", str(newest)) == f"rlhub: {cause}"
+    (older / "state.json").write_text("{}")
+    assert says("eval", str(run_dir)) == (f"rlhub: {cause}; no checkpoint of {run_dir} verifies")
+
+
 def test_a_checkpoint_of_another_model_is_refused(run_dir, tiny_model_path, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
