@@ -533,7 +533,7 @@ def record_processes(run_dir: Path, actors: Actors) -> dict[str, dict[str, Any]]
     Written again whenever the run replaces a process."""
     import ray
 
-    named = {**{f"rollout actor {i}": a for i, a in enumerate(actors.fleet.actors)}, **actors.partners}
+    named = {**{f"rollout actor {i}": a for i, a in actors.fleet.running().items()}, **actors.partners}
     if actors.judge is not None:
         named["judge"] = actors.judge
     asked = {name: handle.__ray_call__.remote(_whereabouts) for name, handle in named.items()}

@@ -86,7 +86,7 @@ class Pipeline:
         self.checkpoint_seconds: list[float] = []  # each checkpoint's writing time (summary: checkpoints)
         self._store_stats: dict[str, Any] = {}  # the store's counters at the last step (what remains if the store dies)
         self.record_processes: Any = lambda: None  # rewrites run_dir/processes.json (set by the controller)
-        self._recorded_restarts = 0
+        self._recorded_started = 0
 
     def carry(self, old: "Pipeline") -> None:
         """Take over what a pipeline lost in a recovery had recorded up to the checkpoint this one starts
@@ -97,7 +97,7 @@ class Pipeline:
         self.recoveries, self.recoveries_in_a_row = old.recoveries, old.recoveries_in_a_row
         self.checkpoint_seconds = old.checkpoint_seconds
         self._last_tokens = old._last_tokens
-        self._recorded_restarts = self.fleet.restarts
+        self._recorded_started = self.fleet.started
 
     # ---- 1. rollout -> store ---------------------------------------------------------
     def fetch(self, version: int) -> Step:
@@ -258,8 +258,9 @@ class Pipeline:
         self.last_version, self._store_stats = version, store_stats
         if self.recoveries and version > self.recoveries[-1]["at_step"]:
             self.recoveries_in_a_row = 0  # past the step the last loss was at: the next loss starts a new count
-        if self.fleet.restarts != self._recorded_restarts:  # a rollout actor was replaced: its new pid
-            self._recorded_restarts = self.fleet.restarts
+        self.fleet.progressed()  # replacements in a row (rollout.max_restarts) count from zero again
+        if self.fleet.started != self._recorded_started:  # a rollout actor's replacement started: its new pid
+            self._recorded_started = self.fleet.started
             self.record_processes()
         self.tracker.log(version, metrics)
         if self.cfg.rollout.log_samples:

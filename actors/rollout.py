@@ -202,19 +202,25 @@ class RolloutFleet:
     started again by the replacement, and the crash is counted.
     """
 
-    def __init__(self, cfg: Any, model_path: str, probe_ids: list[int], cores: list[int | None], max_restarts: int = 3) -> None:
+    def __init__(self, cfg: Any, model_path: str, probe_ids: list[int], cores: list[int | None]) -> None:
         self.args = (cfg, model_path, probe_ids)
         self.cores = cores
         self.cfg = cfg
         self.partners: tuple = ()  # (store, weight_sync, scorers, judge), from start()
-        self.max_restarts = max_restarts
-        self.restarts = 0
+        self.max_restarts = cfg.rollout.max_restarts
+        self.restarts = 0  # in all: failures/actor_restarts
+        self.in_a_row = 0  # since the last training step: what rollout.max_restarts bounds
         self._reported = [0] * cfg.rollout.num_actors  # failure reports of each actor already logged
         self._last: list[dict[str, Any] | None] = [None] * cfg.rollout.num_actors  # each actor's latest stats
         self.retired: list[dict[str, Any]] = []  # the last stats of actors that crashed: their counters still count
         self.crashes: dict[str, int] = {}  # by kind (the exception the actor died of)
         self.actors = [self._new(i) for i in range(cfg.rollout.num_actors)]  # they build their engines meanwhile
-        self.runs: list = []
+        self.runs: list = []  # each actor's run loop; None while a replacement starts
+        self.starting: dict[int, tuple[Any, float]] = {}
+        """Replacements still building their engines: actor -> (its connect call, when it began). The run
+        trains on with the other actors meanwhile; the loop starts once the call returns (`check`)."""
+        self.started = 0
+        """Replacements whose loops have started: the controller rewrites processes.json when it grows."""
         self.hung: dict[int, tuple[str, str]] = {}  # actor -> (kind, why), found by `stats`, replaced by `check`
         self._asked = time.monotonic()
         self.partner_check: Any = None
@@ -224,7 +230,7 @@ class RolloutFleet:
     def inherit(self, old: "RolloutFleet") -> None:
         """Carry a replaced fleet's counters (a recovery starts new actors): its crashes and restarts,
         and the last counters of all its actors, which still count (tokens generated, drops)."""
-        self.restarts, self.crashes = old.restarts, dict(old.crashes)
+        self.restarts, self.in_a_row, self.crashes = old.restarts, old.in_a_row, dict(old.crashes)
         self.retired = old.retired + [s for s in old._last if s is not None]
 
     def kill(self) -> None:
@@ -252,11 +258,18 @@ class RolloutFleet:
         options = RolloutActor.options(num_cpus=cluster.rollout_num_cpus, num_gpus=cluster.rollout_num_gpus)
         return options.remote(actor_id, self.cores[actor_id], *self.args)
 
+    def progressed(self) -> None:
+        """A training step was recorded: replacements in a row count from zero again."""
+        self.in_a_row = 0
+
     def check(self) -> None:
-        """Replace crashed and hung actors; raise once they crash more than max_restarts times in all.
+        """Replace crashed and hung actors; raise once more than rollout.max_restarts come in a row (no
+        training step recorded between them).
         Every `cluster.call_timeout_s / 4` seconds it also asks each actor for its counters (`stats`),
         which is how a hung actor is found."""
-        done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        self._start_replacements()
+        running = [r for r in self.runs if r is not None]
+        done, _ = ray.wait(running, num_returns=len(running), timeout=0)
         for ref in done:
             i = self.runs.index(ref)
             try:
@@ -277,13 +290,15 @@ class RolloutFleet:
         self.hung.pop(i, None)
         self.crashes[kind] = self.crashes.get(kind, 0) + 1
         self.restarts += 1
+        self.in_a_row += 1
         if self._last[i] is not None:
             self.retired.append(self._last[i])
             self._last[i] = None
-        if self.restarts > self.max_restarts:
+        if self.in_a_row > self.max_restarts:
             from rlhub.actors.pipeline import RunFailed
 
-            raise RunFailed(f"rollout actor {i} crashed ({self.restarts} crashes in all, more than {self.max_restarts}): {error}")
+            raise RunFailed(f"rollout actor {i} {'hung' if kind in HUNG else 'crashed'} ({self.in_a_row} replacements in a row with no "
+                            f"training step between them, more than rollout.max_restarts={self.max_restarts}): {error}")
         ray.kill(self.actors[i], no_restart=True)  # first: a hung actor must not queue a group after its groups are started again
         lost = self.store.requeue_actor(i)
         what = "crashed" if kind not in HUNG else "hung"
@@ -292,8 +307,30 @@ class RolloutFleet:
                                            cause.splitlines()[0] if cause else "", len(lost))
         self.actors[i] = self._new(i)
         self._reported[i] = 0
-        ray.get(self.actors[i].connect.remote(*self.partners), timeout=600)
-        self.runs[i] = self.actors[i].run.remote()
+        self.runs[i] = None
+        self.starting[i] = (self.actors[i].connect.remote(*self.partners), time.monotonic())  # the run goes on meanwhile
+
+    def _start_replacements(self, timeout_s: float = 600.0) -> None:
+        """Start the loop of each replacement whose engine is built; one that failed to start, or has not
+        started within `timeout_s`, is replaced in turn (and counted)."""
+        for i, (ref, began) in list(self.starting.items()):
+            if not ray.wait([ref], timeout=0)[0]:
+                if time.monotonic() - began > timeout_s:
+                    del self.starting[i]
+                    self._replace(i, "StartTimeout", f"not ready {timeout_s:.0f} s after it was started")
+                continue
+            del self.starting[i]
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 (it died while starting)
+                self._replace(i, type(getattr(e, "cause", None) or e).__name__, e)
+                continue
+            self.runs[i] = self.actors[i].run.remote()
+            self.started += 1
+
+    def running(self) -> dict[int, Any]:
+        """The actors whose loops run (not a replacement still starting), by index."""
+        return {i: a for i, a in enumerate(self.actors) if i not in self.starting}
 
     def stats(self) -> list[dict[str, Any]]:
         """Each actor's counters; a crashed one (replaced at the next check) reports zeros. An actor that
@@ -302,10 +339,14 @@ class RolloutFleet:
         from rlhub.rollout import WorkerStats
 
         self._asked = time.monotonic()
-        refs = [a.stats.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.cluster.call_timeout_s)
+        refs = {i: a.stats.remote() for i, a in self.running().items()}  # a replacement still starting is not asked
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.cluster.call_timeout_s)
         out = []
-        for i, ref in enumerate(refs):
+        for i in range(len(self.actors)):
+            ref = refs.get(i)
+            if ref is None:
+                out.append(asdict(WorkerStats()))
+                continue
             if ref not in ready:
                 self.hung[i] = ("Unresponsive", f"no answer within cluster.call_timeout_s={self.cfg.cluster.call_timeout_s:g} s")
                 out.append(self._last[i] or asdict(WorkerStats()))
@@ -327,6 +368,8 @@ class RolloutFleet:
         self.actors[0].request_eval.remote(step, rows, k)
 
     def eval_results(self, timeout_s: float = 120.0) -> list[dict[str, float]]:
+        if 0 in self.starting:  # actor 0 crashed and took its evaluation with it; its replacement is starting
+            return []
         try:
             return ray.get(self.actors[0].eval_results.remote(), timeout=timeout_s)
         except ray.exceptions.RayError:  # a crashed actor 0 took its evaluation with it; the next one comes
@@ -345,6 +388,8 @@ class RolloutFleet:
         last ones of actors that crashed. An actor that crashes now is counted, not raised."""
         out = []
         for i, ref in enumerate(self.runs):
+            if ref is None:  # a replacement that had not started: it holds no group
+                continue
             try:
                 out.append(ray.get(ref, timeout=timeout_s))
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:

@@ -478,6 +478,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.warm_start.steps >= 0, "warm_start.steps must be >= 0"),
         (cfg.eval.every >= 0 and cfg.eval.rows >= 0 and cfg.eval.k >= 0, "eval.every, eval.rows and eval.k must be >= 0"),
         (cfg.rollout.max_turns >= 1, "rollout.max_turns must be >= 1"),
+        (cfg.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0"),
         (cfg.rollout.max_episode_tokens >= 0, "rollout.max_episode_tokens must be >= 0 (0: no limit beyond max_turns)"),
         (cfg.env.timeout_s > 0 and cfg.env.workers >= 1, "env.timeout_s must be > 0 and env.workers >= 1"),
         (cfg.reward.judge.verdict in ("yes_no", "number"), f"reward.judge.verdict={cfg.reward.judge.verdict!r}: use yes_no or number"),

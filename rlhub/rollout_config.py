@@ -19,6 +19,11 @@ class RolloutConfig:
     about 2x faster on CPUs with bf16 matmuls; the log-probs the engine reports are then bf16's, and
     the importance ratio corrects for their gap to the learner's (`train/kl_behaviour` shows it)."""
     num_actors: int = 1
+    max_restarts: int = 3
+    """Rollout-actor replacements (a crash or a hang) that may come in a row, with no training step
+    recorded between them, before the run ends. Each step starts the count again: a long run whose
+    actors die now and then goes on (every replacement counted, `failures/actor_restarts`); one whose
+    actors cannot live ends, naming the last error."""
     prompts_per_batch: int = 0
     """Prompts one actor starts at a time; 0 means prompts_per_step / num_actors (per-call engines)."""
     continuous: bool = True

@@ -32,21 +32,21 @@ from rlhub.envs.arithmetic import ArithmeticEnv
 
 
 class CrashOnceEnv(ArithmeticEnv):
-    """The built-in task, but the process dies the first time a marker file is absent."""
+    """The built-in task, but the process dies the first time a marker file is absent (always: every time)."""
 
-    def __init__(self, marker: str, **kwargs):
+    def __init__(self, marker: str, always: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.marker = marker
+        self.marker, self.always = marker, always
 
     def step(self, state, message):
-        if not os.path.exists(self.marker):
-            open(self.marker, "w").close()
+        if self.always or not os.path.exists(self.marker):
+            open(self.marker, "a").write("x")
             os._exit(1)
         return super().step(state, message)
 
 
-def load_environment(marker: str, **kwargs):
-    return CrashOnceEnv(marker, **kwargs)
+def load_environment(marker: str, always: bool = False, **kwargs):
+    return CrashOnceEnv(marker, always, **kwargs)
 
 
 class HugeRewardEnv(ArithmeticEnv):
@@ -122,6 +122,25 @@ def test_plugin_env_and_actor_crash_lose_nothing(ray_with_plugin, tmp_path):
     ledger = check_run(tmp_path / "run")
     assert ledger.ok, format_report(ledger)
     assert ledger.requeued.get("actor_crash", 0) >= 1 and ledger.trained == 16
+
+
+def test_actors_that_die_again_and_again_with_no_step_between_end_the_run(ray_with_plugin, tmp_path):
+    """rollout.max_restarts bounds replacements in a row: an actor that dies at every start ends the run,
+    named. (Replacements with steps between them do not add up: tests/integration/test_faults.py replaces
+    four actors in one run at the default bound of 3.)"""
+    from rlhub.actors.pipeline import RunFailed
+
+    marker = tmp_path / "crashed"
+    cfg = load_config([
+        "env.name=crash_once", f"env.kwargs.marker={marker}", "env.kwargs.always=true", "prompts_per_step=4", "group_size=4",
+        "rollout.max_new_tokens=4", "experiment.total_steps=4", "rollout.max_restarts=1", "wandb.mode=disabled", "progress=false",
+        f"run_dir={tmp_path / 'run'}",
+    ])
+    with pytest.raises(RunFailed, match=r"rollout actor 0 crashed \(2 replacements in a row with no training step between them, more than "
+                       r"rollout.max_restarts=1\)"):
+        train(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failures"]["actor_restarts"] == 2, summary  # the second one ended the run
 
 
 def test_nonfinite_steps_stop_the_run_with_a_clear_message(ray_with_plugin, tmp_path):
