@@ -63,16 +63,16 @@ def record(fault: Fault, run_dir: Path, kind: str, response: str, summary: dict)
 RESTORES = "restores the last checkpoint in the same run, starts every actor again, re-issues what was queued or in flight"
 
 
-def run_sequence(run_dir: Path, faults: list[tuple[str, int]], *overrides: str) -> tuple[list[Fault], dict, str]:
-    """One run that loses each (target, at step) of `faults` in turn, each after the run recovered from the
-    one before: (the faults, the summary, stderr). Every loss must be recovered from the newest checkpoint
-    written before it (every 2 steps), named, and shown in the ledger."""
+def run_sequence(run_dir: Path, faults: list[tuple], *overrides: str) -> tuple[list[Fault], dict, str]:
+    """One run that loses each (target, at step[, how: kill by default]) of `faults` in turn, each after the
+    run recovered from the one before: (the faults, the summary, stderr). Every loss must be recovered from
+    the newest checkpoint written before it (every 2 steps), named, and shown in the ledger."""
     proc = start(run_dir, f"experiment.total_steps={faults[-1][1] + 3}", "checkpoint.every=2", *overrides)
-    sent = [inject(run_dir, target, step, alive=lambda: proc.poll() is None, timeout_s=300) for target, step in faults]
+    sent = [inject(run_dir, target, step, *how, alive=lambda: proc.poll() is None, timeout_s=300) for target, step, *how in faults]
     summary, err = finish(proc, run_dir)
     recoveries = summary["recoveries"]
     assert len(recoveries) == len(faults) and summary["failures"]["recoveries"] == len(faults), recoveries
-    for (target, step), recovered in zip(faults, recoveries):
+    for (target, step, *_), recovered in zip(faults, recoveries):
         at, restored = recovered["at_step"], recovered["restored"]
         assert at >= step and restored % 2 == 0 and at - 2 <= restored <= at, recovered  # the newest checkpoint before the loss
         assert target.split()[0] in recovered["lost"], (target, recovered)
@@ -110,27 +110,6 @@ def test_a_lost_rank_of_a_sharded_scorer_is_recovered(tmp_path):
     run_dir.mkdir()
     [fault], summary, _ = run_sequence(run_dir, [("critic rank 1", 3)], *PPO, "learner.world_size=2")
     record(fault, run_dir, "a scorer rank (critic rank 1 of 2) killed", RESTORES, summary)
-
-
-def test_a_killed_rollout_actor_is_replaced_and_its_groups_start_again(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    proc = start(run_dir, "experiment.total_steps=7", "rollout.num_actors=2")
-    # killed while it surely holds a group: inside an environment step that never returns (an actor
-    # killed at a random moment may be waiting for work, with nothing of its own to start again)
-    held = inject(run_dir, "rollout actor", 3, how="hang-env", seed=1, alive=lambda: proc.poll() is None, timeout_s=300)
-    trigger = run_dir / "faults" / f"hang-env-{held.target.split()[-1]}"
-    deadline = time.monotonic() + 120
-    while trigger.exists():  # used up when the step begins
-        assert time.monotonic() < deadline and proc.poll() is None, "the actor never took an environment step"
-        time.sleep(0.02)
-    fault = inject(run_dir, held.target, 0, alive=lambda: proc.poll() is None)
-    summary, _ = finish(proc, run_dir)
-    assert summary["recoveries"] == [] and summary["failures"]["actor_restarts"] == 1
-    assert json.loads((run_dir / "processes.json").read_text())[fault.target]["pid"] != fault.pid  # its replacement
-    ledger = check_run(run_dir)
-    assert ledger.requeued.get("actor_crash", 0) + ledger.requeued.get("lost_object", 0) >= 1, format_report(ledger)
-    record(fault, run_dir, "a rollout actor killed", "replaces the actor; its queued and in-flight groups start again", summary)
 
 
 def test_a_killed_judge_is_restarted_in_place(tmp_path, tiny_model_path):
@@ -230,58 +209,74 @@ HANGS = ("cluster.call_timeout_s=5", "learner.step_timeout_s=10", "rollout.engin
 """Short deadlines, so that a hang is found within seconds."""
 
 
-@pytest.mark.parametrize("target,how,overrides,kind,response", [
-    ("store shard", "stop", ("datastore.num_shards=2",), "a store shard hung (SIGSTOP)",
-     "a call past cluster.call_timeout_s: the probe names the shard; restored from the last checkpoint"),
-    ("learner rank 0", "stop", (), "a learner rank hung (SIGSTOP)",
-     "a step past learner.step_timeout_s: restored from the last checkpoint"),
-    ("rollout actor 0", "stop", ("rollout.num_actors=2",), "a rollout actor hung (SIGSTOP)",
-     "no answer within cluster.call_timeout_s: the actor is replaced, its groups start again"),
-    ("rollout actor 0", "hang-engine", ("rollout.num_actors=2",), "a rollout actor's engine call hung",
-     "an engine call past rollout.engine_timeout_s: the actor is replaced, its groups start again"),
-])
-def test_a_hang_is_found_and_its_process_replaced(tmp_path, target, how, overrides, kind, response):
+def test_a_hung_store_shard_and_a_hung_learner_are_each_found_and_recovered(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    # long enough that the run cannot end on its other actor's groups before the hang is found
-    proc = start(run_dir, f"experiment.total_steps={80 if how == 'hang-engine' else 8}", "checkpoint.every=2", *HANGS, *overrides)
-    fault = inject(run_dir, target, 3, how=how, alive=lambda: proc.poll() is None, timeout_s=300)
-    summary, err = finish(proc, run_dir)
-    if target.startswith("rollout"):
-        hung = "Unresponsive" if how == "stop" else "EngineHung"
-        assert summary["recoveries"] == [] and summary["failures"].get(f"actor_crash/{hung}") == 1, summary["failures"]
-        assert f"rollout actor 0 hung ({hung}" in err
-    else:
-        [recovered] = summary["recoveries"]
-        assert ("did not answer" in recovered["lost"] or "did not finish" in recovered["lost"]), recovered
-    record(fault, run_dir, kind, response, summary)
+    order = [("store shard", 3, "stop"), ("learner rank 0", 7, "stop")]
+    sent, summary, _ = run_sequence(run_dir, order, *HANGS, "datastore.num_shards=2")
+    store, learner = summary["recoveries"]
+    assert "did not answer within 5 s" in store["lost"] and "did not finish step" in learner["lost"], summary["recoveries"]
+    record(sent[0], run_dir, "a store shard hung (SIGSTOP)", "a call past cluster.call_timeout_s: the probe names the shard; restored "
+           "from the last checkpoint", summary)
+    record(sent[1], run_dir, "a learner rank hung (SIGSTOP)", "a step past learner.step_timeout_s: restored from the last checkpoint", summary)
 
 
-def test_a_hung_environment_thread_restarts_its_actor(tmp_path):
+def replaced(run_dir: Path, fault: Fault, proc: subprocess.Popen, timeout_s: float = 120) -> int:
+    """Wait until the run has replaced the process `fault` hit (processes.json names another pid for its
+    role), then for two more steps; returns the step reached."""
+    from rlhub.faults import last_step, processes, wait_for_step
+
+    deadline = time.monotonic() + timeout_s
+    while processes(run_dir).get(fault.target, {}).get("pid") == fault.pid:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{fault.target} was not replaced"
+        time.sleep(0.05)
+    return wait_for_step(run_dir, last_step(run_dir) + 2, timeout_s, lambda: proc.poll() is None)
+
+
+def test_a_rollout_actor_killed_frozen_or_hung_is_replaced_and_its_groups_start_again_and_rlhub_stop_ends_the_run(tmp_path):
+    """One run with two rollout actors, hit in turn, each after the one before was replaced: killed while it
+    surely holds a group (inside an environment step that never returns: an actor killed at a random
+    moment may be waiting for work, with nothing of its own to start again), frozen (SIGSTOP), its engine
+    call hung, and both of its environment threads hung. Then `rlhub stop` ends the run after its step."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    # two environment threads: once both hold a step that never returns, the actor restarts to free them
-    proc = start(run_dir, "experiment.total_steps=80", "env.timeout_s=0.3", "env.workers=2", "rollout.num_actors=2")
-    fault = inject(run_dir, "rollout actor 1", 3, how="hang-env", count=2, alive=lambda: proc.poll() is None, timeout_s=300)
-    summary, err = finish(proc, run_dir)
-    assert summary["recoveries"] == [] and summary["failures"].get("actor_crash/EnvHung") == 1, summary["failures"]
-    assert "rollout actor 1 crashed (EnvHung: 2 step calls of the environment still run past env.timeout_s=0.3 s" in err
-    assert summary["failures"]["dropped/env_timeout"] >= 1
-    record(fault, run_dir, "an environment thread hung (two steps that never return)",
-           "each step past env.timeout_s drops its sample; once every thread of the pool is held, the actor is replaced", summary)
-
-
-def test_rlhub_stop_ends_a_run_after_its_step_with_everything_written(tmp_path):
-    from rlhub.faults import wait_for_step
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    proc = start(run_dir, "experiment.total_steps=100000", "checkpoint.every=0")
-    wait_for_step(run_dir, 2, 300, lambda: proc.poll() is None)
+    proc = start(run_dir, "experiment.total_steps=100000", "checkpoint.every=0", "rollout.num_actors=2", "env.timeout_s=2", "env.workers=2",
+                 *HANGS)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    held = inject(run_dir, "rollout actor", 3, how="hang-env", seed=1, alive=alive, timeout_s=300)
+    trigger = run_dir / "faults" / f"hang-env-{held.target.split()[-1]}"
+    deadline = time.monotonic() + 120
+    while trigger.exists():  # used up when the step begins
+        assert time.monotonic() < deadline and alive(), "the actor never took an environment step"
+        time.sleep(0.02)
+    killed = inject(run_dir, held.target, 0, alive=alive)
+    at = replaced(run_dir, killed, proc)
+    ledger_then = (run_dir / "ledger.jsonl").read_text().splitlines()
+    frozen = inject(run_dir, "rollout actor 0", at, how="stop", alive=alive)
+    at = replaced(run_dir, frozen, proc)
+    engine = inject(run_dir, "rollout actor 0", at, how="hang-engine", alive=alive)
+    at = replaced(run_dir, engine, proc)
+    env = inject(run_dir, "rollout actor 1", at, how="hang-env", count=2, alive=alive)
+    replaced(run_dir, env, proc)
     assert subprocess.run([sys.executable, "-m", "rlhub.cli", "stop", str(run_dir)]).returncode == 0
     summary, err = finish(proc, run_dir, timeout_s=120)
-    assert 2 <= summary["steps"] < 100 and "stopped at step" in err
+    assert "stopped at step" in err and summary["steps"] < 1000
     assert (run_dir / "checkpoints" / f"step_{summary['steps']:06d}").is_dir()  # the final checkpoint, as at a planned end
+    failures = summary["failures"]
+    assert summary["recoveries"] == [] and failures["actor_restarts"] == 4, failures
+    assert [failures.get(f"actor_crash/{kind}") for kind in ("Unresponsive", "EngineHung", "EnvHung")] == [1, 1, 1], failures
+    # the killed actor's groups started again, before the next fault
+    assert any('"requeued"' in line and '"actor_crash"' in line for line in ledger_then), "the killed actor held no group"
+    assert "rollout actor 0 hung (Unresponsive" in err and "rollout actor 0 hung (EngineHung" in err
+    assert "rollout actor 1 crashed (EnvHung: 2 step calls of the environment still run past env.timeout_s=2 s" in err
+    assert failures["dropped/env_timeout"] >= 1
+    record(killed, run_dir, "a rollout actor killed", "replaces the actor; its queued and in-flight groups start again", summary)
+    record(frozen, run_dir, "a rollout actor hung (SIGSTOP)",
+           "no answer within cluster.call_timeout_s: the actor is replaced, its groups start again", summary)
+    record(engine, run_dir, "a rollout actor's engine call hung",
+           "an engine call past rollout.engine_timeout_s: the actor is replaced, its groups start again", summary)
+    record(env, run_dir, "an environment thread hung (two steps that never return)",
+           "each step past env.timeout_s drops its sample; once every thread of the pool is held, the actor is replaced", summary)
 
 
 def test_a_loss_that_comes_back_at_once_ends_the_run_after_max_recoveries(tmp_path):
