@@ -136,15 +136,15 @@ def test_a_scorer_busy_with_a_long_call_answers_the_probe_and_a_frozen_one_does_
     reference = ReferenceActor.options(num_cpus=0).remote(cfg, tiny_model_path, None)
     pid = ray.get(reference.__ray_call__.remote(lambda self: os.getpid()))
     actors = Actors(weight_sync=None, store=None, learner=None, critic=None, reference=reference, fleet=None, partners={"reference": reference},
-                    call_timeout_s=3)
-    busy = reference.__ray_call__.remote(lambda self: time.sleep(12))  # the actor's one calling thread, held
+                    call_timeout_s=2)
+    busy = reference.__ray_call__.remote(lambda self: time.sleep(8))  # the actor's one calling thread, held
     time.sleep(0.5)
     # Ray's own readiness call waits behind the running one: a probe by it would find this reference silent
-    assert ray.wait([reference.__ray_ready__.remote()], timeout=3)[1]
+    assert ray.wait([reference.__ray_ready__.remote()], timeout=2)[1]
     actors.probe()  # busy, not lost
     os.kill(pid, signal.SIGSTOP)
     try:
-        with pytest.raises(ActorLost, match="reference did not answer within 3 s"):
+        with pytest.raises(ActorLost, match="reference did not answer within 2 s"):
             actors.probe()
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -1,5 +1,5 @@
-"""bf16 learns the default task as fp32 does: the learner under bf16 autocast against fp32, two seeds
-each, at the default run's sizes. The engine stays fp32: the tiny MoE's engine in bf16 fails the sync
+"""bf16 learns the default task as fp32 does: the learner under bf16 autocast against fp32 (two fp32
+seeds give the spread, one bf16 run must fall within it), at the default run's sizes. The engine stays fp32: the tiny MoE's engine in bf16 fails the sync
 probe (an error of 2.4 against the 0.5 that bf16 allows; bf16 rounding flips some of its top-2-of-8
 routing choices on the probe sequence), which the README states under `rollout.dtype`."""
 
@@ -23,7 +23,7 @@ def test_bf16_learns_the_default_task_within_the_spread_of_fp32_seeds(ray_local,
     sync probe, computed from the fp32 master weights either way, holds to fp32's tolerance in both."""
     gains: dict[tuple[str, int], float] = {}
     for precision in ("fp32", "bf16"):
-        for seed in SEEDS:
+        for seed in (SEEDS if precision == "fp32" else SEEDS[:1]):  # the fp32 seeds give the spread; one bf16 run must fall in it
             summary, rows = run_pipeline(tmp_path / f"{precision}-{seed}", *DEFAULT_SIZES, f"seed={seed}",
                                          *(BF16 if precision == "bf16" else ()))
             gains[precision, seed] = summary["success_last_tenth"] - summary["success_first_tenth"]
@@ -31,7 +31,7 @@ def test_bf16_learns_the_default_task_within_the_spread_of_fp32_seeds(ray_local,
             mismatch = max(r.get("train/logprob_mismatch_max", 0.0) for r in rows)
             assert probe < 1e-4 and ((mismatch > 1e-3) if precision == "bf16" else (mismatch < 1e-3)), (precision, seed, probe, mismatch)
     fp32 = [gains["fp32", s] for s in SEEDS]
-    bf16 = [gains["bf16", s] for s in SEEDS]
+    bf16 = [gains["bf16", s] for s in SEEDS[:1]]
     assert min(fp32) > 0.2 and min(bf16) > 0.2, gains  # both learn: the comparison is between runs that do
     width = max(max(fp32) - min(fp32), 0.1)
     assert min(fp32) - width <= min(bf16) and max(bf16) <= max(fp32) + width, gains
