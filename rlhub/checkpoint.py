@@ -182,11 +182,9 @@ def verify_checkpoint(checkpoint: Path, model_config: dict[str, Any] | None = No
                               "new run_dir)")
 
 
-def resume_checkpoint(run_dir: Path, model_path: Path | None = None) -> Path | None:
-    """The checkpoint a resume starts from: the newest that verifies against the model at `model_path`
-    (damaged ones moved aside, with one warning); None when the run has none. CheckpointError for a
-    checkpoint of another model, or when none verifies."""
-    model = json.loads((Path(model_path) / "config.json").read_text()) if model_path else None
+def _newest_that_verifies(run_dir: Path, model: dict[str, Any] | None, move_aside: bool) -> tuple[Path | None, list[CheckpointError], list[str]]:
+    """(the newest checkpoint of `run_dir` that verifies, or None; the errors of the damaged ones newer
+    than it; their names once moved aside, when `move_aside`). A checkpoint of another model raises."""
     damaged: list[CheckpointError] = []
     moved: list[str] = []
     for checkpoint in reversed(list_checkpoints(run_dir)):
@@ -196,17 +194,26 @@ def resume_checkpoint(run_dir: Path, model_path: Path | None = None) -> Path | N
             if not e.damaged:
                 raise
             damaged.append(e)
-            moved.append(DAMAGED + checkpoint.name)
-            checkpoint.rename(checkpoint.with_name(moved[-1]))  # kept for a look; never listed again
+            if move_aside:
+                moved.append(DAMAGED + checkpoint.name)
+                checkpoint.rename(checkpoint.with_name(moved[-1]))  # kept for a look; never listed again
             continue
-        if damaged:
-            log.warning("%s; resuming from %s, the newest checkpoint that verifies (moved aside: %s)", damaged[0], checkpoint.name,
-                        ", ".join(moved))
-        return checkpoint
-    if damaged:
-        raise CheckpointError(f"{damaged[0]}; no checkpoint of {run_dir} verifies (moved aside: {', '.join(moved)}): start a new run")
-    return None
+        return checkpoint, damaged, moved
+    return None, damaged, moved
 
+
+def resume_checkpoint(run_dir: Path, model_path: Path | None = None) -> Path | None:
+    """The checkpoint a resume starts from: the newest that verifies against the model at `model_path`
+    (damaged ones moved aside, with one warning); None when the run has none. CheckpointError for a
+    checkpoint of another model, or when none verifies."""
+    model = json.loads((Path(model_path) / "config.json").read_text()) if model_path else None
+    checkpoint, damaged, moved = _newest_that_verifies(run_dir, model, move_aside=True)
+    if checkpoint is None and damaged:
+        raise CheckpointError(f"{damaged[0]}; no checkpoint of {run_dir} verifies (moved aside: {', '.join(moved)}): start a new run")
+    if damaged:
+        log.warning("%s; resuming from %s, the newest checkpoint that verifies (moved aside: %s)", damaged[0], checkpoint.name,
+                    ", ".join(moved))
+    return checkpoint
 
 
 def readable_checkpoint(run_dir: Path) -> Path | None:
@@ -214,16 +221,9 @@ def readable_checkpoint(run_dir: Path) -> Path | None:
     takes: the newest that verifies against its manifest, a damaged newer one named in one warning and
     left where it is (a resume moves it aside); None when the run has none; CheckpointError when none
     verifies. (A checkpoint directory given by name is checked with `verify_checkpoint`.)"""
-    damaged: list[CheckpointError] = []
-    for checkpoint in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(checkpoint)
-        except CheckpointError as e:
-            damaged.append(e)
-            continue
-        if damaged:
-            log.warning("%s; reading %s, the newest checkpoint that verifies", damaged[0], checkpoint.name)
-        return checkpoint
-    if damaged:
+    checkpoint, damaged, _ = _newest_that_verifies(run_dir, None, move_aside=False)
+    if checkpoint is None and damaged:
         raise CheckpointError(f"{damaged[0]}; no checkpoint of {run_dir} verifies")
-    return None
+    if damaged:
+        log.warning("%s; reading %s, the newest checkpoint that verifies", damaged[0], checkpoint.name)
+    return checkpoint
